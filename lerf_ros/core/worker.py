@@ -1,0 +1,178 @@
+"""`TrainingWorker`: a background thread that drives an engine's ``step``.
+
+The worker owns no model state; it only calls ``engine.step(steps_per_tick)`` in a loop. The engine takes
+its own lock per training step, so queries stay safe while the worker runs. When there is nothing to do
+(too few keyframes, ``max_steps`` reached, paused) the thread blocks on a condition variable and is woken by
+``engine.wait_for_data`` returning (new frames) or by ``resume``/``stop``: it never busy-waits.
+
+An exception raised by ``step`` is caught, recorded in ``last_error`` and puts the worker in state
+``"error"``; the thread stays alive and idle until ``resume()`` (retry) or ``stop()``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+#: The states ``TrainingWorker.state`` can report.
+STATES = ("stopped", "waiting", "training", "paused", "ready", "error")
+
+
+class SteppableEngine(Protocol):
+    """What the worker needs from an engine (``LERFEngine`` satisfies it)."""
+
+    def step(self, max_steps: int = 1): ...  # returns an object with ``.train_steps`` and ``.work_done``
+
+    def wait_for_data(self, version: int, timeout: float | None) -> int: ...
+
+    def wake(self) -> None: ...  # make a pending ``wait_for_data`` return now
+
+    @property
+    def data_version(self) -> int: ...
+
+    @property
+    def train_step(self) -> int: ...
+
+
+class TrainingWorker:
+    """Background training thread.
+
+    engine:         object with ``step(max_steps) -> StepStats``, ``data_version``, ``wait_for_data`` and
+                    ``train_step`` (see `SteppableEngine`).
+    steps_per_tick: training steps per ``engine.step`` call; between calls the thread checks pause / stop,
+                    so a larger value is slightly faster but reacts later.
+    max_steps:      stop training (state ``"ready"``) once ``engine.train_step`` reaches this; None = forever.
+    idle_poll_s:    upper bound on one idle wait; wake-ups normally come from new data or a command.
+    """
+
+    def __init__(self, engine: SteppableEngine, steps_per_tick: int = 10, max_steps: int | None = None,
+                 idle_poll_s: float = 1.0):
+        if int(steps_per_tick) < 1:
+            raise ValueError(f"steps_per_tick must be >= 1, got {steps_per_tick}")
+        if max_steps is not None and int(max_steps) < 0:
+            raise ValueError(f"max_steps must be >= 0 or None, got {max_steps}")
+        if not idle_poll_s > 0:
+            raise ValueError(f"idle_poll_s must be > 0, got {idle_poll_s}")
+        self.engine = engine
+        self.steps_per_tick = int(steps_per_tick)
+        self.max_steps = None if max_steps is None else int(max_steps)
+        self.idle_poll_s = float(idle_poll_s)
+        self._cond = threading.Condition()
+        self._state = "stopped"
+        self._paused = False
+        self._stop = False
+        self._retry = False
+        self._last_error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- commands
+    def start(self) -> None:
+        """Start the thread (idempotent while running)."""
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop = False
+            self._paused = False
+            self._state = "waiting"
+            self._thread = threading.Thread(target=self._run, name="lerf-training-worker", daemon=True)
+            self._thread.start()
+
+    def pause(self) -> None:
+        """Finish the current tick, then idle until ``resume``."""
+        with self._cond:
+            self._paused = True
+            self._cond.notify_all()
+
+    def resume(self) -> None:
+        """Leave ``paused`` (or ``error``: retry the step that failed)."""
+        with self._cond:
+            self._paused = False
+            self._retry = True
+            self._cond.notify_all()
+        self.engine.wake()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Ask the thread to finish and join it. Raises RuntimeError if it does not end within ``timeout``."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self.engine.wake()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise RuntimeError(f"training worker did not stop within {timeout} s")
+        with self._cond:
+            self._state = "stopped"
+            self._thread = None
+
+    def notify(self) -> None:
+        """Wake an idle worker now (e.g. after frames were added outside ``wait_for_data``'s reach)."""
+        with self._cond:
+            self._cond.notify_all()
+        self.engine.wake()
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def state(self) -> str:
+        """One of ``STATES``."""
+        with self._cond:
+            return self._state
+
+    @property
+    def last_error(self) -> str | None:
+        """``"ExceptionType: message"`` of the last failed step, or None."""
+        with self._cond:
+            return self._last_error
+
+    @property
+    def alive(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    # ----------------------------------------------------------------- loop
+    def _set_state(self, state: str) -> None:
+        with self._cond:
+            self._state = state
+
+    def _idle(self, state: str) -> None:
+        """Wait (blocking, no spinning) until a command arrives or ``idle_poll_s`` passes."""
+        with self._cond:
+            if self._stop:
+                return
+            self._state = state
+            self._cond.wait(self.idle_poll_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+                paused, errored = self._paused, self._state == "error" and not self._retry
+                self._retry = False
+            if paused:
+                self._idle("paused")
+                continue
+            if errored:
+                self._idle("error")
+                continue
+            if self.max_steps is not None and self.engine.train_step >= self.max_steps:
+                self._idle("ready")
+                continue
+            version = self.engine.data_version
+            n = self.steps_per_tick
+            if self.max_steps is not None:
+                n = min(n, self.max_steps - self.engine.train_step)
+            try:
+                stats = self.engine.step(n)
+            except Exception as exc:  # the thread must survive: record, report, wait for resume/stop
+                with self._cond:
+                    self._last_error = f"{type(exc).__name__}: {exc}"
+                    self._state = "error"
+                continue
+            if stats.train_steps > 0:
+                self._set_state("training")
+            elif not stats.work_done:
+                # Nothing trainable yet: block until the engine sees new frames (or a command / poll).
+                self._set_state("waiting")
+                self.engine.wait_for_data(version, self.idle_poll_s)
