@@ -1,0 +1,243 @@
+"""Map directory save / load with validation.
+
+A map directory holds:
+
+``config.json``    manifest: format name + version, the `EngineConfig` as a dict, the encoder names, the
+                   training step, the scene box, and the SHA-256 + size of every other file.
+``weights.pt``     ``torch.save`` of {"model": model state dict, "trainer": trainer state dict}.
+``keyframes.npz``  ids (K,) int64, images (K, H, W, 3) uint8 (padded), sizes (K, 2) int64 (w, h),
+                   depth (K, H, W) float32 z-depth (NaN unknown), T_world_cam (K, 4, 4) float64,
+                   intrinsics (K, 4) float64 (fx, fy, cx, cy), stamps_ns (K,) int64.
+``features.pt``    {"clip": cache, "dino": cache}; a cache is {"encoder": name, "settings": dict,
+                   "items": {kf_id: {"hash": frame hash, "data": tensors}}}: the pyramid / dense features are
+                   reused only when encoder name, crop settings and frame content all match.
+
+Files are written to ``*.tmp`` and renamed, the manifest last, so an interrupted save never leaves a
+manifest pointing at half-written files. `load_map` checks everything (manifest, version, presence,
+size, checksum, array shapes, feature keys) before returning, and raises ValueError naming the file on
+any mismatch; the caller builds its engine only from a fully validated `MapData`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_NAME = "lerf_ros-map"
+FORMAT_VERSION = 1
+MANIFEST = "config.json"
+WEIGHTS = "weights.pt"
+KEYFRAMES = "keyframes.npz"
+FEATURES = "features.pt"
+_KEYFRAME_ARRAYS = ("ids", "images", "sizes", "depth", "T_world_cam", "intrinsics", "stamps_ns")
+
+
+@dataclass
+class MapData:
+    """Everything a map directory holds, validated (see the module docstring for shapes)."""
+
+    config: dict
+    encoders: dict[str, str]
+    step: int
+    scene_box: np.ndarray  # (2, 3) float64 min / max corners, world frame, metres
+    model_state: dict[str, torch.Tensor]
+    trainer_state: dict | None
+    keyframes: dict[str, np.ndarray]
+    features: dict[str, dict]
+
+
+def frame_hash(image: np.ndarray, depth: np.ndarray | None = None) -> str:
+    """Content hash of a keyframe (image bytes, shape, and depth if any): the feature-cache key."""
+    h = hashlib.sha1()
+    h.update(str(image.shape).encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    if depth is not None:
+        h.update(np.ascontiguousarray(depth, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_map(path: str | os.PathLike, data: MapData) -> None:
+    """Write ``data`` as a map directory at ``path`` (created if needed; existing map files replaced)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    missing = [k for k in _KEYFRAME_ARRAYS if k not in data.keyframes]
+    if missing:
+        raise ValueError(f"keyframes lack arrays {missing}")
+    kf_buf = io.BytesIO()
+    np.savez(kf_buf, **{k: np.asarray(data.keyframes[k]) for k in _KEYFRAME_ARRAYS})
+    blobs = {
+        WEIGHTS: _torch_bytes({"model": data.model_state, "trainer": data.trainer_state}),
+        KEYFRAMES: kf_buf.getvalue(),
+        FEATURES: _torch_bytes(data.features),
+    }
+    for name, blob in blobs.items():
+        _write_atomic(root / name, blob)
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "config": data.config,
+        "encoders": dict(data.encoders),
+        "step": int(data.step),
+        "scene_box": np.asarray(data.scene_box, dtype=np.float64).tolist(),
+        "files": {name: {"sha256": _sha256(b), "bytes": len(b)} for name, b in blobs.items()},
+    }
+    _write_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+def _read_manifest(root: Path) -> dict:
+    file = root / MANIFEST
+    if not root.is_dir():
+        raise ValueError(f"map directory {str(root)!r} does not exist")
+    if not file.is_file():
+        raise ValueError(f"{file}: missing (not a lerf_ros map directory?)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON (truncated or foreign file): {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{file}: not a {FORMAT_NAME} manifest (format={manifest.get('format')!r})"
+                         if isinstance(manifest, dict) else f"{file}: not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: format version {manifest.get('version')!r}, this code reads "
+                         f"version {FORMAT_VERSION}")
+    for key in ("config", "encoders", "step", "scene_box", "files"):
+        if key not in manifest:
+            raise ValueError(f"{file}: missing field {key!r}")
+    box = np.asarray(manifest["scene_box"], dtype=np.float64)
+    if box.shape != (2, 3) or not np.all(np.isfinite(box)) or not np.all(box[1] > box[0]):
+        raise ValueError(f"{file}: invalid scene_box {manifest['scene_box']}")
+    return manifest
+
+
+def _read_checked(root: Path, manifest: dict, name: str) -> bytes:
+    file = root / name
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise ValueError(f"{root / MANIFEST}: does not list {name}")
+    if not file.is_file():
+        raise ValueError(f"{file}: missing")
+    blob = file.read_bytes()
+    if len(blob) != entry["bytes"]:
+        raise ValueError(f"{file}: {len(blob)} bytes, manifest says {entry['bytes']} (truncated?)")
+    if _sha256(blob) != entry["sha256"]:
+        raise ValueError(f"{file}: checksum mismatch (corrupted or replaced)")
+    return blob
+
+
+def _torch_load(blob: bytes, file: Path):
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle / zip errors of a foreign file all mean the same to the caller
+        raise ValueError(f"{file}: cannot be read as a torch file: {exc}") from exc
+
+
+def _check_keyframes(kf: dict[str, np.ndarray], file: Path) -> None:
+    missing = [k for k in _KEYFRAME_ARRAYS if k not in kf]
+    if missing:
+        raise ValueError(f"{file}: missing arrays {missing}")
+    k = kf["ids"].shape[0] if kf["ids"].ndim == 1 else -1
+    img = kf["images"]
+    if k < 0 or img.dtype != np.uint8 or img.ndim != 4 or img.shape[0] != k or img.shape[3] != 3:
+        raise ValueError(f"{file}: images {img.dtype} {img.shape} do not match {k} keyframe ids")
+    h, w = img.shape[1:3]
+    expected = {"sizes": (k, 2), "depth": (k, h, w), "T_world_cam": (k, 4, 4), "intrinsics": (k, 4),
+                "stamps_ns": (k,)}
+    for name, shape in expected.items():
+        if kf[name].shape != shape:
+            raise ValueError(f"{file}: {name} has shape {kf[name].shape}, expected {shape}")
+    if len(set(kf["ids"].tolist())) != k:
+        raise ValueError(f"{file}: duplicate keyframe ids")
+    if k and (kf["sizes"].min() < 1 or kf["sizes"][:, 0].max() > w or kf["sizes"][:, 1].max() > h):
+        raise ValueError(f"{file}: keyframe sizes exceed the stored image size {w}x{h}")
+
+
+def _check_features(features, kf: dict[str, np.ndarray], file: Path) -> None:
+    if not isinstance(features, dict):
+        raise ValueError(f"{file}: expected a dict of feature caches, got {type(features).__name__}")
+    ids = set(int(i) for i in kf["ids"].tolist())
+    for cache_name, cache in features.items():
+        if not isinstance(cache, dict) or not {"encoder", "settings", "items"} <= set(cache):
+            raise ValueError(f"{file}: feature cache {cache_name!r} lacks encoder / settings / items")
+        for kf_id, item in cache["items"].items():
+            if int(kf_id) not in ids:
+                raise ValueError(f"{file}: {cache_name} features for unknown keyframe {kf_id}")
+            if not isinstance(item, dict) or "hash" not in item or "data" not in item:
+                raise ValueError(f"{file}: {cache_name} entry of keyframe {kf_id} lacks hash / data")
+
+
+def load_map(path: str | os.PathLike) -> MapData:
+    """Read and fully validate a map directory; raise ValueError naming the offending file."""
+    root = Path(path)
+    manifest = _read_manifest(root)
+    weights = _torch_load(_read_checked(root, manifest, WEIGHTS), root / WEIGHTS)
+    if not isinstance(weights, dict) or not isinstance(weights.get("model"), dict):
+        raise ValueError(f"{root / WEIGHTS}: no model state dict")
+    kf_blob = _read_checked(root, manifest, KEYFRAMES)
+    try:
+        with np.load(io.BytesIO(kf_blob), allow_pickle=False) as npz:
+            keyframes = {k: npz[k] for k in npz.files}
+    except Exception as exc:  # zip / format errors of a foreign file
+        raise ValueError(f"{root / KEYFRAMES}: cannot be read as npz: {exc}") from exc
+    _check_keyframes(keyframes, root / KEYFRAMES)
+    features = _torch_load(_read_checked(root, manifest, FEATURES), root / FEATURES)
+    _check_features(features, keyframes, root / FEATURES)
+    # Feature hashes must match the stored keyframe content (a keyframes.npz swapped in from elsewhere).
+    for cache_name, cache in features.items():
+        for row, kf_id in enumerate(keyframes["ids"].tolist()):
+            item = cache["items"].get(int(kf_id))
+            if item is None:
+                continue
+            w, h = keyframes["sizes"][row]
+            if item["hash"] != frame_hash(keyframes["images"][row, :h, :w]):
+                raise ValueError(f"{root / FEATURES}: {cache_name} features of keyframe {kf_id} were "
+                                 f"computed from other image content than {KEYFRAMES} holds")
+    return MapData(
+        config=manifest["config"],
+        encoders=dict(manifest["encoders"]),
+        step=int(manifest["step"]),
+        scene_box=np.asarray(manifest["scene_box"], dtype=np.float64),
+        model_state=weights["model"],
+        trainer_state=weights.get("trainer"),
+        keyframes=keyframes,
+        features=features,
+    )
+
+
+def check_state_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], file: str) -> None:
+    """Raise ValueError if ``state`` does not fit ``model`` exactly (names and shapes)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"{file}: weights do not match the model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{file}: {k} has shape {tuple(state[k].shape)}, model expects "
+                             f"{tuple(v.shape)}")

@@ -1,0 +1,143 @@
+"""Map directory format: round trip, and every kind of bad file gets a ValueError naming the file."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lerf_ros.core import checkpoint as ck
+
+
+def _map_data(k: int = 2, h: int = 6, w: int = 8) -> ck.MapData:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (k, h, w, 3), dtype=np.uint8)
+    keyframes = {
+        "ids": np.arange(10, 10 + k, dtype=np.int64),
+        "images": images,
+        "sizes": np.tile(np.array([[w, h]], dtype=np.int64), (k, 1)),
+        "depth": rng.uniform(0.5, 2.0, (k, h, w)).astype(np.float32),
+        "T_world_cam": np.tile(np.eye(4), (k, 1, 1)),
+        "intrinsics": np.tile(np.array([[10.0, 10.0, 3.5, 2.5]]), (k, 1)),
+        "stamps_ns": np.arange(k, dtype=np.int64) * 100,
+    }
+    clip_items = {
+        int(i): {"hash": ck.frame_hash(images[r]), "data": {"feats": torch.randn(3, 4)}}
+        for r, i in enumerate(keyframes["ids"])
+    }
+    return ck.MapData(
+        config={"name": "tiny", "x": [1, 2]},
+        encoders={"clip": "colour-names-v1", "dino": "colour-dense-v1"},
+        step=42,
+        scene_box=np.array([[-1.0, -1.0, 0.0], [1.0, 1.0, 2.0]]),
+        model_state={"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)},
+        trainer_state={"step_count": 42},
+        keyframes=keyframes,
+        features={"clip": {"encoder": "colour-names-v1", "settings": {"tiles": 3}, "items": clip_items}},
+    )
+
+
+def test_round_trip(tmp_path):
+    data = _map_data()
+    ck.save_map(tmp_path / "m", data)
+    back = ck.load_map(tmp_path / "m")
+    assert back.step == 42 and back.config == data.config and back.encoders == data.encoders
+    np.testing.assert_array_equal(back.scene_box, data.scene_box)
+    assert torch.equal(back.model_state["w"], data.model_state["w"])
+    for k, v in data.keyframes.items():
+        np.testing.assert_array_equal(back.keyframes[k], v)
+    item = back.features["clip"]["items"][10]
+    assert torch.equal(item["data"]["feats"], data.features["clip"]["items"][10]["data"]["feats"])
+    assert not list((tmp_path / "m").glob("*.tmp"))
+
+
+def _saved(tmp_path):
+    root = tmp_path / "m"
+    ck.save_map(root, _map_data())
+    return root
+
+
+def test_missing_directory_and_manifest(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        ck.load_map(tmp_path / "nope")
+    root = _saved(tmp_path)
+    (root / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"config\.json"):
+        ck.load_map(root)
+
+
+@pytest.mark.parametrize("name", [ck.WEIGHTS, ck.KEYFRAMES, ck.FEATURES])
+def test_missing_file(tmp_path, name):
+    root = _saved(tmp_path)
+    (root / name).unlink()
+    with pytest.raises(ValueError, match=f"{name}: missing"):
+        ck.load_map(root)
+
+
+@pytest.mark.parametrize("name", [ck.WEIGHTS, ck.KEYFRAMES, ck.FEATURES, ck.MANIFEST])
+def test_truncated_file(tmp_path, name):
+    root = _saved(tmp_path)
+    blob = (root / name).read_bytes()
+    (root / name).write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        ck.load_map(root)
+
+
+def test_checksum_mismatch_same_size(tmp_path):
+    root = _saved(tmp_path)
+    blob = bytearray((root / ck.WEIGHTS).read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (root / ck.WEIGHTS).write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"weights\.pt: checksum mismatch"):
+        ck.load_map(root)
+
+
+def test_wrong_version_and_foreign_manifest(tmp_path):
+    root = _saved(tmp_path)
+    manifest = json.loads((root / "config.json").read_text())
+    manifest["version"] = 99
+    (root / "config.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="version 99"):
+        ck.load_map(root)
+    (root / "config.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a lerf_ros-map manifest"):
+        ck.load_map(root)
+
+
+def test_foreign_file_with_matching_checksum(tmp_path):
+    # A file that is not a torch archive, with the manifest updated to match: still a clear error.
+    root = _saved(tmp_path)
+    junk = b"this is not a torch file" * 10
+    (root / ck.WEIGHTS).write_bytes(junk)
+    manifest = json.loads((root / "config.json").read_text())
+    manifest["files"][ck.WEIGHTS] = {"sha256": ck._sha256(junk), "bytes": len(junk)}
+    (root / "config.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"weights\.pt: cannot be read"):
+        ck.load_map(root)
+
+
+def test_keyframe_shape_mismatch(tmp_path):
+    data = _map_data()
+    data.keyframes["T_world_cam"] = np.tile(np.eye(4), (3, 1, 1))  # 3 poses for 2 keyframes
+    ck.save_map(tmp_path / "m", data)
+    with pytest.raises(ValueError, match=r"keyframes\.npz: T_world_cam has shape"):
+        ck.load_map(tmp_path / "m")
+
+
+def test_feature_hash_mismatch(tmp_path):
+    data = _map_data()
+    data.features["clip"]["items"][11]["hash"] = ck.frame_hash(np.zeros((6, 8, 3), np.uint8))
+    ck.save_map(tmp_path / "m", data)
+    with pytest.raises(ValueError, match=r"features\.pt: clip features of keyframe 11"):
+        ck.load_map(tmp_path / "m")
+
+
+def test_state_shape_mismatch():
+    model = torch.nn.Linear(3, 2)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    ck.check_state_shapes(model, good, "weights.pt")
+    bad = dict(good, weight=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"weights\.pt: weight has shape \(2, 4\)"):
+        ck.check_state_shapes(model, bad, "weights.pt")
+    with pytest.raises(ValueError, match="missing"):
+        ck.check_state_shapes(model, {"weight": good["weight"]}, "weights.pt")
