@@ -1,0 +1,184 @@
+"""Encoder loading and validation, the DEMO colour encoders, and the real OpenCLIP / timm code paths."""
+
+import textwrap
+
+import pytest
+import torch
+
+from lerf_ros.core.encoders import (
+    DEMO_CLIP,
+    DEMO_DENSE,
+    EncoderSpec,
+    checked_encode_images,
+    checked_encode_texts,
+    load_encoder,
+)
+from lerf_ros.core.relevancy import CANONICAL_NEGATIVES, relevancy
+
+# The synthetic scene's object colours (RGB 0-255) and an off-white wall.
+SCENE_COLOURS = {
+    "red": (200, 30, 30),
+    "green": (30, 160, 40),
+    "blue": (30, 60, 200),
+    "yellow": (220, 200, 30),
+    "cyan": (30, 190, 200),
+    "magenta": (190, 40, 170),
+}
+ABSENT = ("orange", "purple", "pink")
+WALL = (225, 220, 210)
+
+
+def _patch(rgb, brightness, wall_fraction, seed, size=32):
+    """A Lambert-shaded colour patch with low-contrast grey texture; the top rows replaced by wall."""
+    g = torch.Generator().manual_seed(seed)
+    colour = torch.tensor(rgb, dtype=torch.float32).reshape(3, 1, 1) / 255.0
+    img = colour * brightness * torch.ones(3, size, size)
+    img = img + 0.04 * torch.randn(1, size, size, generator=g)
+    rows = round(wall_fraction * size)
+    img[:, :rows] = torch.tensor(WALL, dtype=torch.float32).reshape(3, 1, 1) / 255.0 * brightness
+    return img.clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_encoder(DEMO_CLIP, "cpu")
+
+
+@pytest.mark.parametrize("brightness", [0.5, 0.75, 1.0])
+@pytest.mark.parametrize("wall_fraction", [0.0, 0.3])
+def test_demo_colour_relevancy_separates_scene_colours(demo, brightness, wall_fraction):
+    names = list(SCENE_COLOURS)
+    queries = checked_encode_texts(demo, [f"the {n} object" for n in names] + list(ABSENT))
+    negatives = checked_encode_texts(demo, list(CANONICAL_NEGATIVES))
+    patches = torch.stack(
+        [_patch(rgb, brightness, wall_fraction, seed=i) for i, rgb in enumerate(SCENE_COLOURS.values())]
+    )
+    embeds = checked_encode_images(demo, patches)
+    table = torch.stack([relevancy(embeds, queries[j], negatives) for j in range(len(queries))])  # (Q, P)
+    for i, name in enumerate(names):
+        own = float(table[i, i])
+        others = torch.cat([table[:i, i], table[i + 1 :, i]])
+        assert own > 0.6, f"{name} patch scores {own:.3f} for its own name"
+        assert float(others.max()) < 0.5, f"{name} patch scores {others.max():.3f} for another colour"
+
+
+def test_demo_generic_texts_embed_to_neutral_and_score_half(demo):
+    neg = demo.encode_texts([*CANONICAL_NEGATIVES, "a chair", ""])
+    assert torch.allclose(neg, neg[0:1].expand_as(neg))
+    patch = _patch(SCENE_COLOURS["red"], 1.0, 0.0, seed=0)[None]
+    r = relevancy(demo.encode_images(patch), demo.encode_texts(["things"])[0], neg[:4])
+    assert float(r) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_demo_text_colour_words_and_synonyms(demo):
+    t = demo.encode_texts(["something red", "the RED box", "gray", "grey", "red and blue"])
+    assert torch.allclose(t[0], t[1])
+    assert torch.allclose(t[2], t[3])
+    red = demo.colour_words("the RED box")
+    assert red == ["red"]
+    # two colours share the colour mass equally, plus the same small generic part
+    both = t[4]
+    assert both[0] == pytest.approx(float(both[5]), abs=1e-6) and float(both[0]) > 0.6
+
+
+def test_demo_encoder_is_deterministic_and_unit(demo):
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    a, b = demo.encode_images(x), demo.encode_images(x.clone())
+    assert torch.equal(a, b)
+    assert a.shape == (5, demo.dim) and torch.allclose(a.norm(dim=1), torch.ones(5), atol=1e-6)
+    assert "demo" in demo.name
+
+
+def test_demo_dense_encoder_grid_and_features():
+    enc = load_encoder(DEMO_DENSE, "cpu", dense=True)
+    img = torch.zeros(3, 40, 64)
+    img[0, :, :32] = 1.0  # left half red, right half black
+    f = enc.encode_dense(img)
+    assert f.shape == (enc.dim, 5, 8)
+    assert torch.allclose(f[0, :, :3], torch.ones(5, 3)) and torch.allclose(f[0, :, 5:], torch.zeros(5, 3))
+    # the forward difference across the red/black edge (pixels 31 -> 32) lands in cell column 3 only
+    assert float(f[6, :, 3].min()) > 0
+    assert float(f[6, :, :3].abs().max()) == 0.0 and float(f[6, :, 4:].abs().max()) == 0.0
+    assert float(f[7].abs().max()) == 0.0
+    assert torch.equal(f, enc.encode_dense(img.clone()))
+
+
+# ---- loading and validation ----------------------------------------------------------------------
+
+
+BAD_MODULE = textwrap.dedent(
+    """
+    import torch
+
+    class Enc:
+        def __init__(self, device, dim, out_dim, scale, nan):
+            self.name, self.dim, self.input_size = "bad-enc", dim, 8
+            self.out_dim, self.scale, self.nan = out_dim, scale, nan
+
+        def _out(self, n):
+            x = torch.zeros(n, self.out_dim)
+            x[:, 0] = self.scale
+            if self.nan:
+                x[:, 0] = float("nan")
+            return x
+
+        def encode_images(self, images):
+            return self._out(images.shape[0])
+
+        def encode_texts(self, texts):
+            return self._out(len(texts))
+
+    def make(device, dim=4, out_dim=4, scale=1.0, nan=False):
+        return Enc(device, dim, out_dim, scale, nan)
+
+    def not_an_encoder(device):
+        return object()
+    """
+)
+
+
+@pytest.fixture
+def bad_module(tmp_path, monkeypatch):
+    (tmp_path / "lerf_test_bad_encoders.py").write_text(BAD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "lerf_test_bad_encoders"
+
+
+def test_encoder_spec_parsing_and_kwargs():
+    spec = EncoderSpec.from_string(" lerf_ros.core.encoders.demo:colour_name_encoder ", {"dim": 20})
+    assert spec.target == "lerf_ros.core.encoders.demo:colour_name_encoder"
+    assert spec.kwargs == (("dim", 20),)
+    enc = load_encoder(spec)
+    assert enc.dim == 20 and enc.encode_texts(["red"]).shape == (1, 20)
+    for bad in ["lerf_ros.core.encoders.demo", "no colon", ":factory", "mod:", "a-b:c"]:
+        with pytest.raises(ValueError):
+            EncoderSpec.from_string(bad)
+    with pytest.raises(ValueError, match="device"):
+        EncoderSpec("a.b:c", (("device", "cpu"),))
+
+
+def test_load_encoder_accepts_good_and_names_bad(bad_module):
+    assert load_encoder(f"{bad_module}:make").dim == 4
+    with pytest.raises(ValueError, match=r"bad-enc.*shape \(2, 5\)"):
+        load_encoder(EncoderSpec(f"{bad_module}:make", (("out_dim", 5),)))
+    with pytest.raises(ValueError, match=r"bad-enc.*non-unit"):
+        load_encoder(EncoderSpec(f"{bad_module}:make", (("scale", 2.0),)))
+    with pytest.raises(ValueError, match=r"bad-enc.*non-finite"):
+        load_encoder(EncoderSpec(f"{bad_module}:make", (("nan", True),)))
+    with pytest.raises(ValueError, match="name"):
+        load_encoder(f"{bad_module}:not_an_encoder")
+    with pytest.raises(ValueError, match="missing_factory"):
+        load_encoder(f"{bad_module}:missing_factory")
+    with pytest.raises(ValueError, match="no_such_module_xyz"):
+        load_encoder("no_such_module_xyz:factory")
+
+
+def test_checked_encode_raises_at_run_time(bad_module):
+    enc = load_encoder(f"{bad_module}:make")
+    enc.scale = 0.5  # starts misbehaving after loading
+    with pytest.raises(ValueError, match="bad-enc"):
+        checked_encode_images(enc, torch.zeros(3, 3, 8, 8))
+    with pytest.raises(ValueError, match="bad-enc"):
+        checked_encode_texts(enc, ["a"])
+    with pytest.raises(ValueError, match="sequence"):
+        checked_encode_texts(enc, "a")
