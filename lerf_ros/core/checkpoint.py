@@ -5,12 +5,11 @@ A map directory holds:
 ``config.json``    manifest: format name + version, the `EngineConfig` as a dict, the encoder names, the
                    training step, the scene box, and the SHA-256 + size of every other file.
 ``weights.pt``     ``torch.save`` of {"model": model state dict, "trainer": trainer state dict}.
-``keyframes.npz``  ids (K,) int64, images (K, H, W, 3) uint8 (padded), sizes (K, 2) int64 (w, h),
-                   depth (K, H, W) float32 z-depth (NaN unknown), T_world_cam (K, 4, 4) float64,
-                   intrinsics (K, 4) float64 (fx, fy, cx, cy), stamps_ns (K,) int64.
-``features.pt``    {"clip": cache, "dino": cache}; a cache is {"encoder": name, "settings": dict,
-                   "items": {kf_id: {"hash": frame hash, "data": tensors}}}: the pyramid / dense features are
-                   reused only when encoder name, crop settings and frame content all match.
+``keyframes.npz``  the keyframe store's arrays (``KeyframeStore.to_arrays``): at least ids (K,) int64 and
+                   images (K, H, W, 3) uint8; the rest is validated by the store when it is rebuilt.
+``features.pt``    {"hashes": {kf_id: frame content hash}, "caches": {"clip": pyramid state, "dino": dense
+                   cache state}}; the states carry their encoder name and crop settings and refuse to load
+                   under another encoder; the hashes tie each keyframe's features to its image content.
 
 Files are written to ``*.tmp`` and renamed, the manifest last, so an interrupted save never leaves a
 manifest pointing at half-written files. `load_map` checks everything (manifest, version, presence,
@@ -36,7 +35,7 @@ MANIFEST = "config.json"
 WEIGHTS = "weights.pt"
 KEYFRAMES = "keyframes.npz"
 FEATURES = "features.pt"
-_KEYFRAME_ARRAYS = ("ids", "images", "sizes", "depth", "T_world_cam", "intrinsics", "stamps_ns")
+_KEYFRAME_ARRAYS = ("ids", "images")
 
 
 @dataclass
@@ -90,7 +89,7 @@ def save_map(path: str | os.PathLike, data: MapData) -> None:
     if missing:
         raise ValueError(f"keyframes lack arrays {missing}")
     kf_buf = io.BytesIO()
-    np.savez(kf_buf, **{k: np.asarray(data.keyframes[k]) for k in _KEYFRAME_ARRAYS})
+    np.savez(kf_buf, **{k: np.asarray(v) for k, v in data.keyframes.items()})
     blobs = {
         WEIGHTS: _torch_bytes({"model": data.model_state, "trainer": data.trainer_state}),
         KEYFRAMES: kf_buf.getvalue(),
@@ -165,30 +164,22 @@ def _check_keyframes(kf: dict[str, np.ndarray], file: Path) -> None:
     img = kf["images"]
     if k < 0 or img.dtype != np.uint8 or img.ndim != 4 or img.shape[0] != k or img.shape[3] != 3:
         raise ValueError(f"{file}: images {img.dtype} {img.shape} do not match {k} keyframe ids")
-    h, w = img.shape[1:3]
-    expected = {"sizes": (k, 2), "depth": (k, h, w), "T_world_cam": (k, 4, 4), "intrinsics": (k, 4),
-                "stamps_ns": (k,)}
-    for name, shape in expected.items():
-        if kf[name].shape != shape:
-            raise ValueError(f"{file}: {name} has shape {kf[name].shape}, expected {shape}")
     if len(set(kf["ids"].tolist())) != k:
         raise ValueError(f"{file}: duplicate keyframe ids")
-    if k and (kf["sizes"].min() < 1 or kf["sizes"][:, 0].max() > w or kf["sizes"][:, 1].max() > h):
-        raise ValueError(f"{file}: keyframe sizes exceed the stored image size {w}x{h}")
 
 
 def _check_features(features, kf: dict[str, np.ndarray], file: Path) -> None:
-    if not isinstance(features, dict):
-        raise ValueError(f"{file}: expected a dict of feature caches, got {type(features).__name__}")
-    ids = set(int(i) for i in kf["ids"].tolist())
-    for cache_name, cache in features.items():
-        if not isinstance(cache, dict) or not {"encoder", "settings", "items"} <= set(cache):
-            raise ValueError(f"{file}: feature cache {cache_name!r} lacks encoder / settings / items")
-        for kf_id, item in cache["items"].items():
-            if int(kf_id) not in ids:
-                raise ValueError(f"{file}: {cache_name} features for unknown keyframe {kf_id}")
-            if not isinstance(item, dict) or "hash" not in item or "data" not in item:
-                raise ValueError(f"{file}: {cache_name} entry of keyframe {kf_id} lacks hash / data")
+    """Structure + content hashes: features of keyframe i must come from the image keyframes.npz holds."""
+    if not isinstance(features, dict) or not isinstance(features.get("hashes"), dict) \
+            or not isinstance(features.get("caches"), dict):
+        raise ValueError(f"{file}: expected {{'hashes': ..., 'caches': ...}}")
+    hashes = {int(k): v for k, v in features["hashes"].items()}
+    for row, kf_id in enumerate(kf["ids"].tolist()):
+        if int(kf_id) not in hashes:
+            raise ValueError(f"{file}: no content hash for keyframe {kf_id}")
+        if hashes[int(kf_id)] != frame_hash(kf["images"][row]):
+            raise ValueError(f"{file}: features of keyframe {kf_id} were computed from other image "
+                             f"content than {KEYFRAMES} holds")
 
 
 def load_map(path: str | os.PathLike) -> MapData:
@@ -207,16 +198,6 @@ def load_map(path: str | os.PathLike) -> MapData:
     _check_keyframes(keyframes, root / KEYFRAMES)
     features = _torch_load(_read_checked(root, manifest, FEATURES), root / FEATURES)
     _check_features(features, keyframes, root / FEATURES)
-    # Feature hashes must match the stored keyframe content (a keyframes.npz swapped in from elsewhere).
-    for cache_name, cache in features.items():
-        for row, kf_id in enumerate(keyframes["ids"].tolist()):
-            item = cache["items"].get(int(kf_id))
-            if item is None:
-                continue
-            w, h = keyframes["sizes"][row]
-            if item["hash"] != frame_hash(keyframes["images"][row, :h, :w]):
-                raise ValueError(f"{root / FEATURES}: {cache_name} features of keyframe {kf_id} were "
-                                 f"computed from other image content than {KEYFRAMES} holds")
     return MapData(
         config=manifest["config"],
         encoders=dict(manifest["encoders"]),

@@ -15,16 +15,9 @@ def _map_data(k: int = 2, h: int = 6, w: int = 8) -> ck.MapData:
     keyframes = {
         "ids": np.arange(10, 10 + k, dtype=np.int64),
         "images": images,
-        "sizes": np.tile(np.array([[w, h]], dtype=np.int64), (k, 1)),
-        "depth": rng.uniform(0.5, 2.0, (k, h, w)).astype(np.float32),
         "T_world_cam": np.tile(np.eye(4), (k, 1, 1)),
-        "intrinsics": np.tile(np.array([[10.0, 10.0, 3.5, 2.5]]), (k, 1)),
-        "stamps_ns": np.arange(k, dtype=np.int64) * 100,
     }
-    clip_items = {
-        int(i): {"hash": ck.frame_hash(images[r]), "data": {"feats": torch.randn(3, 4)}}
-        for r, i in enumerate(keyframes["ids"])
-    }
+    hashes = {int(i): ck.frame_hash(images[r]) for r, i in enumerate(keyframes["ids"])}
     return ck.MapData(
         config={"name": "tiny", "x": [1, 2]},
         encoders={"clip": "colour-names-v1", "dino": "colour-dense-v1"},
@@ -33,7 +26,7 @@ def _map_data(k: int = 2, h: int = 6, w: int = 8) -> ck.MapData:
         model_state={"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)},
         trainer_state={"step_count": 42},
         keyframes=keyframes,
-        features={"clip": {"encoder": "colour-names-v1", "settings": {"tiles": 3}, "items": clip_items}},
+        features={"hashes": hashes, "caches": {"clip": {"encoder_name": "x", "grid": torch.randn(3, 4)}}},
     )
 
 
@@ -46,8 +39,7 @@ def test_round_trip(tmp_path):
     assert torch.equal(back.model_state["w"], data.model_state["w"])
     for k, v in data.keyframes.items():
         np.testing.assert_array_equal(back.keyframes[k], v)
-    item = back.features["clip"]["items"][10]
-    assert torch.equal(item["data"]["feats"], data.features["clip"]["items"][10]["data"]["feats"])
+    assert torch.equal(back.features["caches"]["clip"]["grid"], data.features["caches"]["clip"]["grid"])
     assert not list((tmp_path / "m").glob("*.tmp"))
 
 
@@ -118,17 +110,17 @@ def test_foreign_file_with_matching_checksum(tmp_path):
 
 def test_keyframe_shape_mismatch(tmp_path):
     data = _map_data()
-    data.keyframes["T_world_cam"] = np.tile(np.eye(4), (3, 1, 1))  # 3 poses for 2 keyframes
+    data.keyframes["ids"] = np.arange(3, dtype=np.int64)  # 3 ids for 2 images
     ck.save_map(tmp_path / "m", data)
-    with pytest.raises(ValueError, match=r"keyframes\.npz: T_world_cam has shape"):
+    with pytest.raises(ValueError, match=r"keyframes\.npz: images uint8 \(2, 6, 8, 3\) do not match 3"):
         ck.load_map(tmp_path / "m")
 
 
 def test_feature_hash_mismatch(tmp_path):
     data = _map_data()
-    data.features["clip"]["items"][11]["hash"] = ck.frame_hash(np.zeros((6, 8, 3), np.uint8))
+    data.features["hashes"][11] = ck.frame_hash(np.zeros((6, 8, 3), np.uint8))
     ck.save_map(tmp_path / "m", data)
-    with pytest.raises(ValueError, match=r"features\.pt: clip features of keyframe 11"):
+    with pytest.raises(ValueError, match=r"features\.pt: features of keyframe 11 were computed from other"):
         ck.load_map(tmp_path / "m")
 
 
