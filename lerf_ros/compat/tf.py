@@ -1,0 +1,328 @@
+"""TF for the nodes: the real ``tf2_ros`` when importable, else ``TfBuffer`` + an rclpy listener.
+
+``make_tf_buffer(node)`` returns ``(buffer, listener, is_real)``; both buffers answer the tf2_ros
+API subset the package uses (``lookup_transform``, ``can_transform``, ``set_transform``,
+``set_transform_static``), and ``lookup_matrix(buffer, ...)`` gives a (4, 4) ``T_target_source``
+for either. The exception names exported here are tf2_ros's own classes when tf2_ros is present
+(the substitute re-raises as them), so ``except TF_ERRORS`` works the same on both paths.
+
+Threading: a lookup with a timeout blocks its thread until a listener callback inserts the data.
+If that callback needs the same executor thread, the wait can never end (a deadlock until the
+timeout). Either spin the listener in its own thread (``spin_thread=True``: a dedicated node and
+SingleThreadedExecutor, like tf2_ros's ``spin_thread``), or use a ``MultiThreadedExecutor``; the
+listener's subscriptions sit in their own ``ReentrantCallbackGroup`` so they can run beside the
+waiting callback.
+
+rclpy, geometry_msgs and tf2_msgs are imported inside functions, so importing this module (and
+``lerf_ros.compat``) works without ROS.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from lerf_ros.compat import tf_buffer as _core
+from lerf_ros.core.transforms import matrix_to_quat, transform_from_quat, validate_rigid
+
+try:
+    import tf2_ros as _tf2_ros
+except ImportError:  # no ROS install: the substitute below is used, chosen explicitly via HAVE_TF2_ROS
+    _tf2_ros = None
+
+#: True when the real tf2_ros imported; ``make_tf_buffer`` then returns its Buffer + listener.
+HAVE_TF2_ROS = _tf2_ros is not None
+
+if _tf2_ros is not None:
+    TransformException = _tf2_ros.TransformException
+    LookupException = _tf2_ros.LookupException
+    ConnectivityException = _tf2_ros.ConnectivityException
+    ExtrapolationException = _tf2_ros.ExtrapolationException
+    InvalidArgumentException = _tf2_ros.InvalidArgumentException
+else:
+    TransformException = _core.TransformException
+    LookupException = _core.LookupException
+    ConnectivityException = _core.ConnectivityException
+    ExtrapolationException = _core.ExtrapolationException
+    InvalidArgumentException = _core.InvalidArgumentException
+
+#: The lookup failures a node should log and survive.
+TF_ERRORS = (LookupException, ConnectivityException, ExtrapolationException)
+
+# Substitute errors -> the exported classes (identity when tf2_ros is absent).
+_EXPORTED = (
+    (_core.LookupException, LookupException),
+    (_core.ConnectivityException, ConnectivityException),
+    (_core.ExtrapolationException, ExtrapolationException),
+    (_core.InvalidArgumentException, InvalidArgumentException),
+    (_core.TransformException, TransformException),
+)
+
+
+def _exported_error(exc: _core.TransformException) -> Exception:
+    for core_cls, exported in _EXPORTED:
+        if isinstance(exc, core_cls):
+            return exc if exported is core_cls else exported(str(exc))
+    return exc
+
+
+# ---------------------------------------------------------------------- conversions
+def stamp_to_ns(stamp) -> int:
+    """rclpy Time / Duration, builtin_interfaces Time / Duration msg, int ns, or None (0) -> int ns."""
+    if stamp is None:
+        return 0
+    if isinstance(stamp, (int, np.integer)):
+        return int(stamp)
+    if hasattr(stamp, "nanoseconds"):
+        return int(stamp.nanoseconds)
+    if hasattr(stamp, "sec") and hasattr(stamp, "nanosec"):
+        return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+    raise ValueError(f"cannot read a time from {stamp!r}; expected rclpy Time, a Time msg or int ns")
+
+
+def ns_to_time_msg(stamp_ns: int):
+    """int ns -> builtin_interfaces/Time."""
+    from builtin_interfaces.msg import Time
+
+    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    return Time(sec=sec, nanosec=nanosec)
+
+
+def transform_to_matrix(msg) -> np.ndarray:
+    """geometry_msgs TransformStamped or Transform -> (4, 4) float64 ``T_parent_child``.
+
+    Attribute access only (rclpy or rosbags messages). ValueError for a non-finite translation or
+    a non-finite / non-unit quaternion.
+    """
+    tf = getattr(msg, "transform", msg)
+    name = "transform"
+    if hasattr(msg, "child_frame_id"):
+        name = f"transform {msg.header.frame_id!r} -> {msg.child_frame_id!r}"
+    t, r = tf.translation, tf.rotation
+    return transform_from_quat((t.x, t.y, t.z), (r.x, r.y, r.z, r.w), name)
+
+
+def matrix_to_transform_msg(T_parent_child, frame_id: str, child_frame_id: str, stamp_ns: int = 0):
+    """(4, 4) rigid ``T_parent_child`` -> geometry_msgs/TransformStamped (frame_id = parent)."""
+    from geometry_msgs.msg import TransformStamped
+
+    T = validate_rigid(T_parent_child, f"T_{frame_id}_{child_frame_id}")
+    q = matrix_to_quat(T[:3, :3])
+    msg = TransformStamped()
+    msg.header.frame_id = frame_id
+    msg.header.stamp = ns_to_time_msg(stamp_ns)
+    msg.child_frame_id = child_frame_id
+    msg.transform.translation.x, msg.transform.translation.y, msg.transform.translation.z = (
+        float(v) for v in T[:3, 3]
+    )
+    r = msg.transform.rotation
+    r.x, r.y, r.z, r.w = (float(v) for v in q)
+    return msg
+
+
+# ---------------------------------------------------------------------- buffer substitute
+class TfBufferSubstitute:
+    """tf2_ros.Buffer API subset over ``TfBuffer``; raises the exported exception classes."""
+
+    def __init__(self, cache_time=None, node=None):
+        """``cache_time``: rclpy Duration (default 10 s). ``node`` is accepted for API parity."""
+        cache_s = _core.DEFAULT_CACHE_TIME_S if cache_time is None else stamp_to_ns(cache_time) / 1e9
+        self.core = _core.TfBuffer(cache_s)
+
+    def set_transform(self, transform, authority: str = "") -> bool:
+        """Insert a dynamic TransformStamped; ValueError (buffer unchanged) when invalid."""
+        return self._insert(transform, static=False)
+
+    def set_transform_static(self, transform, authority: str = "") -> bool:
+        """Insert a static TransformStamped, valid at all times."""
+        return self._insert(transform, static=True)
+
+    def _insert(self, transform, static: bool) -> bool:
+        T = transform_to_matrix(transform)
+        r = transform.transform.rotation
+        return self.core.set_transform(
+            transform.header.frame_id.lstrip("/"), transform.child_frame_id.lstrip("/"),
+            T[:3, 3], (r.x, r.y, r.z, r.w), stamp_to_ns(transform.header.stamp), static,
+        )
+
+    def lookup_transform(self, target_frame: str, source_frame: str, time, timeout=None):
+        """TransformStamped ``T_target_source`` at ``time`` (rclpy Time; 0 = latest common time).
+
+        Waits up to ``timeout`` (rclpy Duration, default 0) for the data; see the module docstring
+        for why that wait needs the listener on another thread.
+        """
+        T, stamp_ns = self._wait(target_frame, source_frame, time, timeout)
+        return matrix_to_transform_msg(T, target_frame, source_frame, stamp_ns)
+
+    def lookup_matrix(self, target_frame: str, source_frame: str, stamp_ns: int = 0,
+                      timeout_s: float = 0.0) -> np.ndarray:
+        """(4, 4) ``T_target_source`` without building a message."""
+        try:
+            return self.core.wait_for_matrix(target_frame, source_frame, stamp_ns, timeout_s)
+        except _core.TransformException as exc:
+            raise _exported_error(exc) from None
+
+    def can_transform(self, target_frame: str, source_frame: str, time, timeout=None,
+                      return_debug_tuple: bool = False):
+        """True when the lookup succeeds within ``timeout``; ``(ok, error text)`` if asked."""
+        try:
+            self._wait(target_frame, source_frame, time, timeout)
+        except TransformException as exc:
+            return (False, str(exc)) if return_debug_tuple else False
+        return (True, "") if return_debug_tuple else True
+
+    def clear(self) -> None:
+        self.core.clear()
+
+    def _wait(self, target_frame, source_frame, time, timeout):
+        try:
+            return self.core.wait_for(target_frame, source_frame, stamp_to_ns(time),
+                                      stamp_to_ns(timeout) / 1e9)
+        except _core.TransformException as exc:
+            raise _exported_error(exc) from None
+
+
+# ---------------------------------------------------------------------- listener substitute
+def tf_qos_profiles():
+    """(dynamic, static) QoS as tf2_ros: depth 100 reliable; /tf volatile, /tf_static transient local."""
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    dynamic = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
+                         reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+    static = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
+                        reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    return dynamic, static
+
+
+class TfListenerSubstitute:
+    """Feeds a buffer from /tf and /tf_static (tf2_msgs/TFMessage), like tf2_ros.TransformListener.
+
+    ``spin_thread=False``: the subscriptions live on ``node`` in a ReentrantCallbackGroup; the
+    caller's executor spins them. ``spin_thread=True``: they live on a dedicated node
+    ``<node name>_tf_listener`` spun by its own SingleThreadedExecutor thread, so lookups with a
+    timeout on the caller's executor cannot starve them. Invalid transforms are dropped, counted
+    in ``rejected`` and logged (throttled). Call ``unregister()`` before destroying the node.
+    """
+
+    def __init__(self, buffer, node, *, spin_thread: bool = False, qos=None, static_qos=None):
+        from rclpy.callback_groups import ReentrantCallbackGroup
+        from rclpy.node import Node
+        from tf2_msgs.msg import TFMessage
+
+        self.buffer = buffer
+        self.rejected = 0
+        self._owns_node = spin_thread
+        if spin_thread:
+            node = Node(f"{node.get_name()}_tf_listener", namespace=node.get_namespace(),
+                        context=node.context, start_parameter_services=False, enable_rosout=False)
+        self.node = node
+        default_qos, default_static = tf_qos_profiles()
+        self.group = ReentrantCallbackGroup()
+        self.tf_sub = node.create_subscription(
+            TFMessage, "tf", self._callback, qos or default_qos, callback_group=self.group)
+        self.tf_static_sub = node.create_subscription(
+            TFMessage, "tf_static", self._static_callback, static_qos or default_static,
+            callback_group=self.group)
+        self.executor = None
+        self._thread = None
+        if spin_thread:
+            from rclpy.executors import SingleThreadedExecutor
+
+            self.executor = SingleThreadedExecutor(context=node.context)
+            self.executor.add_node(node)
+            self._thread = threading.Thread(target=self._spin, name="tf_listener", daemon=False)
+            self._thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:  # rclpy shut down under us: the thread just ends
+            return
+
+    def _callback(self, msg) -> None:
+        self._feed(msg, self.buffer.set_transform)
+
+    def _static_callback(self, msg) -> None:
+        self._feed(msg, self.buffer.set_transform_static)
+
+    def _feed(self, msg, insert) -> None:
+        for transform in msg.transforms:
+            try:
+                insert(transform, "default_authority")
+            except ValueError as exc:
+                self.rejected += 1
+                self.node.get_logger().warning(f"dropped transform: {exc}", throttle_duration_sec=5.0)
+
+    def unregister(self) -> None:
+        """Stop the spin thread (if any) and destroy the subscriptions (and the dedicated node)."""
+        if self.executor is not None:
+            self.executor.shutdown()
+            self._thread.join()
+            self.executor = None
+        if self.tf_sub is not None:
+            self.node.destroy_subscription(self.tf_sub)
+            self.node.destroy_subscription(self.tf_static_sub)
+            self.tf_sub = self.tf_static_sub = None
+            if self._owns_node:
+                self.node.destroy_node()
+
+
+# ---------------------------------------------------------------------- factory + helpers
+def make_tf_buffer(node, cache_time_s: float = 10.0, spin_thread: bool = False,
+                   prefer_real: bool = True):
+    """``(buffer, listener, is_real)``: tf2_ros Buffer + TransformListener when importable (and
+    ``prefer_real``), else ``TfBufferSubstitute`` + ``TfListenerSubstitute``.
+
+    With ``spin_thread`` both paths spin the listener on a dedicated node in its own thread (the
+    real TransformListener would otherwise add ``node`` itself to its private executor). Release
+    with ``close_tf_listener(listener)``.
+    """
+    if not np.isfinite(cache_time_s) or cache_time_s <= 0:
+        raise ValueError(f"cache_time_s must be a positive number of seconds, got {cache_time_s}")
+    if HAVE_TF2_ROS and prefer_real:
+        from rclpy.duration import Duration
+        from rclpy.node import Node
+
+        buffer = _tf2_ros.Buffer(cache_time=Duration(nanoseconds=round(cache_time_s * 1e9)), node=node)
+        listen_node = node
+        if spin_thread:
+            listen_node = Node(f"{node.get_name()}_tf_listener", namespace=node.get_namespace(),
+                               context=node.context, start_parameter_services=False,
+                               enable_rosout=False)
+        listener = _tf2_ros.TransformListener(buffer, listen_node, spin_thread=spin_thread)
+        listener._lerf_owned_node = listen_node if spin_thread else None
+        return buffer, listener, True
+    from rclpy.duration import Duration
+
+    buffer = TfBufferSubstitute(cache_time=Duration(nanoseconds=round(cache_time_s * 1e9)), node=node)
+    return buffer, TfListenerSubstitute(buffer, node, spin_thread=spin_thread), False
+
+
+def close_tf_listener(listener) -> None:
+    """Stop a listener from ``make_tf_buffer`` (either kind): spin thread, subscriptions, own node."""
+    if isinstance(listener, TfListenerSubstitute):
+        listener.unregister()
+        return
+    if hasattr(listener, "dedicated_listener_thread"):
+        listener.executor.shutdown()
+        listener.dedicated_listener_thread.join()
+    listener.unregister()
+    owned = getattr(listener, "_lerf_owned_node", None)
+    if owned is not None:
+        owned.destroy_node()
+
+
+def lookup_matrix(buffer, target_frame: str, source_frame: str, stamp_ns: int = 0,
+                  timeout_s: float = 0.0) -> np.ndarray:
+    """(4, 4) float64 ``T_target_source`` from either buffer kind; raises the exported errors."""
+    if isinstance(buffer, TfBufferSubstitute):
+        return buffer.lookup_matrix(target_frame, source_frame, stamp_ns, timeout_s)
+    from rclpy.duration import Duration
+    from rclpy.time import Time
+
+    msg = buffer.lookup_transform(target_frame, source_frame, Time(nanoseconds=int(stamp_ns)),
+                                  Duration(nanoseconds=round(timeout_s * 1e9)))
+    return transform_to_matrix(msg)
