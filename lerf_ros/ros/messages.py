@@ -1,0 +1,177 @@
+"""Core results -> ROS messages, and back where tests and tools need it.
+
+PointCloud2 layout (the one Query.srv documents and RViz reads with no plugin): unorganised (height 1),
+little-endian, fields x, y, z (metres, world frame), relevancy (0..1) and rgb, all FLOAT32 at offsets
+0, 4, 8, 12, 16, point_step 20. ``rgb`` is 0x00RRGGBB in a uint32 reinterpreted as float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from geometry_msgs.msg import Point
+from sensor_msgs.msg import PointCloud2, PointField
+from std_msgs.msg import Header
+from visualization_msgs.msg import Marker
+
+CLOUD_FIELDS = ("x", "y", "z", "relevancy", "rgb")
+POINT_STEP = 4 * len(CLOUD_FIELDS)
+_CLOUD_DTYPE = np.dtype({"names": list(CLOUD_FIELDS), "formats": ["<f4"] * 5,
+                         "offsets": [0, 4, 8, 12, 16], "itemsize": POINT_STEP})
+
+#: TrainingStatus.state values by name (same numbers as the .msg constants).
+STATES = {"waiting": 0, "training": 1, "paused": 2, "ready": 3, "error": 4}
+
+
+def stamp_from_ns(stamp_ns: int) -> Time:
+    return Time(sec=int(stamp_ns // 1_000_000_000), nanosec=int(stamp_ns % 1_000_000_000))
+
+
+def stamp_to_ns(stamp: Time) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 -> (N,) float32 whose bits are 0x00RRGGBB."""
+    rgb = np.asarray(rgb, dtype=np.uint32).reshape(-1, 3)
+    packed = (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]
+    return packed.astype("<u4").view("<f4")
+
+
+def unpack_rgb(packed: np.ndarray) -> np.ndarray:
+    """(N,) float32 0x00RRGGBB bits -> (N, 3) uint8."""
+    bits = np.asarray(packed, dtype="<f4").view("<u4")
+    return np.stack([(bits >> 16) & 0xFF, (bits >> 8) & 0xFF, bits & 0xFF], axis=1).astype(np.uint8)
+
+
+def cloud_to_msg(xyz: np.ndarray, relevancy: np.ndarray, rgb: np.ndarray, header: Header) -> PointCloud2:
+    """(N, 3) float32 world-frame metres, (N,) relevancy, (N, 3) uint8 -> PointCloud2 (height 1)."""
+    xyz = np.asarray(xyz, dtype=np.float32).reshape(-1, 3)
+    n = xyz.shape[0]
+    relevancy = np.asarray(relevancy, dtype=np.float32).reshape(-1)
+    rgb = np.asarray(rgb, dtype=np.uint8).reshape(-1, 3)
+    if relevancy.shape[0] != n or rgb.shape[0] != n:
+        raise ValueError(
+            f"cloud arrays disagree: xyz {xyz.shape}, relevancy {relevancy.shape}, rgb {rgb.shape}")
+    points = np.zeros(n, dtype=_CLOUD_DTYPE)
+    points["x"], points["y"], points["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    points["relevancy"] = relevancy
+    points["rgb"] = pack_rgb(rgb)
+    msg = PointCloud2()
+    msg.header = header
+    msg.height, msg.width = 1, n
+    msg.fields = [PointField(name=name, offset=4 * i, datatype=PointField.FLOAT32, count=1)
+                  for i, name in enumerate(CLOUD_FIELDS)]
+    msg.is_bigendian = False
+    msg.point_step = POINT_STEP
+    msg.row_step = POINT_STEP * n
+    msg.is_dense = bool(np.isfinite(xyz).all())
+    msg.data = points.tobytes()
+    return msg
+
+
+def empty_cloud(header: Header) -> PointCloud2:
+    return cloud_to_msg(np.zeros((0, 3)), np.zeros(0), np.zeros((0, 3)), header)
+
+
+def msg_to_cloud(msg: PointCloud2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode a PointCloud2 with FLOAT32 fields x, y, z, relevancy, rgb at any offsets / point_step.
+
+    Returns xyz (N, 3) float32, relevancy (N,) float32, rgb (N, 3) uint8. Raises ValueError on a layout
+    it cannot read (missing field, non-float32 field, data length not matching the header).
+    """
+    offsets = {}
+    for field in msg.fields:
+        offsets[field.name] = field
+    for name in CLOUD_FIELDS:
+        if name not in offsets:
+            raise ValueError(f"PointCloud2 lacks field {name!r}; has {sorted(offsets)}")
+        if offsets[name].datatype != PointField.FLOAT32:
+            raise ValueError(
+                f"PointCloud2 field {name!r} has datatype {offsets[name].datatype}, need FLOAT32")
+    n = int(msg.width) * int(msg.height)
+    if int(msg.row_step) * int(msg.height) != len(msg.data) or int(msg.point_step) * int(msg.width) > int(
+            msg.row_step):
+        raise ValueError(f"PointCloud2 data is {len(msg.data)} bytes, header says {msg.height} rows x "
+                         f"{msg.row_step} bytes with point_step {msg.point_step} x width {msg.width}")
+    endian = ">" if msg.is_bigendian else "<"
+    dtype = np.dtype({"names": list(CLOUD_FIELDS), "formats": [endian + "f4"] * 5,
+                      "offsets": [offsets[name].offset for name in CLOUD_FIELDS],
+                      "itemsize": int(msg.point_step)})
+    raw = np.frombuffer(bytes(msg.data), dtype=np.uint8).reshape(int(msg.height), int(msg.row_step))
+    rows = raw[:, : int(msg.point_step) * int(msg.width)].copy()
+    points = rows.view(dtype).reshape(n)
+    xyz = np.stack([points["x"], points["y"], points["z"]], axis=1).astype(np.float32)
+    rgb_bits = points["rgb"].astype("<f4")
+    return xyz, points["relevancy"].astype(np.float32), unpack_rgb(rgb_bits)
+
+
+def target_marker(location_world: np.ndarray | None, text: str, relevancy: float, scale_m: float,
+                  header: Header, found: bool) -> list[Marker]:
+    """Markers for the last answer: a sphere at the target and a text label above it.
+
+    Returns [sphere, text] with ids 0 and 1 in namespace "lerf_target"; when there is no location both
+    are DELETE actions so RViz clears the previous target. Sphere diameter = the language scale
+    (clamped to 5 cm .. 1 m) so a large object's target looks large.
+    """
+    sphere, label = Marker(), Marker()
+    for i, marker in enumerate((sphere, label)):
+        marker.header = header
+        marker.ns = "lerf_target"
+        marker.id = i
+        marker.action = Marker.DELETE if location_world is None else Marker.ADD
+    if location_world is None:
+        return [sphere, label]
+    x, y, z = (float(v) for v in np.asarray(location_world, dtype=np.float64).reshape(3))
+    diameter = float(np.clip(scale_m if np.isfinite(scale_m) else 0.1, 0.05, 1.0))
+    sphere.type = Marker.SPHERE
+    sphere.pose.position = Point(x=x, y=y, z=z)
+    sphere.pose.orientation.w = 1.0
+    sphere.scale.x = sphere.scale.y = sphere.scale.z = diameter
+    # Green when the target passed the threshold, orange for the best candidate that did not.
+    sphere.color.r, sphere.color.g, sphere.color.b, sphere.color.a = (
+        (0.1, 0.9, 0.2, 0.6) if found else (1.0, 0.5, 0.0, 0.6))
+    label.type = Marker.TEXT_VIEW_FACING
+    label.pose.position = Point(x=x, y=y, z=z + diameter / 2 + 0.1)
+    label.pose.orientation.w = 1.0
+    label.scale.z = 0.1
+    label.color.r = label.color.g = label.color.b = label.color.a = 1.0
+    label.text = f"{text[:60]} ({relevancy:.2f})"
+    return [sphere, label]
+
+
+def training_status_msg(status, state_name: str, header: Header, frames_received: int,
+                        drops: Mapping[str, int], last_error: str = ""):
+    """Engine status + node counters -> ``lerf_ros/msg/TrainingStatus``.
+
+    ``status`` is the core's ``EngineStatus`` (step, keyframes, keyframes_pending, losses: name -> value,
+    rays_per_s, gpu_mem_allocated_mb, gpu_mem_peak_mb, last_error). ``drops`` maps a drop
+    reason to its count; ``last_error`` (the node's, e.g. a frame-handling error) wins over the engine's
+    when both are set and the engine's is empty.
+    """
+    from lerf_ros.msg import TrainingStatus
+
+    if state_name not in STATES:
+        raise ValueError(f"unknown training state {state_name!r}; known: {sorted(STATES)}")
+    msg = TrainingStatus()
+    msg.header = header
+    msg.state = STATES[state_name]
+    msg.state_name = state_name
+    msg.step = int(status.step)
+    msg.keyframes = int(status.keyframes)
+    msg.keyframes_pending = int(status.keyframes_pending)
+    msg.frames_received = int(frames_received)
+    reasons = sorted(drops)
+    msg.drop_reasons = reasons
+    msg.drop_counts = [int(drops[r]) for r in reasons]
+    msg.frames_dropped = int(sum(msg.drop_counts))
+    losses = dict(status.losses)
+    msg.loss_names = list(losses)
+    msg.loss_values = [float(v) for v in losses.values()]
+    msg.rays_per_second = float(status.rays_per_s)
+    msg.gpu_memory_allocated_mb = float(status.gpu_mem_allocated_mb)
+    msg.gpu_memory_peak_mb = float(status.gpu_mem_peak_mb)
+    msg.last_error = str(status.last_error or last_error or "")
+    return msg

@@ -1,0 +1,131 @@
+"""numpy <-> PointCloud2 / Marker / TrainingStatus conversions, on hand-built messages (no rclpy.init)."""
+
+import struct
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from sensor_msgs.msg import PointCloud2, PointField
+from std_msgs.msg import Header
+from visualization_msgs.msg import Marker
+
+from lerf_ros.ros import messages
+
+
+def _header():
+    return Header(frame_id="map")
+
+
+def test_rgb_packing_matches_rviz_layout():
+    packed = messages.pack_rgb(np.array([[255, 0, 0], [0, 128, 1]], np.uint8))
+    bits = packed.view("<u4")
+    assert bits.tolist() == [0x00FF0000, 0x00008001]
+    assert messages.unpack_rgb(packed).tolist() == [[255, 0, 0], [0, 128, 1]]
+
+
+def test_cloud_round_trip_and_layout():
+    rng = np.random.default_rng(0)
+    xyz = rng.normal(size=(7, 3)).astype(np.float32)
+    rel = rng.uniform(size=7).astype(np.float32)
+    rgb = rng.integers(0, 256, size=(7, 3)).astype(np.uint8)
+    msg = messages.cloud_to_msg(xyz, rel, rgb, _header())
+    assert [f.name for f in msg.fields] == ["x", "y", "z", "relevancy", "rgb"]
+    assert [f.offset for f in msg.fields] == [0, 4, 8, 12, 16]
+    assert all(f.datatype == PointField.FLOAT32 and f.count == 1 for f in msg.fields)
+    assert (msg.height, msg.width, msg.point_step, msg.row_step) == (1, 7, 20, 140)
+    assert len(msg.data) == 140
+    # Point 3's bytes, decoded by hand.
+    x, y, z, r, c = struct.unpack_from("<5f", bytes(msg.data), 3 * 20)
+    assert (x, y, z, r) == (xyz[3, 0], xyz[3, 1], xyz[3, 2], rel[3])
+    r8, g8, b8 = (int(v) for v in rgb[3])
+    assert struct.unpack("<I", struct.pack("<f", c))[0] == (r8 << 16) | (g8 << 8) | b8
+    xyz2, rel2, rgb2 = messages.msg_to_cloud(msg)
+    np.testing.assert_array_equal(xyz2, xyz)
+    np.testing.assert_array_equal(rel2, rel)
+    np.testing.assert_array_equal(rgb2, rgb)
+
+
+def test_decoder_reads_foreign_layout_with_padding_and_order():
+    # rgb first, padding to 32 bytes per point, two rows with row padding: what another driver might send.
+    msg = PointCloud2(height=2, width=2, point_step=32, row_step=72, is_bigendian=False)
+    names_offsets = [("rgb", 0), ("x", 8), ("y", 12), ("z", 16), ("relevancy", 24)]
+    msg.fields = [PointField(name=n, offset=o, datatype=PointField.FLOAT32, count=1)
+                  for n, o in names_offsets]
+    data = bytearray(144)
+    for i in range(4):
+        row, col = divmod(i, 2)
+        base = row * 72 + col * 32
+        struct.pack_into("<I", data, base, 0x000A0B0C + i)
+        struct.pack_into("<3f", data, base + 8, i, 10 + i, 20 + i)
+        struct.pack_into("<f", data, base + 24, 0.25 * i)
+    msg.data = bytes(data)
+    xyz, rel, rgb = messages.msg_to_cloud(msg)
+    assert xyz.tolist() == [[i, 10 + i, 20 + i] for i in range(4)]
+    assert rel.tolist() == [0.0, 0.25, 0.5, 0.75]
+    assert rgb[:, 2].tolist() == [0x0C, 0x0D, 0x0E, 0x0F]
+
+
+def test_decoder_rejects_bad_layouts():
+    good = messages.cloud_to_msg(np.zeros((2, 3)), np.zeros(2), np.zeros((2, 3)), _header())
+    missing = messages.cloud_to_msg(np.zeros((2, 3)), np.zeros(2), np.zeros((2, 3)), _header())
+    missing.fields = missing.fields[:4]
+    with pytest.raises(ValueError, match="lacks field 'rgb'"):
+        messages.msg_to_cloud(missing)
+    short = messages.cloud_to_msg(np.zeros((2, 3)), np.zeros(2), np.zeros((2, 3)), _header())
+    short.data = bytes(good.data)[:-4]
+    with pytest.raises(ValueError, match="bytes"):
+        messages.msg_to_cloud(short)
+    with pytest.raises(ValueError, match="disagree"):
+        messages.cloud_to_msg(np.zeros((2, 3)), np.zeros(3), np.zeros((2, 3)), _header())
+
+
+def test_empty_cloud_has_fields_and_no_points():
+    msg = messages.empty_cloud(_header())
+    assert msg.width == 0 and len(msg.fields) == 5 and len(msg.data) == 0
+    xyz, rel, rgb = messages.msg_to_cloud(msg)
+    assert xyz.shape == (0, 3) and rel.shape == (0,) and rgb.shape == (0, 3)
+
+
+def test_target_marker_sphere_and_text():
+    sphere, label = messages.target_marker(np.array([1.0, -2.0, 0.5]), "red box", 0.8, 0.3, _header(), True)
+    assert sphere.type == Marker.SPHERE and sphere.action == Marker.ADD
+    assert (sphere.pose.position.x, sphere.pose.position.y, sphere.pose.position.z) == (1.0, -2.0, 0.5)
+    assert sphere.scale.x == pytest.approx(0.3)
+    assert sphere.header.frame_id == "map" and (sphere.id, label.id) == (0, 1)
+    assert label.type == Marker.TEXT_VIEW_FACING and label.text == "red box (0.80)"
+    assert label.pose.position.z == pytest.approx(0.5 + 0.15 + 0.1)
+    # Tiny and huge scales are clamped so the marker stays visible and does not swallow the room.
+    def diameter(scale_m):
+        return messages.target_marker(np.zeros(3), "x", 0.1, scale_m, _header(), False)[0].scale.x
+
+    assert diameter(1e-4) == pytest.approx(0.05)
+    assert diameter(7.0) == pytest.approx(1.0)
+
+
+def test_target_marker_without_location_deletes():
+    markers = messages.target_marker(None, "nothing", 0.0, 0.0, _header(), False)
+    assert [m.action for m in markers] == [Marker.DELETE, Marker.DELETE]
+
+
+def test_stamp_conversion():
+    stamp = messages.stamp_from_ns(12_345_000_000_123)
+    assert (stamp.sec, stamp.nanosec) == (12345, 123)
+    assert messages.stamp_to_ns(stamp) == 12_345_000_000_123
+
+
+def test_training_status_msg():
+    status = SimpleNamespace(step=42, keyframes=5, keyframes_pending=1, losses={"rgb": 0.5, "total": 0.7},
+                             rays_per_s=1234.5, gpu_mem_allocated_mb=0.0, gpu_mem_peak_mb=0.0,
+                             last_error=None)
+    msg = messages.training_status_msg(status, "training", _header(), 30, {"tf_missing": 2, "blurred": 3},
+                                       "tf_missing: no map")
+    assert (msg.state, msg.state_name, msg.step) == (1, "training", 42)
+    assert (msg.keyframes, msg.keyframes_pending) == (5, 1)
+    assert msg.frames_received == 30 and msg.frames_dropped == 5
+    assert list(msg.drop_reasons) == ["blurred", "tf_missing"] and list(msg.drop_counts) == [3, 2]
+    assert list(msg.loss_names) == ["rgb", "total"]
+    assert list(msg.loss_values) == pytest.approx([0.5, 0.7])
+    assert msg.rays_per_second == pytest.approx(1234.5)
+    assert msg.last_error == "tf_missing: no map"
+    with pytest.raises(ValueError, match="unknown training state"):
+        messages.training_status_msg(status, "sleeping", _header(), 0, {})
