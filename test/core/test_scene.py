@@ -186,3 +186,17 @@ def test_rig_decomposition_reproduces_poses(room):
         assert abs(path.T_odom_base[i][2, 3]) < 0.2 and path.T_odom_base[i][2, 2] > 0.98
     np.testing.assert_allclose(path.T_map_odom[0], np.eye(4), atol=1e-12)
     assert np.linalg.norm(path.T_map_odom[-1][:3, 3]) == pytest.approx(0.05 * np.hypot(1, 0.5))
+
+
+def test_surface_points_project_back_to_their_pixels(room):
+    # Agreement with the core's camera model: the traced surface point of pixel (u, v) projects
+    # to (u, v) at z = rendered depth.
+    from lerf_ros.core.camera import project_points
+
+    intr = default_intrinsics(40, 30)
+    T = orbit_trajectory(room, 7)[3]
+    depth, _, points, _ = room.trace(T, intr)
+    uv, z = project_points(points.reshape(-1, 3), T, intr)
+    v, u = np.mgrid[0:30, 0:40]
+    np.testing.assert_allclose(uv, np.stack([u.ravel(), v.ravel()], 1), atol=1e-6)
+    np.testing.assert_allclose(z, depth.ravel(), atol=1e-9)
