@@ -32,7 +32,9 @@ ENCODINGS: dict[str, tuple[str, int]] = {
     "32FC1": ("f4", 1),
 }
 #: Channel order that turns each colour encoding into RGB.
-_TO_RGB: dict[str, list[int]] = {"rgb8": [0, 1, 2], "bgr8": [2, 1, 0], "rgba8": [0, 1, 2], "bgra8": [2, 1, 0]}
+_TO_RGB: dict[str, slice] = {
+    "rgb8": slice(0, 3), "bgr8": slice(None, None, -1), "rgba8": slice(0, 3), "bgra8": slice(2, None, -1),
+}
 _MILLIMETRE_ENCODINGS = ("16UC1", "mono16")
 #: compressed_depth_image_transport's ConfigHeader: int32 format, float32 depthParam[2].
 _DEPTH_HEADER = struct.Struct("<iff")
@@ -85,12 +87,8 @@ def _data_as_uint8(data) -> np.ndarray:
         return np.asarray(data, dtype=np.uint8).reshape(-1)
 
 
-def image_to_numpy(msg) -> np.ndarray:
-    """sensor_msgs/Image -> (H, W) or (H, W, C) array in native byte order (a fresh copy).
-
-    dtype follows the encoding: uint8 (rgb8, bgr8, rgba8, bgra8, mono8), uint16 (mono16, 16UC1),
-    float32 (32FC1). Channels keep the message's order (bgr8 stays BGR; see ``image_to_rgb``).
-    """
+def _strided_view(msg) -> np.ndarray:
+    """Validated (H, W, C) view over the message buffer in the message's byte order (no copy)."""
     kind, channels = _lookup_encoding(msg.encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
@@ -108,26 +106,40 @@ def image_to_numpy(msg) -> np.ndarray:
             f"image data has {buf.size} bytes but height {height} x step {step} = {height * step}"
         )
     dtype = np.dtype(kind).newbyteorder(">" if msg.is_bigendian else "<")
-    # One strided view over the whole buffer: rows `step` apart, the row padding is never read.
-    view = np.ndarray(
+    # Rows `step` bytes apart: the row padding is never read.
+    return np.ndarray(
         shape=(height, width, channels), dtype=dtype, buffer=buf,
         strides=(step, itemsize * channels, itemsize),
     )
-    out = view.astype(dtype.newbyteorder("="), copy=True)
-    return out[..., 0] if channels == 1 else out
+
+
+def image_to_numpy(msg) -> np.ndarray:
+    """sensor_msgs/Image -> (H, W) or (H, W, C) array in native byte order (a fresh copy).
+
+    dtype follows the encoding: uint8 (rgb8, bgr8, rgba8, bgra8, mono8), uint16 (mono16, 16UC1),
+    float32 (32FC1). Channels keep the message's order (bgr8 stays BGR; see ``image_to_rgb``).
+    """
+    view = _strided_view(msg)
+    out = view.astype(view.dtype.newbyteorder("="), copy=True)
+    return out[..., 0] if out.shape[2] == 1 else out
 
 
 def image_to_rgb(msg) -> np.ndarray:
-    """Colour or mono8 sensor_msgs/Image -> (H, W, 3) uint8 RGB (alpha dropped, mono8 repeated)."""
+    """Colour or mono8 sensor_msgs/Image -> (H, W, 3) uint8 RGB, a fresh writeable copy.
+
+    Alpha is dropped, mono8 repeated into three channels.
+    """
     if msg.encoding == "mono8":
-        return np.repeat(image_to_numpy(msg)[..., None], 3, axis=2)
+        return np.repeat(_strided_view(msg), 3, axis=2)
     if msg.encoding not in _TO_RGB:
         _lookup_encoding(msg.encoding)  # unknown encodings get the generic message
         raise ValueError(
             f"image encoding {msg.encoding!r} is not a colour encoding; "
             f"image_to_rgb accepts {', '.join([*_TO_RGB, 'mono8'])}"
         )
-    return np.ascontiguousarray(image_to_numpy(msg)[..., _TO_RGB[msg.encoding]])
+    # Basic slicing keeps a view, so the reorder and the copy happen in one pass; always a copy,
+    # never an alias of the message buffer.
+    return np.array(_strided_view(msg)[..., _TO_RGB[msg.encoding]], order="C", copy=True)
 
 
 def depth_to_metres(msg) -> np.ndarray:

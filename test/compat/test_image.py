@@ -92,6 +92,18 @@ def test_depth_to_metres_rules():
         depth_to_metres(numpy_to_image(SAMPLES["rgb8"], "rgb8", ros=False))
 
 
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8", "mono8"])
+def test_outputs_are_writeable_copies_not_aliases(encoding):
+    arr = SAMPLES[encoding]
+    for data in (arr.tobytes(), np.frombuffer(arr.tobytes(), np.uint8).copy()):
+        msg = PlainImage(height=3, width=5, encoding=encoding, is_bigendian=0,
+                         step=bytes_per_pixel(encoding) * 5, data=data)
+        for out in (image_to_rgb(msg), image_to_numpy(msg)):
+            assert out.flags.writeable and out.flags.c_contiguous
+            if isinstance(data, np.ndarray):
+                assert not np.shares_memory(out, data)
+
+
 def test_image_to_rgb_channel_orders():
     px = np.array([[[10, 20, 30, 40]]], dtype=np.uint8)
     assert image_to_rgb(numpy_to_image(px, "bgra8", ros=False)).tolist() == [[[30, 20, 10]]]
