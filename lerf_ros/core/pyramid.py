@@ -1,0 +1,326 @@
+"""Multi-scale CLIP crop pyramid per keyframe (LERF §3.2), built one keyframe at a time.
+
+For each tile size (a fraction of the image height), square crops on a regular grid are resized to
+the encoder's input size, encoded in batches and stored (fp16) as a (gh, gw, D) grid per level.
+A ray's target embedding is bilinear between the four neighbouring crop centres of a level and
+linear between the two levels nearest in tile size, renormalised. The language scale in metres
+of a tile is ``tile_frac * image_height * depth_m / fy`` (its extent at the ray's depth).
+
+Pixel convention as ``core/camera.py``: (u, v) = (column, row), pixel centres at integers; a crop
+covering pixels a .. a + k − 1 is centred at a + (k − 1) / 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dense_features import KeyframeFeatureStore, bilinear_corners, canonical_image_bytes, image_to_tensor
+from .encoders.base import VisionLanguageEncoder, checked_encode_images
+
+STATE_FORMAT = "lerf_ros.clip_pyramid/1"
+
+
+@dataclass(frozen=True)
+class PyramidConfig:
+    """Crop pyramid settings (all part of the cache key).
+
+    tile_fracs:     tile sizes as fractions of image height, strictly increasing (LERF: 7, 0.05 to 0.5)
+    stride_ratios:  stride / tile size at the two ends of ``stride_ramp``; in between linear. LERF's
+                    crops do not overlap at the smallest size and overlap by half from 0.15 up.
+    stride_ramp:    tile fractions where the stride ratio goes from stride_ratios[0] to [1]
+    batch_size:     crops per encode call
+    dtype:          storage dtype of the embeddings ("float16", "bfloat16" or "float32")
+    """
+
+    tile_fracs: tuple[float, ...] = (0.05, 0.125, 0.2, 0.275, 0.35, 0.425, 0.5)
+    stride_ratios: tuple[float, float] = (1.0, 0.5)
+    stride_ramp: tuple[float, float] = (0.05, 0.15)
+    batch_size: int = 64
+    dtype: str = "float16"
+
+    def validate(self) -> PyramidConfig:
+        f = self.tile_fracs
+        if len(f) < 1 or any(not (0 < x <= 1) for x in f) or any(b <= a for a, b in itertools.pairwise(f)):
+            raise ValueError(f"tile_fracs must be strictly increasing in (0, 1], got {f}")
+        if len(self.stride_ratios) != 2 or any(not (0 < r <= 1) for r in self.stride_ratios):
+            raise ValueError(f"stride_ratios must be two values in (0, 1], got {self.stride_ratios}")
+        if len(self.stride_ramp) != 2 or not (self.stride_ramp[0] < self.stride_ramp[1]):
+            raise ValueError(f"stride_ramp must be (lo, hi) with lo < hi, got {self.stride_ramp}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class Level:
+    """Crop grid of one tile size on an H x W image: crop (i, j) starts at (y_start + i s, x_start + j s)."""
+
+    tile_px: int
+    stride_px: int
+    x_start: int
+    y_start: int
+    nx: int
+    ny: int
+
+    @property
+    def centre0(self) -> tuple[float, float]:
+        """(u, v) of crop (0, 0)'s centre."""
+        half = (self.tile_px - 1) / 2.0
+        return self.x_start + half, self.y_start + half
+
+
+def level_grid(tile_frac: float, height: int, width: int, config: PyramidConfig) -> Level:
+    """Crop grid of one tile size: integer tile and stride, crops inside the image, grid centred."""
+    k = max(1, min(round(tile_frac * height), height, width))
+    ratio = float(np.interp(tile_frac, config.stride_ramp, config.stride_ratios))
+    s = max(1, round(k * ratio))
+    nx, ny = (width - k) // s + 1, (height - k) // s + 1
+    return Level(k, s, (width - k - (nx - 1) * s) // 2, (height - k - (ny - 1) * s) // 2, nx, ny)
+
+
+def metric_scale(tile_frac, image_height: int, fy: float, depth_m):
+    """Language scale in metres of a tile: its extent ``tile_frac * image_height`` pixels at depth_m."""
+    return tile_frac * image_height * depth_m / fy
+
+
+class ClipPyramid:
+    """Per-keyframe multi-scale CLIP embeddings, added incrementally and sampled per ray."""
+
+    def __init__(self, encoder: VisionLanguageEncoder, config: PyramidConfig | None = None, device="cpu"):
+        self.encoder = encoder
+        self.config = (config or PyramidConfig()).validate()
+        self.device = torch.device(device)
+        self.dim = int(encoder.dim)
+        self.fracs = torch.tensor(self.config.tile_fracs, dtype=torch.float32, device=self.device)
+        self.store = KeyframeFeatureStore(self.dim, getattr(torch, self.config.dtype), self.device)
+        self._keys: dict[int, str] = {}
+        self._geometry: dict[tuple[int, int], tuple[list[Level], dict[str, Tensor]]] = {}
+
+    # ---- layout ---------------------------------------------------------------------------------
+
+    def levels(self, height: int, width: int) -> list[Level]:
+        """Crop grids of all tile sizes for an image size."""
+        return self._layout(height, width)[0]
+
+    def _layout(self, height: int, width: int) -> tuple[list[Level], dict[str, Tensor]]:
+        key = (int(height), int(width))
+        if key not in self._geometry:
+            levels = [level_grid(f, key[0], key[1], self.config) for f in self.config.tile_fracs]
+            cells = [lv.nx * lv.ny for lv in levels]
+
+            def col(values, dtype=torch.float32):
+                return torch.tensor(values, dtype=dtype, device=self.device)
+
+            geo = {
+                "u0": col([lv.centre0[0] for lv in levels]),
+                "v0": col([lv.centre0[1] for lv in levels]),
+                "stride": col([float(lv.stride_px) for lv in levels]),
+                "nx": col([lv.nx for lv in levels], torch.long),
+                "ny": col([lv.ny for lv in levels], torch.long),
+                "offset": col(np.concatenate([[0], np.cumsum(cells)[:-1]]).tolist(), torch.long),
+            }
+            self._geometry[key] = (levels, geo)
+        return self._geometry[key]
+
+    # ---- building -------------------------------------------------------------------------------
+
+    def cache_key(self, image) -> str:
+        """sha256 of encoder name + crop settings + frame content: a cached pyramid is valid iff equal."""
+        (h, w), data = canonical_image_bytes(image)
+        settings = json.dumps({"encoder": self.encoder.name, "config": asdict(self.config)}, sort_keys=True)
+        digest = hashlib.sha256(settings.encode())
+        digest.update(f"{h}x{w}".encode())
+        digest.update(data)
+        return digest.hexdigest()
+
+    def compute(self, image) -> tuple[tuple[int, int], Tensor]:
+        """Encode all crops of one image -> ((H, W), (cells, D) unit embeddings, levels concatenated).
+
+        Heavy (the encoder runs here); touches no shared state, so a worker may call it without locks.
+        """
+        img = image_to_tensor(image, self.device)
+        _, H, W = img.shape
+        levels, _ = self._layout(H, W)
+        s = self.encoder.input_size
+        out = []
+        with torch.no_grad():
+            for lv in levels:
+                k, st = lv.tile_px, lv.stride_px
+                region = img[
+                    :,
+                    lv.y_start : lv.y_start + (lv.ny - 1) * st + k,
+                    lv.x_start : lv.x_start + (lv.nx - 1) * st + k,
+                ]
+                crops = region.unfold(1, k, st).unfold(2, k, st)  # (3, ny, nx, k, k), a view
+                crops = crops.permute(1, 2, 0, 3, 4).reshape(lv.ny * lv.nx, 3, k, k)
+                for b in range(0, crops.shape[0], self.config.batch_size):
+                    batch = crops[b : b + self.config.batch_size]
+                    if k != s:
+                        batch = F.interpolate(
+                            batch, size=(s, s), mode="bilinear", align_corners=False, antialias=k > s
+                        )
+                    out.append(checked_encode_images(self.encoder, batch.clamp(0.0, 1.0)).float())
+        return (int(H), int(W)), torch.cat(out)
+
+    def insert(self, kf_id: int, size: tuple[int, int], grid: Tensor, key: str = "") -> None:
+        """Store a computed grid (from ``compute``) for kf_id; cheap, takes the store lock."""
+        levels, _ = self._layout(*size)
+        cells = sum(lv.nx * lv.ny for lv in levels)
+        if tuple(grid.shape) != (cells, self.dim):
+            raise ValueError(
+                f"pyramid grid for {size} must be ({cells}, {self.dim}), got {tuple(grid.shape)}"
+            )
+        with self.store.lock:
+            self.store.put(kf_id, tuple(size), grid)
+            self._keys[int(kf_id)] = key
+
+    def add(self, kf_id: int, image) -> str:
+        """Encode and store one keyframe ((H, W, 3) uint8 or (3, H, W) tensor); returns its cache key."""
+        key = self.cache_key(image)
+        size, grid = self.compute(image)
+        self.insert(kf_id, size, grid, key)
+        return key
+
+    def ready(self, kf_id: int) -> bool:
+        return self.store.contains(kf_id)
+
+    def remove(self, kf_id: int) -> bool:
+        with self.store.lock:
+            self._keys.pop(int(kf_id), None)
+            return self.store.remove(kf_id)
+
+    def keyframe_ids(self) -> list[int]:
+        return self.store.ids()
+
+    def level_embeddings(self, kf_id: int, level: int) -> Tensor:
+        """(gh, gw, D) float32 stored embeddings of one level of one keyframe (a copy)."""
+        with self.store.lock:
+            size = self.store.layout(kf_id)
+            grid = self.store.grid(kf_id)
+        levels = self._layout(*size)[0]
+        start = sum(lv.nx * lv.ny for lv in levels[:level])
+        lv = levels[level]
+        return grid[start : start + lv.nx * lv.ny].float().reshape(lv.ny, lv.nx, self.dim)
+
+    def key(self, kf_id: int) -> str | None:
+        """Cache key the keyframe's pyramid was built with (None if absent)."""
+        return self._keys.get(int(kf_id))
+
+    # ---- sampling -------------------------------------------------------------------------------
+
+    def random_tile_frac(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """(n,) tile fractions uniform between the smallest and largest tile size, on self.device."""
+        dev = generator.device if generator is not None else self.device
+        t = torch.rand(n, generator=generator, device=dev).to(self.device)
+        lo, hi = self.config.tile_fracs[0], self.config.tile_fracs[-1]
+        return lo + (hi - lo) * t
+
+    def _sample_level(self, geo, level: Tensor, uv: Tensor, lay: tuple, slots: Tensor) -> Tensor:
+        stride = geo["stride"][level]
+        gx = (uv[:, 0] - geo["u0"][level]) / stride
+        gy = (uv[:, 1] - geo["v0"][level]) / stride
+        idx, w = bilinear_corners(gx, gy, geo["nx"][level], geo["ny"][level])
+        cells = idx + geo["offset"][level].unsqueeze(1)
+        return (self.store.gather(lay, slots, cells) * w.unsqueeze(2)).sum(dim=1)
+
+    def sample(self, kf_ids: Tensor, uv: Tensor, tile_frac: Tensor) -> Tensor:
+        """Target embeddings for rays.
+
+        kf_ids (R,) long; uv (R, 2) pixels (column, row); tile_frac (R,) (clamped to the config range)
+        Returns (R, D) float32 unit vectors.
+        """
+        r = kf_ids.reshape(-1).shape[0]
+        if uv.shape != (r, 2) or tile_frac.reshape(-1).shape[0] != r:
+            raise ValueError(
+                f"uv must be ({r}, 2) and tile_frac ({r},), got {tuple(uv.shape)}, {tuple(tile_frac.shape)}"
+            )
+        uv = uv.to(self.device, torch.float32)
+        f = (
+            tile_frac.to(self.device, torch.float32)
+            .reshape(-1)
+            .clamp(float(self.fracs[0]), float(self.fracs[-1]))
+        )
+        n_lv = self.fracs.numel()
+        lo = (torch.searchsorted(self.fracs, f, right=True) - 1).clamp(0, max(n_lv - 2, 0))
+        hi = (lo + 1).clamp(max=n_lv - 1)
+        span = self.fracs[hi] - self.fracs[lo]
+        t = torch.where(span > 0, (f - self.fracs[lo]) / torch.where(span > 0, span, 1.0), 0.0)
+        out = torch.zeros(r, self.dim, device=self.device)
+        with self.store.lock:
+            lay_idx, slots, layouts = self.store.lookup(kf_ids)
+            for li, lay in enumerate(layouts):
+                m = lay_idx == li
+                if not bool(m.any()):
+                    continue
+                _, geo = self._layout(*lay)
+                e_lo = self._sample_level(geo, lo[m], uv[m], lay, slots[m])
+                e_hi = self._sample_level(geo, hi[m], uv[m], lay, slots[m])
+                tm = t[m].unsqueeze(1)
+                out[m] = (1 - tm) * e_lo + tm * e_hi
+        return F.normalize(out, dim=1)
+
+    # ---- persistence ----------------------------------------------------------------------------
+
+    def _meta(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "encoder_name": self.encoder.name,
+            "dim": self.dim,
+            "input_size": int(self.encoder.input_size),
+            "config": json.loads(json.dumps(asdict(self.config))),
+        }
+
+    def state_dict(self) -> dict:
+        """Plain values + CPU tensors: {format, encoder_name, dim, input_size, config, keyframes}."""
+        with self.store.lock:
+            kfs = {
+                k: {
+                    "size": list(self.store.layout(k)),
+                    "key": self._keys.get(k, ""),
+                    "grid": self.store.grid(k).cpu(),
+                }
+                for k in self.store.ids()
+            }
+        return {**self._meta(), "keyframes": kfs}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the contents with a saved state; ValueError (nothing changed) on any mismatch."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a CLIP pyramid state (format {got!r}, expected {STATE_FORMAT!r})")
+        mine = self._meta()
+        for field in ("encoder_name", "dim", "input_size", "config"):
+            if state.get(field) != mine[field]:
+                raise ValueError(
+                    f"pyramid {field} mismatch: saved {state.get(field)!r}, current {mine[field]!r}"
+                )
+        fresh = KeyframeFeatureStore(self.dim, self.store.dtype, self.device)
+        keys: dict[int, str] = {}
+        for kf_id, entry in dict(state.get("keyframes", {})).items():
+            try:
+                size = (int(entry["size"][0]), int(entry["size"][1]))
+                grid, key = entry["grid"], str(entry["key"])
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise ValueError(f"pyramid entry for keyframe {kf_id!r} is malformed: {exc}") from exc
+            cells = sum(lv.nx * lv.ny for lv in self._layout(*size)[0])
+            if not isinstance(grid, Tensor) or tuple(grid.shape) != (cells, self.dim):
+                shape = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
+                raise ValueError(
+                    f"pyramid grid of keyframe {kf_id}: shape {shape}, expected ({cells}, {self.dim})"
+                )
+            if not torch.isfinite(grid.float()).all():
+                raise ValueError(f"pyramid grid of keyframe {kf_id} is not finite")
+            fresh.put(int(kf_id), size, grid)
+            keys[int(kf_id)] = key
+        with self.store.lock:
+            self.store, self._keys = fresh, keys
