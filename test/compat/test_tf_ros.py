@@ -223,3 +223,45 @@ def test_factory_picks_real_tf2_when_importable(ros):
         close_tf_listener(listener)
     with pytest.raises(ValueError, match="cache_time_s"):
         make_tf_buffer(node, cache_time_s=-1.0)
+
+
+def test_real_tf2_ros_path_with_stand_in_module(monkeypatch):
+    """Where tf2_ros imports, its classes are exported and the substitute raises them."""
+    import importlib.util
+    import types
+
+    import lerf_ros.compat.tf as tf_module
+
+    fake = types.ModuleType("tf2_ros")
+
+    class TransformException(Exception):
+        pass
+
+    for name in ("LookupException", "ConnectivityException", "ExtrapolationException",
+                 "InvalidArgumentException"):
+        setattr(fake, name, type(name, (TransformException,), {}))
+    fake.TransformException = TransformException
+    fake.Buffer = lambda cache_time=None, node=None: ("Buffer", stamp_to_ns(cache_time), node)
+    fake.TransformListener = lambda buffer, node, spin_thread=False: types.SimpleNamespace(
+        args=(buffer, node, spin_thread), unregister=lambda: None)
+    monkeypatch.setitem(__import__("sys").modules, "tf2_ros", fake)
+    spec = importlib.util.spec_from_file_location("tf_with_stand_in", tf_module.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    assert mod.HAVE_TF2_ROS and mod.LookupException is fake.LookupException
+    assert mod.TF_ERRORS == (fake.LookupException, fake.ConnectivityException, fake.ExtrapolationException)
+    buf = mod.TfBufferSubstitute()
+    for m in STATIC:
+        buf.set_transform_static(m, "test")
+    buf.set_transform(DYNAMIC[2], "test")
+    with pytest.raises(fake.LookupException):
+        buf.lookup_transform("map", "nowhere", Time())
+    with pytest.raises(fake.ExtrapolationException, match="extrapolation"):
+        mod.lookup_matrix(buf, "odom", OPT, 9 * S)
+    buf.set_transform_static(tf_msg("world", "island", (0, 0, 0), (0, 0, 0, 1), 0), "test")
+    with pytest.raises(fake.ConnectivityException):
+        buf.lookup_transform("island", OPT, Time())
+    buffer, listener, is_real = mod.make_tf_buffer("node", cache_time_s=2.5)
+    assert is_real and buffer == ("Buffer", int(2.5 * S), "node")
+    assert listener.args == (buffer, "node", False)
