@@ -23,7 +23,7 @@ BAD_DEPTH = "bad_depth"
 SIZE_MISMATCH = "size_mismatch"
 BAD_INTRINSICS = "bad_intrinsics"
 TF_MISSING = "tf_missing"
-TF_FUTURE = "tf_future"
+TF_EXTRAPOLATION = "tf_extrapolation"
 BAD_TRANSFORM = "bad_transform"
 QUEUE_FULL = "queue_full"
 BAD_FRAME = "bad_frame"
@@ -147,8 +147,9 @@ def lookup_pose(lookup: Callable[[str, str, int, float], np.ndarray], world_fram
 
     lookup:     (target, source, stamp_ns, timeout_s) -> (4, 4) T_target_source; raises TF errors.
     exceptions: the TF exception classes (``lerf_ros.compat.tf``): ``ExtrapolationException`` means the
-                data exists at other times only ("tf_future": e.g. a stamp newer than the last TF even after
-                waiting); any other ``TransformException`` means the chain is missing ("tf_missing").
+                chain exists but not at this stamp ("tf_extrapolation": TF only in the future of the image,
+                or still behind it after waiting); any other ``TransformException`` means the chain is
+                missing ("tf_missing").
     A non-finite or non-rigid result is "bad_transform".
     """
     from lerf_ros.core.transforms import validate_rigid
@@ -156,7 +157,7 @@ def lookup_pose(lookup: Callable[[str, str, int, float], np.ndarray], world_fram
     try:
         T = lookup(world_frame, camera_frame, stamp_ns, timeout_s)
     except exceptions.ExtrapolationException as exc:
-        return None, TF_FUTURE, str(exc)
+        return None, TF_EXTRAPOLATION, str(exc)
     except exceptions.TransformException as exc:
         return None, TF_MISSING, str(exc)
     try:
