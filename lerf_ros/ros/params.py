@@ -1,0 +1,297 @@
+"""The nodes' parameters, declared once: name, type, default, description, bounds.
+
+``PARAMETERS`` is the single table. ``declare_parameters`` turns it into ``ParameterDescriptor``s on a
+node; ``resolve`` maps plain values (from a node, a YAML file or a test) onto the core's frozen configs
+with ``dataclasses.replace`` on the chosen preset. Everything except ``declare_parameters`` /
+``read_parameters`` is ROS-free, so the mapping is tested without ``rclpy.init()``.
+
+Numeric defaults marked ``PRESET`` come from the chosen preset (``make_preset(preset)``): the node declares
+``preset`` first, then the rest with the preset's values as their defaults, so ``ros2 param describe``
+shows the value actually in use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lerf_ros.core.presets import make_preset
+
+#: Marks a default taken from the preset's config (see the module docstring).
+PRESET = object()
+
+TRAINER = "trainer"
+QUERY = "query"
+BOTH = frozenset({TRAINER, QUERY})
+
+#: Node names; the YAML keys them (or ``/**`` for both) and tests address them.
+TRAINER_NODE_NAME = "lerf_trainer"
+QUERY_NODE_NAME = "lerf_query"
+
+
+class ParameterError(ValueError):
+    """A parameter value that stops start-up; the message names the parameter."""
+
+    def __init__(self, name: str, value: Any, reason: str):
+        super().__init__(f"parameter '{name}' = {value!r}: {reason}")
+        self.name = name
+        self.value = value
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: ``default`` fixes the type (bool, int, float or str) unless it is ``PRESET``."""
+
+    name: str
+    type: type
+    default: Any
+    description: str
+    nodes: frozenset = BOTH
+    range: tuple[float, float] | None = None  # inclusive
+    choices: tuple[str, ...] = ()
+    read_only: bool = True
+    preset_field: str | None = None  # "section.field" in EngineConfig for PRESET defaults
+
+
+_ENCODER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_FRAME_RE = re.compile(r"^[A-Za-z0-9_/.\-]+$")
+
+PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("preset", str, "tiny", "Core config preset: tiny (CPU tests), lite or default (GPU).",
+              choices=("tiny", "lite", "default")),
+    ParamSpec("device", str, "auto", "Torch device: auto picks cuda when torch.cuda.is_available().",
+              choices=("auto", "cuda", "cpu")),
+    ParamSpec("world_frame", str, "map", "Fixed frame of poses, the map, the cloud and the marker."),
+    ParamSpec("image_topic", str, "/camera/color/image_raw",
+              "RGB image topic (base name; '/compressed' is appended for image_transport=compressed).",
+              nodes=frozenset({TRAINER})),
+    ParamSpec("camera_info_topic", str, "/camera/color/camera_info", "CameraInfo of the RGB image.",
+              nodes=frozenset({TRAINER})),
+    ParamSpec("image_transport", str, "raw", "raw: sensor_msgs/Image; compressed: CompressedImage.",
+              nodes=frozenset({TRAINER}), choices=("raw", "compressed")),
+    ParamSpec("depth_topic", str, "", "Registered depth image (same stamps as the RGB); '' = no depth.",
+              nodes=frozenset({TRAINER})),
+    ParamSpec("tf_timeout_s", float, 0.2, "How long the ingest thread waits for T_world_cam at a stamp, s.",
+              nodes=frozenset({TRAINER}), range=(0.0, 10.0)),
+    ParamSpec("queue_size", int, 8, "Bounded ingest queue; when full the oldest frame is dropped.",
+              nodes=frozenset({TRAINER}), range=(1, 1000)),
+    ParamSpec("min_keyframes", int, PRESET, "Keyframes (with language targets) before training starts.",
+              nodes=frozenset({TRAINER}), range=(1, 10000), preset_field="ingest.min_keyframes"),
+    ParamSpec("max_image_side", int, PRESET, "Keyframes larger than this (px) are downsized; 0 = off.",
+              nodes=frozenset({TRAINER}), range=(0, 16384), preset_field="ingest.max_image_side"),
+    ParamSpec("max_steps", int, 0, "Training step budget; after it the trainer reports 'ready' (0 = none).",
+              nodes=frozenset({TRAINER}), range=(0, 1_000_000_000)),
+    ParamSpec("steps_per_tick", int, 10, "Training steps per worker tick (pause / stop checked between).",
+              nodes=frozenset({TRAINER}), range=(1, 10000)),
+    ParamSpec("max_keyframes", int, PRESET, "Memory bound of the keyframe store (oldest evicted).",
+              nodes=frozenset({TRAINER}), range=(2, 100000), preset_field="keyframes.max_keyframes"),
+    ParamSpec("keyframe_min_translation_m", float, PRESET, "Camera motion that makes a new keyframe, m.",
+              nodes=frozenset({TRAINER}), range=(1e-3, 100.0), preset_field="keyframes.min_translation_m"),
+    ParamSpec("keyframe_min_rotation_deg", float, PRESET, "Camera rotation that makes a new keyframe, deg.",
+              nodes=frozenset({TRAINER}), range=(1e-2, 180.0), preset_field="keyframes.min_rotation_deg"),
+    ParamSpec("keyframe_max_interval_s", float, PRESET, "Time after which a frame is a keyframe anyway, s.",
+              nodes=frozenset({TRAINER}), range=(1e-2, 3600.0), preset_field="keyframes.max_interval_s"),
+    ParamSpec("keyframe_blur_threshold", float, PRESET,
+              "Frames whose sharpness score is below this are rejected as blurred (0 = off).",
+              nodes=frozenset({TRAINER}), range=(0.0, 1.0e6), preset_field="keyframes.blur_threshold"),
+    ParamSpec("clip_encoder", str, "", "Vision-language encoder 'package.module:factory'; '' = preset's."),
+    ParamSpec("dino_encoder", str, "", "Dense encoder 'package.module:factory'; '' = preset's."),
+    ParamSpec("clip_checkpoint", str, "", "Local CLIP weights file for the OpenCLIP encoder; '' = none."),
+    ParamSpec("query_threshold", float, PRESET,
+              "Relevancy a target needs to count as found when a request's threshold is <= 0.",
+              range=(0.0, 1.0), read_only=False, preset_field="query.threshold"),
+    ParamSpec("max_query_chars", int, 1000, "Longer query texts are refused (found=false).",
+              nodes=frozenset({QUERY}), range=(1, 100000)),
+    ParamSpec("status_rate_hz", float, 2.0, "Rate of TrainingStatus on /lerf/status, Hz.",
+              nodes=frozenset({TRAINER}), range=(0.1, 100.0)),
+    ParamSpec("map_path", str, "",
+              "Query node: absolute map directory to answer from with no trainer ('' = live model).",
+              nodes=frozenset({QUERY})),
+)
+
+SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMETERS}
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """Node-side settings of the trainer (the core's part lives in ``EngineConfig``)."""
+
+    world_frame: str
+    image_topic: str
+    camera_info_topic: str
+    image_transport: str
+    depth_topic: str
+    tf_timeout_s: float
+    queue_size: int
+    max_steps: int
+    steps_per_tick: int
+    status_rate_hz: float
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    world_frame: str
+    map_path: str
+    threshold: float
+    max_query_chars: int
+
+
+@dataclass(frozen=True)
+class ResolvedParams:
+    """Everything the nodes need, validated: the core config, the device and node settings."""
+
+    engine: Any  # lerf_ros.core.presets.EngineConfig
+    device: str
+    trainer: TrainerSettings
+    query: QuerySettings
+    values: Mapping[str, Any]  # every parameter's effective value, by name
+
+
+def _get_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def preset_defaults(preset: str) -> dict[str, Any]:
+    """Every parameter's default with ``PRESET`` entries read from ``make_preset(preset)``."""
+    check_value(SPECS["preset"], preset)
+    config = make_preset(preset)
+    out = {}
+    for spec in PARAMETERS:
+        out[spec.name] = spec.type(_get_path(config, spec.preset_field)) if spec.default is PRESET \
+            else spec.default
+    out["preset"] = preset
+    return out
+
+
+def check_value(spec: ParamSpec, value: Any) -> Any:
+    """Return ``value`` coerced to ``spec.type`` (int -> float only); raise ParameterError otherwise."""
+    if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, spec.type) or (spec.type is int and isinstance(value, bool)):
+        raise ParameterError(spec.name, value, f"expected {spec.type.__name__}, got {type(value).__name__}")
+    if spec.type is float and not math.isfinite(value):
+        raise ParameterError(spec.name, value, "must be finite")
+    if spec.range is not None and not spec.range[0] <= value <= spec.range[1]:
+        raise ParameterError(spec.name, value, f"out of range [{spec.range[0]}, {spec.range[1]}]")
+    if spec.choices and value not in spec.choices:
+        raise ParameterError(spec.name, value, f"must be one of {list(spec.choices)}")
+    return value
+
+
+def _check_semantics(values: Mapping[str, Any]) -> None:
+    for name in ("clip_encoder", "dino_encoder"):
+        if values[name] and not _ENCODER_RE.match(values[name]):
+            raise ParameterError(name, values[name], "expected 'package.module:factory'")
+    if not _FRAME_RE.match(values["world_frame"]):
+        raise ParameterError("world_frame", values["world_frame"], "must be a non-empty frame id")
+    for name in ("image_topic", "camera_info_topic"):
+        if not values[name]:
+            raise ParameterError(name, values[name], "must not be empty")
+    for name in ("map_path", "clip_checkpoint"):
+        if values[name] and not values[name].startswith("/"):
+            # Relative paths would depend on the working directory of whoever started the node.
+            raise ParameterError(name, values[name], "must be an absolute path")
+
+
+def _encoder_spec(current: Any, target: str, checkpoint: str) -> Any:
+    """The preset's EncoderSpec, or ``target`` with no kwargs; ``checkpoint`` adds the weights-file kwarg."""
+    kwargs = current.kwargs_dict() if not target else {}
+    if checkpoint:
+        kwargs["checkpoint"] = checkpoint
+    return type(current).from_string(target or current.target, kwargs)
+
+
+def resolve(overrides: Mapping[str, Any] | None = None) -> ResolvedParams:
+    """Validate ``overrides`` (name -> value; missing names take their defaults) and build the configs.
+
+    Raises ParameterError naming the first bad parameter, or an unknown name.
+    """
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(SPECS))
+    if unknown:
+        raise ParameterError(unknown[0], overrides[unknown[0]], f"unknown parameter; known: {sorted(SPECS)}")
+    preset = check_value(SPECS["preset"], overrides.get("preset", SPECS["preset"].default))
+    values = preset_defaults(preset)
+    for name, value in overrides.items():
+        values[name] = check_value(SPECS[name], value)
+    _check_semantics(values)
+    if values["min_keyframes"] > values["max_keyframes"]:
+        raise ParameterError("min_keyframes", values["min_keyframes"],
+                             f"exceeds max_keyframes = {values['max_keyframes']}")
+
+    base = make_preset(preset)
+    keyframes = dataclasses.replace(
+        base.keyframes,
+        min_translation_m=values["keyframe_min_translation_m"],
+        min_rotation_deg=values["keyframe_min_rotation_deg"],
+        max_interval_s=values["keyframe_max_interval_s"],
+        blur_threshold=values["keyframe_blur_threshold"],
+        max_keyframes=values["max_keyframes"],
+    )
+    ingest = dataclasses.replace(base.ingest, min_keyframes=values["min_keyframes"],
+                                 max_image_side=values["max_image_side"])
+    engine = dataclasses.replace(
+        base,
+        keyframes=keyframes,
+        ingest=ingest,
+        query=dataclasses.replace(base.query, threshold=values["query_threshold"]),
+        clip_encoder=_encoder_spec(base.clip_encoder, values["clip_encoder"], values["clip_checkpoint"]),
+        dino_encoder=_encoder_spec(base.dino_encoder, values["dino_encoder"], ""),
+    )
+    trainer = TrainerSettings(**{f.name: values[f.name] for f in dataclasses.fields(TrainerSettings)})
+    query = QuerySettings(values["world_frame"], values["map_path"], values["query_threshold"],
+                          values["max_query_chars"])
+    return ResolvedParams(engine, values["device"], trainer, query, dict(values))
+
+
+# --- rclpy side -------------------------------------------------------------------------------------
+
+
+def descriptor(spec: ParamSpec):
+    """The spec as an ``rcl_interfaces/ParameterDescriptor`` (type, description, range, read_only)."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+
+    ptype = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+             float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING}[spec.type]
+    text = spec.description + (f" One of {list(spec.choices)}." if spec.choices else "")
+    desc = ParameterDescriptor(name=spec.name, type=ptype, description=text, read_only=spec.read_only)
+    if spec.choices:
+        desc.additional_constraints = "one of: " + ", ".join(spec.choices)
+    if spec.range is not None and spec.type is float:
+        desc.floating_point_range = [FloatingPointRange(
+            from_value=float(spec.range[0]), to_value=float(spec.range[1]), step=0.0)]
+    elif spec.range is not None and spec.type is int:
+        desc.integer_range = [IntegerRange(
+            from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=0)]
+    return desc
+
+
+def declare_and_resolve(node, role: str) -> ResolvedParams:
+    """Declare ``role``'s parameters on ``node`` and return them resolved; raise ParameterError.
+
+    ``preset`` is declared first so the other defaults can come from it. rclpy's own range check
+    (InvalidParameterValueException) is turned into a ParameterError naming the parameter.
+    """
+    from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+
+    def declare(spec: ParamSpec, default: Any) -> Any:
+        try:
+            return node.declare_parameter(spec.name, default, descriptor(spec)).value
+        except InvalidParameterValueException as exc:
+            raise ParameterError(spec.name, getattr(exc, "value", None), str(exc)) from exc
+        except InvalidParameterTypeException as exc:
+            raise ParameterError(spec.name, None, str(exc)) from exc
+
+    preset = declare(SPECS["preset"], SPECS["preset"].default)
+    defaults = preset_defaults(check_value(SPECS["preset"], preset))
+    values = {"preset": preset}
+    for spec in PARAMETERS:
+        if spec.name != "preset" and role in spec.nodes:
+            values[spec.name] = declare(spec, defaults[spec.name])
+    return resolve(values)

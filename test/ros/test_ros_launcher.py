@@ -1,0 +1,133 @@
+"""The no-`ros2 launch` starter: params YAML parsing, overrides, validation; the launch file's arguments."""
+
+import ast
+import pathlib
+import textwrap
+
+import pytest
+
+from lerf_ros.compat import launcher
+from lerf_ros.ros import params
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "config" / "lerf.yaml"
+LAUNCH = ROOT / "launch" / "lerf.launch.py"
+
+YAML = textwrap.dedent("""
+    /**:
+      ros__parameters:
+        world_frame: map
+        preset: tiny
+    lerf_trainer:
+      ros__parameters:
+        queue_size: 4
+        world_frame: odom
+    robot1:
+      lerf_query:
+        ros__parameters:
+          max_query_chars: 50
+    other_node:
+      ros__parameters:
+        queue_size: 99
+""")
+
+
+def test_parse_wildcard_node_and_namespaced_entries():
+    parsed = launcher.parse_params_yaml(YAML)
+    assert parsed["/**"] == {"world_frame": "map", "preset": "tiny"}
+    assert parsed["lerf_trainer"] == {"queue_size": 4, "world_frame": "odom"}
+    assert parsed["/robot1/lerf_query"] == {"max_query_chars": 50}
+    # The node's own entry wins over the wildcard; other nodes' entries are not applied.
+    assert launcher.params_for_node(parsed, "lerf_trainer") == {"world_frame": "odom", "preset": "tiny",
+                                                                "queue_size": 4}
+    assert launcher.params_for_node(parsed, "lerf_query") == {"world_frame": "map", "preset": "tiny"}
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "node: 3\n", "node:\n  something: {}\n",
+                                  "node:\n  ros__parameters: [1, 2]\n"])
+def test_parse_rejects_malformed_yaml(text):
+    with pytest.raises(ValueError):
+        launcher.parse_params_yaml(text)
+
+
+def test_set_values_are_typed_like_rcl_does():
+    assert launcher.parse_set("queue_size:=3") == ("queue_size", 3)
+    assert launcher.parse_set("tf_timeout_s:=0.5") == ("tf_timeout_s", 0.5)
+    assert launcher.parse_set("map_path:=") == ("map_path", "")
+    assert launcher.parse_set("clip_encoder:=a.b:make") == ("clip_encoder", "a.b:make")
+    with pytest.raises(ValueError, match="name:=value"):
+        launcher.parse_set("queue_size=3")
+
+
+def test_ros_args_pass_the_file_and_each_override():
+    args = launcher.ros_args("config/lerf.yaml", ["preset:=lite", "map_path:="])
+    assert args[:2] == ["--ros-args", "--params-file"]
+    assert args[2] == str(CONFIG)
+    assert args[3:] == ["-p", "preset:=lite", "-p", "map_path:=''"]
+
+
+def test_effective_params_of_the_shipped_config(tmp_path):
+    trainer = launcher.effective_params(str(CONFIG), ["preset:=lite"], params.TRAINER_NODE_NAME)
+    assert trainer["preset"] == "lite"  # --set wins over the YAML
+    assert trainer["image_topic"] == "/camera/color/image_raw"
+    assert "map_path" not in trainer
+    query = launcher.effective_params(str(CONFIG), [], params.QUERY_NODE_NAME)
+    assert query["map_path"] == "" and query["world_frame"] == "map"
+    # Every name in the shipped YAML is a declared parameter of the node it is given to.
+    for node, role in ((params.TRAINER_NODE_NAME, params.TRAINER), (params.QUERY_NODE_NAME, params.QUERY)):
+        for name in launcher.effective_params(str(CONFIG), [], node):
+            assert name in params.SPECS, name
+            if name not in launcher.parse_params_yaml(CONFIG.read_text())["/**"]:
+                assert role in params.SPECS[name].nodes, (node, name)
+
+
+def test_check_mode_accepts_the_shipped_config_and_rejects_bad_values(capsys):
+    assert launcher.main(["--params", str(CONFIG), "--check"]) == 0
+    assert launcher.main(["--params", str(CONFIG), "--set", "device:=tpu", "--check"]) == 2
+    assert "'device'" in capsys.readouterr().err
+    assert launcher.main(["--params", str(CONFIG), "--set", "queue_size:=0", "--mode", "trainer"]) == 2
+    assert "'queue_size'" in capsys.readouterr().err
+    assert launcher.main(["--params", str(CONFIG), "--set", "bogus:=1", "--check"]) == 2
+    assert launcher.main(["--params", "/nonexistent/lerf.yaml", "--check"]) == 2
+
+
+def _launch_tree():
+    return ast.parse(LAUNCH.read_text(), filename=str(LAUNCH))
+
+
+def test_launch_file_parses_and_declares_the_launchers_arguments():
+    tree = _launch_tree()
+    funcs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert "generate_launch_description" in funcs
+    names = None
+    for node in tree.body:
+        targets = [getattr(t, "id", "") for t in getattr(node, "targets", [])]
+        if isinstance(node, ast.Assign) and "LAUNCH_ARGUMENTS" in targets:
+            names = ast.literal_eval(node.value)
+    assert names == launcher.LAUNCH_ARGUMENTS
+    yaml_names = set()
+    for body in launcher.parse_params_yaml(CONFIG.read_text()).values():
+        yaml_names |= set(body)
+    for name in names:
+        assert name in params.SPECS, name  # every launch argument is a node parameter ...
+        assert name in yaml_names, name  # ... whose default lives in config/lerf.yaml
+        assert params.SPECS[name].type is str  # (the launch file passes them as strings)
+    # It starts the combined executable with the YAML.
+    src = LAUNCH.read_text()
+    assert 'executable="lerf_node"' in src and '"lerf.yaml"' in src
+
+
+def test_launch_defaults_come_from_the_yaml():
+    # Run the launch file's own YAML reader (it needs no `launch` package) on the shipped config.
+    tree = _launch_tree()
+    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_yaml_defaults")
+    namespace = {}
+    module = ast.fix_missing_locations(
+        ast.Module(body=[ast.Import(names=[ast.alias("yaml")]), func], type_ignores=[]))
+    exec(compile(module, str(LAUNCH), "exec"), namespace)
+    defaults = namespace["_yaml_defaults"](str(CONFIG))
+    trainer = launcher.effective_params(str(CONFIG), [], params.TRAINER_NODE_NAME)
+    query = launcher.effective_params(str(CONFIG), [], params.QUERY_NODE_NAME)
+    for name in launcher.LAUNCH_ARGUMENTS:
+        expected = trainer.get(name, query.get(name))
+        assert defaults[name] == expected, name

@@ -1,0 +1,163 @@
+"""The parameter table and its mapping onto the core configs: overrides and rejections.
+
+The mapping is pure (no rclpy.init); one test declares the table on a real node to check that rclpy's
+own range check and ours agree and that the error names the parameter.
+"""
+
+import math
+
+import pytest
+
+from lerf_ros.core.presets import make_preset
+from lerf_ros.ros import params
+from lerf_ros.ros.params import ParameterError, resolve
+
+
+def test_defaults_reproduce_the_preset_exactly():
+    for preset in ("tiny", "lite", "default"):
+        resolved = resolve({"preset": preset})
+        assert resolved.engine == make_preset(preset), preset
+        assert resolved.values["max_keyframes"] == make_preset(preset).keyframes.max_keyframes
+    resolved = resolve()
+    assert resolved.device == "auto"
+    assert resolved.trainer.world_frame == "map"
+    assert resolved.trainer.image_topic == "/camera/color/image_raw"
+    assert resolved.trainer.camera_info_topic == "/camera/color/camera_info"
+    assert resolved.query.threshold == make_preset("tiny").query.threshold
+
+
+def test_every_spec_is_well_formed():
+    names = [spec.name for spec in params.PARAMETERS]
+    assert len(names) == len(set(names))
+    defaults = params.preset_defaults("tiny")
+    for spec in params.PARAMETERS:
+        assert spec.description.strip(), spec.name
+        assert spec.nodes and spec.nodes <= params.BOTH, spec.name
+        assert (spec.default is params.PRESET) == (spec.preset_field is not None), spec.name
+        # Every default passes its own validation.
+        params.check_value(spec, defaults[spec.name])
+
+
+def test_overrides_land_in_the_core_configs():
+    r = resolve({
+        "keyframe_min_translation_m": 0.3, "keyframe_min_rotation_deg": 20,  # int accepted for a double
+        "keyframe_max_interval_s": 2.5, "keyframe_blur_threshold": 0.0, "max_keyframes": 17,
+        "min_keyframes": 4, "max_image_side": 128, "query_threshold": 0.61, "device": "cpu",
+        "world_frame": "odom", "tf_timeout_s": 0.5, "queue_size": 3, "max_steps": 500,
+        "clip_encoder": "lerf_ros.core.encoders.demo:colour_name_encoder",
+    })
+    kf = r.engine.keyframes
+    assert (kf.min_translation_m, kf.min_rotation_deg, kf.max_interval_s) == (0.3, 20.0, 2.5)
+    assert isinstance(kf.min_rotation_deg, float)
+    assert (kf.blur_threshold, kf.max_keyframes) == (0.0, 17)
+    assert (r.engine.ingest.min_keyframes, r.engine.ingest.max_image_side) == (4, 128)
+    assert r.engine.query.threshold == 0.61 and r.query.threshold == 0.61
+    assert r.engine.clip_encoder.target == "lerf_ros.core.encoders.demo:colour_name_encoder"
+    assert r.engine.clip_encoder.kwargs == ()
+    assert r.device == "cpu"
+    assert (r.trainer.world_frame, r.query.world_frame) == ("odom", "odom")
+    assert (r.trainer.tf_timeout_s, r.trainer.queue_size, r.trainer.max_steps) == (0.5, 3, 500)
+    # Untouched sections stay the preset's.
+    base = make_preset("tiny")
+    assert r.engine.model == base.model and r.engine.trainer == base.trainer
+    assert r.engine.dino_encoder == base.dino_encoder
+
+
+def test_checkpoint_becomes_an_encoder_kwarg():
+    r = resolve({"preset": "lite", "clip_checkpoint": "/models/clip.bin"})
+    assert dict(r.engine.clip_encoder.kwargs)["checkpoint"] == "/models/clip.bin"
+    assert r.engine.clip_encoder.target == make_preset("lite").clip_encoder.target
+
+
+def test_preset_changes_the_preset_backed_defaults():
+    tiny, lite = params.preset_defaults("tiny"), params.preset_defaults("lite")
+    for spec in params.PARAMETERS:
+        if spec.preset_field:
+            section, field = spec.preset_field.split(".")
+            assert lite[spec.name] == getattr(getattr(make_preset("lite"), section), field)
+            assert tiny[spec.name] == getattr(getattr(make_preset("tiny"), section), field)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "needle"),
+    [
+        ("preset", "huge", "one of"),
+        ("device", "tpu", "one of"),
+        ("image_transport", "theora", "one of"),
+        ("tf_timeout_s", -1.0, "out of range"),
+        ("tf_timeout_s", math.nan, "finite"),
+        ("tf_timeout_s", "fast", "expected float"),
+        ("queue_size", 0, "out of range"),
+        ("queue_size", True, "expected int"),
+        ("queue_size", 2.5, "expected int"),
+        ("max_keyframes", 1, "out of range"),
+        ("keyframe_min_translation_m", 0.0, "out of range"),
+        ("query_threshold", 1.5, "out of range"),
+        ("status_rate_hz", 0.0, "out of range"),
+        ("clip_encoder", "open_clip", "package.module:factory"),
+        ("dino_encoder", "a.b:c d", "package.module:factory"),
+        ("world_frame", "", "frame id"),
+        ("image_topic", "", "must not be empty"),
+        ("map_path", "maps/lab", "absolute"),
+        ("clip_checkpoint", "clip.bin", "absolute"),
+        ("no_such_parameter", 1, "unknown parameter"),
+    ],
+)
+def test_invalid_values_name_the_parameter(name, value, needle):
+    with pytest.raises(ParameterError, match=needle) as info:
+        resolve({name: value})
+    assert info.value.name == name
+    assert f"'{name}'" in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_cross_parameter_check():
+    with pytest.raises(ParameterError, match="exceeds max_keyframes") as info:
+        resolve({"min_keyframes": 20, "max_keyframes": 10})
+    assert info.value.name == "min_keyframes"
+
+
+def test_descriptor_carries_type_range_and_read_only():
+    from rcl_interfaces.msg import ParameterType
+
+    d = params.descriptor(params.SPECS["tf_timeout_s"])
+    assert d.type == ParameterType.PARAMETER_DOUBLE and d.read_only
+    assert (d.floating_point_range[0].from_value, d.floating_point_range[0].to_value) == (0.0, 10.0)
+    d = params.descriptor(params.SPECS["queue_size"])
+    assert d.type == ParameterType.PARAMETER_INTEGER
+    assert (d.integer_range[0].from_value, d.integer_range[0].to_value) == (1, 1000)
+    d = params.descriptor(params.SPECS["preset"])
+    assert d.type == ParameterType.PARAMETER_STRING and "tiny, lite, default" in d.additional_constraints
+    assert not params.descriptor(params.SPECS["query_threshold"]).read_only
+
+
+def test_declare_on_a_node_applies_overrides_and_rejects_bad_ones():
+    import rclpy
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+
+    rclpy.init()
+    try:
+        node = Node("params_probe", parameter_overrides=[
+            Parameter("preset", value="lite"), Parameter("queue_size", value=5),
+            Parameter("keyframe_min_translation_m", value=0.25)])
+        r = params.declare_and_resolve(node, params.TRAINER)
+        assert r.values["preset"] == "lite" and r.trainer.queue_size == 5
+        assert r.engine.keyframes.min_translation_m == 0.25
+        # Preset-backed defaults are declared with the preset's value, visible to `ros2 param get`.
+        assert node.get_parameter("max_keyframes").value == make_preset("lite").keyframes.max_keyframes
+        assert not node.has_parameter("map_path")  # a query-node parameter
+        node.destroy_node()
+
+        bad = Node("params_probe_bad", parameter_overrides=[Parameter("tf_timeout_s", value=99.0)])
+        with pytest.raises(ParameterError) as info:
+            params.declare_and_resolve(bad, params.TRAINER)
+        assert info.value.name == "tf_timeout_s"
+        bad.destroy_node()
+
+        bad = Node("params_probe_bad2", parameter_overrides=[Parameter("device", value="tpu")])
+        with pytest.raises(ParameterError, match="'device'"):
+            params.declare_and_resolve(bad, params.QUERY)
+        bad.destroy_node()
+    finally:
+        rclpy.try_shutdown()
