@@ -17,7 +17,7 @@ CONSOLE_SCRIPTS = [
 setup(
     name="lerf_ros",
     version="0.1.0",
-    description="Online LERF language fields for ROS 2: train while the robot moves, answer 3D language queries",
+    description="Online LERF language fields for ROS 2: train while moving, answer 3D language queries",
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["lerf_ros", "lerf_ros.*"]),
