@@ -17,8 +17,10 @@ export ROS_DOMAIN_ID
 unset _ROS_WHEELS_BOOTSTRAP_COMPLETE  # let the venv's python set its own LD_LIBRARY_PATH
 
 cd "$REPO_ROOT"
+# Both run even when the first fails, so one pass reports lint and test failures together.
 echo "[test] ruff check . (ROS_DOMAIN_ID=$ROS_DOMAIN_ID)"
-"$VENV/bin/ruff" check .
+ruff_rc=0
+"$VENV/bin/ruff" check . || ruff_rc=$?
 
 echo "[test] pytest $*"
 rc=0
@@ -27,5 +29,9 @@ if [[ $rc -eq 5 ]]; then
   echo "[test] FAILED: pytest collected no tests (exit 5)" >&2
 elif [[ $rc -ne 0 ]]; then
   echo "[test] FAILED: pytest exit $rc" >&2
+fi
+if [[ $ruff_rc -ne 0 ]]; then
+  echo "[test] FAILED: ruff found problems (exit $ruff_rc)" >&2
+  [[ $rc -ne 0 ]] || rc=$ruff_rc
 fi
 exit "$rc"
