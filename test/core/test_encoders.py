@@ -1,9 +1,11 @@
 """Encoder loading and validation, the DEMO colour encoders, and the real OpenCLIP / timm code paths."""
 
+import re
 import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lerf_ros.core.encoders import (
     DEMO_CLIP,
@@ -182,3 +184,132 @@ def test_checked_encode_raises_at_run_time(bad_module):
         checked_encode_texts(enc, ["a"])
     with pytest.raises(ValueError, match="sequence"):
         checked_encode_texts(enc, "a")
+
+
+# ---- OpenCLIP (real code path with a tiny randomly initialised model) ----------------------------
+
+OPENCLIP = "lerf_ros.core.encoders.openclip:openclip_encoder"
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_name(tmp_path_factory):
+    import json
+
+    open_clip = pytest.importorskip("open_clip")  # a hard dependency; importorskip only names it if absent
+    path = tmp_path_factory.mktemp("clipcfg") / "lerf-test-tiny-vit.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(path)
+    return "lerf-test-tiny-vit"
+
+
+def _clip(name, **kw):
+    return load_encoder(EncoderSpec(OPENCLIP, tuple({"model_name": name, **kw}.items())))
+
+
+def test_openclip_tiny_random_shapes_unit_norm_determinism(tiny_clip_name):
+    enc = _clip(tiny_clip_name, pretrained=None)
+    assert (enc.dim, enc.input_size) == (32, 32)
+    assert tiny_clip_name in enc.name and "random" in enc.name
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a = checked_encode_images(enc, x)
+    assert a.shape == (3, 32) and torch.allclose(a.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(a, _clip(tiny_clip_name, pretrained=None).encode_images(x), atol=1e-6)
+    t = checked_encode_texts(enc, ["a red box", "stuff"])
+    assert t.shape == (2, 32) and not torch.allclose(t[0], t[1])
+    # open_clip preprocessing: (x - mean) / std with the CLIP statistics, then the image tower
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).reshape(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).reshape(1, 3, 1, 1)
+    ref = F.normalize(enc.model.encode_image((x - mean) / std), dim=1)
+    assert torch.allclose(a, ref, atol=1e-5)
+    # other sizes are resized to input_size
+    assert checked_encode_images(enc, torch.rand(1, 3, 48, 48)).shape == (1, 32)
+
+
+def test_openclip_loads_local_checkpoint_by_tag(tiny_clip_name, tmp_path):
+    other = _clip(tiny_clip_name, pretrained=None, seed=1)
+    torch.save(other.model.state_dict(), tmp_path / "mytag.pt")
+    enc = _clip(tiny_clip_name, pretrained="mytag", cache_dir=str(tmp_path))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(enc.encode_images(x), other.encode_images(x), atol=1e-6)
+    assert not torch.allclose(enc.encode_images(x), _clip(tiny_clip_name, pretrained=None).encode_images(x))
+    assert enc.name.endswith(":mytag")
+    same = _clip(tiny_clip_name, pretrained="mytag", checkpoint_path=str(tmp_path / "mytag.pt"))
+    assert torch.allclose(same.encode_texts(["red"]), other.encode_texts(["red"]), atol=1e-6)
+
+
+def test_openclip_missing_weights_name_the_paths(tiny_clip_name, tmp_path):
+    from lerf_ros.core.encoders import MissingWeightsError
+
+    missing = tmp_path / "nope" / "ViT-B-16.safetensors"
+    with pytest.raises(MissingWeightsError, match=re.escape(str(missing))):
+        _clip("ViT-B-16", checkpoint_path=str(missing))
+    with pytest.raises(ValueError, match=r"models--laion--CLIP-ViT-B-16-laion2B-s34B-b88K") as info:
+        _clip("ViT-B-16", cache_dir=str(tmp_path))
+    assert str(tmp_path / "laion2b_s34b_b88k.safetensors") in str(info.value)
+    assert "checkpoint_path" in str(info.value)
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        _clip("no-such-model", pretrained=None)
+
+
+def test_openclip_in_the_pyramid(tiny_clip_name):
+    from lerf_ros.core.pyramid import ClipPyramid, PyramidConfig
+
+    enc = _clip(tiny_clip_name, pretrained=None)
+    p = ClipPyramid(enc, PyramidConfig(tile_fracs=(0.25, 0.5), batch_size=8))
+    p.add(0, (torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8))
+    out = p.sample(
+        torch.zeros(3, dtype=torch.long), torch.tensor([[5.0, 5.0], [30, 20], [60, 40]]), torch.rand(3)
+    )
+    assert out.shape == (3, 32) and torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_openclip_fp16_on_cuda(tiny_clip_name):
+    enc = _clip(tiny_clip_name, pretrained=None, device="cuda")
+    assert next(enc.model.parameters()).dtype == torch.float16
+    out = checked_encode_images(enc, torch.rand(4, 3, 32, 32, device="cuda"))
+    assert out.dtype == torch.float32 and torch.allclose(
+        out.norm(dim=1), torch.ones(4, device="cuda"), atol=1e-3
+    )
+
+
+# ---- DINO via timm (tiny random ViT) -------------------------------------------------------------
+
+DINO = "lerf_ros.core.encoders.dino:dino_encoder"
+
+
+def _dino(**kw):
+    return load_encoder(EncoderSpec(DINO, tuple({"model_name": "test_vit", **kw}.items())), dense=True)
+
+
+def test_dino_random_grid_shapes_and_stride():
+    enc = _dino(random_init=True)  # timm's test_vit: patch 16, width 64
+    img = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(0))
+    f = enc.encode_dense(img)
+    assert f.shape == (64, 3, 4) and torch.isfinite(f).all()
+    assert torch.equal(f, _dino(random_init=True).encode_dense(img))
+    dense = _dino(random_init=True, stride=8)  # overlapping patches: twice the grid
+    assert dense.encode_dense(img).shape == (64, 6, 8)
+    assert _dino(random_init=True, max_side=32).encode_dense(img).shape == (64, 2, 2)
+    with pytest.raises(ValueError, match="stride"):
+        _dino(random_init=True, stride=5)
+
+
+def test_dino_loads_local_checkpoint_and_names_missing(tmp_path):
+    from lerf_ros.core.encoders import MissingWeightsError
+
+    other = _dino(random_init=True, seed=3)
+    torch.save(other.model.state_dict(), tmp_path / "w.pth")
+    enc = _dino(checkpoint_path=str(tmp_path / "w.pth"))
+    img = torch.rand(3, 32, 48, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(enc.encode_dense(img), other.encode_dense(img), atol=1e-5)
+    assert "w.pth" in enc.name
+    with pytest.raises(MissingWeightsError, match=r"missing\.pth"):
+        _dino(checkpoint_path=str(tmp_path / "missing.pth"))
+    with pytest.raises(MissingWeightsError, match=r"dino_deitsmall16_pretrain\.pth"):
+        load_encoder(EncoderSpec(DINO, (("cache_dir", str(tmp_path)),)), dense=True)

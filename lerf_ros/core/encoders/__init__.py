@@ -8,6 +8,7 @@ does not import open_clip or timm.
 from .base import (
     DenseEncoder,
     EncoderSpec,
+    MissingWeightsError,
     VisionLanguageEncoder,
     checked_encode_dense,
     checked_encode_images,
@@ -27,6 +28,7 @@ __all__ = [
     "DEMO_DENSE",
     "DenseEncoder",
     "EncoderSpec",
+    "MissingWeightsError",
     "VisionLanguageEncoder",
     "checked_encode_dense",
     "checked_encode_images",

@@ -20,6 +20,10 @@ from torch import Tensor
 NORM_TOL = 1e-2
 
 
+class MissingWeightsError(FileNotFoundError, ValueError):
+    """Model weights are not on this machine; the message names the paths searched. No download is tried."""
+
+
 @runtime_checkable
 class VisionLanguageEncoder(Protocol):
     name: str
