@@ -263,10 +263,13 @@ class ClipPyramid:
                 if not bool(m.any()):
                     continue
                 _, geo = self._layout(*lay)
-                e_lo = self._sample_level(geo, lo[m], uv[m], lay, slots[m])
-                e_hi = self._sample_level(geo, hi[m], uv[m], lay, slots[m])
+                # both levels in one gather: rows [0, n) at level lo, [n, 2n) at level hi
+                n = int(m.sum())
+                both = self._sample_level(
+                    geo, torch.cat([lo[m], hi[m]]), uv[m].repeat(2, 1), lay, slots[m].repeat(2)
+                )
                 tm = t[m].unsqueeze(1)
-                out[m] = (1 - tm) * e_lo + tm * e_hi
+                out[m] = (1 - tm) * both[:n] + tm * both[n:]
         return F.normalize(out, dim=1)
 
     # ---- persistence ----------------------------------------------------------------------------

@@ -26,18 +26,19 @@ SCENE_COLOURS = {
     "cyan": (30, 190, 200),
     "magenta": (190, 40, 170),
 }
-ABSENT = ("orange", "purple", "pink")
-WALL = (225, 220, 210)
+ABSENT = ("orange", "purple", "pink", "black")
+WALL = (225, 220, 210)  # off-white wall
+FLOOR = (110, 110, 110)  # mid-grey floor
 
 
-def _patch(rgb, brightness, wall_fraction, seed, size=32):
+def _patch(rgb, brightness, wall_fraction, seed, size=32, wall=WALL):
     """A Lambert-shaded colour patch with low-contrast grey texture; the top rows replaced by wall."""
     g = torch.Generator().manual_seed(seed)
     colour = torch.tensor(rgb, dtype=torch.float32).reshape(3, 1, 1) / 255.0
     img = colour * brightness * torch.ones(3, size, size)
     img = img + 0.04 * torch.randn(1, size, size, generator=g)
     rows = round(wall_fraction * size)
-    img[:, :rows] = torch.tensor(WALL, dtype=torch.float32).reshape(3, 1, 1) / 255.0 * brightness
+    img[:, :rows] = torch.tensor(wall, dtype=torch.float32).reshape(3, 1, 1) / 255.0 * brightness
     return img.clamp(0, 1)
 
 
@@ -48,12 +49,16 @@ def demo():
 
 @pytest.mark.parametrize("brightness", [0.5, 0.75, 1.0])
 @pytest.mark.parametrize("wall_fraction", [0.0, 0.3])
-def test_demo_colour_relevancy_separates_scene_colours(demo, brightness, wall_fraction):
+@pytest.mark.parametrize("wall", [WALL, FLOOR])
+def test_demo_colour_relevancy_separates_scene_colours(demo, brightness, wall_fraction, wall):
     names = list(SCENE_COLOURS)
     queries = checked_encode_texts(demo, [f"the {n} object" for n in names] + list(ABSENT))
     negatives = checked_encode_texts(demo, list(CANONICAL_NEGATIVES))
     patches = torch.stack(
-        [_patch(rgb, brightness, wall_fraction, seed=i) for i, rgb in enumerate(SCENE_COLOURS.values())]
+        [
+            _patch(rgb, brightness, wall_fraction, seed=i, size=demo.input_size, wall=wall)
+            for i, rgb in enumerate(SCENE_COLOURS.values())
+        ]
     )
     embeds = checked_encode_images(demo, patches)
     table = torch.stack([relevancy(embeds, queries[j], negatives) for j in range(len(queries))])  # (Q, P)

@@ -94,7 +94,7 @@ class ColourNameEncoder:
         self,
         device: str | torch.device = "cpu",
         dim: int = 16,
-        input_size: int = 32,
+        input_size: int = 16,
         generic_weight: float = 0.5,
         text_generic_weight: float = 0.2,
         hue_sigma_deg: float = 10.0,
@@ -154,7 +154,7 @@ class ColourNameEncoder:
 def colour_name_encoder(
     device: str | torch.device = "cpu",
     dim: int = 16,
-    input_size: int = 32,
+    input_size: int = 16,
     generic_weight: float = 0.5,
     text_generic_weight: float = 0.2,
     hue_sigma_deg: float = 10.0,
