@@ -69,6 +69,19 @@ def test_demo_colour_relevancy_separates_scene_colours(demo, brightness, wall_fr
         assert float(others.max()) < 0.5, f"{name} patch scores {others.max():.3f} for another colour"
 
 
+def test_demo_relevancy_crosses_half_at_a_third_of_the_crop(demo):
+    q = demo.encode_texts(["red"])[0]
+    neg = demo.encode_texts(list(CANONICAL_NEGATIVES))
+    # share s of pure red, rest wall: relevancy > 0.5 iff s > g (sqrt(1 + tg^2) - tg) = 0.328
+    scores = {}
+    for share in (0.25, 0.3, 0.375, 0.45):
+        img = _patch(SCENE_COLOURS["red"], 1.0, 1.0 - share, seed=0, size=64)
+        img = img.flip(1)  # wall rows at the bottom, red rows on top; noise does not matter here
+        scores[share] = float(relevancy(demo.encode_images(img[None]), q, neg))
+    assert scores[0.25] < 0.45 and scores[0.3] < 0.5 < scores[0.375] and scores[0.45] > 0.6
+    assert scores[0.25] < scores[0.3] < scores[0.375] < scores[0.45]
+
+
 def test_demo_generic_texts_embed_to_neutral_and_score_half(demo):
     neg = demo.encode_texts([*CANONICAL_NEGATIVES, "a chair", ""])
     assert torch.allclose(neg, neg[0:1].expand_as(neg))

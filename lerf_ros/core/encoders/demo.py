@@ -11,7 +11,8 @@ shading leaves unchanged, so an object at 50–100 % brightness keeps its name; 
 are white / grey / black by brightness. Text embedding: the colour words in the text ("the red
 box" -> red, plus a little generic); text without a colour word (the canonical negatives
 "object", "things", "stuff", "texture") embeds to the generic direction. With LERF relevancy
-(τ = 10) a crop scores above 0.5 for a colour when that colour covers more than ~40 % of it.
+(τ = 10) a crop scores above 0.5 for a colour when that colour covers more than about a third of it
+(share > generic_weight · (√(1 + tg²) − tg) = 0.33 with the defaults).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class ColourNameEncoder:
         device: str | torch.device = "cpu",
         dim: int = 16,
         input_size: int = 16,
-        generic_weight: float = 0.5,
+        generic_weight: float = 0.4,
         text_generic_weight: float = 0.2,
         hue_sigma_deg: float = 10.0,
     ):
@@ -155,7 +156,7 @@ def colour_name_encoder(
     device: str | torch.device = "cpu",
     dim: int = 16,
     input_size: int = 16,
-    generic_weight: float = 0.5,
+    generic_weight: float = 0.4,
     text_generic_weight: float = 0.2,
     hue_sigma_deg: float = 10.0,
 ) -> ColourNameEncoder:
