@@ -65,7 +65,7 @@ class QueryConfig:
         return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays inside: element-wise == would make equality ambiguous
 class QueryResult:
     """Answer to one query. location_world (3,) float64 world metres (None when not found); relevancy
     is the best cluster's score (or the best robust score when there is no cluster); scale_m the
