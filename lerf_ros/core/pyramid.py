@@ -248,7 +248,7 @@ class ClipPyramid:
         f = (
             tile_frac.to(self.device, torch.float32)
             .reshape(-1)
-            .clamp(float(self.fracs[0]), float(self.fracs[-1]))
+            .clamp(self.config.tile_fracs[0], self.config.tile_fracs[-1])
         )
         n_lv = self.fracs.numel()
         lo = (torch.searchsorted(self.fracs, f, right=True) - 1).clamp(0, max(n_lv - 2, 0))
