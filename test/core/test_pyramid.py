@@ -234,3 +234,29 @@ def test_dense_cache_bilinear_at_and_between_cell_centres():
     with pytest.raises(ValueError, match="keyframe 5"):
         other.load_state_dict(state)
     assert cache.remove(5) and not cache.ready(5)
+
+
+def test_adding_from_a_worker_while_sampling(pyr):
+    import threading
+
+    uv = torch.tensor([[14.5, 14.5], [33.0, 21.0]])
+    fr = torch.tensor([0.25, 0.4])
+    ids = torch.tensor([3, 3])
+    before = pyr.sample(ids, uv, fr)
+    errors = []
+
+    def worker():
+        try:
+            for k in range(10, 22):  # forces the slot tensor to grow twice while the main thread samples
+                pyr.add(k, ramp_image())
+        except Exception as exc:  # re-raised below in the main thread
+            errors.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    while t.is_alive():
+        assert torch.equal(pyr.sample(ids, uv, fr), before)
+    t.join()
+    assert not errors
+    assert all(pyr.ready(k) for k in range(10, 22))
+    assert torch.equal(pyr.sample(torch.tensor([21, 21]), uv, fr), before)
