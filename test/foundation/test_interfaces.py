@@ -160,24 +160,28 @@ def test_setup_py_and_cmake_install_the_same_executables():
 
 
 def test_sources_and_generated_interfaces_form_one_package(tmp_path):
-    """From an unrelated cwd: the sources come from this checkout, msg/srv from the generated directory."""
+    """From an unrelated cwd, `lerf_ros` has both its sources and the generated msg/srv."""
     probe = (
-        "import json, lerf_ros, lerf_ros.core.transforms as t, lerf_ros.msg as m, lerf_ros.srv as s;"
-        "print(json.dumps([lerf_ros.__file__, t.__file__, m.__file__, s.__file__, list(lerf_ros.__path__)]))"
+        "import json, sys, lerf_ros, lerf_ros.core.transforms as t, lerf_ros.msg as m, lerf_ros.srv as s;"
+        "print(json.dumps([lerf_ros.__file__, t.__file__, m.__file__, s.__file__, list(lerf_ros.__path__),"
+        " sys.prefix]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, env=os.environ.copy(),
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout
-    init, transforms, msg, srv, path = json.loads(out.strip().splitlines()[-1])
-    pkg_dir = REPO / "lerf_ros"
-    assert Path(init) == pkg_dir / "__init__.py"
+    init, transforms, msg, srv, path, prefix = json.loads(out.strip().splitlines()[-1])
+    pkg_dir = Path(init).parent
     assert Path(transforms) == pkg_dir / "core" / "transforms.py"
-    assert Path(path[0]) == pkg_dir
     generated = Path(msg).parents[1]
     assert Path(srv).parents[1] == generated
-    # In the venv the generated half is a separate directory without __init__.py (cannot shadow the sources);
-    # in a colcon install both halves are the same directory.
-    if generated != pkg_dir:
-        assert str(generated) in path
-        assert not (generated / "__init__.py").exists()
+    if not (Path(prefix) / ".lerf_setup").is_dir():
+        # colcon install: sources and generated code share one directory.
+        assert generated == pkg_dir
+        return
+    # Venv made by scripts/setup.sh: the sources are this checkout (editable); the generated half is a
+    # separate directory without __init__.py (so it cannot shadow the sources), reached through __path__.
+    assert pkg_dir == REPO / "lerf_ros"
+    assert Path(path[0]) == pkg_dir
+    assert generated != pkg_dir and str(generated) in path
+    assert not (generated / "__init__.py").exists()
