@@ -1,0 +1,328 @@
+"""``lerf-ros``: train a LERF map from a rosbag2, query it, inspect it, write the demo bag.
+
+  lerf-ros train BAG --out MAP [--image-topic ...] [--steps N | --seconds S]
+  lerf-ros query MAP "red box" [--negatives ...] [--threshold T] [--json] [--ply F] [--png F]
+  lerf-ros info MAP
+  lerf-ros demo-bag OUT [--format mcap|sqlite3] [--frames N] [--seed S]
+
+Defaults come from the nodes' parameter table (``lerf_ros.ros.params``, ROS-free), and options are
+validated by the same ``resolve`` the nodes use, so a bag trained here matches a live run.
+User errors print one line on stderr and exit 1 (2 for bad usage); bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..ros.params import SPECS, ParameterError, resolve
+from .bag_io import BagError
+
+#: Sidecar the CLI writes next to a map: the world frame and where the map came from.
+TRAINING_INFO = "training_info.json"
+#: Offline training needs an end; the node's max_steps default (0) means "no budget".
+DEFAULT_STEPS = 1000
+
+
+class UserError(Exception):
+    """An error the user can fix: printed without a traceback."""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a map from a rosbag2 (mcap or sqlite3)")
+    p.add_argument("bag", type=Path, help="rosbag2 directory")
+    p.add_argument("--out", type=Path, required=True, help="map directory to write")
+    for name in ("image_topic", "camera_info_topic", "depth_topic", "world_frame", "clip_encoder",
+                 "dino_encoder", "clip_checkpoint"):
+        spec = SPECS[name]
+        p.add_argument("--" + name.replace("_", "-"), default=spec.default,
+                       help=f"{spec.description} (default {spec.default!r})")
+    for name in ("preset", "device", "image_transport"):
+        spec = SPECS[name]
+        p.add_argument("--" + name.replace("_", "-"), default=spec.default, choices=spec.choices,
+                       help=f"{spec.description} (default {spec.default!r})")
+    p.add_argument("--camera-frame", default="", help="override the images' header.frame_id")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default: node max_steps if > 0, else {DEFAULT_STEPS})")
+    p.add_argument("--seconds", type=float, default=None, help="stop training after this wall time")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lerf-ros", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    q = sub.add_parser("query", help="ask a map where something is")
+    q.add_argument("map", type=Path)
+    q.add_argument("text")
+    q.add_argument("--negatives", nargs="*", default=[], help="extra negative phrases")
+    q.add_argument("--threshold", type=float, default=None, help="relevancy to count as found")
+    q.add_argument("--device", default="auto", choices=SPECS["device"].choices)
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.add_argument("--ply", type=Path, help="write the relevancy cloud as binary PLY")
+    q.add_argument("--png", type=Path, help="write a picture (keyframe overlay + top-down view)")
+    i = sub.add_parser("info", help="describe a map directory")
+    i.add_argument("map", type=Path)
+    i.add_argument("--json", action="store_true")
+    d = sub.add_parser("demo-bag", help="write the synthetic room as a rosbag2")
+    d.add_argument("out", type=Path)
+    d.add_argument("--format", choices=("mcap", "sqlite3"), default="mcap")
+    d.add_argument("--frames", type=int, default=60)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-depth", action="store_true", help="leave out the depth topic")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- train
+def _train_params(args) -> dict:
+    values = {name: getattr(args, name) for name in (
+        "image_topic", "camera_info_topic", "depth_topic", "world_frame", "preset", "device",
+        "clip_encoder", "dino_encoder", "image_transport")}
+    if args.clip_checkpoint:
+        values["clip_checkpoint"] = str(Path(args.clip_checkpoint).expanduser().resolve())
+    return values
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from ..core.engine import LERFEngine
+    from .bag_io import BagFrameReader, BagTopics
+
+    try:
+        params = resolve(_train_params(args))
+    except ParameterError as exc:
+        raise UserError(str(exc)) from exc
+    s = params.trainer
+    max_steps = params.values.get("max_steps", 0)
+    steps = args.steps if args.steps is not None else (max_steps or DEFAULT_STEPS)
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    if args.seconds is not None and not args.seconds > 0:
+        raise UserError(f"--seconds must be > 0, got {args.seconds}")
+    if args.out.exists() and any(args.out.iterdir()):
+        raise UserError(f"output map directory {args.out} exists and is not empty")
+    image_topic = s.image_topic + ("/compressed" if s.image_transport == "compressed" else "")
+    topics = BagTopics(image=image_topic, camera_info=s.camera_info_topic, depth=s.depth_topic)
+    quiet = args.no_progress
+    engine = LERFEngine(params.engine, params.device)
+    added = keyframes = rejected = 0
+    with BagFrameReader(args.bag, topics, s.world_frame, args.camera_frame) as reader:
+        bar = tqdm(total=reader.image_count, desc="frames", unit="img", disable=quiet, file=sys.stderr)
+        for frame in reader:
+            added += 1
+            try:
+                result = engine.add_frame(frame)
+            except ValueError:
+                reader.stats.dropped["invalid_frame"] += 1
+                continue
+            finally:
+                bar.update(1)
+            keyframes += result.keyframe
+            rejected += not result.keyframe
+            bar.set_postfix(keyframes=keyframes)
+        bar.close()
+        stats = reader.stats
+    if keyframes < params.engine.ingest.min_keyframes:
+        raise UserError(
+            f"only {keyframes} keyframes from {stats.images} images (need "
+            f"{params.engine.ingest.min_keyframes}); dropped: {dict(stats.dropped) or 'none'}"
+        )
+    t0 = time.monotonic()
+    bar = tqdm(total=steps, desc="training", unit="step", disable=quiet, file=sys.stderr)
+    while True:
+        st = engine.status()
+        done_steps = st.step >= steps or (args.seconds is not None and time.monotonic() - t0 > args.seconds)
+        if done_steps and st.keyframes_pending == 0 and st.step > 0:
+            break
+        engine.step(0 if st.step >= steps else min(10, steps - st.step))
+        st = engine.status()
+        bar.n = min(st.step, steps)
+        bar.set_postfix(pyramid=f"{st.keyframes - st.keyframes_pending}/{st.keyframes}",
+                        loss=f"{st.losses.get('total', float('nan')):.3f}")
+        bar.refresh()
+    bar.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    engine.save(args.out)
+    info = {"world_frame": s.world_frame, "bag": str(Path(args.bag).resolve()), "images": stats.images,
+            "frames": stats.frames, "keyframes": keyframes, "dropped": dict(stats.dropped),
+            "steps": engine.status().step, "preset": params.values["preset"],
+            "train_seconds": round(time.monotonic() - t0, 2)}
+    (args.out / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    print(f"trained {info['steps']} steps on {keyframes} keyframes ({stats.frames} frames of "
+          f"{stats.images} images, dropped {dict(stats.dropped) or 'none'}) in "
+          f"{info['train_seconds']:.1f} s -> {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- query
+def map_world_frame(map_dir: Path) -> str:
+    """The world frame a map was trained in (CLI sidecar), else the node default."""
+    try:
+        return json.loads((map_dir / TRAINING_INFO).read_text())["world_frame"]
+    except (OSError, ValueError, KeyError):
+        return SPECS["world_frame"].default
+
+
+def load_engine(map_dir: Path, device: str = "auto"):
+    from ..core.engine import LERFEngine
+
+    if not map_dir.is_dir():
+        raise UserError(f"map directory not found: {map_dir}")
+    try:
+        return LERFEngine.load(map_dir, device)
+    except ValueError as exc:
+        raise UserError(f"cannot load map {map_dir}: {exc}") from exc
+
+
+def answer_dict(result, frame_id: str) -> dict:
+    """A QueryResult as the JSON object ``query --json`` prints (and the demo's table uses)."""
+    loc = result.location_world
+    return {
+        "found": bool(result.found),
+        "message": result.message,
+        "location": None if loc is None else {"x": float(loc[0]), "y": float(loc[1]), "z": float(loc[2]),
+                                              "frame_id": frame_id},
+        "relevancy": float(result.relevancy),
+        "scale": float(result.scale_m),
+        "model_step": int(result.model_step),
+        "cloud_points": len(result.cloud_xyz),
+    }
+
+
+def format_answer(text: str, ans: dict) -> str:
+    loc = ans["location"]
+    where = "none" if loc is None else \
+        f"x={loc['x']:.3f} y={loc['y']:.3f} z={loc['z']:.3f} m in frame '{loc['frame_id']}'"
+    return "\n".join([
+        f"query:      {text}",
+        f"found:      {'yes' if ans['found'] else 'no'}  ({ans['message']})",
+        f"location:   {where}",
+        f"relevancy:  {ans['relevancy']:.3f}",
+        f"scale:      {ans['scale']:.3f} m",
+        f"model step: {ans['model_step']}",
+        f"cloud:      {ans['cloud_points']} points",
+    ])
+
+
+def write_outputs(engine, result, text: str, frame_id: str, ply: Path | None, png: Path | None,
+                  boxes=()) -> list[Path]:
+    """Write the PLY cloud and/or the PNG picture of one answer; returns the paths written."""
+    from .pictures import KeyframeView, query_picture, save_png
+    from .ply import write_ply
+
+    out = []
+    if ply is not None:
+        out.append(write_ply(ply, result.cloud_xyz, result.cloud_relevancy, result.cloud_rgb, frame_id))
+    if png is not None:
+        with engine.lock:
+            views = [KeyframeView(f.image, f.intrinsics, f.T_world_cam) for f in engine.store.frames()]
+        title = f"{text!r}: " + ("found" if result.found else "not found") + f", rel {result.relevancy:.2f}"
+        target = result.location_world if result.found else None
+        out.append(save_png(query_picture(views, result.cloud_xyz, result.cloud_relevancy, result.cloud_rgb,
+                                          target, title, boxes), png))
+    return out
+
+
+def cmd_query(args) -> int:
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold must be in [0, 1], got {args.threshold}")
+    engine = load_engine(args.map, args.device)
+    frame_id = map_world_frame(args.map)
+    try:
+        result = engine.query(args.text, args.negatives, args.threshold, with_cloud=True)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    ans = answer_dict(result, frame_id)
+    written = write_outputs(engine, result, args.text, frame_id, args.ply, args.png)
+    if args.json:
+        print(json.dumps(ans))
+    else:
+        print(format_answer(args.text, ans))
+        for path in written:
+            print(f"wrote       {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- info
+def map_info(map_dir: Path) -> dict:
+    from ..core import checkpoint
+
+    if not map_dir.is_dir():
+        raise UserError(f"map directory not found: {map_dir}")
+    try:
+        data = checkpoint.load_map(map_dir)
+    except ValueError as exc:
+        raise UserError(f"invalid map {map_dir}: {exc}") from exc
+    size = sum(p.stat().st_size for p in map_dir.rglob("*") if p.is_file())
+    box = None if data.scene_box is None else [[float(v) for v in row] for row in data.scene_box]
+    images = data.keyframes["images"]
+    return {
+        "path": str(map_dir.resolve()),
+        "keyframes": len(data.keyframes["ids"]),
+        "image_size": [int(images.shape[2]), int(images.shape[1])] if images.ndim == 4 else None,
+        "bounds": box,
+        "encoders": dict(data.encoders),
+        "steps": int(data.step),
+        "preset": data.config.get("name"),
+        "world_frame": map_world_frame(map_dir),
+        "size_bytes": int(size),
+    }
+
+
+def cmd_info(args) -> int:
+    info = map_info(args.map)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    box = info["bounds"]
+    print(f"map:        {info['path']}")
+    print(f"keyframes:  {info['keyframes']}  ({info['image_size'][0]}x{info['image_size'][1]} px)"
+          if info["image_size"] else f"keyframes:  {info['keyframes']}")
+    if box is None:
+        print("bounds:     none (no model)")
+    else:
+        lo, hi = (tuple(round(v, 2) for v in corner) for corner in box)
+        print(f"bounds:     min {lo} max {hi} m in '{info['world_frame']}'")
+    print("encoders:   " + ", ".join(f"{k}={v}" for k, v in info["encoders"].items()))
+    print(f"steps:      {info['steps']}  (preset {info['preset']})")
+    print(f"size:       {info['size_bytes'] / 2**20:.2f} MiB on disk")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- demo-bag
+def cmd_demo_bag(args) -> int:
+    from .demo_bag import DemoBagConfig, write_demo_bag
+
+    config = DemoBagConfig(frames=args.frames, storage=args.format, seed=args.seed,
+                           with_depth=not args.no_depth)
+    bag = write_demo_bag(args.out, config=config)
+    print(f"wrote {bag.path} ({args.format}): " + ", ".join(f"{t} {n}" for t, n in bag.counts.items()))
+    print("objects: " + ", ".join(bag.room.names))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "query": cmd_query, "info": cmd_info, "demo-bag": cmd_demo_bag}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UserError, BagError, ParameterError) as exc:
+        print(f"lerf-ros {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # bad input values named by the core
+        print(f"lerf-ros {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lerf-ros {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""lerf-ros end to end: demo-bag -> train -> query localises the room's objects; info; error exits.
+
+One map is trained per module (tiny preset, CPU) and shared by the query tests.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lerf_ros.core.scene import SyntheticRoom
+from lerf_ros.tools.cli import main
+from lerf_ros.tools.ply import read_ply
+
+FRAMES = 40
+STEPS = 150
+DEPTH = "/camera/depth/image_rect_raw"
+MARGIN_M = 0.05  # the engine test's criterion: inside the ground-truth box grown by 5 cm
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    bag, out = root / "bag", root / "map"
+    assert main(["demo-bag", str(bag), "--frames", str(FRAMES)]) == 0
+    assert main(["train", str(bag), "--out", str(out), "--depth-topic", DEPTH, "--steps", str(STEPS),
+                 "--device", "cpu", "--no-progress"]) == 0
+    return root, bag, out
+
+
+def query_json(capsys, map_dir, text, *extra):
+    rc, out, err = run_cli(capsys, "query", map_dir, text, "--json", *extra)
+    assert rc == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.slow
+def test_trained_map_localises_objects(trained, capsys):
+    _, _, map_dir = trained
+    room = SyntheticRoom(0)
+    inside = 0
+    for obj in room.objects:
+        ans = query_json(capsys, map_dir, obj.name)
+        if ans["found"] and ans["location"] is not None:
+            p = np.array([ans["location"][k] for k in "xyz"])
+            inside += bool(np.all(p >= obj.box_min - MARGIN_M) and np.all(p <= obj.box_max + MARGIN_M))
+        assert ans["location"] is None or ans["location"]["frame_id"] == "map"
+    assert inside >= 5, f"only {inside}/6 objects localised"
+    for name in room.absent_names:
+        assert query_json(capsys, map_dir, name)["found"] is False
+
+
+@pytest.mark.slow
+def test_json_matches_printed_answer_and_files(trained, capsys, tmp_path):
+    _, _, map_dir = trained
+    ply, png = tmp_path / "red.ply", tmp_path / "red.png"
+    ans = query_json(capsys, map_dir, "red box", "--ply", ply, "--png", png)
+    assert set(ans) == {"found", "message", "location", "relevancy", "scale", "model_step", "cloud_points"}
+    assert ans["model_step"] == STEPS
+    rc, text, _ = run_cli(capsys, "query", map_dir, "red box")
+    assert rc == 0
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    assert fields["found"].strip().startswith("yes" if ans["found"] else "no")
+    assert float(fields["relevancy"]) == pytest.approx(ans["relevancy"], abs=5e-4)
+    assert float(fields["scale"].split()[0]) == pytest.approx(ans["scale"], abs=5e-4)
+    loc = ans["location"]
+    assert f"x={loc['x']:.3f} y={loc['y']:.3f} z={loc['z']:.3f} m in frame 'map'" in fields["location"]
+    assert int(fields["cloud"].split()[0]) == ans["cloud_points"]
+    # PLY holds the answer's cloud: as many points, relevancy above the threshold, near the target.
+    cloud = read_ply(ply)
+    assert cloud.xyz.shape == (ans["cloud_points"], 3) and cloud.frame_id == "map"
+    if ans["cloud_points"]:
+        centre = np.array([loc["x"], loc["y"], loc["z"]])
+        assert np.median(np.linalg.norm(cloud.xyz - centre, axis=1)) < 0.5
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (1280, 480)
+
+
+@pytest.mark.slow
+def test_info_reports_the_map(trained, capsys):
+    _, _, map_dir = trained
+    rc, out, _ = run_cli(capsys, "info", map_dir, "--json")
+    info = json.loads(out)
+    assert rc == 0 and info["steps"] == STEPS and info["keyframes"] >= 3
+    assert info["world_frame"] == "map" and info["size_bytes"] > 10_000
+    lo, hi = np.array(info["bounds"])
+    room = SyntheticRoom(0)
+    assert np.all(lo <= room.objects[0].box_min) and np.all(hi >= room.objects[0].box_max)
+    assert "colour" in json.dumps(info["encoders"])
+    rc, out, _ = run_cli(capsys, "info", map_dir)
+    assert rc == 0 and f"steps:      {STEPS}" in out and "MiB on disk" in out
+
+
+def test_missing_topic_exits_nonzero_with_message(tmp_path, capsys):
+    bag = tmp_path / "bag"
+    assert main(["demo-bag", str(bag), "--frames", "3", "--no-depth"]) == 0
+    capsys.readouterr()
+    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--depth-topic", DEPTH,
+                         "--no-progress")
+    assert rc == 1 and "depth topic '/camera/depth/image_rect_raw' not in the bag" in err
+    assert "/camera/color/image_raw" in err and "Traceback" not in err
+    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--world-frame", "world",
+                         "--no-progress")
+    assert rc == 1 and "never connects world frame 'world'" in err
+
+
+def test_truncated_bag_exits_nonzero(tmp_path, capsys):
+    for fmt in ("mcap", "sqlite3"):
+        bag = tmp_path / fmt
+        assert main(["demo-bag", str(bag), "--frames", "3", "--format", fmt]) == 0
+        data = next(p for p in bag.iterdir() if p.suffix in (".mcap", ".db3"))
+        data.write_bytes(data.read_bytes()[: data.stat().st_size * 2 // 3])
+        capsys.readouterr()
+        rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / f"m_{fmt}", "--no-progress")
+        assert rc == 1 and "corrupt or truncated" in err
+
+
+def test_bad_map_and_console_entry_without_traceback(tmp_path):
+    # A real process: the console entry prints one line, no traceback, exit status 1.
+    proc = subprocess.run([sys.executable, "-m", "lerf_ros.tools.cli", "query", str(tmp_path / "nomap"), "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "map directory not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "lerf_ros.tools.cli", "info", str(tmp_path / "empty")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "invalid map" in proc.stderr and "Traceback" not in proc.stderr
