@@ -1,0 +1,244 @@
+"""LERFModel: radiance field + proposal sampler + language field, rendering, losses, point queries.
+
+Frames: rays and points in the world frame, metres. LERF's key rule is enforced here: the language
+(CLIP, DINO) branch sees DETACHED sample positions and rendering weights, so its losses can never
+change density or the proposal fields (``test_model.py`` checks the gradients are exactly zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import losses as L
+from .fields.hash_encoding import HashEncodingConfig
+from .fields.language_field import LanguageField, LanguageFieldConfig
+from .fields.mlp import MLPConfig
+from .fields.radiance_field import DensityFieldConfig, RadianceField, RadianceFieldConfig
+from .fields.scene_box import SceneBox
+from .renderer import render_accumulation, render_depth, render_embedding, render_rgb, render_weights
+from .sampler import ProposalSampler, SamplerConfig
+
+_POINT_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    rgb: float = 1.0
+    depth: float = 0.1
+    interlevel: float = 1.0
+    distortion: float = 0.002
+    clip: float = 0.1  # LERF's clip_loss_weight
+    dino: float = 0.1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """near_m: rays start here; max_depth_m: far end of every ray when the scene box contracts
+    (otherwise the box exit, capped by max_depth_m). language_samples_per_ray: the CLIP / DINO heads
+    are evaluated only at this many highest-weight samples per ray (0 = all); the weights are
+    detached anyway, and with an opaque surface a handful of samples carry almost all the mass."""
+
+    radiance: RadianceFieldConfig = field(default_factory=RadianceFieldConfig)
+    language: LanguageFieldConfig = field(default_factory=LanguageFieldConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    background_rgb: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    near_m: float = 0.05
+    max_depth_m: float = 20.0
+    language_samples_per_ray: int = 0
+
+    def validate(self) -> ModelConfig:
+        if not 0 < self.near_m < self.max_depth_m:
+            raise ValueError(f"need 0 < near_m < max_depth_m, got {self.near_m}, {self.max_depth_m}")
+        if len(self.background_rgb) != 3 or not all(0.0 <= c <= 1.0 for c in self.background_rgb):
+            raise ValueError(f"background_rgb must be 3 values in [0, 1], got {self.background_rgb}")
+        if self.language_samples_per_ray < 0:
+            raise ValueError(f"language_samples_per_ray must be >= 0, got {self.language_samples_per_ray}")
+        self.sampler.validate()
+        self.language.validate()
+        return self
+
+
+def tiny_config(implementation: str = "auto") -> ModelConfig:
+    """Small CPU configuration (measured in ``bench``/tests: see report); ~0.2 M parameters + tables."""
+
+    def grid(levels, log2, base, top):
+        return HashEncodingConfig(levels, 2, log2, base, top, implementation)
+
+    def mlp(layers, width, act="none"):
+        return MLPConfig(layers, width, act, implementation)
+
+    prop = DensityFieldConfig(grid(4, 14, 16, 64), mlp(1, 16))
+    return ModelConfig(
+        radiance=RadianceFieldConfig(grid(8, 15, 16, 256), 15, mlp(1, 32), mlp(1, 32, "sigmoid"), 3),
+        language=LanguageFieldConfig((grid(6, 15, 16, 128),), mlp(1, 64), mlp(1, 32)),
+        sampler=SamplerConfig((48,), 24, (prop,)),
+        language_samples_per_ray=6,
+    )
+
+
+class LERFModel(nn.Module):
+    """See module docstring. clip_dim / dino_dim: encoder output sizes (dino_dim 0 = no DINO head)."""
+
+    def __init__(self, config: ModelConfig, scene_box: SceneBox, clip_dim: int, dino_dim: int):
+        super().__init__()
+        self.config = config.validate()
+        self.scene_box = scene_box
+        self.clip_dim, self.dino_dim = int(clip_dim), int(dino_dim)
+        self.sampler = ProposalSampler(config.sampler, scene_box)
+        self.radiance = RadianceField(config.radiance, scene_box)
+        self.language = LanguageField(config.language, scene_box, self.clip_dim, self.dino_dim)
+        self.register_buffer("background", torch.tensor(config.background_rgb, dtype=torch.float32))
+
+    # ------------------------------------------------------------------ rendering
+
+    def _near_split_far(self, origins: torch.Tensor, directions: torch.Tensor):
+        cfg = self.config
+        t_in, t_out = self.scene_box.ray_intersect(origins, directions)
+        if self.scene_box.contract:
+            near = torch.full_like(t_in, cfg.near_m)
+            far = torch.full_like(t_in, cfg.max_depth_m)
+            hit = t_out > torch.maximum(t_in, near)
+            split = torch.where(hit, t_out.clamp(max=cfg.max_depth_m), near)
+        else:
+            near = torch.maximum(t_in, torch.full_like(t_in, cfg.near_m))
+            far = torch.minimum(torch.maximum(t_out, near + 1e-3), torch.full_like(t_in, cfg.max_depth_m))
+            near = torch.minimum(near, far - 1e-3)
+            split = far
+        return near, split, far
+
+    def forward(
+        self, origins: torch.Tensor, directions: torch.Tensor, clip_scale_factor: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | list]:
+        """Render R rays (world frame, unit directions).
+
+        Returns 'rgb' (R, 3) [0, 1], 'depth' (R,) metres along the ray, 'accumulation' (R,), and when
+        ``clip_scale_factor`` (R,) (tile size in pixels / focal length) is given: 'clip' (R, clip_dim)
+        unit, 'dino' (R, dino_dim), 'clip_scale_m' (R,) = factor * rendered depth (detached).
+        Also 'weights' (R, S), 'samples' (final RaySamples), 'proposal_samples', 'proposal_weights'.
+        """
+        if origins.ndim != 2 or origins.shape[1] != 3 or directions.shape != origins.shape:
+            raise ValueError(
+                f"origins and directions must both be (R, 3), "
+                f"got {tuple(origins.shape)}, {tuple(directions.shape)}"
+            )
+        origins, directions = origins.float(), directions.float()
+        near, split, far = self._near_split_far(origins, directions)
+        samples, prop_samples, prop_weights = self.sampler(origins, directions, near, split, far)
+        r, s = samples.t_mid.shape
+        positions = samples.positions()
+        dirs = directions[:, None, :].expand(r, s, 3).reshape(-1, 3)
+        sigma, rgb = self.radiance(positions.reshape(-1, 3), dirs)
+        weights = render_weights(sigma.view(r, s), samples.deltas)
+        depth = render_depth(weights, samples.t_mid)
+        out: dict[str, torch.Tensor | list] = {
+            "rgb": render_rgb(weights, rgb.view(r, s, 3), self.background),
+            "depth": depth,
+            "accumulation": render_accumulation(weights),
+            "weights": weights,
+            "samples": samples,
+            "proposal_samples": prop_samples,
+            "proposal_weights": prop_weights,
+        }
+        if clip_scale_factor is not None:
+            scale_m = clip_scale_factor.to(depth).reshape(-1) * depth.detach()
+            out.update(self._render_language(positions.detach(), weights.detach(), scale_m))
+        return out
+
+    def _render_language(self, positions: torch.Tensor, weights: torch.Tensor, scale_m: torch.Tensor):
+        """positions (R, S, 3) and weights (R, S), both detached; scale_m (R,)."""
+        r, s = weights.shape
+        k = self.config.language_samples_per_ray
+        if 0 < k < s:
+            total = weights.sum(dim=-1, keepdim=True)
+            top_w, idx = weights.topk(k, dim=-1)
+            positions = positions.gather(1, idx[..., None].expand(r, k, 3))
+            # Keep each ray's total mass so the DINO sum is not biased low by the dropped tail.
+            weights = top_w * (total / top_w.sum(dim=-1, keepdim=True).clamp_min(1e-10))
+            s = k
+        feats = self.language.features(positions.reshape(-1, 3))
+        clip = self.language.clip(feats, scale_m[:, None].expand(r, s).reshape(-1))
+        dino = self.language.dino(feats)
+        return {
+            "clip": render_embedding(weights, clip.view(r, s, -1), normalize=True),
+            "dino": render_embedding(weights, dino.view(r, s, -1), normalize=False),
+            "clip_scale_m": scale_m,
+        }
+
+    # ------------------------------------------------------------------ losses
+
+    def compute_losses(self, outputs: dict, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weighted loss terms (sum them for the total; no 'total' key).
+
+        batch: 'rgb' (R, 3) float [0, 1]; optional 'depth' (R,) metres along the ray (NaN = unknown);
+        optional 'clip' (R, clip_dim) unit target; optional 'dino' (R, dino_dim). CLIP / DINO terms
+        appear only when both the batch target and the rendered output exist.
+        """
+        w = self.config.loss_weights
+        samples = outputs["samples"]
+        out = {"rgb": w.rgb * L.rgb_loss(outputs["rgb"], batch["rgb"])}
+        if self.training or w.interlevel:
+            out["interlevel"] = w.interlevel * L.interlevel_loss(
+                samples.s_edges, outputs["weights"],
+                [p.s_edges for p in outputs["proposal_samples"]], outputs["proposal_weights"],
+            )
+        if w.distortion:
+            out["distortion"] = w.distortion * L.distortion_loss(samples.s_edges, outputs["weights"])
+        if "depth" in batch and w.depth:
+            out["depth"] = w.depth * L.depth_loss(
+                outputs["depth"], outputs["weights"], samples.t_edges, batch["depth"].reshape(-1)
+            )
+        if "clip" in batch and "clip" in outputs:
+            out["clip"] = w.clip * L.clip_loss(outputs["clip"], batch["clip"])
+        if "dino" in batch and "dino" in outputs and self.dino_dim > 0:
+            out["dino"] = w.dino * L.dino_loss(outputs["dino"], batch["dino"])
+        return out
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """'proposal' (proposal density fields), 'radiance' (density + colour), 'language' (CLIP + DINO)."""
+        return {
+            "proposal": list(self.sampler.parameters()),
+            "radiance": list(self.radiance.parameters()),
+            "language": list(self.language.parameters()),
+        }
+
+    # ------------------------------------------------------------------ point queries
+
+    @torch.no_grad()
+    def clip_at_points(self, points: torch.Tensor, scale_m: float | torch.Tensor) -> torch.Tensor:
+        """points (N, 3) world metres; scale_m scalar or (N,) metres -> (N, clip_dim) unit."""
+        points = points.float()
+        scale = torch.as_tensor(scale_m, dtype=torch.float32, device=points.device).reshape(-1)
+        scale = scale.expand(points.shape[0]) if scale.numel() == 1 else scale
+        if scale.shape[0] != points.shape[0]:
+            raise ValueError(f"scale_m must be a scalar or ({points.shape[0]},), got {tuple(scale.shape)}")
+        out = []
+        for i in range(0, points.shape[0], _POINT_CHUNK):
+            feats = self.language.features(points[i : i + _POINT_CHUNK])
+            out.append(self.language.clip(feats, scale[i : i + _POINT_CHUNK]))
+        return torch.cat(out) if out else points.new_zeros(0, self.clip_dim)
+
+    @torch.no_grad()
+    def density_at_points(self, points: torch.Tensor) -> torch.Tensor:
+        """points (N, 3) world metres -> (N,) density per metre."""
+        points = points.float()
+        chunks = range(0, points.shape[0], _POINT_CHUNK)
+        out = [self.radiance.density(points[i : i + _POINT_CHUNK])[0] for i in chunks]
+        return torch.cat(out) if out else points.new_zeros(0)
+
+    @torch.no_grad()
+    def rgb_at_points(self, points: torch.Tensor, view_dirs: torch.Tensor | None = None) -> torch.Tensor:
+        """points (N, 3) world -> (N, 3) rgb in [0, 1]; view_dirs (N, 3) unit, or None to average the
+        six axis directions (a view-independent colour for point clouds)."""
+        points = points.float()
+        if view_dirs is None:
+            axes = torch.cat([torch.eye(3), -torch.eye(3)]).to(points)
+            return torch.stack([self.rgb_at_points(points, a.expand_as(points)) for a in axes]).mean(0)
+        out = []
+        for i in range(0, points.shape[0], _POINT_CHUNK):
+            _, geo = self.radiance.density(points[i : i + _POINT_CHUNK])
+            out.append(self.radiance.rgb(geo, view_dirs[i : i + _POINT_CHUNK].float()))
+        return torch.cat(out) if out else points.new_zeros(0, 3)
