@@ -45,7 +45,7 @@ class MapData:
     config: dict
     encoders: dict[str, str]
     step: int
-    scene_box: np.ndarray  # (2, 3) float64 min / max corners, world frame, metres
+    scene_box: np.ndarray | None  # (2, 3) float64 min / max corners, world frame, metres; None = no model
     model_state: dict[str, torch.Tensor]
     trainer_state: dict | None
     keyframes: dict[str, np.ndarray]
@@ -103,7 +103,7 @@ def save_map(path: str | os.PathLike, data: MapData) -> None:
         "config": data.config,
         "encoders": dict(data.encoders),
         "step": int(data.step),
-        "scene_box": np.asarray(data.scene_box, dtype=np.float64).tolist(),
+        "scene_box": None if data.scene_box is None else np.asarray(data.scene_box, np.float64).tolist(),
         "files": {name: {"sha256": _sha256(b), "bytes": len(b)} for name, b in blobs.items()},
     }
     _write_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
@@ -128,9 +128,10 @@ def _read_manifest(root: Path) -> dict:
     for key in ("config", "encoders", "step", "scene_box", "files"):
         if key not in manifest:
             raise ValueError(f"{file}: missing field {key!r}")
-    box = np.asarray(manifest["scene_box"], dtype=np.float64)
-    if box.shape != (2, 3) or not np.all(np.isfinite(box)) or not np.all(box[1] > box[0]):
-        raise ValueError(f"{file}: invalid scene_box {manifest['scene_box']}")
+    if manifest["scene_box"] is not None:
+        box = np.asarray(manifest["scene_box"], dtype=np.float64)
+        if box.shape != (2, 3) or not np.all(np.isfinite(box)) or not np.all(box[1] > box[0]):
+            raise ValueError(f"{file}: invalid scene_box {manifest['scene_box']}")
     return manifest
 
 
@@ -202,7 +203,7 @@ def load_map(path: str | os.PathLike) -> MapData:
         config=manifest["config"],
         encoders=dict(manifest["encoders"]),
         step=int(manifest["step"]),
-        scene_box=np.asarray(manifest["scene_box"], dtype=np.float64),
+        scene_box=None if manifest["scene_box"] is None else np.asarray(manifest["scene_box"], np.float64),
         model_state=weights["model"],
         trainer_state=weights.get("trainer"),
         keyframes=keyframes,
@@ -222,3 +223,75 @@ def check_state_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], f
         if tuple(state[k].shape) != tuple(v.shape):
             raise ValueError(f"{file}: {k} has shape {tuple(state[k].shape)}, model expects "
                              f"{tuple(v.shape)}")
+
+
+# ---------------------------------------------------------------------- engine <-> map directory
+def save_engine(engine, path: str | os.PathLike) -> None:
+    """Snapshot an `LERFEngine` (caller holds ``engine.lock``) into a map directory."""
+    arrays = engine.store.to_arrays()
+    ids = arrays["ids"].tolist()
+    hashes = {int(i): frame_hash(img) for i, img in zip(ids, arrays["images"], strict=True)}
+    box = engine.scene_box
+    save_map(path, MapData(
+        config=engine.config.to_dict(),
+        encoders={"clip": engine.clip_encoder.name, "dino": engine.dino_encoder.name},
+        step=engine.train_step,
+        scene_box=None if box is None else np.array([box.min_xyz, box.max_xyz]),
+        model_state={} if engine.model is None else {k: v.detach().cpu() for k, v in
+                                                     engine.model.state_dict().items()},
+        trainer_state=None if engine.trainer is None else engine.trainer.state_dict(),
+        keyframes=arrays,
+        features={"hashes": hashes, "caches": {"clip": engine.pyramid.state_dict(),
+                                               "dino": engine.dense.state_dict()}},
+    ))
+
+
+def load_engine(cls, path: str | os.PathLike, device: str = "auto"):
+    """Build ``cls`` (an `LERFEngine`) from a map directory; every piece is validated on the new engine
+    before it is returned, so a bad map raises ValueError naming the file and nothing is half-loaded."""
+    from .fields.scene_box import SceneBox
+    from .keyframes import KeyframeStore
+    from .presets import EngineConfig
+
+    root = Path(path)
+    data = load_map(root)
+    try:
+        config = EngineConfig.from_dict(data.config)
+    except ValueError as exc:
+        raise ValueError(f"{root / MANIFEST}: bad engine config: {exc}") from exc
+    engine = cls(config, device)
+    for key, enc in (("clip", engine.clip_encoder), ("dino", engine.dino_encoder)):
+        if data.encoders.get(key) != enc.name:
+            raise ValueError(f"{root / MANIFEST}: map was built with {key} encoder "
+                             f"{data.encoders.get(key)!r}, the configured one is {enc.name!r}")
+    try:
+        store = KeyframeStore.from_arrays(config.keyframes, data.keyframes)
+    except ValueError as exc:
+        raise ValueError(f"{root / KEYFRAMES}: {exc}") from exc
+    caches = data.features["caches"]
+    for key, cache in (("clip", engine.pyramid), ("dino", engine.dense)):
+        if key not in caches:
+            raise ValueError(f"{root / FEATURES}: no {key} features")
+        try:
+            cache.load_state_dict(caches[key])
+        except ValueError as exc:
+            raise ValueError(f"{root / FEATURES}: {exc}") from exc
+        stray = sorted(set(cache.store.ids()) - set(store.ids()))
+        if stray:
+            raise ValueError(f"{root / FEATURES}: {key} features for unknown keyframes {stray[:5]}")
+    if data.model_state:
+        if data.scene_box is None:
+            raise ValueError(f"{root / MANIFEST}: weights present but no scene_box")
+        engine.scene_box = SceneBox(tuple(data.scene_box[0]), tuple(data.scene_box[1]))
+        engine._build_model()
+        check_state_shapes(engine.model, data.model_state, str(root / WEIGHTS))
+        engine.model.load_state_dict(data.model_state)
+        if data.trainer_state is not None:
+            try:
+                engine.trainer.load_state_dict(data.trainer_state)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise ValueError(f"{root / WEIGHTS}: optimiser state does not fit: {exc}") from exc
+    engine.store = store
+    engine._pending.extend(i for i in store.ids() if not (engine.pyramid.ready(i) and engine.dense.ready(i)))
+    engine._kf_version += 1
+    return engine

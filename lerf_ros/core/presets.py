@@ -1,0 +1,254 @@
+"""Engine configuration: small frozen dataclasses composed into `EngineConfig`, and the named presets.
+
+| preset    | device | rays / step | use                                                              |
+|-----------|--------|-------------|------------------------------------------------------------------|
+| "tiny"    | CPU    | few hundred | tests, CI, the CPU demo (tiny grids, demo colour encoders)       |
+| "lite"    | GPU    | 2048        | laptops / Jetson-class GPUs (smaller grids, OpenCLIP ViT-B/16)   |
+| "default" | GPU    | 4096        | LERF-sized grids, OpenCLIP ViT-B/16 laion2b_s34b_b88k + DINO ViT-S/16 |
+
+`EngineConfig.to_dict` / `EngineConfig.from_dict` round-trip through JSON (the map manifest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+
+from .encoders import DEFAULT_CLIP, DEFAULT_DINO, DEMO_CLIP, DEMO_DENSE, EncoderSpec
+from .fields.hash_encoding import HashEncodingConfig
+from .fields.language_field import LanguageFieldConfig
+from .fields.mlp import MLPConfig
+from .fields.radiance_field import DensityFieldConfig, RadianceFieldConfig
+from .keyframes import KeyframeConfig
+from .model import ModelConfig
+from .pyramid import PyramidConfig
+from .query import QueryConfig
+from .sampler import SamplerConfig
+from .trainer import TrainerConfig
+
+PRESETS = ("tiny", "lite", "default")
+
+
+@dataclass(frozen=True)
+class SceneBoxConfig:
+    """Region the fields model at full resolution (outside it the model contracts space).
+
+    box_min / box_max: (x, y, z) world frame, metres, both given = fixed box. None = derived once, when
+    training starts, from the keyframes present then: the bounds of the camera positions and (when depth
+    is given) of the measured surface points, grown by ``margin_m``. The box is then frozen: the hash
+    grids are indexed in box coordinates, so moving it later would scramble what was learnt; what the
+    robot sees later outside it is still modelled by the contracted region.
+    """
+
+    box_min: tuple[float, float, float] | None = None
+    box_max: tuple[float, float, float] | None = None
+    margin_m: float = 1.0
+
+    def validate(self) -> SceneBoxConfig:
+        if (self.box_min is None) != (self.box_max is None):
+            raise ValueError(f"give both box_min and box_max or neither, got {self.box_min}, {self.box_max}")
+        if self.box_min is not None:
+            lo, hi = tuple(self.box_min), tuple(self.box_max)
+            if len(lo) != 3 or len(hi) != 3 or not all(math.isfinite(v) for v in lo + hi):
+                raise ValueError(f"box_min / box_max must be 3 finite numbers, got {lo}, {hi}")
+            if not all(h > lo_ for lo_, h in zip(lo, hi, strict=True)):
+                raise ValueError(f"box_max must exceed box_min on every axis, got {lo}, {hi}")
+        if not (math.isfinite(self.margin_m) and self.margin_m >= 0):
+            raise ValueError(f"margin_m must be finite and >= 0, got {self.margin_m}")
+        return self
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """What happens to a frame before keyframe selection, and when training may start.
+
+    max_image_side:             keyframes larger than this (pixels, longer side) are downsized (area
+                                filter; intrinsics scaled); 0 = keep the input size.
+    min_keyframes:              training starts once this many keyframes have their language targets.
+    pyramid_keyframes_per_step: at most this many keyframes get their CLIP pyramid + dense features per
+                                ``engine.step`` call, so training keeps going while frames arrive.
+    """
+
+    max_image_side: int = 640
+    min_keyframes: int = 3
+    pyramid_keyframes_per_step: int = 1
+
+    def validate(self) -> IngestConfig:
+        if self.max_image_side < 0:
+            raise ValueError(f"max_image_side must be >= 0, got {self.max_image_side}")
+        if self.min_keyframes < 1 or self.pyramid_keyframes_per_step < 1:
+            raise ValueError(
+                f"min_keyframes and pyramid_keyframes_per_step must be >= 1, got {self.min_keyframes}, "
+                f"{self.pyramid_keyframes_per_step}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """Candidate surface points for 3D queries, from keyframe depth.
+
+    pixel_stride:  every pixel_stride-th pixel (both axes) of each keyframe is lifted to 3D.
+    voxel_m:       points are merged into voxels of this size (metres); a voxel's point is their mean.
+    depth_tol_rel: a point counts as seen by a keyframe when it projects inside it and its depth agrees
+                   with the keyframe's depth there to within this fraction (occlusion test).
+    """
+
+    pixel_stride: int = 4
+    voxel_m: float = 0.05
+    depth_tol_rel: float = 0.05
+
+    def validate(self) -> CandidateConfig:
+        if self.pixel_stride < 1 or not self.voxel_m > 0 or not self.depth_tol_rel > 0:
+            raise ValueError(
+                f"need pixel_stride >= 1, voxel_m > 0, depth_tol_rel > 0, got {self.pixel_stride}, "
+                f"{self.voxel_m}, {self.depth_tol_rel}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything `LERFEngine` needs, one small config per component."""
+
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pyramid: PyramidConfig = field(default_factory=PyramidConfig)
+    keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    clip_encoder: EncoderSpec = field(default_factory=lambda: EncoderSpec(DEFAULT_CLIP))
+    dino_encoder: EncoderSpec = field(default_factory=lambda: EncoderSpec(DEFAULT_DINO))
+    scene: SceneBoxConfig = field(default_factory=SceneBoxConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+
+    def validate(self) -> EngineConfig:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "validate"):
+                value.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        """JSON-compatible nested dict (tuples become lists)."""
+        return _to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EngineConfig:
+        """Inverse of `to_dict`; unknown or missing keys raise ValueError naming them."""
+        return _from_jsonable(cls, data, "config")
+
+
+def _to_jsonable(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _deep_tuple(value):
+    return tuple(_deep_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def _from_jsonable(tp, value, where: str):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object for {tp.__name__}, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown} for {tp.__name__}")
+        kwargs = {k: _from_jsonable(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except TypeError as exc:
+            raise ValueError(f"{where}: cannot build {tp.__name__}: {exc}") from exc
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                return _from_jsonable(arg, value, where)
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_jsonable(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if args and len(args) == len(value):
+            pairs = enumerate(zip(args, value, strict=True))
+            return tuple(_from_jsonable(a, v, f"{where}[{i}]") for i, (a, v) in pairs)
+        return _deep_tuple(value)
+    return value
+
+
+def _tiny_model() -> ModelConfig:
+    """CPU-sized fields: 8 + 6 + 4 hash levels with 2^14 tables, 32 + 16 samples per ray.
+
+    Measured on 2 shared CPU cores (see bench/RESULTS.md): ~3x faster per step than
+    ``model.tiny_config`` with the same held-out PSNR on the synthetic room.
+    """
+
+    def grid(levels, top):
+        return HashEncodingConfig(levels, 2, 14, 16, top)
+
+    prop = DensityFieldConfig(grid(4, 64), MLPConfig(1, 16))
+    return ModelConfig(
+        radiance=RadianceFieldConfig(grid(8, 256), 15, MLPConfig(1, 32), MLPConfig(1, 32, "sigmoid"), 3),
+        language=LanguageFieldConfig((grid(6, 128),), MLPConfig(1, 64), MLPConfig(1, 32)),
+        sampler=SamplerConfig((32,), 16, (prop,)),
+        language_samples_per_ray=4,
+    )
+
+
+def _lite_model() -> ModelConfig:
+    """About a quarter of LERF's grid memory: fits 8 GB GPUs, ~2x faster per ray."""
+    return ModelConfig(
+        radiance=RadianceFieldConfig(grid=HashEncodingConfig(16, 2, 17, 16, 1024)),
+        language=LanguageFieldConfig(grids=(HashEncodingConfig(12, 4, 17, 16, 128),
+                                            HashEncodingConfig(12, 4, 17, 128, 512))),
+        sampler=SamplerConfig(proposal_samples=(128, 64), nerf_samples=32),
+        language_samples_per_ray=12,
+    )
+
+
+def make_preset(name: str) -> EngineConfig:
+    """The named preset ("tiny", "lite", "default"); see the module table."""
+    if name == "tiny":
+        return EngineConfig(
+            name="tiny",
+            model=_tiny_model(),
+            # Four scales are enough for 96 x 72 images: the smallest LERF tile (5 %) would be 4 pixels.
+            pyramid=PyramidConfig(tile_fracs=(0.1, 0.2, 0.35, 0.5), stride_ramp=(0.1, 0.2), batch_size=256),
+            keyframes=KeyframeConfig(max_keyframes=48),
+            trainer=TrainerConfig(rays_per_step=256, lr=1e-2, lr_decay_steps=1500, lr_final_factor=0.1,
+                                  clip_loss_start_step=0),
+            clip_encoder=EncoderSpec(DEMO_CLIP),
+            dino_encoder=EncoderSpec(DEMO_DENSE),
+            ingest=IngestConfig(max_image_side=0, min_keyframes=3, pyramid_keyframes_per_step=2),
+            candidates=CandidateConfig(pixel_stride=2, voxel_m=0.04, depth_tol_rel=0.05),
+        ).validate()
+    if name == "lite":
+        return EngineConfig(
+            name="lite",
+            model=_lite_model(),
+            trainer=TrainerConfig(rays_per_step=2048, lr=1e-2, lr_decay_steps=15000, lr_final_factor=0.1),
+            ingest=IngestConfig(max_image_side=480, min_keyframes=3, pyramid_keyframes_per_step=1),
+            candidates=CandidateConfig(pixel_stride=6, voxel_m=0.05),
+        ).validate()
+    if name == "default":
+        # LERF's released settings: 4096 rays, Adam eps 1e-15, lr 1e-2 decaying 10x over 30 k steps.
+        return EngineConfig(
+            name="default",
+            trainer=TrainerConfig(rays_per_step=4096, lr=1e-2, lr_decay_steps=30000, lr_final_factor=0.1),
+            ingest=IngestConfig(max_image_side=640, min_keyframes=3, pyramid_keyframes_per_step=1),
+            candidates=CandidateConfig(pixel_stride=8, voxel_m=0.05),
+        ).validate()
+    raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")

@@ -1,0 +1,353 @@
+"""LERFEngine facade: bad input -> ValueError with the engine unchanged; queries before a model;
+training-worker states; presets round trip; maps that do not fit the engine."""
+
+import dataclasses
+import json
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from lerf_ros.core.encoders import EncoderSpec
+from lerf_ros.core.engine import LERFEngine, StepStats
+from lerf_ros.core.frame import Frame
+from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
+from lerf_ros.core.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
+from lerf_ros.core.worker import TrainingWorker
+
+# --------------------------------------------------------------------------- broken encoders
+
+
+class _BrokenClip:
+    """A VisionLanguageEncoder that misbehaves in a chosen way."""
+
+    def __init__(self, mode: str):
+        self.mode, self.dim, self.input_size = mode, 4, 8
+        self.name = f"broken-{mode}"
+
+    def encode_images(self, images):
+        n = images.shape[0]
+        if self.mode == "shape":
+            return torch.nn.functional.normalize(torch.ones(n, self.dim + 1), dim=1)
+        if self.mode == "norm":
+            return torch.ones(n, self.dim) * 3.0
+        return torch.nn.functional.normalize(torch.ones(n, self.dim), dim=1)
+
+    def encode_texts(self, texts):
+        n = len(texts)
+        if self.mode == "text_norm":
+            return torch.ones(n, self.dim) * 0.1
+        return torch.nn.functional.normalize(torch.ones(n, self.dim), dim=1)
+
+
+def broken_clip(device="cpu", mode="shape"):
+    return _BrokenClip(mode)
+
+
+# Encoder specs name an importable "module:factory"; this test module's own import name depends on
+# pytest's import mode, so the factory is published under a fixed module name.
+_PLUGIN = types.ModuleType("lerf_test_broken_encoders")
+_PLUGIN.broken_clip = broken_clip
+sys.modules[_PLUGIN.__name__] = _PLUGIN
+_SPEC = "lerf_test_broken_encoders:broken_clip"
+
+
+def _tiny(**ingest) -> EngineConfig:
+    cfg = make_preset("tiny")
+    if ingest:
+        cfg = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, **ingest))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def room_frames():
+    room = SyntheticRoom(0)
+    return make_frames(room, orbit_trajectory(room, 8), default_intrinsics(48, 36))
+
+
+def _snapshot(engine: LERFEngine):
+    return (len(engine.store), engine.store.ids(), list(engine._pending), engine.data_version,
+            engine.train_step, engine.selector._last_T is None)
+
+
+# --------------------------------------------------------------------------- bad frames
+
+
+def _bad_frames(good: Frame):
+    T = good.T_world_cam.copy()
+    nan_pose = T.copy()
+    nan_pose[0, 3] = np.nan
+    shear = T.copy()
+    shear[:3, :3] = shear[:3, :3] @ np.diag([1.0, 1.2, 1.0])
+    i = good.intrinsics
+    return {
+        "non-finite pose": dataclasses.replace(good, T_world_cam=nan_pose),
+        "non-rigid pose": dataclasses.replace(good, T_world_cam=shear),
+        "zero focal": dataclasses.replace(good, intrinsics=dataclasses.replace(i, fx=0.0)),
+        "negative focal": dataclasses.replace(good, intrinsics=dataclasses.replace(i, fy=-5.0)),
+        "size mismatch": dataclasses.replace(good, intrinsics=dataclasses.replace(i, width=i.width + 2)),
+        "depth size": dataclasses.replace(good, depth_m=np.ones((3, 3), np.float32)),
+        "image dtype": dataclasses.replace(good, image=good.image.astype(np.float32)),
+    }
+
+
+@pytest.mark.parametrize("case", ["non-finite pose", "non-rigid pose", "zero focal", "negative focal",
+                                  "size mismatch", "depth size", "image dtype"])
+def test_bad_frame_raises_and_changes_nothing(room_frames, case):
+    engine = LERFEngine(_tiny(), "cpu")
+    engine.add_frame(room_frames[0])
+    before = _snapshot(engine)
+    with pytest.raises(ValueError):
+        engine.add_frame(_bad_frames(room_frames[1])[case])
+    assert _snapshot(engine) == before
+    # the selector's reference is still frame 0: the next good frame is judged against it
+    assert engine.add_frame(room_frames[1]).keyframe
+
+
+def test_first_bad_frame_leaves_empty_engine(room_frames):
+    engine = LERFEngine(_tiny(), "cpu")
+    with pytest.raises(ValueError, match="not rigid"):
+        engine.add_frame(_bad_frames(room_frames[0])["non-rigid pose"])
+    assert len(engine.store) == 0 and engine.selector._last_T is None
+    assert engine.add_frame(room_frames[0]).reason == "first"
+
+
+def test_other_camera_size_rejected_before_selection(room_frames):
+    engine = LERFEngine(_tiny(), "cpu")
+    engine.add_frame(room_frames[0])
+    room = SyntheticRoom(0)
+    other = make_frames(room, orbit_trajectory(room, 8)[3:4], default_intrinsics(40, 30))[0]
+    before = _snapshot(engine)
+    with pytest.raises(ValueError, match="one camera"):
+        engine.add_frame(other)
+    assert _snapshot(engine) == before
+
+
+def test_distortion_undistorted_once_and_downsized(room_frames):
+    f = room_frames[0]
+    distorted = dataclasses.replace(
+        f, intrinsics=dataclasses.replace(f.intrinsics, distortion_model="plumb_bob",
+                                          distortion=(0.05, 0.0, 0.0, 0.0, 0.0)))
+    engine = LERFEngine(_tiny(max_image_side=24), "cpu")
+    res = engine.add_frame(distorted)
+    kf = engine.store.get(res.keyframe_id)
+    assert kf.intrinsics.distortion_model == "none"
+    assert kf.image.shape == (18, 24, 3) and kf.depth_m.shape == (18, 24)
+    assert kf.intrinsics.fx == pytest.approx(f.intrinsics.fx * 0.5)
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def test_empty_query_raises(room_frames):
+    engine = LERFEngine(_tiny(), "cpu")
+    for text in ("", "   ", "\n\t"):
+        with pytest.raises(ValueError, match="non-empty"):
+            engine.query(text)
+    with pytest.raises(ValueError, match="sequence of strings"):
+        engine.query("red box", negatives="blue")
+
+
+def test_query_before_training_not_found(room_frames):
+    engine = LERFEngine(_tiny(min_keyframes=3), "cpu")
+    r = engine.query("red box")
+    assert not r.found and r.message.startswith("no model yet") and r.location_world is None
+    assert r.cloud_xyz.shape == (0, 3) and r.model_step == 0
+    engine.add_frame(room_frames[0])
+    engine.step(5)  # one keyframe with features: below min_keyframes, no training
+    r = engine.query("red box")
+    assert not r.found and "1 keyframes with features (need 3)" in r.message
+    assert engine.status().step == 0 and not engine.ready()
+
+
+# --------------------------------------------------------------------------- broken encoders
+
+
+@pytest.mark.parametrize("mode", ["shape", "norm"])
+def test_broken_image_encoder_rejected_at_construction(mode):
+    cfg = dataclasses.replace(_tiny(), clip_encoder=EncoderSpec(_SPEC, (("mode", mode),)))
+    with pytest.raises(ValueError, match="broken-" + mode):
+        LERFEngine(cfg, "cpu")
+
+
+def test_broken_text_encoder_rejected_at_construction():
+    cfg = dataclasses.replace(_tiny(), clip_encoder=EncoderSpec(_SPEC, (("mode", "text_norm"),)))
+    with pytest.raises(ValueError, match="non-unit"):
+        LERFEngine(cfg, "cpu")
+
+
+def test_encoder_breaking_later_caught_at_query(room_frames, monkeypatch):
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    for f in room_frames[:3]:
+        engine.add_frame(f)
+    while engine.train_step < 2:
+        engine.step(2)
+
+    def bad_texts(texts):
+        return torch.ones(len(texts), engine.clip_encoder.dim)  # not unit
+
+    monkeypatch.setattr(engine.clip_encoder, "encode_texts", bad_texts)
+    with pytest.raises(ValueError, match="non-unit"):
+        engine.query("a never seen text")
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_round_trip(name):
+    cfg = make_preset(name)
+    back = EngineConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+
+
+def test_presets_differ_where_documented():
+    tiny, lite, default = (make_preset(n) for n in PRESETS)
+    assert default.trainer.rays_per_step == 4096 and lite.trainer.rays_per_step < 4096
+    assert tiny.trainer.rays_per_step < 1000
+    assert "demo" in tiny.clip_encoder.target and "openclip" in default.clip_encoder.target
+    assert "dino" in default.dino_encoder.target
+    assert len(default.pyramid.tile_fracs) == 7  # LERF's 7 scales
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_preset("huge")
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = make_preset("tiny").to_dict()
+    d["trainer"]["warp_speed"] = 9
+    with pytest.raises(ValueError, match="warp_speed"):
+        EngineConfig.from_dict(d)
+
+
+def test_ingest_config_validation():
+    with pytest.raises(ValueError):
+        IngestConfig(min_keyframes=0).validate()
+
+
+# --------------------------------------------------------------------------- worker
+
+
+class _FakeEngine:
+    """Counts steps; ``fail_at`` raises once at that step; 'trainable' only after data arrives."""
+
+    def __init__(self, fail_at=None):
+        self.train_step = 0
+        self.data_version = 0
+        self.has_data = False
+        self.fail_at = fail_at
+        self.calls = 0
+        self._cond = threading.Condition()
+
+    def step(self, n):
+        self.calls += 1
+        if not self.has_data:
+            return StepStats()
+        if self.fail_at is not None and self.train_step >= self.fail_at:
+            self.fail_at = None
+            raise RuntimeError("boom")
+        self.train_step += n
+        return StepStats(train_steps=n)
+
+    def add(self):
+        with self._cond:
+            self.has_data = True
+            self.data_version += 1
+            self._cond.notify_all()
+
+    def wait_for_data(self, version, timeout):
+        with self._cond:
+            self._cond.wait_for(lambda: self.data_version != version, timeout)
+            return self.data_version
+
+    def wake(self):
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _wait(pred, timeout=10.0):
+    ev = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if pred():
+            return True
+        ev.wait(0.01)
+    return pred()
+
+
+def test_worker_states_and_idle_without_spinning():
+    eng = _FakeEngine()
+    w = TrainingWorker(eng, steps_per_tick=5, max_steps=20, idle_poll_s=5.0)
+    assert w.state == "stopped"
+    w.start()
+    try:
+        assert _wait(lambda: w.state == "waiting" and eng.calls >= 1)
+        calls = eng.calls
+        threading.Event().wait(0.3)
+        assert eng.calls == calls  # blocked on wait_for_data, not polling step()
+        eng.add()
+        assert _wait(lambda: w.state == "ready")
+        assert eng.train_step == 20  # exactly max_steps, last tick trimmed
+        w.pause()
+        assert _wait(lambda: w.state == "paused")
+        w.resume()
+        assert _wait(lambda: w.state == "ready")
+    finally:
+        w.stop(timeout=5)
+    assert w.state == "stopped" and not w.alive
+
+
+def test_worker_catches_errors_and_recovers():
+    eng = _FakeEngine(fail_at=10)
+    eng.add()
+    w = TrainingWorker(eng, steps_per_tick=5, max_steps=30, idle_poll_s=5.0)
+    w.start()
+    try:
+        assert _wait(lambda: w.state == "error")
+        assert w.last_error == "RuntimeError: boom" and w.alive
+        assert eng.train_step == 10
+        w.resume()
+        assert _wait(lambda: w.state == "ready") and eng.train_step == 30
+    finally:
+        w.stop(timeout=5)
+
+
+def test_worker_bad_arguments():
+    with pytest.raises(ValueError, match="steps_per_tick"):
+        TrainingWorker(_FakeEngine(), steps_per_tick=0)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainingWorker(_FakeEngine(), max_steps=-1)
+
+
+# --------------------------------------------------------------------------- maps that do not fit
+
+
+def test_load_rejects_other_encoder_and_shape_mismatch(tmp_path, room_frames):
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    for f in room_frames[:3]:
+        engine.add_frame(f)
+    while engine.train_step < 1:
+        engine.step(1)
+    engine.save(tmp_path / "m")
+    manifest_path = tmp_path / "m" / "config.json"
+    good = json.loads(manifest_path.read_text())
+
+    other = json.loads(json.dumps(good))
+    other["config"]["clip_encoder"]["kwargs"] = [["dim", 20]]  # a different demo encoder -> other name
+    manifest_path.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"config\.json: map was built with clip encoder"):
+        LERFEngine.load(tmp_path / "m", "cpu")
+
+    grown = json.loads(json.dumps(good))
+    grown["config"]["model"]["language"]["clip_mlp"]["hidden_dim"] += 8  # weights no longer fit
+    manifest_path.write_text(json.dumps(grown))
+    with pytest.raises(ValueError, match=r"weights\.pt: .* has shape"):
+        LERFEngine.load(tmp_path / "m", "cpu")
+
+    manifest_path.write_text(json.dumps(good))
+    back = LERFEngine.load(tmp_path / "m", "cpu")
+    assert back.train_step == engine.train_step and back.store.ids() == engine.store.ids()
+    for k, v in engine.model.state_dict().items():
+        assert torch.equal(back.model.state_dict()[k], v)
+
