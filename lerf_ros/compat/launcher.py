@@ -1,6 +1,7 @@
 """Start the lerf nodes from the ros2 params YAML when ``ros2 launch`` is not installed.
 
     python -m lerf_ros.compat.launcher --params config/lerf.yaml [--set name:=value ...] [--mode both]
+                                      [--namespace ns]
 
 Does what ``launch/lerf.launch.py`` does: one process, both nodes sharing one model (``--mode both``), or
 one of them alone (``trainer`` / ``query``), with the YAML passed to rcl as ``--params-file`` and each
@@ -112,9 +113,11 @@ def validate(params_file: str, sets: Sequence[str], roles: Sequence[str]) -> Non
         params.resolve(own)
 
 
-def ros_args(params_file: str, sets: Sequence[str]) -> list[str]:
-    """The rcl command line that gives the nodes these parameters."""
+def ros_args(params_file: str, sets: Sequence[str], namespace: str = "") -> list[str]:
+    """The rcl command line that gives the nodes these parameters (and pushes them into ``namespace``)."""
     args = ["--ros-args", "--params-file", os.path.abspath(params_file)]
+    if namespace:
+        args += ["-r", f"__ns:=/{namespace.strip('/')}"]
     for item in sets:
         name, value = parse_set(item)
         # rcl parses the value as YAML too; an empty string must be spelled out or rcl rejects it.
@@ -130,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="override a parameter for every node (repeatable)")
     parser.add_argument("--mode", choices=("both", "trainer", "query"), default="both",
                         help="both nodes sharing one model (default), or one alone")
+    parser.add_argument("--namespace", default="", help="push the nodes (and their relative topics) into it")
     parser.add_argument("--check", action="store_true", help="validate the parameters and exit")
     args = parser.parse_args(argv)
 
@@ -146,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from lerf_ros.ros import main as ros_main
 
-    return ros_main.run(args.mode, ros_args(args.params, args.set))
+    return ros_main.run(args.mode, ["lerf_launcher", *ros_args(args.params, args.set, args.namespace)])
 
 
 if __name__ == "__main__":

@@ -104,6 +104,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("query_threshold", float, PRESET,
               "Relevancy a target needs to count as found when a request's threshold is <= 0.",
               range=(0.0, 1.0), read_only=False, preset_field="query.threshold"),
+    ParamSpec("candidate_voxel_m", float, PRESET,
+              "Voxel size of the candidate surface points a query scores, m (query cost ~ 1 / voxel^2).",
+              nodes=frozenset({TRAINER}), range=(0.005, 1.0), preset_field="candidates.voxel_m"),
+    ParamSpec("candidate_pixel_stride", int, PRESET, "Keyframe pixel stride when lifting candidate points.",
+              nodes=frozenset({TRAINER}), range=(1, 64), preset_field="candidates.pixel_stride"),
     ParamSpec("max_query_chars", int, 1000, "Longer query texts are refused (found=false).",
               nodes=frozenset({QUERY}), range=(1, 100000)),
     ParamSpec("status_rate_hz", float, 2.0, "Rate of TrainingStatus on /lerf/status, Hz.",
@@ -236,10 +241,13 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> ResolvedParams:
     )
     ingest = dataclasses.replace(base.ingest, min_keyframes=values["min_keyframes"],
                                  max_image_side=values["max_image_side"])
+    candidates = dataclasses.replace(base.candidates, voxel_m=values["candidate_voxel_m"],
+                                     pixel_stride=values["candidate_pixel_stride"])
     engine = dataclasses.replace(
         base,
         keyframes=keyframes,
         ingest=ingest,
+        candidates=candidates,
         query=dataclasses.replace(base.query, threshold=values["query_threshold"]),
         clip_encoder=_encoder_spec(base.clip_encoder, values["clip_encoder"], values["clip_checkpoint"]),
         dino_encoder=_encoder_spec(base.dino_encoder, values["dino_encoder"], ""),

@@ -1,0 +1,330 @@
+"""The recorder / trainer node: camera + TF in, an online LERF out.
+
+Threads (nothing slow runs in an executor callback):
+- ``sensor`` callback group (mutually exclusive): Image / CompressedImage, CameraInfo, depth. Callbacks
+  convert and validate the message and put it on a bounded queue (drop-oldest, counted as "queue_full").
+- ingest thread (owned): TF lookup of ``T_world_cam`` at the image stamp (waiting up to ``tf_timeout_s``,
+  interpolated by the TF buffer), then ``engine.add_frame``.
+- training worker (``core.worker.TrainingWorker``, owned): ``engine.step`` in a loop; the engine computes
+  keyframe features first and trains once ``min_keyframes`` keyframes have them.
+- ``control`` group: pause / reset / save_map / load_map services; ``status`` group: the status timer.
+
+Names are relative (``lerf/status`` ...), so pushing the node into a namespace moves all of them.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header
+from std_srvs.srv import SetBool, Trigger
+
+from lerf_ros.compat import image as image_conv
+from lerf_ros.compat import tf as compat_tf
+from lerf_ros.core.frame import Frame
+from lerf_ros.core.worker import TrainingWorker
+from lerf_ros.ros import ingest
+from lerf_ros.ros.engine_slot import EngineSlot, YieldingEngine
+from lerf_ros.ros.messages import stamp_to_ns, training_status_msg
+from lerf_ros.ros.params import TRAINER, TRAINER_NODE_NAME, declare_and_resolve
+
+#: worker.state -> TrainingStatus state name.
+_STATE_NAMES = {"stopped": "waiting", "waiting": "waiting", "training": "training", "paused": "paused",
+                "ready": "ready", "error": "error"}
+_LOG_THROTTLE_S = 5.0
+_DEPTH_KEEP = 16  # depth images kept for stamp matching
+
+
+def _make_engine(config, device: str):
+    from lerf_ros.core.engine import LERFEngine
+
+    return LERFEngine(config, device=device)
+
+
+class TrainerNode(Node):
+    """Subscribes to the camera, trains the shared engine, publishes ``lerf/status``.
+
+    slot: the process's ``EngineSlot``; when None (or empty) the node builds an engine from its parameters.
+    Raises ``ParameterError`` from the constructor on an invalid parameter.
+    """
+
+    def __init__(self, slot: EngineSlot | None = None, *, node_name: str = TRAINER_NODE_NAME, **node_kwargs):
+        super().__init__(node_name, **node_kwargs)
+        self.params = declare_and_resolve(self, TRAINER)
+        self.settings = self.params.trainer
+        self.slot = slot if slot is not None else EngineSlot()
+        if self.slot.get() is None:
+            self.slot.set(_make_engine(self.params.engine, self.params.device))
+        self.counters = ingest.DropCounter()
+        self.queue = ingest.BoundedQueue(self.settings.queue_size)
+        self._camera_info = None  # (CameraIntrinsics | None, error text)
+        self._depths: dict[int, object] = {}
+        self._lock = threading.Lock()  # guards _camera_info, _depths, _last_error, _paused, worker swap
+        self._last_error = ""
+        self._paused = False
+        self._worker = self._new_worker()
+        self._stop = threading.Event()
+
+        self.tf_buffer, self.tf_listener, self.tf_is_real = compat_tf.make_tf_buffer(self)
+
+        sensor = MutuallyExclusiveCallbackGroup()
+        control = MutuallyExclusiveCallbackGroup()
+        status = MutuallyExclusiveCallbackGroup()
+        s = self.settings
+        if s.image_transport == "compressed":
+            self.create_subscription(CompressedImage, s.image_topic.rstrip("/") + "/compressed",
+                                     self._on_image, qos_profile_sensor_data, callback_group=sensor)
+        else:
+            self.create_subscription(Image, s.image_topic, self._on_image, qos_profile_sensor_data,
+                                     callback_group=sensor)
+        self.create_subscription(CameraInfo, s.camera_info_topic, self._on_camera_info,
+                                 qos_profile_sensor_data, callback_group=sensor)
+        if s.depth_topic:
+            self.create_subscription(Image, s.depth_topic, self._on_depth, qos_profile_sensor_data,
+                                     callback_group=sensor)
+        from lerf_ros.msg import TrainingStatus
+        from lerf_ros.srv import MapPath
+
+        self.status_pub = self.create_publisher(TrainingStatus, "lerf/status", 10)
+        self.create_service(SetBool, "lerf/pause", self._on_pause, callback_group=control)
+        self.create_service(Trigger, "lerf/reset", self._on_reset, callback_group=control)
+        self.create_service(MapPath, "lerf/save_map", self._on_save, callback_group=control)
+        self.create_service(MapPath, "lerf/load_map", self._on_load, callback_group=control)
+        self.create_timer(1.0 / s.status_rate_hz, self.publish_status, callback_group=status)
+
+        self._ingest_thread = threading.Thread(target=self._ingest_loop, name="lerf-ingest", daemon=True)
+        self._ingest_thread.start()
+        self._worker.start()
+        self.get_logger().info(
+            f"training preset '{self.params.values['preset']}' on {self.params.device}; camera "
+            f"{s.image_topic} ({s.image_transport}), world frame '{s.world_frame}', "
+            f"TF {'tf2_ros' if self.tf_is_real else 'compat buffer'}")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def engine(self):
+        return self.slot.get()
+
+    def _new_worker(self) -> TrainingWorker:
+        s = self.settings
+        engine = YieldingEngine(self.slot.get(), self.slot.gate)
+        return TrainingWorker(engine, steps_per_tick=s.steps_per_tick, max_steps=s.max_steps or None)
+
+    def _drop(self, reason: str, detail: str) -> None:
+        self.counters.drop(reason)
+        with self._lock:
+            self._last_error = f"{reason}: {detail}"
+        self.get_logger().warning(f"dropped frame ({reason}): {detail}",
+                                  throttle_duration_sec=_LOG_THROTTLE_S)
+
+    # ------------------------------------------------------------------ subscriptions (no blocking here)
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        try:
+            entry = (ingest.intrinsics_from_camera_info(msg), "")
+        except (ValueError, IndexError) as exc:
+            entry = (None, str(exc))
+        with self._lock:
+            self._camera_info = entry
+
+    def _on_depth(self, msg: Image) -> None:
+        try:
+            depth = image_conv.depth_to_metres(msg)
+        except ValueError as exc:
+            self._drop(ingest.BAD_DEPTH, str(exc))
+            return
+        with self._lock:
+            self._depths[stamp_to_ns(msg.header.stamp)] = depth
+            while len(self._depths) > _DEPTH_KEEP:
+                self._depths.pop(next(iter(self._depths)))
+
+    def _on_image(self, msg) -> None:
+        self.counters.received()
+        with self._lock:
+            info = self._camera_info
+        if info is None:
+            self._drop(ingest.NO_CAMERA_INFO, f"no CameraInfo yet on {self.settings.camera_info_topic}")
+            return
+        intrinsics, info_error = info
+        if intrinsics is None:
+            self._drop(ingest.BAD_INTRINSICS, info_error)
+            return
+        try:
+            if isinstance(msg, CompressedImage):
+                rgb = image_conv.compressed_to_rgb(msg)
+            else:
+                rgb = image_conv.image_to_rgb(msg)
+        except ValueError as exc:
+            self._drop(ingest.BAD_IMAGE, str(exc))
+            return
+        h, w = rgb.shape[:2]
+        if (w, h) != (intrinsics.width, intrinsics.height):
+            self._drop(ingest.SIZE_MISMATCH,
+                       f"image is {w}x{h} but CameraInfo is {intrinsics.width}x{intrinsics.height}")
+            return
+        try:
+            intrinsics.validate()
+        except ValueError as exc:
+            self._drop(ingest.BAD_INTRINSICS, str(exc))
+            return
+        if not msg.header.frame_id:
+            self._drop(ingest.TF_MISSING, "image header has an empty frame_id")
+            return
+        pending = ingest.PendingFrame(rgb, intrinsics, msg.header.frame_id, stamp_to_ns(msg.header.stamp))
+        if not self.queue.put(pending):
+            self._drop(ingest.QUEUE_FULL, f"ingest queue full ({self.queue.maxlen}); dropped the oldest")
+
+    # ------------------------------------------------------------------ ingest thread
+    def _lookup(self, target: str, source: str, stamp_ns: int, timeout_s: float):
+        # Runs on the ingest thread, so waiting here never blocks the executor that feeds the TF buffer.
+        return compat_tf.lookup_matrix(self.tf_buffer, target, source, stamp_ns, timeout_s)
+
+    def _ingest_loop(self) -> None:
+        while not self._stop.is_set():
+            item = self.queue.get(timeout=0.5)
+            if item is None:
+                continue
+            try:
+                self._ingest(item)
+            except Exception as exc:  # a bug must not kill the thread: report it in the status
+                self.get_logger().error(f"ingest failed: {type(exc).__name__}: {exc}",
+                                        throttle_duration_sec=_LOG_THROTTLE_S)
+                self._drop(ingest.BAD_FRAME, f"{type(exc).__name__}: {exc}")
+
+    def _ingest(self, item: ingest.PendingFrame) -> None:
+        s = self.settings
+        T_world_cam, reason, detail = ingest.lookup_pose(self._lookup, s.world_frame, item.frame_id,
+                                                         item.stamp_ns, s.tf_timeout_s, compat_tf)
+        if T_world_cam is None:
+            self._drop(reason, detail)
+            return
+        with self._lock:
+            depth = self._depths.get(item.stamp_ns)
+        if depth is not None and depth.shape != item.image.shape[:2]:
+            self._drop(ingest.BAD_DEPTH, f"depth {depth.shape} does not match image {item.image.shape[:2]}")
+            depth = None
+        engine = self.slot.get()
+        try:
+            with self.slot.gate.priority():
+                frame = Frame(item.image, item.intrinsics, T_world_cam, item.stamp_ns, depth)
+                result = engine.add_frame(frame)
+        except ValueError as exc:
+            self._drop(ingest.BAD_FRAME, str(exc))
+            return
+        if not result.keyframe:
+            # Keyframe filter rejections ("blurred", "redundant", ...) count as drops, by the engine's reason.
+            self.counters.drop(result.reason)
+
+    # ------------------------------------------------------------------ services
+    def _on_pause(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        with self._lock:
+            self._paused = bool(request.data)
+            if self._paused:
+                self._worker.pause()
+            else:
+                self._worker.resume()
+        response.success = True
+        response.message = "paused" if request.data else "resumed"
+        self.publish_status()
+        return response
+
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        self.queue.clear()
+        with self._lock:
+            self._swap_worker(lambda: self.slot.get().reset())
+            self._depths.clear()
+            self._last_error = ""
+        self.counters.reset()
+        response.success, response.message = True, "map cleared; waiting for keyframes"
+        self.publish_status()
+        return response
+
+    def _swap_worker(self, change) -> None:
+        """Stop the worker, apply ``change()`` (reset or a new engine), start a fresh worker on the slot's
+        engine, paused again if it was. The caller holds ``self._lock``."""
+        self._worker.stop()
+        change()
+        self._worker = self._new_worker()
+        self._worker.start()
+        if self._paused:
+            self._worker.pause()
+
+    def _on_save(self, request, response):
+        path = request.path
+        if not path.startswith("/"):
+            response.success, response.message = False, f"path must be absolute, got {path!r}"
+            return response
+        try:
+            engine = self.slot.get()
+            with self.slot.gate.priority():
+                engine.save(path)
+            st = engine.status()
+            response.success = True
+            response.message = f"saved {st.keyframes} keyframes, step {st.step} to {path}"
+        except (OSError, ValueError, RuntimeError) as exc:
+            response.success, response.message = False, f"save to {path!r} failed: {exc}"
+        self.get_logger().info(response.message)
+        return response
+
+    def _on_load(self, request, response):
+        from lerf_ros.core.engine import LERFEngine
+
+        path = request.path
+        try:
+            if not path.startswith("/"):
+                raise ValueError(f"path must be absolute, got {path!r}")
+            engine = LERFEngine.load(path, device=self.params.device)
+        except (OSError, ValueError, RuntimeError) as exc:
+            response.success = False
+            response.message = f"load of {path!r} failed, kept the running map: {exc}"
+            self.get_logger().error(response.message)
+            return response
+        self.queue.clear()
+        with self._lock:
+            self._swap_worker(lambda: self.slot.set(engine))
+        st = engine.status()
+        response.success = True
+        response.message = f"loaded {st.keyframes} keyframes, step {st.step} from {path}"
+        self.get_logger().info(response.message)
+        return response
+
+    # ------------------------------------------------------------------ status
+    def state_name(self) -> str:
+        with self._lock:
+            return _STATE_NAMES[self._worker.state]
+
+    def publish_status(self) -> None:
+        engine = self.slot.get()
+        received, drops = self.counters.snapshot()
+        with self._lock:
+            node_error = self._last_error
+            worker_error = self._worker.last_error
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings.world_frame)
+        msg = training_status_msg(engine.status(), self.state_name(), header, received, drops,
+                                  worker_error or node_error)
+        self.status_pub.publish(msg)
+
+    def shutdown(self) -> None:
+        """Stop the ingest thread and the worker (call before destroy_node)."""
+        self._stop.set()
+        self.queue.close()
+        self._ingest_thread.join(timeout=5.0)
+        compat_tf.close_tf_listener(self.tf_listener)
+        with self._lock:
+            self._worker.stop()
+
+
+def main(args=None) -> int:
+    """Console entry ``lerf_trainer_node``: the trainer alone (queries need ``lerf_node`` or a saved map)."""
+    from lerf_ros.ros.main import run
+
+    return run("trainer", sys.argv if args is None else args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
