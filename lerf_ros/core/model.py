@@ -7,6 +7,8 @@ change density or the proposal fields (``test_model.py`` checks the gradients ar
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +62,42 @@ class ModelConfig:
         self.sampler.validate()
         self.language.validate()
         return self
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (JSON-serialisable) for checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Inverse of ``to_dict``; ValueError naming the first unknown or malformed key."""
+        return _from_dict(cls, d, "model").validate()
+
+
+def _from_dict(cls, value, path: str):
+    """Rebuild a (nested) frozen config dataclass from ``dataclasses.asdict`` output."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a mapping for {cls.__name__}, got {type(value).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(value) - names
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)} for {cls.__name__}")
+    kwargs = {}
+    for name, v in value.items():
+        tp = hints[name]
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, v, f"{path}.{name}")
+        elif origin is tuple and args and dataclasses.is_dataclass(args[0]):
+            kwargs[name] = tuple(_from_dict(args[0], x, f"{path}.{name}[{i}]") for i, x in enumerate(v))
+        elif origin is tuple:
+            kwargs[name] = tuple(v)
+        else:
+            kwargs[name] = v
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 def tiny_config(implementation: str = "auto") -> ModelConfig:
@@ -180,7 +218,7 @@ class LERFModel(nn.Module):
         w = self.config.loss_weights
         samples = outputs["samples"]
         out = {"rgb": w.rgb * L.rgb_loss(outputs["rgb"], batch["rgb"])}
-        if self.training or w.interlevel:
+        if w.interlevel:
             out["interlevel"] = w.interlevel * L.interlevel_loss(
                 samples.s_edges, outputs["weights"],
                 [p.s_edges for p in outputs["proposal_samples"]], outputs["proposal_weights"],

@@ -202,7 +202,7 @@ def test_fit_small_room(one_thread):
         for opt in opts:
             opt.step()
     psnr1, depth_err1 = evaluate()
-    print(f"fit: PSNR {psnr0:.2f} -> {psnr1:.2f} dB, median depth error {depth_err0:.3f} -> {depth_err1:.3f} m")
+    print(f"fit: PSNR {psnr0:.2f} -> {psnr1:.2f} dB, depth error {depth_err0:.3f} -> {depth_err1:.3f} m")
     assert psnr0 < 15.0
     assert psnr1 > 22.0, (psnr0, psnr1)
     assert depth_err0 > 0.15 and depth_err1 < 0.05, (depth_err0, depth_err1)
@@ -216,6 +216,16 @@ def test_fit_small_room(one_thread):
     assert obj_rgb[0, 0] > 0.6 and obj_rgb[0, 1] < 0.35
     c_face = model.clip_at_points(face, 0.1)[0]
     c_wall = model.clip_at_points(wall, 0.1)[0]
+    sigma_face, sigma_free = model.density_at_points(face).item(), model.density_at_points(free).item()
     print(f"fit: clip face {c_face[:2].tolist()}, wall {c_wall[:2].tolist()}, rgb {obj_rgb.tolist()}, "
-          f"density face {model.density_at_points(face).item():.1f} free {model.density_at_points(free).item():.3f}")
-    assert c_face[0] > c_face[1] and c_wall[1] > c_wall[0]
+          f"density face {sigma_face:.1f} free {sigma_free:.3f}")
+    assert c_face[0] > 0.9 and c_wall[1] > 0.9
+
+
+def test_config_roundtrip_dict():
+    cfg = tiny_config("torch")
+    assert type(cfg).from_dict(cfg.to_dict()) == cfg
+    d = cfg.to_dict()
+    d["sampler"]["bogus"] = 1
+    with pytest.raises(ValueError, match="bogus"):
+        type(cfg).from_dict(d)
