@@ -213,10 +213,12 @@ class _GridInterp(torch.autograd.Function):
     """out (N, L, F) = sum over 8 corners of w * table[idx]; gradient only into the table.
 
     A hand-written backward (one multiply + one index_add_) is ~2x faster on the CPU than autograd
-    through index_select and the broadcast product, and saves only idx and w.
+    through index_select and the broadcast product, and saves only idx and w. Under CUDA autocast it
+    runs in float32: table gradients are tiny and would underflow in float16.
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, table, idx, w):
         n, levels, _ = idx.shape
         vals = table.index_select(0, idx.reshape(-1)).view(n, levels, 8, -1)
@@ -225,6 +227,7 @@ class _GridInterp(torch.autograd.Function):
         return torch.einsum("nlc,nlcf->nlf", w, vals) if vals.shape[-1] > 2 else (w[..., None] * vals).sum(2)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         idx, w = ctx.saved_tensors
         grad_vals = (w[..., None] * grad_out[:, :, None, :]).reshape(-1, grad_out.shape[-1])

@@ -20,11 +20,13 @@ class _TruncExp(torch.autograd.Function):
     """exp with the gradient clamped at exp(15): keeps early training from exploding (instant-ngp)."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x):
         ctx.save_for_backward(x)
         return torch.exp(x)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad * torch.exp(x.clamp(max=15.0))
