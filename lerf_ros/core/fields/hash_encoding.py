@@ -1,9 +1,12 @@
 """Multi-resolution hash encoding (instant-ngp), tinycudann or pure PyTorch, one interface.
 
-The PyTorch backend reproduces tinycudann's HashGrid exactly (same parameter layout, level
-scales, +0.5 vertex offset, dense indexing while a level fits its table, coherent prime hash
-otherwise, linear interpolation), so the flat parameter vector of one backend loaded into the
-other gives the same output up to float rounding. That is what the CUDA comparison test checks.
+The PyTorch backend reproduces tinycudann's HashGrid (same parameter layout, level scales, +0.5
+vertex offset, dense indexing while a level fits its table, coherent prime hash otherwise, linear
+interpolation), so the flat parameter vector of one backend loaded into the other gives the same
+output up to float rounding; the CUDA test checks it. One deliberate difference: on a dense level,
+within half a cell of the unit cube's upper faces, tinycudann's +1 vertex runs past the grid and its
+row index wraps into the next grid row (an artefact); the torch backend clamps to the border there.
+With the scene contraction that region is the shell at (near) infinite distance.
 """
 
 from __future__ import annotations
@@ -155,7 +158,11 @@ class HashEncoding(nn.Module):
         hashed = [res**3 > size for res, size in zip(resolutions, sizes, strict=True)]
         if any(hashed[i] and not hashed[i + 1] for i in range(len(hashed) - 1)):
             raise ValueError(f"hash levels must follow dense ones, got hashed={hashed}")
-        self._num_dense = len(hashed) - sum(hashed)
+        self._num_dense = k = len(hashed) - sum(hashed)
+        strides = torch.tensor([[1, r, r * r] for r in resolutions[:k]], dtype=torch.int64).reshape(k, 3)
+        bits = torch.tensor([[c >> 2 & 1, c >> 1 & 1, c & 1] for c in range(8)], dtype=torch.int64)
+        self.register_buffer("_dense_strides", strides, persistent=False)  # (K, 3)
+        self.register_buffer("_dense_corners", strides @ bits.T, persistent=False)  # (K, 8) row offsets
         self.register_buffer("_primes", torch.tensor(_PRIMES, dtype=torch.int64), persistent=False)
 
     @property
@@ -172,65 +179,77 @@ class HashEncoding(nn.Module):
 
     @torch.no_grad()
     def corner_indices_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, 3) in [0, 1] -> table rows (N, L, 8) int64 and trilinear weights (N, L, 8).
+        """x (N, 3) in [0, 1] -> table rows (L, 8, N) int64 and trilinear weights (L, 8, N).
 
-        Corner c = 4 bx + 2 by + bz. Works per axis on the two candidate vertices (N, L, 3, 2) and
-        combines the 8 corners by broadcasting (~3x fewer integer ops than materialising corner
-        coordinates). Levels are sorted by resolution, so dense levels come first, hashed ones last.
+        Corner c = 4 bx + 2 by + bz. Points are the LAST axis so every broadcast op runs over long
+        contiguous rows (with points first, the innermost axis has length 2 and the CPU kernels
+        crawl). Integer work is done on small per-level / per-axis tensors and combined by
+        broadcasting. Levels are sorted by resolution: dense ones first, hashed ones last.
         """
         n, levels = x.shape[0], self.config.num_levels
-        pos = x[:, None, :] * self._scales[None, :, None] + 0.5  # (N, L, 3)
+        pos = self._scales[:, None, None] * x.T[None] + 0.5  # (L, 3, N)
         grid = torch.floor(pos)
         frac = pos - grid
-        v = grid.long()[..., None] + torch.arange(2, device=x.device)  # (N, L, 3, 2)
+        g = grid.long()
+        idx = torch.empty(levels, 8, n, dtype=torch.long, device=x.device)
         k = self._num_dense
-        parts = []
         if k > 0:
-            res = self._res[None, :k, None]
-            d = v[:, :k] * torch.stack([torch.ones_like(res), res, res * res], dim=2)  # per-axis strides
-            d = d[:, :, 0, :, None, None] + d[:, :, 1, None, :, None] + d[:, :, 2, None, None, :]
-            # The +1 vertex may step one past the grid; like tinycudann, wrap modulo the table size
-            # (the index is < 2 * size, so one conditional subtraction is the modulo).
-            size = self._sizes[None, :k, None, None, None]
-            parts.append(torch.where(d >= size, d - size, d))
+            # Dense: row = base vertex row + a per-level constant per corner. The last vertex layer
+            # (floor = res - 1, within half a cell of the cube's upper faces) is clamped to the border;
+            # tinycudann wraps it into the next row there instead (see module docstring).
+            top = self._res[:k, None, None] - 2
+            over = g[:k] > top
+            frac[:k] = torch.where(over, torch.ones_like(frac[:k]), frac[:k])
+            base = (torch.minimum(g[:k], top) * self._dense_strides[:, :, None]).sum(1)  # (K, N)
+            base = base + self._offsets[:k, None]
+            torch.add(base[:, None, :], self._dense_corners[:, :, None], out=idx[:k])
         if k < levels:
-            h = v[:, k:] * self._primes[None, None, :, None]
-            h = h[:, :, 0, :, None, None] ^ h[:, :, 1, None, :, None] ^ h[:, :, 2, None, None, :]
-            parts.append(h & (self._sizes[None, k:, None, None, None] - 1))  # hashed sizes are powers of 2
-        idx = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        idx = idx.view(n, levels, 8) + self._offsets[None, :, None]
-        wx = torch.stack([1 - frac, frac], dim=-1)  # (N, L, 3, 2)
-        w = wx[:, :, 0, :, None, None] * wx[:, :, 1, None, :, None] * wx[:, :, 2, None, None, :]
-        return idx, w.reshape(n, levels, 8)
+            # Hashed: (a ^ b ^ c) & m == (a & m) ^ (b & m) ^ (c & m), so mask the per-axis terms first.
+            v = g[k:, :, None, :] + torch.arange(2, device=x.device)[:, None]  # (H, 3, 2, N)
+            h = (v * self._primes[None, :, None, None]) & (self._sizes[k:, None, None, None] - 1)
+            h = h.int()  # masked rows are < 2^24: int32 halves the memory traffic of the XORs
+            xy = h[:, 0, :, None, :] ^ h[:, 1, None, :, :]  # (H, 2, 2, N)
+            xyz = xy[:, :, :, None, :] ^ h[:, 2, None, None, :, :]  # (H, 2, 2, 2, N)
+            torch.add(xyz, self._offsets[k:, None, None, None, None], out=idx.view(levels, 2, 2, 2, n)[k:])
+        wx = torch.stack([1 - frac, frac], dim=2)  # (L, 3, 2, N)
+        wxy = wx[:, 0, :, None, :] * wx[:, 1, None, :, :]
+        w = wxy[:, :, :, None, :] * wx[:, 2, None, None, :, :]
+        return idx, w.reshape(levels, 8, n)
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         idx, w = self.corner_indices_weights(x)
         table = self.params.view(self.total_entries, self.config.features_per_level)
-        return _GridInterp.apply(table, idx, w).reshape(x.shape[0], -1)
+        return _GridInterp.apply(table, idx, w)
 
 
 class _GridInterp(torch.autograd.Function):
-    """out (N, L, F) = sum over 8 corners of w * table[idx]; gradient only into the table.
+    """(table (T, F), idx (L, 8, N), w (L, 8, N)) -> (N, L*F) = sum over corners of w * table[idx].
 
-    A hand-written backward (one multiply + one index_add_) is ~2x faster on the CPU than autograd
-    through index_select and the broadcast product, and saves only idx and w. Under CUDA autocast it
-    runs in float32: table gradients are tiny and would underflow in float16.
+    Gradient only into the table. A hand-written backward (one multiply + one index_add_) is ~2x
+    faster on the CPU than autograd through index_select and the broadcast product, and saves only
+    idx and w. Under CUDA autocast it runs in float32: table gradients are tiny and would underflow
+    in float16.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, table, idx, w):
-        n, levels, _ = idx.shape
-        vals = table.index_select(0, idx.reshape(-1)).view(n, levels, 8, -1)
+        levels, _, n = idx.shape
+        feat = table.shape[1]
+        vals = table.index_select(0, idx.reshape(-1)).view(levels, 8, n, feat)
         ctx.save_for_backward(idx, w)
         ctx.table_shape = table.shape
-        return torch.einsum("nlc,nlcf->nlf", w, vals) if vals.shape[-1] > 2 else (w[..., None] * vals).sum(2)
+        out = (w[..., None] * vals).sum(dim=1)  # (L, N, F)
+        return out.permute(1, 0, 2).reshape(n, levels * feat)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         idx, w = ctx.saved_tensors
-        grad_vals = (w[..., None] * grad_out[:, :, None, :]).reshape(-1, grad_out.shape[-1])
+        levels, _, n = idx.shape
+        feat = ctx.table_shape[1]
+        g = grad_out.reshape(n, levels, feat).permute(1, 0, 2)  # (L, N, F)
+        grad_vals = (w[..., None] * g[:, None]).reshape(-1, feat)
         grad_table = torch.zeros(ctx.table_shape, dtype=grad_out.dtype, device=grad_out.device)
         grad_table.index_add_(0, idx.reshape(-1), grad_vals)
         return grad_table, None, None
