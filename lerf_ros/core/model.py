@@ -260,6 +260,22 @@ class LERFModel(nn.Module):
         return torch.cat(out) if out else points.new_zeros(0, self.clip_dim)
 
     @torch.no_grad()
+    def clip_multiscale(self, points: torch.Tensor, scales_m: torch.Tensor) -> torch.Tensor:
+        """points (N, 3) world metres, scales_m (S,) metres -> (S, N, clip_dim) unit.
+
+        The hash-grid features are computed once and reused for every scale (LERF's scale search
+        evaluates ~30 scales per query).
+        """
+        points = points.float()
+        scales = torch.as_tensor(scales_m, dtype=torch.float32, device=points.device).reshape(-1)
+        out = points.new_empty(scales.shape[0], points.shape[0], self.clip_dim)
+        for i in range(0, points.shape[0], _POINT_CHUNK):
+            feats = self.language.features(points[i : i + _POINT_CHUNK])
+            for j, s in enumerate(scales):
+                out[j, i : i + _POINT_CHUNK] = self.language.clip(feats, s.expand(feats.shape[0]))
+        return out
+
+    @torch.no_grad()
     def density_at_points(self, points: torch.Tensor) -> torch.Tensor:
         """points (N, 3) world metres -> (N,) density per metre."""
         points = points.float()

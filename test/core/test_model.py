@@ -113,6 +113,9 @@ def test_forward_shapes_and_clip_scale():
     assert model.clip_at_points(pts, 0.3).shape == (7, CLIP_DIM)
     assert model.clip_at_points(pts, torch.full((7,), 0.3)).shape == (7, CLIP_DIM)
     assert model.density_at_points(pts).shape == (7,)
+    multi = model.clip_multiscale(pts, torch.tensor([0.1, 0.3]))
+    assert multi.shape == (2, 7, CLIP_DIM)
+    torch.testing.assert_close(multi[1], model.clip_at_points(pts, 0.3))
     rgb = model.rgb_at_points(pts)
     assert rgb.shape == (7, 3) and bool(((rgb >= 0) & (rgb <= 1)).all())
     with pytest.raises(ValueError, match="scale_m"):

@@ -13,6 +13,7 @@ fall outside [0, 1] and are treated as empty by the fields).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,9 +71,8 @@ class SceneBox:
             raise ValueError(f"not a scene box dict: {d!r}") from exc
 
     def _tensors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = torch.as_tensor(self.center, dtype=like.dtype, device=like.device)
-        h = torch.as_tensor(self.half_extent, dtype=like.dtype, device=like.device)
-        return c, h
+        # Cached per (device, dtype): avoids a host-to-device copy on every call on CUDA.
+        return _box_tensors(self.min_xyz, self.max_xyz, like.device, like.dtype)
 
     def normalize(self, points: torch.Tensor) -> torch.Tensor:
         """World points (..., 3) metres -> (..., 3) in [0, 1] (see module docstring)."""
@@ -98,3 +98,11 @@ class SceneBox:
         t_near = torch.minimum(t0, t1).amax(dim=-1).clamp_min(0.0)
         t_far = torch.maximum(t0, t1).amin(dim=-1)
         return t_near, t_far
+
+
+@functools.lru_cache(maxsize=64)
+def _box_tensors(min_xyz, max_xyz, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = np.asarray(min_xyz), np.asarray(max_xyz)
+    c = torch.as_tensor((lo + hi) / 2, dtype=dtype, device=device)
+    h = torch.as_tensor((hi - lo) / 2, dtype=dtype, device=device)
+    return c, h
