@@ -351,3 +351,22 @@ def test_load_rejects_other_encoder_and_shape_mismatch(tmp_path, room_frames):
     for k, v in engine.model.state_dict().items():
         assert torch.equal(back.model.state_dict()[k], v)
 
+
+
+def test_evicted_keyframes_leave_every_cache(room_frames):
+    cfg = _tiny(min_keyframes=2)
+    cfg = dataclasses.replace(cfg, keyframes=dataclasses.replace(cfg.keyframes, max_keyframes=3))
+    engine = LERFEngine(cfg, "cpu")
+    for f in room_frames[:3]:
+        engine.add_frame(f)
+    while engine.status().keyframes_pending:
+        engine.step(1)
+    assert engine.pyramid.keyframe_ids() == engine.store.ids() == [0, 1, 2]
+    for f in room_frames[3:6]:
+        engine.add_frame(f)
+    while engine.status().keyframes_pending:
+        engine.step(1)
+    ids = engine.store.ids()
+    assert len(ids) == 3 and 5 in ids  # bounded, newest kept
+    assert engine.pyramid.keyframe_ids() == ids and engine.dense.store.ids() == ids
+    assert sorted(engine._keyframe_tensors(engine._ready_ids()).kf_ids.tolist()) == ids

@@ -77,7 +77,10 @@ def test_synthetic_room_end_to_end(tmp_path):
         for f in frames[:4]:
             engine.add_frame(f)
         _wait(lambda: engine.train_step > 0, 120, "training to start")
-        for f in frames[4:]:
+        mid_query = None
+        for i, f in enumerate(frames[4:]):
+            if i == 8:  # a query while the worker trains: takes the lock between steps, answers
+                mid_query = engine.query("red box", with_cloud=False)
             # Each frame arrives while the worker trains: it must have advanced since the last frame.
             last = engine.train_step
             added_at_step.append(last)
@@ -89,6 +92,7 @@ def test_synthetic_room_end_to_end(tmp_path):
         worker.stop(timeout=60)
     assert worker.last_error is None and engine.status().last_error is None
     assert added_at_step[0] > 0 and added_at_step == sorted(added_at_step)
+    assert 0 < mid_query.model_step < MAX_STEPS and "no model yet" not in mid_query.message
     status = engine.status()
     assert status.step == MAX_STEPS and status.keyframes == N_FRAMES and status.keyframes_pending == 0
     assert status.ready and status.rays_per_s > 0 and np.isfinite(status.losses["total"])
