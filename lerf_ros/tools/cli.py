@@ -220,7 +220,8 @@ def write_outputs(engine, result, text: str, frame_id: str, ply: Path | None, pn
         out.append(write_ply(ply, result.cloud_xyz, result.cloud_relevancy, result.cloud_rgb, frame_id))
     if png is not None:
         with engine.lock:
-            views = [KeyframeView(f.image, f.intrinsics, f.T_world_cam) for f in engine.store.frames()]
+            views = [KeyframeView(f.image, f.intrinsics, f.T_world_cam, f.depth_m)
+                     for f in engine.store.frames()]
         title = f"{text!r}: " + ("found" if result.found else "not found") + f", rel {result.relevancy:.2f}"
         target = result.location_world if result.found else None
         out.append(save_png(query_picture(views, result.cloud_xyz, result.cloud_relevancy, result.cloud_rgb,

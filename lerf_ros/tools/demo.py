@@ -58,17 +58,47 @@ def params_file() -> Path:
     return path
 
 
-def node_command(opts: DemoOptions) -> list[str]:
+def demo_overrides(opts: DemoOptions) -> dict:
+    """The parameters the demo changes from config/lerf.yaml (tiny preset on the CPU, depth, budget)."""
     from ..core.encoders import DEFAULT_CLIP
 
-    sets = ["preset:=tiny", "device:=cpu", "world_frame:=map", f"depth_topic:={DEPTH_TOPIC}",
-            f"max_steps:={opts.steps}"]
+    values = {"preset": "tiny", "device": "cpu", "world_frame": "map", "depth_topic": DEPTH_TOPIC,
+              "max_steps": int(opts.steps)}
     if opts.clip_checkpoint:
-        sets += [f"clip_encoder:={DEFAULT_CLIP}", f"clip_checkpoint:={opts.clip_checkpoint}"]
-    cmd = [sys.executable, "-m", "lerf_ros.compat.launcher", "--params", str(params_file())]
-    for item in sets:
-        cmd += ["--set", item]
-    return cmd
+        values.update(clip_encoder=DEFAULT_CLIP, clip_checkpoint=opts.clip_checkpoint)
+    return values
+
+
+def write_params(opts: DemoOptions, path: Path) -> Path:
+    """config/lerf.yaml with the demo's overrides written into it, as ``path``.
+
+    The values go where the YAML already sets them (a node's own section wins over ``/**`` in rcl,
+    so a ``-p`` override would lose to ``lerf_trainer: depth_topic: ""``), else into the section of
+    the node(s) that declare them.
+    """
+    import yaml
+
+    from ..ros.params import QUERY, QUERY_NODE_NAME, SPECS, TRAINER, TRAINER_NODE_NAME
+
+    data = yaml.safe_load(params_file().read_text()) or {}
+    sections = {key: body.setdefault("ros__parameters", {}) for key, body in data.items()}
+    for name, value in demo_overrides(opts).items():
+        holders = [params for params in sections.values() if name in params]
+        if not holders:
+            nodes = SPECS[name].nodes
+            node = TRAINER_NODE_NAME if TRAINER in nodes else QUERY_NODE_NAME
+            key = "/**" if nodes == {TRAINER, QUERY} else next(
+                (k for k in sections if k.rstrip("/").endswith(node)), node)
+            holders = [sections.setdefault(key, data.setdefault(key, {}).setdefault("ros__parameters", {}))]
+        for params in holders:
+            params[name] = value
+    header = "# Written by lerf_ros.tools.demo: config/lerf.yaml with the demo's values\n"
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def node_command(params_path: Path) -> list[str]:
+    return [sys.executable, "-m", "lerf_ros.compat.launcher", "--params", str(params_path)]
 
 
 class NodeProcess:
@@ -163,7 +193,7 @@ def run_demo(opts: DemoOptions) -> int:
                                                            seed=opts.seed))
     print(f"[demo] wrote {bag.path.name}: " + ", ".join(f"{t} {n}" for t, n in bag.counts.items()),
           flush=True)
-    cmd = node_command(opts)
+    cmd = node_command(write_params(opts, out / "demo_params.yaml"))
     print(f"[demo] starting nodes (ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, localhost only): "
           + " ".join(cmd[1:]), flush=True)
     nodes = NodeProcess(cmd, out / "nodes.log", dict(os.environ))

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bag_io import BagFrameReader
+from .bag_io import BagFrameReader, BagTopics
 from .bag_player import BagPlayer, PlayConfig
 from .demo_bag import DEMO_TOPICS
+
+DEPTH_TOPIC = DEMO_TOPICS["depth"]
 
 STATUS_TOPIC = "/lerf/status"
 QUERY_SERVICE = "/lerf/query"
@@ -135,9 +137,9 @@ class PlannerClient:
         from .pictures import KeyframeView, query_picture, save_png
         from .ply import write_ply
 
-        with BagFrameReader(bag.path) as reader:
+        with BagFrameReader(bag.path, BagTopics(depth=DEPTH_TOPIC)) as reader:
             # Every third frame of the bag: enough views to pick the one that sees a target best.
-            views = [KeyframeView(f.image, f.intrinsics, f.T_world_cam)
+            views = [KeyframeView(f.image, f.intrinsics, f.T_world_cam, f.depth_m)
                      for i, f in enumerate(reader) if i % 3 == 0]
         boxes = [(o.name, o.box_min, o.box_max) for o in bag.room.objects]
         rows = []
@@ -145,7 +147,8 @@ class PlannerClient:
             res = self.query(text)
             xyz, rel, rgb = msg_to_cloud(res.cloud)
             p = res.location.point
-            has_loc = res.found or res.relevancy > 0
+            # Query.srv: a zero point means "no candidate"; any other point is the best candidate.
+            has_loc = res.found or (p.x, p.y, p.z) != (0.0, 0.0, 0.0)
             location = np.array([p.x, p.y, p.z]) if has_loc else None
             slug = text.replace(" ", "_")
             frame_id = res.location.header.frame_id or "map"

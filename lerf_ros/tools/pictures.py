@@ -29,11 +29,30 @@ _MARK = (0, 255, 255)  # cyan: readable over heat colours
 
 @dataclass(frozen=True)
 class KeyframeView:
-    """One keyframe to draw: image (H, W, 3) uint8 RGB, pinhole intrinsics, T_world_cam (4, 4) optical."""
+    """One keyframe to draw: image (H, W, 3) uint8 RGB, pinhole intrinsics, T_world_cam (4, 4) optical,
+    optional depth_m (H, W) metres along the optical axis (0 / NaN = none) for the scene layer."""
 
     image: np.ndarray
     intrinsics: CameraIntrinsics
     T_world_cam: np.ndarray
+    depth_m: np.ndarray | None = None
+
+
+def scene_points(views: Sequence[KeyframeView], stride: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The views' depth lifted to world points (N, 3) float64 with their colours (N, 3) uint8."""
+    pts, cols = [np.zeros((0, 3))], [np.zeros((0, 3), np.uint8)]
+    for v in views:
+        if v.depth_m is None:
+            continue
+        z = np.asarray(v.depth_m, dtype=np.float64)[::stride, ::stride]
+        rows, cols_ = np.mgrid[0:v.depth_m.shape[0]:stride, 0:v.depth_m.shape[1]:stride]
+        ok = np.isfinite(z) & (z > 0)
+        i = v.intrinsics
+        p_cam = np.stack([(cols_[ok] - i.cx) / i.fx * z[ok], (rows[ok] - i.cy) / i.fy * z[ok], z[ok]], axis=1)
+        T = np.asarray(v.T_world_cam, dtype=np.float64)
+        pts.append(p_cam @ T[:3, :3].T + T[:3, 3])
+        cols.append(np.asarray(v.image)[rows[ok], cols_[ok]])
+    return np.concatenate(pts), np.concatenate(cols).astype(np.uint8)
 
 
 def heat_colours(values) -> np.ndarray:
@@ -155,23 +174,29 @@ def _nice_step(span: float) -> float:
 def top_down_panel(
     cloud_xyz, cloud_relevancy, cloud_rgb, target_world=None, camera_positions=None,
     boxes: Sequence[tuple[str, np.ndarray, np.ndarray]] = (), bounds=None, title: str = "",
-    size=PANEL_SIZE, max_height_m: float = 2.0,
+    size=PANEL_SIZE, max_height_m: float = 2.0, scene_xyz=None, scene_rgb=None,
 ) -> Image.Image:
     """Panel (b): world x/y top-down in metres with labelled axes.
 
-    cloud_xyz (N, 3), cloud_relevancy (N,), cloud_rgb (N, 3) uint8; camera_positions (M, 3);
-    boxes: (name, min (3,), max (3,)) drawn as outlines; bounds ((xmin, ymin), (xmax, ymax)) or None
-    to fit the content. Scene points above ``max_height_m`` (world z) are left out, as in an
-    occupancy-map slice, so a ceiling does not hide the floor.
+    cloud_xyz (N, 3), cloud_relevancy (N,), cloud_rgb (N, 3) uint8: the answer's cloud, points with
+    relevancy > 0.5 in heat colours, the rest in their own colours; scene_xyz (S, 3) / scene_rgb
+    (S, 3) uint8: the scene underneath in its own colours; camera_positions (M, 3): the camera path;
+    boxes: (name, min (3,), max (3,)) outlines; bounds ((xmin, ymin), (xmax, ymax)) or None to fit
+    the content. Points above ``max_height_m`` (world z) are left out, as in an occupancy-map
+    slice, so a ceiling does not hide the floor.
     """
     xyz = np.asarray(cloud_xyz, dtype=np.float64).reshape(-1, 3)
     rel = np.asarray(cloud_relevancy, dtype=np.float64).reshape(-1)
     rgb = np.asarray(cloud_rgb, dtype=np.uint8).reshape(-1, 3)
     below = xyz[:, 2] <= max_height_m
     xyz, rel, rgb = xyz[below], rel[below], rgb[below]
+    sxyz = np.zeros((0, 3)) if scene_xyz is None else np.asarray(scene_xyz, dtype=np.float64).reshape(-1, 3)
+    srgb = np.zeros((0, 3), np.uint8) if scene_rgb is None else np.asarray(scene_rgb, np.uint8).reshape(-1, 3)
+    keep = sxyz[:, 2] <= max_height_m
+    sxyz, srgb = np.concatenate([sxyz[keep], xyz]), np.concatenate([srgb[keep], rgb])
     cams = np.zeros((0, 3)) if camera_positions is None else np.asarray(camera_positions).reshape(-1, 3)
     if bounds is None:
-        pts = [xyz[:, :2], cams[:, :2]] + [np.stack([b[1][:2], b[2][:2]]) for b in boxes]
+        pts = [sxyz[:, :2], cams[:, :2]] + [np.stack([b[1][:2], b[2][:2]]) for b in boxes]
         if target_world is not None:
             pts.append(np.asarray(target_world, dtype=np.float64)[None, :2])
         allp = np.concatenate(pts) if sum(len(p) for p in pts) else np.array([[-1.0, -1.0], [1.0, 1.0]])
@@ -192,10 +217,16 @@ def top_down_panel(
     panel = Image.new("RGB", size, (245, 245, 245))
     draw = ImageDraw.Draw(panel)
     font = _font()
-    # Scene: cloud in its own colours, lowest first so tops of objects stay visible.
-    order = np.argsort(xyz[:, 2], kind="stable")
-    for (x, y), c in zip(to_px(xyz[order, :2]), rgb[order], strict=True):
-        draw.point((x, y), fill=tuple(int(v) for v in c))
+    # Scene in its own colours, lowest first so the tops of objects stay visible (numpy assignment
+    # with repeated indices keeps the last write).
+    order = np.argsort(sxyz[:, 2], kind="stable")
+    canvas = np.asarray(panel).copy()
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):  # 2 x 2 px dots: a sparse cloud still reads as floor
+        px = np.round(to_px(sxyz[order, :2])).astype(np.int64) + [dx, dy]
+        ok = (px[:, 0] >= 0) & (px[:, 0] < size[0]) & (px[:, 1] >= 0) & (px[:, 1] < size[1])
+        canvas[px[ok, 1], px[ok, 0]] = srgb[order][ok]
+    panel = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(panel)
     # Relevancy on top: only the relevant part, most relevant last.
     hot = np.nonzero(rel > 0.5)[0] if rel.size else np.zeros(0, np.int64)
     hot = hot[np.argsort(rel[hot], kind="stable")]
@@ -245,8 +276,9 @@ def query_picture(
     cams = np.stack([np.asarray(v.T_world_cam)[:3, 3] for v in views]) if views else None
     left = keyframe_panel(view, cloud_xyz, cloud_relevancy, target_world,
                           f"{title}  (keyframe {idx})" if idx is not None else title, size)
+    sxyz, srgb = scene_points(views)
     right = top_down_panel(cloud_xyz, cloud_relevancy, cloud_rgb, target_world, cams, boxes, None,
-                           "top-down, relevancy > 0.5 in heat colours", size)
+                           "top-down, relevancy > 0.5 in heat colours", size, scene_xyz=sxyz, scene_rgb=srgb)
     out = Image.new("RGB", (size[0] * 2, size[1]))
     out.paste(left, (0, 0))
     out.paste(right, (size[0], 0))
