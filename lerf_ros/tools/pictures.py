@@ -222,7 +222,7 @@ def top_down_panel(
     order = np.argsort(sxyz[:, 2], kind="stable")
     canvas = np.asarray(panel).copy()
     for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):  # 2 x 2 px dots: a sparse cloud still reads as floor
-        px = np.round(to_px(sxyz[order, :2])).astype(np.int64) + [dx, dy]
+        px = np.round(to_px(sxyz[order, :2])).astype(np.int64) + np.array([dx, dy])
         ok = (px[:, 0] >= 0) & (px[:, 0] < size[0]) & (px[:, 1] >= 0) & (px[:, 1] < size[1])
         canvas[px[ok, 1], px[ok, 0]] = srgb[order][ok]
     panel = Image.fromarray(canvas)
