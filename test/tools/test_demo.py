@@ -57,10 +57,11 @@ def test_params_file_puts_overrides_where_rcl_uses_them(tmp_path):
     trainer = effective_params(str(path), [], "lerf_trainer")
     assert trainer["depth_topic"] == "/camera/depth/image_rect_raw" and trainer["max_steps"] == 42
     assert trainer["preset"] == "tiny" and trainer["device"] == "cpu"
-    # The node's own section carries depth_topic (it would beat a /** or -p value otherwise).
+    # Every section that sets depth_topic carries the demo's value (a node's own section would beat
+    # a /** or -p value in rcl).
     data = yaml.safe_load(path.read_text())
-    own = next(v["ros__parameters"] for k, v in data.items() if k.endswith("lerf_trainer"))
-    assert own["depth_topic"] == "/camera/depth/image_rect_raw"
+    holders = [v["ros__parameters"] for v in data.values() if "depth_topic" in v["ros__parameters"]]
+    assert holders and all(h["depth_topic"] == "/camera/depth/image_rect_raw" for h in holders)
     assert trainer.get("clip_checkpoint", "") == ""
     path = write_params(DemoOptions(tmp_path, clip_checkpoint="/w/clip.bin"), tmp_path / "q.yaml")
     trainer = effective_params(str(path), [], "lerf_trainer")
