@@ -4,8 +4,10 @@
                                       [--namespace ns]
 
 Does what ``launch/lerf.launch.py`` does: one process, both nodes sharing one model (``--mode both``), or
-one of them alone (``trainer`` / ``query``), with the YAML passed to rcl as ``--params-file`` and each
-``--set`` as ``-p name:=value`` (which, like a launch argument, applies to every node of the process).
+one of them alone (``trainer`` / ``query``), with the YAML passed to rcl as ``--params-file``. The
+``--set`` overrides go into a second, generated params file whose entries address the nodes by wildcard,
+by ``/**/name`` and by their exact name: rcl ranks an exact node entry above a wildcard one whatever the
+file order, so only that way does ``--set`` win over any entry of the user's YAML.
 Before any DDS traffic it reads the YAML itself (``node_name: {ros__parameters: {...}}`` and the ``/**``
 wildcard), applies the overrides and validates them against the parameter table, so a bad value stops
 start-up with the parameter's name and exit status 2. The ROS-free parsing functions are tested alone.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,10 +29,27 @@ LAUNCH_ARGUMENTS = ("image_topic", "camera_info_topic", "depth_topic", "world_fr
                     "clip_encoder", "dino_encoder", "map_path")
 
 
-def _node_keys(fq_name: str) -> tuple[str, ...]:
-    """YAML keys that address a node: ``/**``, its name, and its fully qualified name."""
-    name = fq_name.rsplit("/", 1)[-1]
-    return ("/**", "**", name, "/" + name if not fq_name.startswith("/") else fq_name)
+def key_matches(key: str, fq_name: str) -> bool:
+    """Whether params-YAML key ``key`` addresses the node ``fq_name`` (``/ns/name``), as rcl decides.
+
+    Keys without a leading slash are absolute (``lerf_trainer`` = ``/lerf_trainer``); ``/**`` matches any
+    run of namespaces (also none), ``*`` one name token.
+    """
+    pattern = "/" + key.strip().lstrip("/")
+    fq = "/" + fq_name.lstrip("/")
+    regex = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("/**", i):
+            regex += "(/[^/]+)*"
+            i += 3
+        elif pattern[i] == "*":
+            regex += "[^/]*"
+            i += 1
+        else:
+            regex += re.escape(pattern[i])
+            i += 1
+    return re.fullmatch(regex, fq) is not None
 
 
 def parse_params_yaml(text: str) -> dict[str, dict[str, Any]]:
@@ -66,13 +86,11 @@ def parse_params_yaml(text: str) -> dict[str, dict[str, Any]]:
 
 
 def params_for_node(parsed: Mapping[str, Mapping[str, Any]], node_name: str) -> dict[str, Any]:
-    """Parameters that rcl would give node ``node_name`` (root namespace): wildcard first, then its own."""
+    """Parameters that rcl would give node ``node_name`` (``name`` or ``/ns/name``): every matching entry
+    in file order, later entries overriding earlier ones (so put ``/**`` first, as rcl users do)."""
     merged: dict[str, Any] = {}
-    keys = _node_keys(node_name)
-    for key in ("/**", "**"):
-        merged.update(parsed.get(key, {}))
     for key, params in parsed.items():
-        if key in keys[2:]:
+        if key_matches(key, node_name):
             merged.update(params)
     return merged
 
@@ -89,7 +107,11 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 
 def effective_params(params_file: str, sets: Sequence[str], node_name: str) -> dict[str, Any]:
-    """What node ``node_name`` will see: the YAML's wildcard + node entries, then ``--set`` overrides."""
+    """What node ``node_name`` (``name`` or ``/ns/name``) will see: matching YAML entries, then ``--set``."""
+    return _effective(params_file, sets, node_name)
+
+
+def _effective(params_file: str, sets: Sequence[str], node_name: str) -> dict[str, Any]:
     with open(params_file, encoding="utf-8") as f:
         parsed = parse_params_yaml(f.read())
     values = params_for_node(parsed, node_name)
@@ -99,13 +121,14 @@ def effective_params(params_file: str, sets: Sequence[str], node_name: str) -> d
     return values
 
 
-def validate(params_file: str, sets: Sequence[str], roles: Sequence[str]) -> None:
+def validate(params_file: str, sets: Sequence[str], roles: Sequence[str], namespace: str = "") -> None:
     """Raise ParameterError (naming the parameter) if a node of ``roles`` would refuse its parameters."""
     from lerf_ros.ros import params
 
+    prefix = "/" + namespace.strip("/") if namespace.strip("/") else ""
     for role in roles:
         node_name = params.TRAINER_NODE_NAME if role == params.TRAINER else params.QUERY_NODE_NAME
-        values = effective_params(params_file, sets, node_name)
+        values = effective_params(params_file, sets, f"{prefix}/{node_name}")
         own = {k: v for k, v in values.items() if k in params.SPECS and role in params.SPECS[k].nodes}
         unknown = sorted(k for k in values if k not in params.SPECS)
         if unknown:
@@ -113,15 +136,25 @@ def validate(params_file: str, sets: Sequence[str], roles: Sequence[str]) -> Non
         params.resolve(own)
 
 
-def ros_args(params_file: str, sets: Sequence[str], namespace: str = "") -> list[str]:
-    """The rcl command line that gives the nodes these parameters (and pushes them into ``namespace``)."""
+def overrides_yaml(sets: Sequence[str], namespace: str = "") -> str:
+    """A params YAML carrying the ``--set`` values for both nodes, at every rcl precedence level."""
+    from lerf_ros.ros.params import QUERY_NODE_NAME, TRAINER_NODE_NAME
+
+    values = dict(parse_set(item) for item in sets)
+    prefix = "/" + namespace.strip("/") if namespace.strip("/") else ""
+    keys = ["/**"]
+    for node in (TRAINER_NODE_NAME, QUERY_NODE_NAME):
+        keys += [f"/**/{node}", f"{prefix}/{node}"]
+    return yaml.safe_dump({key: {"ros__parameters": dict(values)} for key in keys}, sort_keys=False)
+
+
+def ros_args(params_file: str, overrides_file: str | None = None, namespace: str = "") -> list[str]:
+    """The rcl command line: the user's params file, then the overrides file, then the namespace."""
     args = ["--ros-args", "--params-file", os.path.abspath(params_file)]
-    if namespace:
+    if overrides_file:
+        args += ["--params-file", os.path.abspath(overrides_file)]
+    if namespace.strip("/"):
         args += ["-r", f"__ns:=/{namespace.strip('/')}"]
-    for item in sets:
-        name, value = parse_set(item)
-        # rcl parses the value as YAML too; an empty string must be spelled out or rcl rejects it.
-        args += ["-p", f"{name}:=''" if value == "" else item]
     return args
 
 
@@ -141,16 +174,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     roles = {"both": (TRAINER, QUERY), "trainer": (TRAINER,), "query": (QUERY,)}[args.mode]
     try:
-        validate(args.params, args.set, roles)
+        validate(args.params, args.set, roles, args.namespace)
     except (ParameterError, ValueError, OSError) as exc:
         print(f"lerf launcher: {exc}", file=sys.stderr)
         return 2
     if args.check:
         print(f"lerf launcher: parameters in {args.params} are valid for {', '.join(roles)}")
         return 0
+    import tempfile
+
     from lerf_ros.ros import main as ros_main
 
-    return ros_main.run(args.mode, ["lerf_launcher", *ros_args(args.params, args.set, args.namespace)])
+    overrides = None
+    try:
+        if args.set:
+            with tempfile.NamedTemporaryFile("w", prefix="lerf_overrides_", suffix=".yaml",
+                                             delete=False) as f:
+                f.write(overrides_yaml(args.set, args.namespace))
+                overrides = f.name
+        return ros_main.run(args.mode, ["lerf_launcher", *ros_args(args.params, overrides, args.namespace)])
+    finally:
+        if overrides:
+            os.unlink(overrides)
 
 
 if __name__ == "__main__":

@@ -154,12 +154,13 @@ def lookup_pose(lookup: Callable[[str, str, int, float], np.ndarray], world_fram
     """
     from lerf_ros.core.transforms import validate_rigid
 
+    what = f"T_{world_frame}_{camera_frame} at {stamp_ns / 1e9:.3f} s (waited {timeout_s} s)"
     try:
         T = lookup(world_frame, camera_frame, stamp_ns, timeout_s)
     except exceptions.ExtrapolationException as exc:
-        return None, TF_EXTRAPOLATION, str(exc)
+        return None, TF_EXTRAPOLATION, f"{what}: {exc}"
     except exceptions.TransformException as exc:
-        return None, TF_MISSING, str(exc)
+        return None, TF_MISSING, f"{what}: {exc}"
     try:
         return validate_rigid(T, f"T_{world_frame}_{camera_frame}"), "", ""
     except ValueError as exc:

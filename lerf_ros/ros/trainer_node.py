@@ -14,8 +14,10 @@ Names are relative (``lerf/status`` ...), so pushing the node into a namespace m
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
+import time
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
@@ -66,6 +68,7 @@ class TrainerNode(Node):
         self._depths: dict[int, object] = {}
         self._lock = threading.Lock()  # guards _camera_info, _depths, _last_error, _paused, worker swap
         self._last_error = ""
+        self._last_log: dict[str, float] = {}
         self._paused = False
         self._worker = self._new_worker()
         self._stop = threading.Event()
@@ -115,12 +118,20 @@ class TrainerNode(Node):
         engine = YieldingEngine(self.slot.get(), self.slot.gate)
         return TrainingWorker(engine, steps_per_tick=s.steps_per_tick, max_steps=s.max_steps or None)
 
-    def _drop(self, reason: str, detail: str) -> None:
+    def _drop(self, reason: str, detail: str, log_key: str | None = None) -> None:
+        """Count a dropped frame; log it throttled per ``log_key`` (default: the reason)."""
         self.counters.drop(reason)
+        now = time.monotonic()
+        key = log_key or reason
         with self._lock:
             self._last_error = f"{reason}: {detail}"
-        self.get_logger().warning(f"dropped frame ({reason}): {detail}",
-                                  throttle_duration_sec=_LOG_THROTTLE_S)
+            # Throttled per key (rclpy throttles per call site): a flood of one kind of drop must not
+            # hide the first occurrence of another.
+            log = now - self._last_log.get(key, -math.inf) >= _LOG_THROTTLE_S
+            if log:
+                self._last_log[key] = now
+        if log:
+            self.get_logger().warning(f"dropped frame ({reason}): {detail}")
 
     # ------------------------------------------------------------------ subscriptions (no blocking here)
     def _on_camera_info(self, msg: CameraInfo) -> None:
@@ -200,7 +211,8 @@ class TrainerNode(Node):
         T_world_cam, reason, detail = ingest.lookup_pose(self._lookup, s.world_frame, item.frame_id,
                                                          item.stamp_ns, s.tf_timeout_s, compat_tf)
         if T_world_cam is None:
-            self._drop(reason, detail)
+            # Per frame id: a camera frame that has never had TF is news even while another one is failing.
+            self._drop(reason, detail, f"{reason}:{item.frame_id}")
             return
         with self._lock:
             depth = self._depths.get(item.stamp_ns)

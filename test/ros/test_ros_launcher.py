@@ -59,26 +59,55 @@ def test_set_values_are_typed_like_rcl_does():
         launcher.parse_set("queue_size=3")
 
 
-def test_ros_args_pass_the_file_and_each_override():
-    args = launcher.ros_args("config/lerf.yaml", ["preset:=lite", "map_path:="])
-    assert args[:2] == ["--ros-args", "--params-file"]
-    assert args[2] == str(CONFIG)
-    assert args[3:] == ["-p", "preset:=lite", "-p", "map_path:=''"]
+def test_ros_args_pass_the_files_and_namespace():
+    args = launcher.ros_args("config/lerf.yaml", "/tmp/o.yaml", "robot1")
+    assert args == ["--ros-args", "--params-file", str(CONFIG), "--params-file", "/tmp/o.yaml",
+                    "-r", "__ns:=/robot1"]
+    assert launcher.ros_args(str(CONFIG)) == ["--ros-args", "--params-file", str(CONFIG)]
+
+
+def test_overrides_yaml_addresses_every_precedence_level():
+    parsed = launcher.parse_params_yaml(launcher.overrides_yaml(["preset:=lite", "map_path:="], "robot1"))
+    assert set(parsed) == {"/**", "/**/lerf_trainer", "/robot1/lerf_trainer", "/**/lerf_query",
+                           "/robot1/lerf_query"}
+    assert all(body == {"preset": "lite", "map_path": ""} for body in parsed.values())
+
+
+@pytest.mark.parametrize("namespace", ["", "robot1"])
+def test_set_beats_every_kind_of_yaml_entry_in_rcl(tmp_path, namespace):
+    # What rcl itself does with the launcher's command line (the node is never spun).
+    import rclpy
+    from rclpy.node import Node
+
+    user = tmp_path / "user.yaml"
+    user.write_text("/**:\n  ros__parameters: {queue_size: 2, tf_timeout_s: 0.4}\n"
+                    "/**/lerf_trainer:\n  ros__parameters: {queue_size: 3}\n"
+                    "lerf_trainer:\n  ros__parameters: {queue_size: 4}\n")
+    overrides = tmp_path / "overrides.yaml"
+    overrides.write_text(launcher.overrides_yaml(["queue_size:=9"], namespace))
+    rclpy.init(args=["test", *launcher.ros_args(str(user), str(overrides), namespace)])
+    try:
+        node = Node(params.TRAINER_NODE_NAME, automatically_declare_parameters_from_overrides=True)
+        assert node.get_parameter("queue_size").value == 9
+        assert node.get_parameter("tf_timeout_s").value == 0.4  # not overridden: the user's value
+        assert node.get_namespace() == ("/" + namespace if namespace else "/")
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
 
 
 def test_effective_params_of_the_shipped_config(tmp_path):
     trainer = launcher.effective_params(str(CONFIG), ["preset:=lite"], params.TRAINER_NODE_NAME)
     assert trainer["preset"] == "lite"  # --set wins over the YAML
     assert trainer["image_topic"] == "/camera/color/image_raw"
-    assert "map_path" not in trainer
     query = launcher.effective_params(str(CONFIG), [], params.QUERY_NODE_NAME)
     assert query["map_path"] == "" and query["world_frame"] == "map"
-    # Every name in the shipped YAML is a declared parameter of the node it is given to.
-    for node, role in ((params.TRAINER_NODE_NAME, params.TRAINER), (params.QUERY_NODE_NAME, params.QUERY)):
-        for name in launcher.effective_params(str(CONFIG), [], node):
-            assert name in params.SPECS, name
-            if name not in launcher.parse_params_yaml(CONFIG.read_text())["/**"]:
-                assert role in params.SPECS[name].nodes, (node, name)
+    # Every name in the shipped YAML is a parameter, and its value passes validation.
+    shipped = launcher.parse_params_yaml(CONFIG.read_text())
+    assert set(shipped) == {"/**"}  # see the YAML's header: node sections would beat launch arguments
+    for name, value in shipped["/**"].items():
+        assert name in params.SPECS, name
+        params.check_value(params.SPECS[name], value)
 
 
 def test_check_mode_accepts_the_shipped_config_and_rejects_bad_values(capsys):
@@ -131,3 +160,25 @@ def test_launch_defaults_come_from_the_yaml():
     for name in launcher.LAUNCH_ARGUMENTS:
         expected = trainer.get(name, query.get(name))
         assert defaults[name] == expected, name
+
+
+@pytest.mark.parametrize(
+    ("key", "fq_name", "expected"),
+    [("/**", "/lerf_trainer", True), ("/**", "/a/b/lerf_trainer", True),
+     ("lerf_trainer", "/lerf_trainer", True), ("lerf_trainer", "/bad/lerf_trainer", False),
+     ("/**/lerf_trainer", "/lerf_trainer", True), ("/**/lerf_trainer", "/bad/lerf_trainer", True),
+     ("/**/lerf_trainer", "/bad/lerf_query", False), ("/bad/*", "/bad/lerf_query", True),
+     ("/bad/*", "/other/lerf_query", False), ("/bad/lerf_trainer", "/bad/lerf_trainer", True)],
+)
+def test_key_matching_follows_rcl(key, fq_name, expected):
+    # Checked against rclpy: with "/**", "/**/lerf_trainer" and "lerf_trainer" entries, a node
+    # /bad/lerf_trainer gets the first two only, /lerf_trainer all three.
+    assert launcher.key_matches(key, fq_name) is expected
+
+
+def test_node_entries_apply_by_name_and_namespace():
+    parsed = launcher.parse_params_yaml(YAML.replace("lerf_trainer:", "/**/lerf_trainer:"))
+    assert launcher.params_for_node(parsed, "/robot1/lerf_trainer")["queue_size"] == 4
+    assert launcher.params_for_node(parsed, "/robot1/lerf_query") == {"world_frame": "map", "preset": "tiny",
+                                                                      "max_query_chars": 50}
+    assert launcher.params_for_node(parsed, "/robot2/lerf_query") == {"world_frame": "map", "preset": "tiny"}

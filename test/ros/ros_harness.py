@@ -1,0 +1,136 @@
+"""Test helpers for the process-level ROS tests: start / stop child processes, and a client node.
+
+Every child inherits the loopback-only DDS settings and the random ROS_DOMAIN_ID that test/conftest.py
+puts in os.environ. Waiting is always polling with a timeout, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "config" / "lerf.yaml"
+ROOM_PUBLISHER = pathlib.Path(__file__).with_name("room_publisher.py")
+
+
+class Child:
+    """A child process whose output goes to a log file (shown when a test fails)."""
+
+    def __init__(self, args: list[str], log_path: pathlib.Path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self, tail: int = 4000) -> str:
+        return self.log_path.read_bytes()[-tail:].decode(errors="replace")
+
+    def rss_mb(self) -> float:
+        """Resident memory of the child, MiB (Linux /proc)."""
+        for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+        raise RuntimeError("VmRSS not found")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGINT (clean rclpy shutdown), then SIGKILL after ``timeout``; returns the exit status."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+def launcher(log_path, *sets: str, mode: str = "both", namespace: str = "") -> Child:
+    args = ["-m", "lerf_ros.compat.launcher", "--params", str(CONFIG), "--mode", mode]
+    if namespace:
+        args += ["--namespace", namespace]
+    for item in sets:
+        args += ["--set", item]
+    return Child(args, log_path)
+
+
+class Client:
+    """An rclpy node in the test process: status subscriber, service calls with timeouts."""
+
+    def __init__(self, name: str, namespace: str = ""):
+        from lerf_ros.msg import TrainingStatus
+
+        self.node = Node(name)
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(self.node)
+        self.prefix = f"/{namespace.strip('/')}" if namespace else ""
+        self.statuses: list = []
+        self.node.create_subscription(TrainingStatus, f"{self.prefix}/lerf/status", self.statuses.append, 10)
+        self._clients: dict = {}
+
+    def spin_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.executor.spin_once(timeout_sec=min(0.1, max(end - time.monotonic(), 0.0)))
+
+    def wait_for(self, predicate, timeout: float, what: str, child: Child | None = None):
+        """Spin until ``predicate()`` returns a truthy value; fail with ``what`` (and the child's log)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            value = predicate()
+            if value:
+                return value
+            if child is not None and not child.alive:
+                raise AssertionError(f"{what}: child exited with {child.proc.returncode}\n{child.log()}")
+            self.executor.spin_once(timeout_sec=0.1)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                             + (f"\n{child.log()}" if child is not None else ""))
+
+    def status(self, timeout: float = 30.0, child: Child | None = None):
+        """The next status message to arrive."""
+        count = len(self.statuses)
+        return self.wait_for(lambda: self.statuses[-1] if len(self.statuses) > count else None,
+                             timeout, "a TrainingStatus message", child)
+
+    def wait_status(self, predicate, timeout: float, what: str, child: Child | None = None):
+        return self.wait_for(lambda: self.statuses and predicate(self.statuses[-1]) and self.statuses[-1],
+                             timeout, what, child)
+
+    def call(self, srv_type, name: str, request, timeout: float = 60.0, child: Child | None = None):
+        key = (srv_type, name)
+        if key not in self._clients:
+            self._clients[key] = self.node.create_client(srv_type, self.prefix + name)
+        client = self._clients[key]
+        self.wait_for(lambda: client.service_is_ready(), 30.0, f"service {self.prefix + name}", child)
+        future = client.call_async(request)
+        return self.wait_for(lambda: future.result() if future.done() else None, timeout,
+                             f"reply from {self.prefix + name}", child)
+
+    def query(self, text: str, threshold: float = 0.0, with_cloud: bool = True, negatives=(),
+              timeout: float = 180.0, child: Child | None = None):
+        from lerf_ros.srv import Query
+
+        request = Query.Request(text=text, threshold=float(threshold), with_cloud=with_cloud,
+                                negatives=list(negatives))
+        return self.call(Query, "/lerf/query", request, timeout, child)
+
+    def close(self) -> None:
+        self.executor.remove_node(self.node)
+        self.node.destroy_node()
+
+
+def drops(status) -> dict[str, int]:
+    return dict(zip(status.drop_reasons, status.drop_counts, strict=True))
