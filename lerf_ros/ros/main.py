@@ -34,7 +34,14 @@ def build_nodes(mode: str) -> list:
         if mode in ("both", "trainer"):
             nodes.append(TrainerNode(slot))
         if mode in ("both", "query"):
-            nodes.append(QueryNode(slot if mode == "both" else None))
+            query = QueryNode(slot if mode == "both" else None)
+            nodes.append(query)
+            if mode == "both" and query.slot is not slot:
+                # map_path given to lerf_node: the map becomes the shared model, and training continues
+                # from it; a map that failed to load leaves the fresh model (the error was logged).
+                if query.slot.get() is not None:
+                    nodes[0].install_engine(query.slot.get(), query.settings.map_path)
+                query.slot = slot
     except BaseException:
         destroy_nodes(nodes)
         raise

@@ -2,8 +2,8 @@
 
 Live mode (same process as the trainer, ``lerf_node``): answers from the ``EngineSlot`` the trainer trains;
 the engine takes its lock inside ``query`` only briefly, so training goes on. Standalone mode
-(``map_path`` set): loads ``LERFEngine.load(map_path)`` and no trainer runs; a map that cannot be loaded
-is logged and every reply says why (found = false), the node stays up.
+(``map_path`` set, query node alone): loads ``LERFEngine.load(map_path)``, no trainer runs; a map that
+cannot be loaded is logged and every reply says why (found = false), the node stays up.
 
 Each answer is also published for RViz in the world frame: ``lerf/relevancy_cloud`` (PointCloud2, transient
 local so a late RViz still gets it) and ``lerf/target_marker`` (sphere + text Markers, transient local).
@@ -52,7 +52,9 @@ def load_map(path: str, device: str) -> tuple[object | None, str]:
 class QueryNode(Node):
     """Serves ``lerf/query``; publishes the last answer's cloud and marker.
 
-    slot: the live engine shared with a trainer in this process; ignored when ``map_path`` is set.
+    slot: the live engine shared with a trainer in this process. With ``map_path`` set the node loads the
+    map into a slot of its own; ``lerf_node`` (``main.build_nodes``) then hands that map to the trainer and
+    gives the node the shared slot back, so both keep working on one model.
     """
 
     def __init__(self, slot: EngineSlot | None = None, *, node_name: str = QUERY_NODE_NAME, **node_kwargs):
@@ -66,7 +68,7 @@ class QueryNode(Node):
             if error:
                 self.get_logger().error(error + "; the node stays up and answers found=false")
             else:
-                self.get_logger().info(f"answering from the map at {map_path} (no trainer)")
+                self.get_logger().info(f"loaded the map at {map_path}")
         elif slot is not None:
             self.slot = slot
         else:

@@ -295,14 +295,19 @@ class TrainerNode(Node):
             response.message = f"load of {path!r} failed, kept the running map: {exc}"
             self.get_logger().error(response.message)
             return response
+        response.success = True
+        response.message = self.install_engine(engine, path)
+        return response
+
+    def install_engine(self, engine, source: str) -> str:
+        """Make ``engine`` (e.g. a loaded map) the one trained and queried; training goes on from it."""
         self.queue.clear()
         with self._lock:
             self._swap_worker(lambda: self.slot.set(engine))
         st = engine.status()
-        response.success = True
-        response.message = f"loaded {st.keyframes} keyframes, step {st.step} from {path}"
-        self.get_logger().info(response.message)
-        return response
+        message = f"loaded {st.keyframes} keyframes, step {st.step} from {source}"
+        self.get_logger().info(message)
+        return message
 
     # ------------------------------------------------------------------ status
     def state_name(self) -> str:
@@ -316,7 +321,9 @@ class TrainerNode(Node):
             node_error = self._last_error
             worker_error = self._worker.last_error
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings.world_frame)
-        msg = training_status_msg(engine.status(), self.state_name(), header, received, drops,
+        with self.slot.gate.priority():  # status() takes the engine lock: do not queue behind training
+            engine_status = engine.status()
+        msg = training_status_msg(engine_status, self.state_name(), header, received, drops,
                                   worker_error or node_error)
         self.status_pub.publish(msg)
 

@@ -182,3 +182,16 @@ def test_node_entries_apply_by_name_and_namespace():
     assert launcher.params_for_node(parsed, "/robot1/lerf_query") == {"world_frame": "map", "preset": "tiny",
                                                                       "max_query_chars": 50}
     assert launcher.params_for_node(parsed, "/robot2/lerf_query") == {"world_frame": "map", "preset": "tiny"}
+
+
+def test_node_process_refuses_a_bad_parameter_that_only_rclpy_sees(tmp_path):
+    # An int where a double is declared passes YAML typing but not rclpy's: the node itself must stop
+    # start-up with exit status 2 and name the parameter (the launcher's pre-check is bypassed here).
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lerf_ros.ros.main", "--ros-args", "--params-file", str(CONFIG),
+           "-p", "tf_timeout_s:=1"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "tf_timeout_s" in out.stderr and "invalid parameter" in out.stderr
