@@ -1,0 +1,210 @@
+"""The trainer node in-process, with a recording fake engine: callbacks are called directly and the TF
+buffer is filled directly, so the ingest path (conversion, pose at the image stamp, depth join, drop
+reasons, compressed transport, services) is checked deterministically without waiting on DDS."""
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import rclpy
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import CameraInfo
+from std_srvs.srv import SetBool, Trigger
+
+from lerf_ros.compat.image import numpy_to_image, rgb_to_compressed
+from lerf_ros.compat.tf import matrix_to_transform_msg
+from lerf_ros.core.engine import AddResult, StepStats
+from lerf_ros.core.transforms import make_transform
+from lerf_ros.ros.engine_slot import EngineSlot
+from lerf_ros.ros.messages import stamp_from_ns
+from lerf_ros.ros.trainer_node import TrainerNode
+
+NS = 1_000_000_000
+W, H = 16, 12
+
+
+class FakeEngine:
+    """Records frames; every second frame is "redundant"; training does nothing."""
+
+    def __init__(self):
+        self.frames = []
+        self.resets = 0
+        self.lock = threading.RLock()
+        self.data_version = 0
+        self.train_step = 0
+
+    def add_frame(self, frame):
+        frame.validate()
+        self.frames.append(frame)
+        keyframe = len(self.frames) % 2 == 1
+        kf_id = len(self.frames) if keyframe else None
+        return AddResult(keyframe, "first" if keyframe else "redundant", kf_id)
+
+    def step(self, max_steps=1):
+        return StepStats()
+
+    def wait_for_data(self, version, timeout):
+        time.sleep(min(timeout or 0.01, 0.01))
+        return self.data_version
+
+    def wake(self):
+        pass
+
+    def reset(self):
+        self.resets += 1
+        self.frames.clear()
+
+    def status(self):
+        return SimpleNamespace(step=0, keyframes=len(self.frames), keyframes_pending=0, losses={},
+                               rays_per_s=0.0, gpu_mem_allocated_mb=0.0, gpu_mem_peak_mb=0.0, last_error=None,
+                               ready=False)
+
+
+@pytest.fixture
+def trainer():
+    rclpy.init()
+    engine = FakeEngine()
+    node = None
+    try:
+        node = TrainerNode(EngineSlot(engine), node_name="trainer_under_test", parameter_overrides=[
+            Parameter("tf_timeout_s", value=0.05), Parameter("queue_size", value=3),
+            Parameter("depth_topic", value="/camera/depth"), Parameter("status_rate_hz", value=0.5)])
+        yield node, engine
+    finally:
+        if node is not None:
+            node.shutdown()
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def info_msg(fx=10.0):
+    msg = CameraInfo(width=W, height=H, distortion_model="plumb_bob")
+    msg.k = [fx, 0.0, 7.5, 0.0, fx, 5.5, 0.0, 0.0, 1.0]
+    msg.d = [0.0] * 5
+    return msg
+
+
+def rgb_image(stamp_ns, frame_id="cam", value=0):
+    rgb = np.full((H, W, 3), value, np.uint8)
+    rgb[..., 0] = np.arange(W, dtype=np.uint8)[None, :] * 10
+    msg = numpy_to_image(rgb, "rgb8", ros=True)
+    msg.header.stamp, msg.header.frame_id = stamp_from_ns(stamp_ns), frame_id
+    return msg, rgb
+
+
+def put_tf(node, stamp_ns, x, child="cam", static=False):
+    T = make_transform(np.eye(3), [x, 0.0, 0.0])
+    msg = matrix_to_transform_msg(T, "map", child, stamp_ns)
+    (node.tf_buffer.set_transform_static if static else node.tf_buffer.set_transform)(msg, "test")
+
+
+def drain(node, engine, n, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and (len(node.queue) or sum(node.counters.snapshot()[1].values())
+                                      + len(engine.frames) < n):
+        time.sleep(0.01)
+
+
+def test_pose_is_interpolated_at_the_image_stamp_and_depth_is_joined(trainer):
+    node, engine = trainer
+    put_tf(node, 10 * NS, 0.0)
+    put_tf(node, 11 * NS, 1.0)
+    node._on_camera_info(info_msg())
+    depth = numpy_to_image(np.full((H, W), 2.5, np.float32), "32FC1", ros=True)
+    depth.header.stamp = stamp_from_ns(10 * NS + NS // 4)
+    node._on_depth(depth)
+    msg, rgb = rgb_image(10 * NS + NS // 4)
+    node._on_image(msg)
+    drain(node, engine, 1)
+    assert len(engine.frames) == 1
+    frame = engine.frames[0]
+    assert frame.T_world_cam[0, 3] == pytest.approx(0.25)
+    assert frame.stamp_ns == 10 * NS + NS // 4
+    np.testing.assert_array_equal(frame.image, rgb)
+    assert (frame.intrinsics.fx, frame.intrinsics.width) == (10.0, W)
+    assert frame.depth_m is not None and float(frame.depth_m[0, 0]) == 2.5
+    # A second image without a depth of its stamp gets none; it is "redundant" to the fake engine.
+    msg, _ = rgb_image(10 * NS + NS // 2)
+    node._on_image(msg)
+    drain(node, engine, 3)
+    assert engine.frames[1].depth_m is None and engine.frames[1].T_world_cam[0, 3] == pytest.approx(0.5)
+    received, drops = node.counters.snapshot()
+    assert received == 2 and drops == {"redundant": 1}
+
+
+def test_compressed_images_are_decoded(trainer):
+    node, engine = trainer
+    put_tf(node, 0, 0.3, static=True)
+    node._on_camera_info(info_msg())
+    _, rgb = rgb_image(5 * NS)
+    msg = rgb_to_compressed(rgb, "png", ros=True)
+    msg.header.stamp, msg.header.frame_id = stamp_from_ns(5 * NS), "cam"
+    node._on_image(msg)
+    drain(node, engine, 1)
+    np.testing.assert_array_equal(engine.frames[0].image, rgb)
+    broken = rgb_to_compressed(rgb, "png", ros=True)
+    broken.data = bytes(broken.data)[:20]
+    broken.header.frame_id = "cam"
+    node._on_image(broken)
+    assert node.counters.snapshot()[1]["bad_image"] == 1
+
+
+def test_each_bad_input_is_counted_under_its_reason(trainer):
+    node, engine = trainer
+    msg, _ = rgb_image(1 * NS)
+    node._on_image(msg)  # before CameraInfo
+    node._on_camera_info(info_msg())
+    bad_encoding, _ = rgb_image(1 * NS)
+    bad_encoding.encoding = "bayer_unknown"
+    node._on_image(bad_encoding)
+    node._on_image(numpy_to_image(np.zeros((H + 1, W, 3), np.uint8), "rgb8", ros=True))
+    node._on_camera_info(info_msg(fx=0.0))
+    node._on_image(rgb_image(1 * NS)[0])
+    node._on_camera_info(info_msg())
+    node._on_image(rgb_image(1 * NS, frame_id="nowhere")[0])
+    put_tf(node, 50 * NS, 0.0, child="late")
+    put_tf(node, 51 * NS, 0.0, child="late")
+    node._on_image(rgb_image(1 * NS, frame_id="late")[0])
+    drain(node, engine, 6)
+    received, drops = node.counters.snapshot()
+    assert received == 6
+    assert drops == {"no_camera_info": 1, "bad_image": 1, "size_mismatch": 1, "bad_intrinsics": 1,
+                     "tf_missing": 1, "tf_extrapolation": 1}
+    assert engine.frames == []
+
+
+def test_flood_is_bounded_by_the_queue(trainer):
+    node, engine = trainer
+    node._on_camera_info(info_msg())
+    for i in range(50):  # no TF for "slow": each one waits tf_timeout_s in the ingest thread
+        node._on_image(rgb_image(i * NS, frame_id="slow")[0])
+        assert len(node.queue) <= 3
+    drain(node, engine, 50, timeout=10.0)
+    received, drops = node.counters.snapshot()
+    assert received == 50 and node.queue.high_water == 3
+    assert drops["queue_full"] + drops["tf_missing"] == 50
+    assert drops["queue_full"] >= 40
+
+
+def test_services_pause_and_reset(trainer):
+    node, engine = trainer
+    reply = node._on_pause(SetBool.Request(data=True), SetBool.Response())
+    assert reply.success and reply.message == "paused"
+    node.counters.drop("blurred")
+    engine.frames.append(object())
+    reply = node._on_reset(Trigger.Request(), Trigger.Response())
+    assert reply.success and engine.resets == 1 and engine.frames == []
+    assert node.counters.snapshot() == (0, {})
+    # The worker came back paused after the reset.
+    end = time.monotonic() + 5.0
+    while node.state_name() != "paused" and time.monotonic() < end:
+        time.sleep(0.01)
+    assert node.state_name() == "paused"
+    reply = node._on_pause(SetBool.Request(data=False), SetBool.Response())
+    assert reply.message == "resumed"
+    end = time.monotonic() + 5.0
+    while node.state_name() == "paused" and time.monotonic() < end:
+        time.sleep(0.01)
+    assert node.state_name() == "waiting"
