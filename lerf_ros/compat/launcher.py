@@ -5,9 +5,11 @@
 
 Does what ``launch/lerf.launch.py`` does: one process, both nodes sharing one model (``--mode both``), or
 one of them alone (``trainer`` / ``query``), with the YAML passed to rcl as ``--params-file``. The
-``--set`` overrides go into a second, generated params file whose entries address the nodes by wildcard,
-by ``/**/name`` and by their exact name: rcl ranks an exact node entry above a wildcard one whatever the
-file order, so only that way does ``--set`` win over any entry of the user's YAML.
+``--set`` overrides go into a second, generated params file. rcl merges params files per node key (a
+later file replaces values under the same key) but orders the keys by first appearance, so a plain
+``-p`` (which joins the ``/**`` key) loses to a node section placed after ``/**`` in the user's YAML. The
+generated file therefore repeats each override under every key form that addresses the nodes (``/**``,
+``/**/name``, ``/ns/name``), and ``--set`` wins whatever the user's YAML uses.
 Before any DDS traffic it reads the YAML itself (``node_name: {ros__parameters: {...}}`` and the ``/**``
 wildcard), applies the overrides and validates them against the parameter table, so a bad value stops
 start-up with the parameter's name and exit status 2. The ROS-free parsing functions are tested alone.
@@ -56,7 +58,8 @@ def parse_params_yaml(text: str) -> dict[str, dict[str, Any]]:
     """ros2 params YAML -> {node key: {parameter: value}}.
 
     Accepts top-level ``node: {ros__parameters: {...}}`` and one level of namespace nesting
-    (``ns: {node: {ros__parameters: ...}}``, keyed as ``/ns/node``). Raises ValueError on anything else.
+    (``ns: {node: {ros__parameters: ...}}``, keyed as ``/ns/node``). Keys are made absolute as rcl does
+    (``lerf_trainer`` -> ``/lerf_trainer``, ``**`` -> ``/**``). Raises ValueError on anything else.
     """
     data = yaml.safe_load(text)
     if data is None:
@@ -68,7 +71,7 @@ def parse_params_yaml(text: str) -> dict[str, dict[str, Any]]:
     def visit(prefix: str, key: str, body: Any, depth: int) -> None:
         if not isinstance(body, dict):
             raise ValueError(f"params YAML entry {key!r} must be a mapping, got {body!r}")
-        full = f"{prefix}/{key}".replace("//", "/") if prefix else key
+        full = "/" + (f"{prefix}/{key}" if prefix else key).strip().lstrip("/")
         if "ros__parameters" in body:
             params = body["ros__parameters"] or {}
             if not isinstance(params, dict):
@@ -86,8 +89,11 @@ def parse_params_yaml(text: str) -> dict[str, dict[str, Any]]:
 
 
 def params_for_node(parsed: Mapping[str, Mapping[str, Any]], node_name: str) -> dict[str, Any]:
-    """Parameters that rcl would give node ``node_name`` (``name`` or ``/ns/name``): every matching entry
-    in file order, later entries overriding earlier ones (so put ``/**`` first, as rcl users do)."""
+    """Parameters that rcl would give node ``node_name`` (``name`` or ``/ns/name``).
+
+    As rclpy does (checked in the tests): every entry whose key matches the node, in the order the keys
+    appear, a later entry overriding an earlier one whatever their kinds (``/**``, ``/**/name``, exact).
+    """
     merged: dict[str, Any] = {}
     for key, params in parsed.items():
         if key_matches(key, node_name):
@@ -137,7 +143,7 @@ def validate(params_file: str, sets: Sequence[str], roles: Sequence[str], namesp
 
 
 def overrides_yaml(sets: Sequence[str], namespace: str = "") -> str:
-    """A params YAML carrying the ``--set`` values for both nodes, at every rcl precedence level."""
+    """A params YAML carrying the ``--set`` values for both nodes under every key that addresses them."""
     from lerf_ros.ros.params import QUERY_NODE_NAME, TRAINER_NODE_NAME
 
     values = dict(parse_set(item) for item in sets)

@@ -35,7 +35,7 @@ YAML = textwrap.dedent("""
 def test_parse_wildcard_node_and_namespaced_entries():
     parsed = launcher.parse_params_yaml(YAML)
     assert parsed["/**"] == {"world_frame": "map", "preset": "tiny"}
-    assert parsed["lerf_trainer"] == {"queue_size": 4, "world_frame": "odom"}
+    assert parsed["/lerf_trainer"] == {"queue_size": 4, "world_frame": "odom"}
     assert parsed["/robot1/lerf_query"] == {"max_query_chars": 50}
     # The node's own entry wins over the wildcard; other nodes' entries are not applied.
     assert launcher.params_for_node(parsed, "lerf_trainer") == {"world_frame": "odom", "preset": "tiny",
@@ -195,3 +195,31 @@ def test_node_process_refuses_a_bad_parameter_that_only_rclpy_sees(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "tf_timeout_s" in out.stderr and "invalid parameter" in out.stderr
+
+
+PRECEDENCE_YAML = ("lerf_trainer:\n  ros__parameters: {q: 4}\n"
+                   "/**/lerf_trainer:\n  ros__parameters: {q: 3, r: 3}\n"
+                   "/**:\n  ros__parameters: {q: 2, r: 2, s: 2}\n")
+
+
+@pytest.mark.parametrize("namespace", ["", "ns"])
+def test_precedence_is_key_order_as_in_rclpy(tmp_path, namespace):
+    # rclpy applies matching entries in key order, whatever their kind: here /** comes last and wins.
+    import rclpy
+    from rclpy.node import Node
+
+    fq = f"/{namespace}/lerf_trainer" if namespace else "/lerf_trainer"
+    expected = launcher.params_for_node(launcher.parse_params_yaml(PRECEDENCE_YAML), fq)
+    assert expected == {"q": 2, "r": 2, "s": 2}
+    path = tmp_path / "p.yaml"
+    path.write_text(PRECEDENCE_YAML)
+    rclpy.init(args=["test", *launcher.ros_args(str(path), None, namespace)])
+    try:
+        node = Node("lerf_trainer", automatically_declare_parameters_from_overrides=True)
+        assert {k: node.get_parameter(k).value for k in "qrs"} == expected
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+    # The usual order (/** first) lets the node section win.
+    usual = {"/**": {"q": 2}, "/**/lerf_trainer": {"q": 3}}
+    assert launcher.params_for_node(usual, fq) == {"q": 3}
