@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--frames", type=int, default=60)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-depth", action="store_true", help="leave out the depth topic")
+    d.add_argument("--compressed", choices=("jpeg", "png"), default=None,
+                   help="CompressedImage on <image topic>/compressed instead of raw rgb8")
     return parser
 
 
@@ -300,7 +302,7 @@ def cmd_demo_bag(args) -> int:
     from .demo_bag import DemoBagConfig, write_demo_bag
 
     config = DemoBagConfig(frames=args.frames, storage=args.format, seed=args.seed,
-                           with_depth=not args.no_depth)
+                           with_depth=not args.no_depth, compressed=args.compressed or "")
     bag = write_demo_bag(args.out, config=config)
     print(f"wrote {bag.path} ({args.format}): " + ", ".join(f"{t} {n}" for t, n in bag.counts.items()))
     print("objects: " + ", ".join(bag.room.names))

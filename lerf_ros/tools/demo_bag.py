@@ -45,6 +45,7 @@ class DemoBagConfig:
     odom_rate_hz: float = 40.0
     map_rate_hz: float = 10.0
     with_depth: bool = True
+    compressed: str = ""  # "" = raw rgb8 Image; "jpeg" / "png" = CompressedImage on <image topic>/compressed
     width: int = 96
     height: int = 72
     hfov_deg: float = 75.0
@@ -55,6 +56,8 @@ class DemoBagConfig:
     def validate(self) -> DemoBagConfig:
         if self.frames < 2:
             raise ValueError(f"frames must be >= 2, got {self.frames}")
+        if self.compressed not in ("", "jpeg", "png"):
+            raise ValueError(f"compressed must be '', 'jpeg' or 'png', got {self.compressed!r}")
         if self.storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {self.storage!r}")
         for name in ("image_rate_hz", "odom_rate_hz", "map_rate_hz"):
@@ -120,6 +123,19 @@ class _Msgs:
         return self.t["sensor_msgs/msg/Image"](
             header=self.header(stamp_ns, frame_id), height=h, width=w, encoding=encoding,
             is_bigendian=0, step=int(step), data=np.ascontiguousarray(data).reshape(-1).view(np.uint8),
+        )
+
+    def compressed_image(self, stamp_ns: int, frame_id: str, rgb: np.ndarray, fmt: str):
+        import io
+
+        from PIL import Image as PILImage
+
+        buf = io.BytesIO()
+        # image_transport's format string; the stream itself is a standard colour JPEG / PNG.
+        PILImage.fromarray(rgb).save(buf, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
+        return self.t["sensor_msgs/msg/CompressedImage"](
+            header=self.header(stamp_ns, frame_id), format=f"rgb8; {fmt} compressed bgr8",
+            data=np.frombuffer(buf.getvalue(), dtype=np.uint8),
         )
 
     def camera_info(self, stamp_ns: int, frame_id: str, intr: CameraIntrinsics):
@@ -195,7 +211,9 @@ def write_demo_bag(
              else path.T_map_odom[0] @ buf.lookup_matrix("odom", rig.optical_frame, s))
         poses.append(T)
         rgb, depth_m = room.render(T, intr)
-        records.append((s + 15_000_000, "image", m.image(s, rig.optical_frame, rgb, "rgb8")))
+        img_msg = (m.compressed_image(s, rig.optical_frame, rgb, config.compressed) if config.compressed
+                   else m.image(s, rig.optical_frame, rgb, "rgb8"))
+        records.append((s + 15_000_000, "image", img_msg))
         records.append((s + 15_500_000, "camera_info", m.camera_info(s, rig.optical_frame, intr)))
         if config.with_depth:
             valid = np.isfinite(depth_m) & (depth_m > 0)
@@ -203,21 +221,25 @@ def write_demo_bag(
             mm = np.where(valid, mm, 0).astype("<u2")  # 0 = no return, as RealSense publishes
             records.append((s + 18_000_000, "depth", m.image(s, rig.optical_frame, mm, "16UC1")))
 
-    types = {"image": "sensor_msgs/msg/Image", "camera_info": "sensor_msgs/msg/CameraInfo",
+    image_type = "sensor_msgs/msg/CompressedImage" if config.compressed else "sensor_msgs/msg/Image"
+    types = {"image": image_type, "camera_info": "sensor_msgs/msg/CameraInfo",
              "depth": "sensor_msgs/msg/Image", "tf": "tf2_msgs/msg/TFMessage",
              "tf_static": "tf2_msgs/msg/TFMessage"}
     qos = {"image": _qos(False, False, 5), "depth": _qos(False, False, 5),
            "camera_info": _qos(True, False, 10), "tf": _qos(True, False, 100),
            "tf_static": _qos(True, True, 1)}
+    topics = dict(DEMO_TOPICS)
+    if config.compressed:
+        topics["image"] += "/compressed"
     plugin = StoragePlugin.MCAP if config.storage == "mcap" else StoragePlugin.SQLITE3
     counts = dict.fromkeys((r[1] for r in records), 0)
     try:
         with Writer(out, version=9, storage_plugin=plugin) as writer:
-            conns = {role: writer.add_connection(DEMO_TOPICS[role], types[role], typestore=m.store,
+            conns = {role: writer.add_connection(topics[role], types[role], typestore=m.store,
                                                  offered_qos_profiles=[qos[role]]) for role in counts}
             for log_ns, role, msg in sorted(records, key=lambda r: r[0]):
                 writer.write(conns[role], log_ns, m.store.serialize_cdr(msg, types[role]))
                 counts[role] += 1
     except WriterError as exc:
         raise ValueError(f"cannot write bag {out}: {exc}") from exc
-    return DemoBag(out, {DEMO_TOPICS[k]: v for k, v in counts.items()}, stamps, np.stack(poses), intr, room)
+    return DemoBag(out, {topics[k]: v for k, v in counts.items()}, stamps, np.stack(poses), intr, room)

@@ -101,3 +101,17 @@ def test_camera_info_distortion_passes_through():
     Info.distortion_model = "fisheye"
     with pytest.raises(ValueError, match="fisheye"):
         camera_info_to_intrinsics(Info)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_compressed_images(tmp_path, fmt):
+    bag = write_demo_bag(tmp_path / fmt, config=DemoBagConfig(frames=3, compressed=fmt, with_depth=False))
+    assert bag.counts[DEMO_TOPICS["image"] + "/compressed"] == 3
+    with pytest.raises(BagError, match="image topic '/camera/color/image_raw' not in the bag"):
+        BagFrameReader(bag.path)
+    with BagFrameReader(bag.path, BagTopics(image=DEMO_TOPICS["image"] + "/compressed")) as reader:
+        frames = list(reader)
+    assert len(frames) == 3
+    rgb, _ = bag.room.render(bag.T_world_cam[1], bag.intrinsics)
+    err = np.abs(frames[1].image.astype(int) - rgb).mean()
+    assert err == 0 if fmt == "png" else 0 < err < 8  # png is lossless, jpeg at quality 90 is close

@@ -134,3 +134,18 @@ def test_bad_map_and_console_entry_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lerf_ros.tools.cli", "info", str(tmp_path / "empty")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "invalid map" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_option_image_transport_compressed(tmp_path, capsys):
+    bag = tmp_path / "bag"
+    assert main(["demo-bag", str(bag), "--frames", "3", "--compressed", "png"]) == 0
+    capsys.readouterr()
+    # Without image_transport=compressed the raw topic is missing: a clear error naming what exists.
+    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--no-progress")
+    assert rc == 1 and "/camera/color/image_raw/compressed" in err
+    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--no-progress",
+                         "--image-transport", "compressed", "--steps", "1", "--device", "cpu")
+    # 3 frames spread over one loop of the room: each is a keyframe, so one step trains a map.
+    assert rc == 0, err
+    info = json.loads((tmp_path / "m" / "training_info.json").read_text())
+    assert info["frames"] == 3 and info["keyframes"] == 3 and info["steps"] == 1
