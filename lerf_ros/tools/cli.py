@@ -106,8 +106,8 @@ def cmd_train(args) -> int:
         raise UserError(f"--steps must be >= 1, got {steps}")
     if args.seconds is not None and not args.seconds > 0:
         raise UserError(f"--seconds must be > 0, got {args.seconds}")
-    if args.out.exists() and any(args.out.iterdir()):
-        raise UserError(f"output map directory {args.out} exists and is not empty")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise UserError(f"output map directory {args.out} exists and is not an empty directory")
     image_topic = s.image_topic + ("/compressed" if s.image_transport == "compressed" else "")
     topics = BagTopics(image=image_topic, camera_info=s.camera_info_topic, depth=s.depth_topic)
     quiet = args.no_progress
@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, BagError, ParameterError) as exc:
         print(f"lerf-ros {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:  # bad input values named by the core
+    except (ValueError, OSError) as exc:  # bad values named by the core; unreadable / unwritable paths
         print(f"lerf-ros {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
