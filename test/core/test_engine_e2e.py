@@ -23,7 +23,7 @@ from lerf_ros.core.scene import (
 from lerf_ros.core.worker import TrainingWorker
 
 N_FRAMES = 24
-MAX_STEPS = 500
+MAX_STEPS = 400
 GROW_M = 0.05
 
 
