@@ -103,7 +103,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("clip_checkpoint", str, "", "Local CLIP weights file for the OpenCLIP encoder; '' = none."),
     ParamSpec("query_threshold", float, PRESET,
               "Relevancy a target needs to count as found when a request's threshold is <= 0.",
-              range=(0.0, 1.0), read_only=False, preset_field="query.threshold"),
+              range=(0.01, 0.99), read_only=False, preset_field="query.threshold"),
     ParamSpec("candidate_voxel_m", float, PRESET,
               "Voxel size of the candidate surface points a query scores, m (query cost ~ 1 / voxel^2).",
               nodes=frozenset({TRAINER}), range=(0.005, 1.0), preset_field="candidates.voxel_m"),

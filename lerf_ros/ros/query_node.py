@@ -108,9 +108,9 @@ class QueryNode(Node):
             return self._refuse(response, header,
                                 f"at most {MAX_NEGATIVES} negatives of <= {limit} characters")
         threshold = float(request.threshold)
-        if not math.isfinite(threshold) or threshold > 1.0:
+        if not math.isfinite(threshold) or threshold >= 1.0:
             return self._refuse(response, header,
-                                f"threshold {threshold} is not in (0, 1] (<= 0: node default)")
+                                f"threshold {threshold} is not in (0, 1) (<= 0: node default)")
         if threshold <= 0.0:
             threshold = self._threshold()
         engine = self.slot.get()

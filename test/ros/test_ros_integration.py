@@ -112,6 +112,9 @@ def test_queries_locate_the_objects(session):
             assert relevancy.min() >= THRESHOLD - 1e-6 and relevancy.max() <= 1.0 + 1e-6
             assert reply.relevancy >= THRESHOLD and 0.0 < reply.scale
             assert rgb.shape == (len(xyz), 3)
+    summary = {n: (round(session["answers"][n].relevancy, 3), inside[n]) for n in room.names}
+    step = session["answers"][room.names[0]].model_step
+    print(f"\nlocated {sum(inside.values())}/6 at step {step}: {summary}")
     assert sum(inside.values()) >= 5, inside
     for name in ABSENT:
         reply = client.query(name, child=nodes)
