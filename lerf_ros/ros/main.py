@@ -59,7 +59,8 @@ def destroy_nodes(nodes) -> None:
 def run(mode: str = "both", args: Sequence[str] | None = None) -> int:
     """Initialise rclpy with ``args`` (``--ros-args`` ...), build and spin the nodes; return an exit status.
 
-    2 = invalid parameters (logged naming the parameter), 0 = clean shutdown (SIGINT included).
+    2 = invalid parameters (logged naming the parameter) or an engine that cannot be built from them,
+    0 = clean shutdown (SIGINT included).
     """
     rclpy.init(args=list(args) if args is not None else None)
     logger = rclpy.logging.get_logger("lerf_node")
@@ -69,6 +70,9 @@ def run(mode: str = "both", args: Sequence[str] | None = None) -> int:
             nodes = build_nodes(mode)
         except ParameterError as exc:
             logger.fatal(f"invalid parameter, not starting: {exc}")
+            return 2
+        except ValueError as exc:  # valid parameters the engine cannot work with (encoder, weights ...)
+            logger.fatal(f"cannot start: {exc}")
             return 2
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         for node in nodes:

@@ -33,7 +33,7 @@ from lerf_ros.core.worker import TrainingWorker
 from lerf_ros.ros import ingest
 from lerf_ros.ros.engine_slot import EngineSlot, YieldingEngine
 from lerf_ros.ros.messages import stamp_to_ns, training_status_msg
-from lerf_ros.ros.params import TRAINER, TRAINER_NODE_NAME, declare_and_resolve
+from lerf_ros.ros.params import TRAINER, TRAINER_NODE_NAME, ParameterError, declare_and_resolve
 
 #: worker.state -> TrainingStatus state name.
 _STATE_NAMES = {"stopped": "waiting", "waiting": "waiting", "training": "training", "paused": "paused",
@@ -42,17 +42,29 @@ _LOG_THROTTLE_S = 5.0
 _DEPTH_KEEP = 16  # depth images kept for stamp matching
 
 
-def _make_engine(config, device: str):
+def make_engine(resolved):
+    """The engine for resolved parameters; a start-up error (ValueError naming what failed) otherwise."""
+    import torch
+
     from lerf_ros.core.engine import LERFEngine
 
-    return LERFEngine(config, device=device)
+    if resolved.device == "cuda" and not torch.cuda.is_available():
+        raise ParameterError("device", "cuda", "torch.cuda.is_available() is False on this machine")
+    try:
+        return LERFEngine(resolved.engine, device=resolved.device)
+    except (ValueError, RuntimeError, OSError, ImportError) as exc:
+        v = resolved.values
+        raise ValueError(f"cannot build the engine (preset {v['preset']!r}, clip_encoder "
+                         f"{resolved.engine.clip_encoder.target!r}, dino_encoder "
+                         f"{resolved.engine.dino_encoder.target!r}, device {v['device']!r}): {exc}") from exc
 
 
 class TrainerNode(Node):
     """Subscribes to the camera, trains the shared engine, publishes ``lerf/status``.
 
     slot: the process's ``EngineSlot``; when None (or empty) the node builds an engine from its parameters.
-    Raises ``ParameterError`` from the constructor on an invalid parameter.
+    Raises ``ParameterError`` from the constructor on an invalid parameter, ValueError when the engine
+    cannot be built from valid ones (e.g. an encoder module that does not import).
     """
 
     def __init__(self, slot: EngineSlot | None = None, *, node_name: str = TRAINER_NODE_NAME, **node_kwargs):
@@ -61,7 +73,7 @@ class TrainerNode(Node):
         self.settings = self.params.trainer
         self.slot = slot if slot is not None else EngineSlot()
         if self.slot.get() is None:
-            self.slot.set(_make_engine(self.params.engine, self.params.device))
+            self.slot.set(make_engine(self.params))
         self.counters = ingest.DropCounter()
         self.queue = ingest.BoundedQueue(self.settings.queue_size)
         self._camera_info = None  # (CameraIntrinsics | None, error text)

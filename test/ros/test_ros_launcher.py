@@ -197,6 +197,17 @@ def test_node_process_refuses_a_bad_parameter_that_only_rclpy_sees(tmp_path):
     assert "tf_timeout_s" in out.stderr and "invalid parameter" in out.stderr
 
 
+def test_node_process_refuses_an_encoder_that_does_not_import():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lerf_ros.compat.launcher", "--params", str(CONFIG), "--mode", "trainer",
+           "--set", "clip_encoder:=no_such_package.encoders:make"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "cannot start" in out.stderr and "no_such_package" in out.stderr
+
+
 PRECEDENCE_YAML = ("lerf_trainer:\n  ros__parameters: {q: 4}\n"
                    "/**/lerf_trainer:\n  ros__parameters: {q: 3, r: 3}\n"
                    "/**:\n  ros__parameters: {q: 2, r: 2, s: 2}\n")
