@@ -1,9 +1,9 @@
 """The nodes' parameters, declared once: name, type, default, description, bounds.
 
-``PARAMETERS`` is the single table. ``declare_parameters`` turns it into ``ParameterDescriptor``s on a
+``PARAMETERS`` is the single table. ``declare_and_resolve`` turns it into ``ParameterDescriptor``s on a
 node; ``resolve`` maps plain values (from a node, a YAML file or a test) onto the core's frozen configs
-with ``dataclasses.replace`` on the chosen preset. Everything except ``declare_parameters`` /
-``read_parameters`` is ROS-free, so the mapping is tested without ``rclpy.init()``.
+with ``dataclasses.replace`` on the chosen preset. Everything except ``descriptor`` /
+``declare_and_resolve`` is ROS-free, so the mapping is tested without ``rclpy.init()``.
 
 Numeric defaults marked ``PRESET`` come from the chosen preset (``make_preset(preset)``): the node declares
 ``preset`` first, then the rest with the preset's values as their defaults, so ``ros2 param describe``
@@ -208,7 +208,7 @@ def _encoder_spec(current: Any, target: str, checkpoint: str) -> Any:
     """The preset's EncoderSpec, or ``target`` with no kwargs; ``checkpoint`` adds the weights-file kwarg."""
     kwargs = current.kwargs_dict() if not target else {}
     if checkpoint:
-        kwargs["checkpoint"] = checkpoint
+        kwargs["checkpoint_path"] = checkpoint  # the OpenCLIP factory's weights-file argument
     return type(current).from_string(target or current.target, kwargs)
 
 

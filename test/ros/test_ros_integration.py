@@ -23,7 +23,7 @@ from lerf_ros.ros.messages import msg_to_cloud
 
 pytestmark = pytest.mark.slow
 
-TRAIN_STEPS = 150  # enough for the demo colour encoders on the tiny preset to separate the six objects
+TRAIN_STEPS = 250  # enough for the demo colour encoders on the tiny preset to separate the six objects
 MIN_KEYFRAMES = 8
 ABSENT = ("purple ball", "black chair")
 THRESHOLD = make_preset("tiny").query.threshold

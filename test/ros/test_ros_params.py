@@ -65,7 +65,7 @@ def test_overrides_land_in_the_core_configs():
 
 def test_checkpoint_becomes_an_encoder_kwarg():
     r = resolve({"preset": "lite", "clip_checkpoint": "/models/clip.bin"})
-    assert dict(r.engine.clip_encoder.kwargs)["checkpoint"] == "/models/clip.bin"
+    assert dict(r.engine.clip_encoder.kwargs)["checkpoint_path"] == "/models/clip.bin"
     assert r.engine.clip_encoder.target == make_preset("lite").clip_encoder.target
 
 
