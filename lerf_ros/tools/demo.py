@@ -205,8 +205,8 @@ def run_demo(opts: DemoOptions) -> int:
             print(f"[demo] trained: step {status['step']}, {status['keyframes']} keyframes, "
                   f"{status['frames_received']} frames received, drops {status['drops'] or 'none'} "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)
-            rows = planner.ask_all(bag, out)
-            map_msg = planner.save_map(out / "map")
+            map_msg = planner.save_map(out / "map")  # first: its keyframes illustrate the answers
+            rows = planner.ask_all(bag, out, out / "map")
     finally:
         rc = nodes.stop()
         print(f"[demo] nodes stopped (exit status {rc})", flush=True)

@@ -45,6 +45,7 @@ class DemoBagConfig:
     odom_rate_hz: float = 40.0
     map_rate_hz: float = 10.0
     with_depth: bool = True
+    depth_after_image: bool = False  # log depth 3 ms after the colour image instead of 3 ms before
     compressed: str = ""  # "" = raw rgb8 Image; "jpeg" / "png" = CompressedImage on <image topic>/compressed
     width: int = 96
     height: int = 72
@@ -219,7 +220,10 @@ def write_demo_bag(
             valid = np.isfinite(depth_m) & (depth_m > 0)
             mm = np.clip(np.round(np.nan_to_num(depth_m) * 1000.0), 0, 65535)
             mm = np.where(valid, mm, 0).astype("<u2")  # 0 = no return, as RealSense publishes
-            records.append((s + 18_000_000, "depth", m.image(s, rig.optical_frame, mm, "16UC1")))
+            # Depth is logged just before the colour image (both carry the capture stamp), so a subscriber
+            # that pairs by stamp on the image's arrival finds it.
+            depth_log = s + (18_000_000 if config.depth_after_image else 12_000_000)
+            records.append((depth_log, "depth", m.image(s, rig.optical_frame, mm, "16UC1")))
 
     image_type = "sensor_msgs/msg/CompressedImage" if config.compressed else "sensor_msgs/msg/Image"
     types = {"image": image_type, "camera_info": "sensor_msgs/msg/CameraInfo",

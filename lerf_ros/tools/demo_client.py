@@ -23,6 +23,25 @@ QUERY_SERVICE = "/lerf/query"
 SAVE_SERVICE = "/lerf/save_map"
 
 
+def map_keyframes(map_dir: Path) -> list:
+    """The keyframes of a saved map as picture views ([] when the map cannot be read)."""
+    from ..core import checkpoint
+    from ..core.camera import CameraIntrinsics
+    from .pictures import KeyframeView
+
+    try:
+        kf = checkpoint.load_map(map_dir).keyframes
+    except (ValueError, OSError):
+        return []
+    views = []
+    for i in range(len(kf["ids"])):
+        w, h, fx, fy, cx, cy = (float(v) for v in kf["intrinsics"][i])
+        depth = kf["depth_m"][i] if bool(kf["has_depth"][i]) else None
+        views.append(KeyframeView(kf["images"][i], CameraIntrinsics(int(w), int(h), fx, fy, cx, cy),
+                                  kf["T_world_cam"][i], depth))
+    return views
+
+
 class PlannerClient:
     """Context manager: rclpy init, node, executor thread; everything shut down on exit."""
 
@@ -130,17 +149,18 @@ class PlannerClient:
         res = self._call(self.save_client, req, 120.0)
         return res.message if res.success else f"not saved: {res.message}"
 
-    def ask_all(self, bag, out: Path) -> list[dict]:
+    def ask_all(self, bag, out: Path, map_dir: Path) -> list[dict]:
         """Query every object and the absent ones; write PLY + PNG per query; rows for the table."""
         from ..ros.messages import msg_to_cloud
         from .demo import ground_truth_rows, score
         from .pictures import KeyframeView, query_picture, save_png
         from .ply import write_ply
 
-        with BagFrameReader(bag.path, BagTopics(depth=DEPTH_TOPIC)) as reader:
-            # Every third frame of the bag: enough views to pick the one that sees a target best.
-            views = [KeyframeView(f.image, f.intrinsics, f.T_world_cam, f.depth_m)
-                     for i, f in enumerate(reader) if i % 3 == 0]
+        views = map_keyframes(map_dir)
+        if not views:  # no saved map: every third frame of the bag instead
+            with BagFrameReader(bag.path, BagTopics(depth=DEPTH_TOPIC)) as reader:
+                views = [KeyframeView(f.image, f.intrinsics, f.T_world_cam, f.depth_m)
+                         for i, f in enumerate(reader) if i % 3 == 0]
         boxes = [(o.name, o.box_min, o.box_max) for o in bag.room.objects]
         rows = []
         for text, obj in ground_truth_rows(bag.room):

@@ -115,3 +115,13 @@ def test_compressed_images(tmp_path, fmt):
     rgb, _ = bag.room.render(bag.T_world_cam[1], bag.intrinsics)
     err = np.abs(frames[1].image.astype(int) - rgb).mean()
     assert err == 0 if fmt == "png" else 0 < err < 8  # png is lossless, jpeg at quality 90 is close
+
+
+def test_depth_joins_in_either_order(tmp_path):
+    bag = write_demo_bag(tmp_path / "late", config=DemoBagConfig(frames=5, depth_after_image=True))
+    with BagFrameReader(bag.path, DEPTH) as reader:
+        frames = list(reader)
+    assert reader.stats.with_depth == 5 and [f.stamp_ns for f in frames] == bag.stamps_ns.tolist()
+    _, depth = bag.room.render(frames[2].T_world_cam, frames[2].intrinsics)
+    valid = np.isfinite(depth) & (depth > 0)
+    assert np.abs(frames[2].depth_m[valid] - depth[valid]).max() <= 0.0005 + 1e-6
