@@ -213,7 +213,7 @@ class Trainer:
         total = sum(v for v in losses.values())
         if not torch.isfinite(total):
             raise RuntimeError(f"non-finite loss at step {self.step_count}: "
-                               f"{ {k: float(v) for k, v in losses.items()} }")
+                               f"{ {k: float(v.detach()) for k, v in losses.items()} }")
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
