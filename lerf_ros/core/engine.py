@@ -38,6 +38,9 @@ from .trainer import KeyframeTensors, Trainer, pixel_rays_batched, sample_ray_ba
 
 @dataclass(frozen=True)
 class AddResult:
+    """keyframe: the frame was kept; reason: the selector's ("first", "moved", "turned", "interval",
+    "redundant", "blurred"); keyframe_id: its id in ``engine.store`` when kept."""
+
     keyframe: bool
     reason: str
     keyframe_id: int | None = None
@@ -59,6 +62,11 @@ class StepStats:
 
 @dataclass(frozen=True)
 class EngineStatus:
+    """step: training steps done; keyframes: held; keyframes_pending: without CLIP / DINO features yet;
+    losses: last step's weighted terms + "total"; rays_per_s: training throughput of the last ``step``
+    call; gpu_mem_*_mb: torch.cuda allocated / peak (0 on the CPU); last_error: "Type: message" of the
+    last failed ``step``; ready: queries can be answered."""
+
     step: int
     keyframes: int
     keyframes_pending: int
