@@ -244,6 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = str(Path(args.clip_checkpoint).resolve()) if args.clip_checkpoint else ""
     opts = DemoOptions(out, args.frames, args.steps, args.rate, args.seed, args.format, checkpoint,
                        args.timeout)
+    import signal
+
+    def on_term(signum, _frame):  # `timeout`, `kill`: unwind like Ctrl-C so the nodes are stopped
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         return run_demo(opts)
     except (RuntimeError, ValueError, OSError, TimeoutError) as exc:
