@@ -370,3 +370,47 @@ def test_evicted_keyframes_leave_every_cache(room_frames):
     assert len(ids) == 3 and 5 in ids  # bounded, newest kept
     assert engine.pyramid.keyframe_ids() == ids and engine.dense.store.ids() == ids
     assert sorted(engine._keyframe_tensors(engine._ready_ids()).kf_ids.tolist()) == ids
+
+
+def _train_a_little(engine, frames, steps=2):
+    for f in frames:
+        engine.add_frame(f)
+    while engine.train_step < steps:
+        engine.step(steps)
+
+
+def test_scene_box_derived_once_from_cameras_and_depth(room_frames):
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:3])
+    box = engine.scene_box
+    lo, hi = np.array(box.min_xyz), np.array(box.max_xyz)
+    margin = engine.config.scene.margin_m
+    cams = np.stack([f.T_world_cam[:3, 3] for f in room_frames[:3]])
+    assert np.all(lo <= cams.min(0) - margin + 1e-9) and np.all(hi >= cams.max(0) + margin - 1e-9)
+    # the floor (z = 0) seen in the depth images is inside, the box stays near the 4 x 4 x 2.5 m room
+    assert lo[2] <= -margin + 0.05 and np.all(hi - lo < np.array([4.0, 4.0, 2.5]) + 2 * margin + 0.1)
+    for f in room_frames[3:6]:  # later keyframes do not move the box: the grids are indexed in it
+        engine.add_frame(f)
+    engine.step(3)
+    assert engine.scene_box == box
+
+
+def test_scene_box_from_config(room_frames):
+    cfg = _tiny(min_keyframes=2)
+    cfg = dataclasses.replace(cfg, scene=dataclasses.replace(cfg.scene, box_min=(-2.0, -2.0, 0.0),
+                                                            box_max=(2.0, 2.0, 2.5)))
+    engine = LERFEngine(cfg, "cpu")
+    _train_a_little(engine, room_frames[:3])
+    assert engine.scene_box.min_xyz == (-2.0, -2.0, 0.0) and engine.scene_box.max_xyz == (2.0, 2.0, 2.5)
+
+
+def test_reset_forgets_everything(room_frames):
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:3])
+    version = engine.data_version
+    engine.reset()
+    st = engine.status()
+    assert (st.step, st.keyframes, st.keyframes_pending, st.ready) == (0, 0, 0, False)
+    assert engine.model is None and engine.pyramid.keyframe_ids() == [] and engine.data_version > version
+    assert engine.query("red box").message.startswith("no model yet")
+    assert engine.add_frame(room_frames[0]).reason == "first"
