@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .camera import undistort_depth, undistort_image
+from .camera import pixel_rays, undistort_depth, undistort_image, z_to_ray_distance
 from .dense_features import DenseFeatureCache
 from .encoders import checked_encode_texts, load_encoder
 from .fields.scene_box import SceneBox
@@ -33,7 +33,7 @@ from .presets import EngineConfig
 from .pyramid import ClipPyramid
 from .query import QueryResult, locate
 from .relevancy import negative_texts
-from .trainer import KeyframeTensors, Trainer, pixel_rays_batched, sample_ray_batch
+from .trainer import KeyframeTensors, Trainer, sample_ray_batch
 
 
 @dataclass(frozen=True)
@@ -409,30 +409,17 @@ class LERFEngine:
         return any(f.depth_m is None for f in self.store.frames())
 
     def _render_depth_grid(self, kf: Frame, s: int) -> np.ndarray:
-        """Rendered z-depth at every s-th pixel of a keyframe without measured depth."""
+        """Rendered z-depth (h, w) at every s-th pixel of a keyframe without measured depth."""
         h, w = kf.image.shape[:2]
         v, u = np.mgrid[0:h:s, 0:w:s]
-        kt = self._keyframe_tensors_single(kf)
-        rows = torch.zeros(u.size, dtype=torch.int64, device=self.device)
-        uu = torch.tensor(u.reshape(-1), dtype=torch.float32, device=self.device)
-        vv = torch.tensor(v.reshape(-1), dtype=torch.float32, device=self.device)
-        o, d, ray_per_z = pixel_rays_batched(kt, rows, uu, vv)
+        T = torch.tensor(kf.T_world_cam, dtype=torch.float32, device=self.device)
+        o, d = pixel_rays(kf.intrinsics, T, u.reshape(-1), v.reshape(-1))
+        ray_per_z = z_to_ray_distance(kf.intrinsics, u.reshape(-1), v.reshape(-1)).to(self.device)
         self.model.eval()
-        out = []
         with torch.no_grad():
-            for a in range(0, o.shape[0], 4096):
-                out.append(self.model(o[a:a + 4096], d[a:a + 4096])["depth"].reshape(-1))
-        z = torch.cat(out) / ray_per_z
-        return z.reshape(v.shape).cpu().numpy().astype(np.float32)
-
-    def _keyframe_tensors_single(self, kf: Frame) -> KeyframeTensors:
-        dev = self.device
-        i = kf.intrinsics
-        return KeyframeTensors(
-            torch.zeros(1, dtype=torch.int64, device=dev), torch.empty(0), torch.empty(0),
-            torch.tensor(kf.T_world_cam[None], dtype=torch.float32, device=dev),
-            torch.tensor([[i.fx, i.fy, i.cx, i.cy]], dtype=torch.float32, device=dev),
-            torch.tensor([[i.width, i.height]], device=dev))
+            t = torch.cat([self.model(o[a:a + 4096], d[a:a + 4096])["depth"].reshape(-1)
+                           for a in range(0, o.shape[0], 4096)])
+        return (t / ray_per_z).reshape(v.shape).cpu().numpy().astype(np.float32)
 
     def _view_counts(self, points: np.ndarray, kfs: list[Frame], grids: list[np.ndarray],
                      s: int) -> np.ndarray:

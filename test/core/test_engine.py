@@ -414,3 +414,18 @@ def test_reset_forgets_everything(room_frames):
     assert engine.model is None and engine.pyramid.keyframe_ids() == [] and engine.data_version > version
     assert engine.query("red box").message.startswith("no model yet")
     assert engine.add_frame(room_frames[0]).reason == "first"
+
+
+def test_candidates_from_rendered_depth_without_measured_depth(room_frames):
+    frames = [dataclasses.replace(f, depth_m=None) for f in room_frames[:4]]
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, frames, steps=3)
+    pts, rgb, views = engine._candidate_points()
+    assert pts.shape[0] > 0 and pts.shape == rgb.shape and views.shape == (pts.shape[0],)
+    assert torch.isfinite(pts).all() and int(views.max()) >= 1
+    # rendered depth changes as the model trains: the cache key includes the step
+    assert engine._candidate_points()[0] is pts
+    engine.step(1)
+    assert engine._candidate_points()[0] is not pts
+    r = engine.query("red box")
+    assert r.model_step == engine.train_step and isinstance(r.found, bool)
