@@ -106,6 +106,9 @@ def test_synthetic_room_end_to_end(tmp_path):
     assert sum(located.values()) >= 5, report
     for n in room.absent_names:
         assert not live[n].found, report
+    # The caller's negatives reach the relevancy: "red" as a negative cancels "red box" (score <= 0.5).
+    vetoed = engine.query("red box", negatives=["red"], with_cloud=False)
+    assert not vetoed.found and vetoed.relevancy <= 0.5 + 1e-6, vetoed.message
     for n in room.names:
         r = live[n]
         if r.found:
