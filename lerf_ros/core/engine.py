@@ -257,31 +257,11 @@ class LERFEngine:
         self.trainer = Trainer(self.model, self.config.trainer, self.device)
 
     def _keyframe_tensors(self, ids: list[int]) -> KeyframeTensors:
+        """Training tensors of the ready keyframes, rebuilt only when the keyframe set changed."""
         key = (self._kf_version, tuple(ids))
-        if self._tensors is not None and self._tensors_version == key:
-            return self._tensors
-        kfs = [self.store.get(i) for i in ids]
-        h = max(k.image.shape[0] for k in kfs)
-        w = max(k.image.shape[1] for k in kfs)
-        images = np.zeros((len(kfs), h, w, 3), np.uint8)
-        depth = np.full((len(kfs), h, w), np.nan, np.float32)
-        for r, k in enumerate(kfs):
-            kh, kw = k.image.shape[:2]
-            images[r, :kh, :kw] = k.image
-            if k.depth_m is not None:
-                depth[r, :kh, :kw] = k.depth_m
-        dev = self.device
-        self._tensors = KeyframeTensors(
-            kf_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            images=torch.from_numpy(images).to(dev),
-            depth=torch.from_numpy(depth).to(dev),
-            T_world_cam=torch.tensor(np.stack([k.T_world_cam for k in kfs]), dtype=torch.float32, device=dev),
-            intrinsics=torch.tensor([[k.intrinsics.fx, k.intrinsics.fy, k.intrinsics.cx, k.intrinsics.cy]
-                                     for k in kfs], dtype=torch.float32, device=dev),
-            sizes=torch.tensor([[k.image.shape[1], k.image.shape[0]] for k in kfs], dtype=torch.int64,
-                               device=dev),
-        )
-        self._tensors_version = key
+        if self._tensors is None or self._tensors_version != key:
+            self._tensors = KeyframeTensors.from_frames(ids, [self.store.get(i) for i in ids], self.device)
+            self._tensors_version = key
         return self._tensors
 
     def step(self, max_steps: int = 1) -> StepStats:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -99,6 +100,30 @@ class KeyframeTensors:
     @property
     def count(self) -> int:
         return int(self.kf_ids.shape[0])
+
+    @classmethod
+    def from_frames(cls, ids: list[int], frames: list, device: torch.device) -> KeyframeTensors:
+        """Pack pinhole ``Frame`` s (depth NaN = unknown, or None) into padded device tensors."""
+        h = max(f.image.shape[0] for f in frames)
+        w = max(f.image.shape[1] for f in frames)
+        images = np.zeros((len(frames), h, w, 3), np.uint8)
+        depth = np.full((len(frames), h, w), np.nan, np.float32)
+        for r, f in enumerate(frames):
+            fh, fw = f.image.shape[:2]
+            images[r, :fh, :fw] = f.image
+            if f.depth_m is not None:
+                depth[r, :fh, :fw] = f.depth_m
+        intr = [(f.intrinsics.fx, f.intrinsics.fy, f.intrinsics.cx, f.intrinsics.cy) for f in frames]
+        return cls(
+            kf_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+            images=torch.from_numpy(images).to(device),
+            depth=torch.from_numpy(depth).to(device),
+            T_world_cam=torch.tensor(np.stack([f.T_world_cam for f in frames]), dtype=torch.float32,
+                                     device=device),
+            intrinsics=torch.tensor(intr, dtype=torch.float32, device=device),
+            sizes=torch.tensor([[f.image.shape[1], f.image.shape[0]] for f in frames], dtype=torch.int64,
+                               device=device),
+        )
 
 
 def pixel_rays_batched(kf: KeyframeTensors, rows: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
