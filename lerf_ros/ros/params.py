@@ -87,7 +87,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               nodes=frozenset({TRAINER}), range=(0, 1_000_000_000)),
     ParamSpec("steps_per_tick", int, 10, "Training steps per worker tick (pause / stop checked between).",
               nodes=frozenset({TRAINER}), range=(1, 10000)),
-    ParamSpec("max_keyframes", int, PRESET, "Memory bound of the keyframe store (oldest evicted).",
+    ParamSpec("max_keyframes", int, PRESET,
+              "Memory bound of the keyframe store; when full, the most redundant keyframe (pose closest to "
+              "another keyframe's) is evicted, not the oldest, and never the newest.",
               nodes=frozenset({TRAINER}), range=(2, 100000), preset_field="keyframes.max_keyframes"),
     ParamSpec("keyframe_min_translation_m", float, PRESET, "Camera motion that makes a new keyframe, m.",
               nodes=frozenset({TRAINER}), range=(1e-3, 100.0), preset_field="keyframes.min_translation_m"),

@@ -161,3 +161,15 @@ def test_declare_on_a_node_applies_overrides_and_rejects_bad_ones():
         bad.destroy_node()
     finally:
         rclpy.try_shutdown()
+
+
+def test_max_keyframes_description_matches_the_store_eviction_policy():
+    from lerf_ros.core import keyframes
+
+    # The store's contract (core/keyframes.py): evict the most redundant keyframe, never the newest.
+    assert "evicts the most redundant keyframe" in keyframes.__doc__
+    assert "newest keyframe is never evicted" in keyframes.__doc__
+    text = params.SPECS["max_keyframes"].description
+    assert "most redundant keyframe" in text and "never the newest" in text
+    assert "oldest evicted" not in text and "not the oldest" in text
+    assert params.descriptor(params.SPECS["max_keyframes"]).description == text
