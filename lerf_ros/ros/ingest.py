@@ -1,8 +1,10 @@
 """Pieces of the trainer's ingest path that need no running ROS: drop counters, the bounded queue,
-CameraInfo -> intrinsics, and the pose lookup that turns TF errors into drop reasons.
+the depth buffer that pairs depth with colour by stamp, CameraInfo -> intrinsics, and the pose lookup
+that turns TF errors into drop reasons.
 
 Frames flow: subscription callback (convert + validate, never blocks) -> ``BoundedQueue`` ->
-ingest thread (TF lookup at the image stamp, waiting up to the timeout) -> ``engine.add_frame``.
+ingest thread (TF lookup at the image stamp, waiting up to the timeout; then the depth image of the same
+stamp from ``DepthBuffer``, waiting up to its own window) -> ``engine.add_frame``.
 """
 
 from __future__ import annotations
@@ -28,14 +30,29 @@ BAD_TRANSFORM = "bad_transform"
 QUEUE_FULL = "queue_full"
 BAD_FRAME = "bad_frame"
 
+#: Counted but NOT drops: the frame was ingested, without depth, because no depth image of its stamp
+#: arrived within ``depth_wait_s`` (a depth topic is configured).
+NO_DEPTH_MATCH = "no_depth_match"
+
 
 class DropCounter:
-    """Thread-safe counts of dropped frames by reason, plus frames received."""
+    """Thread-safe counts of dropped frames by reason, frames received, and notes (events on frames
+    that were still ingested, e.g. ``NO_DEPTH_MATCH``; kept apart so they never count as drops)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._drops: collections.Counter[str] = collections.Counter()
+        self._notes: collections.Counter[str] = collections.Counter()
         self._received = 0
+
+    def note(self, name: str) -> None:
+        with self._lock:
+            self._notes[name] += 1
+
+    def notes(self) -> dict[str, int]:
+        """{note name: count}."""
+        with self._lock:
+            return dict(self._notes)
 
     def received(self) -> None:
         with self._lock:
@@ -53,6 +70,7 @@ class DropCounter:
     def reset(self) -> None:
         with self._lock:
             self._drops.clear()
+            self._notes.clear()
             self._received = 0
 
 
@@ -116,6 +134,86 @@ class BoundedQueue:
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
+
+
+class DepthBuffer:
+    """The most recent depth images keyed by stamp (at most ``maxlen``), for pairing with colour frames.
+
+    Registered RGB-D drivers (RealSense, Azure Kinect) stamp depth with the colour image's capture time
+    but publish it on its own topic, so it may arrive before or after the colour image. ``put`` runs in
+    the depth subscription callback and never blocks; ``wait_match`` runs in the ingest thread and waits
+    (up to a window) for the depth whose stamp is within a tolerance of the colour stamp.
+
+    Full buffer: the depth with the oldest stamp is evicted (a colour frame that old has already been
+    ingested or is about to be, and newer colour frames need newer depth). ``high_water`` is the largest
+    number ever held. ``waiting`` is how many callers are blocked in ``wait_match`` (for tests).
+    """
+
+    def __init__(self, maxlen: int):
+        if int(maxlen) < 1:
+            raise ValueError(f"depth buffer maxlen must be >= 1, got {maxlen}")
+        self.maxlen = int(maxlen)
+        self._depths: dict[int, np.ndarray] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._waiting = 0
+        self.high_water = 0
+
+    def put(self, stamp_ns: int, depth_m: np.ndarray) -> None:
+        """Store ``depth_m`` (H, W) float32 metres under its stamp (a repeated stamp replaces the old one)."""
+        with self._cond:
+            self._depths[int(stamp_ns)] = depth_m
+            while len(self._depths) > self.maxlen:
+                del self._depths[min(self._depths)]
+            self.high_water = max(self.high_water, len(self._depths))
+            self._cond.notify_all()
+
+    def wait_match(self, stamp_ns: int, tolerance_ns: int, timeout_s: float) -> np.ndarray | None:
+        """Remove and return the depth whose stamp is nearest ``stamp_ns`` within ``tolerance_ns``.
+
+        Waits up to ``timeout_s`` for it to arrive. Returns None after the wait, at once when the buffer
+        is closed, and early when a depth stamped later than ``stamp_ns + tolerance_ns`` is already held:
+        one topic delivers in stamp order, so the matching depth was lost (or never sent) and waiting
+        longer would only delay the ingest queue.
+        """
+        stamp_ns, tolerance_ns = int(stamp_ns), int(tolerance_ns)
+        found: list[int] = []
+
+        def settled() -> bool:
+            if self._closed:
+                return True
+            near = [s for s in self._depths if abs(s - stamp_ns) <= tolerance_ns]
+            if near:
+                found.append(min(near, key=lambda s: abs(s - stamp_ns)))
+                return True
+            return any(s > stamp_ns + tolerance_ns for s in self._depths)
+
+        with self._cond:
+            self._waiting += 1
+            try:
+                self._cond.wait_for(settled, max(float(timeout_s), 0.0))
+            finally:
+                self._waiting -= 1
+            return self._depths.pop(found[-1]) if found and not self._closed else None
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return self._waiting
+
+    def clear(self) -> None:
+        with self._cond:
+            self._depths.clear()
+
+    def close(self) -> None:
+        """Wake every waiter (they get None) and make later waits return at once; for shutdown."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._depths)
 
 
 _DISTORTION = {"": "none", "none": "none", "plumb_bob": "plumb_bob",

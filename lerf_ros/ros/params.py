@@ -75,6 +75,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               nodes=frozenset({TRAINER}), choices=("raw", "compressed")),
     ParamSpec("depth_topic", str, "", "Registered depth image (same stamps as the RGB); '' = no depth.",
               nodes=frozenset({TRAINER})),
+    ParamSpec("depth_wait_s", float, 0.1,
+              "How long the ingest thread waits for the depth image of a colour frame's stamp, s; after it "
+              "the frame is used without depth and counted as 'no_depth_match' (not a drop).",
+              nodes=frozenset({TRAINER}), range=(0.0, 2.0)),
+    ParamSpec("depth_stamp_tolerance_s", float, 0.02,
+              "Largest |depth stamp - colour stamp| that still pairs them, s (registered depth: same stamp).",
+              nodes=frozenset({TRAINER}), range=(0.0, 1.0)),
     ParamSpec("tf_timeout_s", float, 0.2, "How long the ingest thread waits for T_world_cam at a stamp, s.",
               nodes=frozenset({TRAINER}), range=(0.0, 10.0)),
     ParamSpec("queue_size", int, 8, "Bounded ingest queue; when full the oldest frame is dropped.",
@@ -132,6 +139,8 @@ class TrainerSettings:
     camera_info_topic: str
     image_transport: str
     depth_topic: str
+    depth_wait_s: float
+    depth_stamp_tolerance_s: float
     tf_timeout_s: float
     queue_size: int
     max_steps: int

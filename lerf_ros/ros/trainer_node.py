@@ -4,7 +4,10 @@ Threads (nothing slow runs in an executor callback):
 - ``sensor`` callback group (mutually exclusive): Image / CompressedImage, CameraInfo, depth. Callbacks
   convert and validate the message and put it on a bounded queue (drop-oldest, counted as "queue_full").
 - ingest thread (owned): TF lookup of ``T_world_cam`` at the image stamp (waiting up to ``tf_timeout_s``,
-  interpolated by the TF buffer), then ``engine.add_frame``.
+  interpolated by the TF buffer); with a depth topic, the depth image of the same stamp (within
+  ``depth_stamp_tolerance_s``) from a bounded buffer the depth callback fills, waiting up to
+  ``depth_wait_s`` because depth may arrive after colour (no match: ingested without depth, counted as
+  "no_depth_match", which is not a drop); then ``engine.add_frame``.
 - training worker (``core.worker.TrainingWorker``, owned): ``engine.step`` in a loop; the engine computes
   keyframe features first and trains once ``min_keyframes`` keyframes have them.
 - ``control`` group: pause / reset / save_map / load_map services; ``status`` group: the status timer.
@@ -39,7 +42,11 @@ from lerf_ros.ros.params import TRAINER, TRAINER_NODE_NAME, ParameterError, decl
 _STATE_NAMES = {"stopped": "waiting", "waiting": "waiting", "training": "training", "paused": "paused",
                 "ready": "ready", "error": "error"}
 _LOG_THROTTLE_S = 5.0
-_DEPTH_KEEP = 16  # depth images kept for stamp matching
+#: Depth images kept beyond ``queue_size``: every queued colour frame can still find its depth, plus
+#: slack for depth that runs ahead of the colour being ingested.
+_DEPTH_SLACK = 8
+#: Per-thread bound on joining the worker / ingest thread at shutdown, s.
+_SHUTDOWN_TIMEOUT_S = 5.0
 
 
 def make_engine(resolved):
@@ -76,9 +83,9 @@ class TrainerNode(Node):
             self.slot.set(make_engine(self.params))
         self.counters = ingest.DropCounter()
         self.queue = ingest.BoundedQueue(self.settings.queue_size)
+        self.depths = ingest.DepthBuffer(self.settings.queue_size + _DEPTH_SLACK)
         self._camera_info = None  # (CameraIntrinsics | None, error text)
-        self._depths: dict[int, object] = {}
-        self._lock = threading.Lock()  # guards _camera_info, _depths, _last_error, _paused, worker swap
+        self._lock = threading.Lock()  # guards _camera_info, _last_error, _paused, worker swap
         self._last_error = ""
         self._last_log: dict[str, float] = {}
         self._paused = False
@@ -160,10 +167,7 @@ class TrainerNode(Node):
         except ValueError as exc:
             self._drop(ingest.BAD_DEPTH, str(exc))
             return
-        with self._lock:
-            self._depths[stamp_to_ns(msg.header.stamp)] = depth
-            while len(self._depths) > _DEPTH_KEEP:
-                self._depths.pop(next(iter(self._depths)))
+        self.depths.put(stamp_to_ns(msg.header.stamp), depth)
 
     def _on_image(self, msg) -> None:
         self.counters.received()
@@ -226,8 +230,15 @@ class TrainerNode(Node):
             # Per frame id: a camera frame that has never had TF is news even while another one is failing.
             self._drop(reason, detail, f"{reason}:{item.frame_id}")
             return
-        with self._lock:
-            depth = self._depths.get(item.stamp_ns)
+        depth = None
+        if s.depth_topic:
+            # Waiting here (ingest thread) never blocks the executor that delivers the depth message.
+            depth = self.depths.wait_match(item.stamp_ns, round(s.depth_stamp_tolerance_s * 1e9),
+                                           s.depth_wait_s)
+            if self._stop.is_set():
+                return
+            if depth is None:
+                self.counters.note(ingest.NO_DEPTH_MATCH)
         if depth is not None and depth.shape != item.image.shape[:2]:
             self._drop(ingest.BAD_DEPTH, f"depth {depth.shape} does not match image {item.image.shape[:2]}")
             depth = None
@@ -260,7 +271,7 @@ class TrainerNode(Node):
         self.queue.clear()
         with self._lock:
             self._swap_worker(lambda: self.slot.get().reset())
-            self._depths.clear()
+            self.depths.clear()
             self._last_error = ""
         self.counters.reset()
         response.success, response.message = True, "map cleared; waiting for keyframes"
@@ -269,7 +280,11 @@ class TrainerNode(Node):
 
     def _swap_worker(self, change) -> None:
         """Stop the worker, apply ``change()`` (reset or a new engine), start a fresh worker on the slot's
-        engine, paused again if it was. The caller holds ``self._lock``."""
+        engine, paused again if it was. The caller holds ``self._lock``. After ``shutdown`` only
+        ``change()`` runs: no worker is started again."""
+        if self._stop.is_set():
+            change()
+            return
         self._worker.stop()
         change()
         self._worker = self._new_worker()
@@ -327,26 +342,50 @@ class TrainerNode(Node):
             return _STATE_NAMES[self._worker.state]
 
     def publish_status(self) -> None:
+        self.status_pub.publish(self.status_msg())
+
+    def status_msg(self):
+        """The current ``TrainingStatus`` (engine status + this node's counters and state)."""
         engine = self.slot.get()
         received, drops = self.counters.snapshot()
+        notes = self.counters.notes()
         with self._lock:
             node_error = self._last_error
             worker_error = self._worker.last_error
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings.world_frame)
         with self.slot.gate.priority():  # status() takes the engine lock: do not queue behind training
             engine_status = engine.status()
-        msg = training_status_msg(engine_status, self.state_name(), header, received, drops,
+        # Notes ("no_depth_match") ride in the per-reason arrays, which are the message's only named
+        # counters, but frames_dropped stays the sum of true drops: those frames were ingested.
+        msg = training_status_msg(engine_status, self.state_name(), header, received, {**drops, **notes},
                                   worker_error or node_error)
-        self.status_pub.publish(msg)
+        msg.frames_dropped = int(sum(drops.values()))
+        return msg
 
-    def shutdown(self) -> None:
-        """Stop the ingest thread and the worker (call before destroy_node)."""
+    def shutdown(self, timeout_s: float = _SHUTDOWN_TIMEOUT_S) -> bool:
+        """Stop the training worker and the ingest thread, close the TF listener (call before
+        destroy_node; idempotent). Returns False when a thread did not end within ``timeout_s`` each
+        (logged; both are daemon threads, so they cannot keep the process alive).
+
+        Order: wake everything that waits (queue, depth buffer) first, then stop the worker so that an
+        ``add_frame`` in flight does not queue behind training, then join the ingest thread.
+        """
         self._stop.set()
         self.queue.close()
-        self._ingest_thread.join(timeout=5.0)
+        self.depths.close()
+        clean = True
+        with self._lock:  # a reset / load_map in flight finishes first; none starts a worker after this
+            try:
+                self._worker.stop(timeout=timeout_s)
+            except RuntimeError as exc:
+                self.get_logger().error(f"shutdown: {exc}")
+                clean = False
+        self._ingest_thread.join(timeout=timeout_s)
+        if self._ingest_thread.is_alive():
+            self.get_logger().error(f"shutdown: ingest thread did not stop within {timeout_s} s")
+            clean = False
         compat_tf.close_tf_listener(self.tf_listener)
-        with self._lock:
-            self._worker.stop()
+        return clean
 
 
 def main(args=None) -> int:

@@ -64,14 +64,79 @@ def test_close_wakes_a_waiting_get():
     assert not t.is_alive() and out == [None]
 
 
+def _depth(value):
+    return np.full((2, 3), value, np.float32)
+
+
+def test_depth_buffer_pairs_the_nearest_stamp_within_tolerance():
+    buf = ingest.DepthBuffer(4)
+    for stamp in (1000, 2000, 3000):
+        buf.put(stamp, _depth(stamp))
+    got = buf.wait_match(2040, 50, 0.0)  # 2000 is 40 ns away, 3000 far outside
+    assert got is not None and got[0, 0] == 2000 and len(buf) == 2  # a matched depth is consumed
+    assert buf.wait_match(2040, 50, 0.0) is None  # consumed: no second match
+    assert buf.wait_match(1100, 50, 0.0) is None  # 1000 is 100 ns away
+    with pytest.raises(ValueError, match="maxlen"):
+        ingest.DepthBuffer(0)
+
+
+def test_depth_buffer_waits_for_late_depth_and_gives_up_early_when_newer_depth_is_held():
+    buf = ingest.DepthBuffer(4)
+    out = []
+    t = threading.Thread(target=lambda: out.append(buf.wait_match(5000, 0, 30.0)))
+    t.start()
+    while buf.waiting == 0:
+        threading.Event().wait(0.001)
+    buf.put(4000, _depth(4))  # older than the colour frame: not a reason to give up
+    t.join(0.2)
+    assert t.is_alive() and out == []
+    buf.put(5000, _depth(5))
+    t.join(5.0)
+    assert not t.is_alive() and out[0][0, 0] == 5
+    # The depth of 6000 was lost; a depth of 7000 is already held, so waiting 30 s would be pointless.
+    buf.put(7000, _depth(7))
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (out.append(buf.wait_match(6000, 10, 30.0)), done.set()))
+    t.start()
+    assert done.wait(5.0) and out[-1] is None
+
+
+def test_depth_buffer_close_wakes_a_waiter_and_clear_empties():
+    buf = ingest.DepthBuffer(2)
+    buf.put(1, _depth(1))
+    buf.clear()
+    assert len(buf) == 0
+    out = []
+    t = threading.Thread(target=lambda: out.append(buf.wait_match(9, 0, 30.0)))
+    t.start()
+    while buf.waiting == 0:
+        threading.Event().wait(0.001)
+    buf.close()
+    t.join(5.0)
+    assert not t.is_alive() and out == [None]
+    buf.put(3, _depth(3))
+    assert buf.wait_match(3, 0, 30.0) is None  # closed: never waits, never matches
+
+
+def test_depth_buffer_flood_keeps_the_newest_stamps_within_the_bound():
+    buf = ingest.DepthBuffer(5)
+    for stamp in [*range(100, 0, -1), *range(200, 300)]:  # out of order, then in order
+        buf.put(stamp, _depth(stamp))
+        assert len(buf) <= 5
+    assert buf.high_water == 5
+    assert [buf.wait_match(s, 0, 0.0) is not None for s in (294, 295, 299)] == [False, True, True]
+
+
 def test_drop_counter():
     c = ingest.DropCounter()
     for reason in ("a", "b", "a"):
         c.drop(reason)
     c.received()
-    assert c.snapshot() == (1, {"a": 2, "b": 1})
+    c.note(ingest.NO_DEPTH_MATCH)
+    assert c.snapshot() == (1, {"a": 2, "b": 1})  # notes are not drops
+    assert c.notes() == {"no_depth_match": 1}
     c.reset()
-    assert c.snapshot() == (0, {})
+    assert c.snapshot() == (0, {}) and c.notes() == {}
 
 
 def _buffer_with_chain():

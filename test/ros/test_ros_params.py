@@ -88,6 +88,9 @@ def test_preset_changes_the_preset_backed_defaults():
         ("tf_timeout_s", math.nan, "finite"),
         ("tf_timeout_s", "fast", "expected float"),
         ("queue_size", 0, "out of range"),
+        ("depth_wait_s", -0.1, "out of range"),
+        ("depth_wait_s", 5.0, "out of range"),
+        ("depth_stamp_tolerance_s", math.inf, "finite"),
         ("queue_size", True, "expected int"),
         ("queue_size", 2.5, "expected int"),
         ("max_keyframes", 1, "out of range"),
@@ -173,3 +176,14 @@ def test_max_keyframes_description_matches_the_store_eviction_policy():
     assert "most redundant keyframe" in text and "never the newest" in text
     assert "oldest evicted" not in text and "not the oldest" in text
     assert params.descriptor(params.SPECS["max_keyframes"]).description == text
+
+
+def test_depth_pairing_settings_reach_the_trainer():
+    r = resolve()
+    assert (r.trainer.depth_wait_s, r.trainer.depth_stamp_tolerance_s) == (0.1, 0.02)
+    r = resolve({"depth_wait_s": 0, "depth_stamp_tolerance_s": 0.005})
+    assert (r.trainer.depth_wait_s, r.trainer.depth_stamp_tolerance_s) == (0.0, 0.005)
+    for name in ("depth_wait_s", "depth_stamp_tolerance_s"):
+        spec = params.SPECS[name]
+        assert spec.nodes == {params.TRAINER} and spec.type is float and spec.range is not None
+    assert "no_depth_match" in params.SPECS["depth_wait_s"].description

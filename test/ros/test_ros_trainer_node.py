@@ -134,6 +134,82 @@ def test_pose_is_interpolated_at_the_image_stamp_and_depth_is_joined(trainer):
     assert received == 2 and drops == {"redundant": 1}
 
 
+def depth_image(stamp_ns, value):
+    msg = numpy_to_image(np.full((H, W), value, np.float32), "32FC1", ros=True)
+    msg.header.stamp = stamp_from_ns(stamp_ns)
+    return msg
+
+
+def wait_until(predicate, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < end:
+        time.sleep(0.002)
+    assert predicate()
+
+
+def test_depth_pairs_by_stamp_in_either_arrival_order(trainer):
+    node, engine = trainer
+    assert (node.settings.depth_wait_s, node.settings.depth_stamp_tolerance_s) == (0.1, 0.02)
+    put_tf(node, 0, 0.0, static=True)
+    node._on_camera_info(info_msg())
+    depth_values = {}
+    for i in range(6):
+        stamp = 20 * NS + i * NS // 30
+        depth_values[stamp] = 1.0 + i
+        if i % 2 == 0:  # depth first
+            node._on_depth(depth_image(stamp, 1.0 + i))
+            node._on_image(rgb_image(stamp)[0])
+        else:  # colour first: depth is sent only once the ingest thread is waiting for it
+            node._on_image(rgb_image(stamp)[0])
+            wait_until(lambda: node.depths.waiting == 1)
+            node._on_depth(depth_image(stamp, 1.0 + i))
+        wait_until(lambda n=i + 1: len(engine.frames) == n)
+    assert [f.stamp_ns for f in engine.frames] == sorted(depth_values)
+    assert [float(f.depth_m[0, 0]) for f in engine.frames] == [depth_values[s] for s in sorted(depth_values)]
+    assert node.counters.notes() == {} and len(node.depths) == 0  # each depth was consumed by its frame
+
+
+def test_depth_within_tolerance_pairs_and_a_missing_one_is_counted_not_dropped(trainer):
+    node, engine = trainer
+    put_tf(node, 0, 0.0, static=True)
+    node._on_camera_info(info_msg())
+    node._on_depth(depth_image(30 * NS + 15_000_000, 4.0))  # 15 ms late: within the 20 ms tolerance
+    node._on_image(rgb_image(30 * NS)[0])
+    wait_until(lambda: len(engine.frames) == 1)
+    assert float(engine.frames[0].depth_m[0, 0]) == 4.0
+    node._on_depth(depth_image(31 * NS + 25_000_000, 5.0))  # 25 ms: outside the tolerance
+    node._on_image(rgb_image(31 * NS)[0])
+    wait_until(lambda: len(engine.frames) == 2)
+    node._on_image(rgb_image(40 * NS)[0])  # no depth at all: waits depth_wait_s, then goes on without
+    wait_until(lambda: len(engine.frames) == 3)
+    assert engine.frames[1].depth_m is None and engine.frames[2].depth_m is None
+    received, drops = node.counters.snapshot()
+    assert received == 3 and node.counters.notes() == {"no_depth_match": 2}
+    assert drops == {"redundant": 1}  # the fake engine's verdict on frame 2; no depth drop
+    msg = node.status_msg()  # the note is listed in the status but is not a dropped frame
+    assert dict(zip(msg.drop_reasons, msg.drop_counts, strict=True)) == {"no_depth_match": 2, "redundant": 1}
+    assert msg.frames_dropped == 1 and msg.frames_received == 3
+
+
+def test_depth_buffer_stays_bounded_under_a_flood(trainer):
+    node, engine = trainer
+    put_tf(node, 0, 0.0, static=True)
+    node._on_camera_info(info_msg())
+    bound = node.depths.maxlen
+    assert bound == node.settings.queue_size + 8
+    for i in range(500):
+        node._on_depth(depth_image(50 * NS + i * NS // 100, float(i)))
+        assert len(node.depths) <= bound
+    assert node.depths.high_water == bound
+    # The newest depths are the ones kept: the last stamp still pairs, the first was evicted.
+    node._on_image(rgb_image(50 * NS + 499 * NS // 100)[0])
+    wait_until(lambda: len(engine.frames) == 1)
+    assert float(engine.frames[0].depth_m[0, 0]) == 499.0
+    node._on_image(rgb_image(50 * NS)[0])
+    wait_until(lambda: len(engine.frames) == 2)
+    assert engine.frames[1].depth_m is None and node.counters.notes() == {"no_depth_match": 1}
+
+
 def test_compressed_images_are_decoded(trainer):
     node, engine = trainer
     put_tf(node, 0, 0.3, static=True)
