@@ -15,10 +15,8 @@ VENV="${LERF_VENV:-$REPO_ROOT/.venv}"
 
 bash "$REPO_ROOT/scripts/setup.sh"
 
-# DDS must never leave this machine: localhost discovery, a random domain per run.
-export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
-export ROS_LOCALHOST_ONLY=1
-export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(( (RANDOM % 100) + 1 ))}"
+# shellcheck source=ros_env.sh
+source "$REPO_ROOT/scripts/ros_env.sh"
 
 cd "$REPO_ROOT"
 exec "$VENV/bin/python" -m lerf_ros.tools.demo "$@"

@@ -9,12 +9,8 @@ VENV="${LERF_VENV:-$REPO_ROOT/.venv}"
 
 bash "$REPO_ROOT/scripts/setup.sh"
 
-# No DDS traffic may leave loopback; a random domain keeps parallel runs on one host apart.
-export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
-export ROS_LOCALHOST_ONLY=1
-ROS_DOMAIN_ID=$((RANDOM % 101 + 1))
-export ROS_DOMAIN_ID
-unset _ROS_WHEELS_BOOTSTRAP_COMPLETE  # let the venv's python set its own LD_LIBRARY_PATH
+# shellcheck source=ros_env.sh
+source "$REPO_ROOT/scripts/ros_env.sh"
 
 cd "$REPO_ROOT"
 # Both run even when the first fails, so one pass reports lint and test failures together.
