@@ -1,7 +1,8 @@
 """`LERFEngine`: the facade nodes, tools and benchmarks drive (docs/ARCHITECTURE.md, "The engine facade").
 
-Threading: ``lock`` (an RLock) is held for one training step at a time and, briefly, for a query, so a
-query may run between two steps of a worker thread. Frames may be added from any thread.
+Threading: ``lock`` (a reentrant `PriorityLock`) is held for one training step at a time and, briefly,
+for a query / ``add_frame`` / ``status`` / ``save``. Training takes it in background mode, so any such
+caller waits for at most the one step in progress, whichever thread trains (worker, CLI, benchmark).
 
 Work is incremental: ``add_frame`` only validates, undistorts, downsizes and selects keyframes; each
 ``step`` call computes the CLIP pyramid + dense features of at most ``ingest.pyramid_keyframes_per_step``
@@ -25,6 +26,7 @@ from . import checkpoint
 from .camera import pixel_rays, undistort_depth, undistort_image, z_to_ray_distance
 from .dense_features import DenseFeatureCache
 from .encoders import checked_encode_texts, load_encoder
+from .engine_lock import PriorityLock
 from .fields.scene_box import SceneBox
 from .frame import Frame
 from .keyframes import KeyframeSelector, KeyframeStore
@@ -90,7 +92,7 @@ class LERFEngine:
     def __init__(self, config: EngineConfig, device: str = "auto"):
         self.config = config.validate()
         self.device = resolve_device(device)
-        self.lock = threading.RLock()
+        self.lock = PriorityLock()
         self._data_cond = threading.Condition()
         self._data_version = 0
         # Encoders are validated by a probe encode here: a broken plugin fails at construction.
@@ -214,7 +216,7 @@ class LERFEngine:
         GPU), so queries are not held up; results are inserted under the lock, and dropped if the
         keyframe was evicted meanwhile.
         """
-        with self.lock:
+        with self.lock.background():
             if not self._pending:
                 return False
             kf_id = self._pending.popleft()
@@ -222,7 +224,7 @@ class LERFEngine:
         key = self.pyramid.cache_key(image)
         size, grid = self.pyramid.compute(image)
         self.dense.add(kf_id, image)  # the dense cache's own store is thread-safe
-        with self.lock:
+        with self.lock.background():
             if kf_id in self.store:
                 self.pyramid.insert(kf_id, size, grid, key)
                 self._kf_version += 1
@@ -284,7 +286,7 @@ class LERFEngine:
         rays = self.config.trainer.rays_per_step
         t_train = time.perf_counter()
         for _ in range(max_steps):
-            with self.lock:
+            with self.lock.background():  # gives way to a waiting query / add_frame / status / save
                 ids = self._ready_ids()
                 if len(ids) < self.config.ingest.min_keyframes:
                     break

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 
 from lerf_ros.core.encoders import EncoderSpec
 from lerf_ros.core.engine import LERFEngine, StepStats
+from lerf_ros.core.engine_lock import PriorityLock
 from lerf_ros.core.frame import Frame
 from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
 from lerf_ros.core.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
@@ -429,3 +431,56 @@ def test_candidates_from_rendered_depth_without_measured_depth(room_frames):
     assert engine._candidate_points()[0] is not pts
     r = engine.query("red box")
     assert r.model_step == engine.train_step and isinstance(r.found, bool)
+
+
+# --------------------------------------------------------------------------- lock fairness
+
+
+def test_priority_lock_urgent_caller_waits_for_at_most_one_background_hold():
+    lock = PriorityLock()
+    held, stop = [0], threading.Event()
+
+    def train():  # a training loop that re-takes the lock at once, holding the GIL between holds
+        while not stop.is_set():
+            with lock.background():
+                held[0] += 1
+                end = time.perf_counter() + 0.002
+                while time.perf_counter() < end:
+                    pass
+
+    t = threading.Thread(target=train)
+    t.start()
+    try:
+        assert _wait(lambda: held[0] > 5)
+        waits = []
+        for _ in range(20):
+            before = held[0]
+            with lock:
+                with lock:  # reentrant
+                    waits.append(held[0] - before)
+    finally:
+        stop.set()
+        t.join(5)
+    assert max(waits) <= 2, waits  # the hold in progress (+1 that began while this thread read `held`)
+    with pytest.raises(RuntimeError, match="does not hold"):
+        lock.release()
+
+
+def test_query_and_status_while_worker_trains_flat_out(room_frames):
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:3], steps=1)
+    worker = TrainingWorker(engine, steps_per_tick=10)
+    worker.start()
+    try:
+        assert _wait(lambda: engine.train_step >= 3)
+        start, waited = engine.train_step, []
+        for _ in range(3):
+            before = engine.train_step
+            waited.append(engine.query("red box", with_cloud=False).model_step - before)
+            before = engine.train_step
+            waited.append(engine.status().step - before)
+        assert _wait(lambda: engine.train_step > start + 2) and worker.alive  # training went on
+    finally:
+        worker.stop(timeout=30)
+    # Each call got the lock after at most the step in progress (+1 begun while reading train_step).
+    assert max(waited) <= 2, waited
