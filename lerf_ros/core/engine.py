@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
-from .camera import pixel_rays, undistort_depth, undistort_image, z_to_ray_distance
+from . import candidates, checkpoint
+from .camera import undistort_depth, undistort_image
 from .dense_features import DenseFeatureCache
 from .encoders import checked_encode_texts, load_encoder
 from .engine_lock import PriorityLock
@@ -119,8 +119,7 @@ class LERFEngine:
         self._losses: dict[str, float] = {}
         self._rays_per_s = 0.0
         self._last_error: str | None = None
-        self._candidates_key = None
-        self._candidates = None
+        self.candidates = candidates.CandidateCache(cfg.candidates, self.device)
 
     def reset(self) -> None:
         """Forget all frames, features and the model (encoders and config are kept)."""
@@ -239,12 +238,9 @@ class LERFEngine:
         frames = self.store.frames()
         cams = np.stack([f.T_world_cam[:3, 3] for f in frames])
         lo, hi = cams.min(0), cams.max(0)
-        surf = [_lift_depth(f, stride=4) for f in frames if f.depth_m is not None]
-        if surf:
-            # Percentiles keep a few stray depth pixels (reflections, far windows) from inflating the box.
-            pts = np.concatenate(surf)
-            lo = np.minimum(lo, np.percentile(pts, 1, axis=0))
-            hi = np.maximum(hi, np.percentile(pts, 99, axis=0))
+        bounds = candidates.depth_bounds(frames)
+        if bounds is not None:
+            lo, hi = np.minimum(lo, bounds[0]), np.maximum(hi, bounds[1])
         return SceneBox(tuple(lo - sc.margin_m), tuple(hi + sc.margin_m))
 
     def _ensure_model(self) -> None:
@@ -348,80 +344,11 @@ class LERFEngine:
                             threshold, with_cloud)
             return dataclasses.replace(result, model_step=self.train_step)
 
-    def _candidate_points(self):
-        """Voxelised surface points (P, 3) world, rgb (P, 3) uint8, view counts (P,) int; cached."""
-        key = (self._kf_version, self.train_step if self._needs_rendered_depth() else -1)
-        if self._candidates_key == key:
-            return self._candidates
-        cc = self.config.candidates
-        frames = self.store.frames()
-        s = cc.pixel_stride
-        depth_grids, pts_all, rgb_all = [], [], []
-        for kf in frames:
-            if kf.depth_m is not None:
-                grid = kf.depth_m[::s, ::s].copy()
-            else:
-                grid = self._render_depth_grid(kf, s)
-            depth_grids.append(grid)
-            pts, rgb = _lift_depth(kf, s, grid, with_rgb=True)
-            pts_all.append(pts)
-            rgb_all.append(rgb)
-        pts = np.concatenate(pts_all)
-        rgb = np.concatenate(rgb_all).astype(np.float64)
-        # Voxel downsample: one point per occupied voxel, the mean of its points and colours.
-        vox = np.floor(pts / cc.voxel_m).astype(np.int64)
-        _, inverse, counts = np.unique(vox, axis=0, return_inverse=True, return_counts=True)
-        inverse = inverse.reshape(-1)
-        centres = np.zeros((counts.shape[0], 3))
-        colours = np.zeros((counts.shape[0], 3))
-        np.add.at(centres, inverse, pts)
-        np.add.at(colours, inverse, rgb)
-        centres /= counts[:, None]
-        colours = np.clip(np.rint(colours / counts[:, None]), 0, 255).astype(np.uint8)
-        views = self._view_counts(centres, frames, depth_grids, s)
-        self._candidates = (
-            torch.tensor(centres, dtype=torch.float32, device=self.device),
-            torch.from_numpy(colours).to(self.device),
-            torch.from_numpy(views).to(self.device),
-        )
-        self._candidates_key = key
-        return self._candidates
-
-    def _needs_rendered_depth(self) -> bool:
-        return any(f.depth_m is None for f in self.store.frames())
-
-    def _render_depth_grid(self, kf: Frame, s: int) -> np.ndarray:
-        """Rendered z-depth (h, w) at every s-th pixel of a keyframe without measured depth."""
-        h, w = kf.image.shape[:2]
-        v, u = np.mgrid[0:h:s, 0:w:s]
-        T = torch.tensor(kf.T_world_cam, dtype=torch.float32, device=self.device)
-        o, d = pixel_rays(kf.intrinsics, T, u.reshape(-1), v.reshape(-1))
-        ray_per_z = z_to_ray_distance(kf.intrinsics, u.reshape(-1), v.reshape(-1)).to(self.device)
-        self.model.eval()
-        with torch.no_grad():
-            t = torch.cat([self.model(o[a:a + 4096], d[a:a + 4096])["depth"].reshape(-1)
-                           for a in range(0, o.shape[0], 4096)])
-        return (t / ray_per_z).reshape(v.shape).cpu().numpy().astype(np.float32)
-
-    def _view_counts(self, points: np.ndarray, kfs: list[Frame], grids: list[np.ndarray],
-                     s: int) -> np.ndarray:
-        """How many keyframes see each point (P,): projects inside and agrees with their depth."""
-        tol = self.config.candidates.depth_tol_rel
-        counts = np.zeros(points.shape[0], np.int64)
-        for kf, grid in zip(kfs, grids, strict=True):
-            R, t = kf.T_world_cam[:3, :3], kf.T_world_cam[:3, 3]
-            p_cam = (points - t) @ R  # R^T (p - t) for row vectors
-            z = p_cam[:, 2]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                u = kf.intrinsics.fx * p_cam[:, 0] / z + kf.intrinsics.cx
-                v = kf.intrinsics.fy * p_cam[:, 1] / z + kf.intrinsics.cy
-            gi, gj = np.rint(v / s), np.rint(u / s)
-            ok = (z > 1e-6) & (gi >= 0) & (gi < grid.shape[0]) & (gj >= 0) & (gj < grid.shape[1])
-            d = np.full_like(z, np.nan)
-            d[ok] = grid[gi[ok].astype(np.int64), gj[ok].astype(np.int64)]
-            with np.errstate(invalid="ignore"):
-                counts += (ok & (np.abs(z - d) <= tol * d + self.config.candidates.voxel_m)).astype(np.int64)
-        return counts
+    def _candidate_points(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query candidates (``core/candidates.py``): points (P, 3) float32 world, rgb (P, 3) uint8,
+        views (P,) int64 on the device; cached per keyframe set (and model step if depth is rendered)."""
+        return self.candidates.get(self._kf_version, self.store.ids(), self.store.frames(), self.train_step,
+                                   self.model)
 
     # ------------------------------------------------------------------ maps on disk
     def save(self, path) -> None:
@@ -451,17 +378,3 @@ def _empty_result(message: str, step: int) -> QueryResult:
     return QueryResult(found=False, message=message, location_world=None, relevancy=0.0, scale_m=0.0,
                        cloud_xyz=np.zeros((0, 3), np.float32), cloud_relevancy=np.zeros(0, np.float32),
                        cloud_rgb=np.zeros((0, 3), np.uint8), model_step=step)
-
-
-def _lift_depth(kf: Frame, stride: int, grid: np.ndarray | None = None, with_rgb: bool = False):
-    """World points (N, 3) of every stride-th pixel with finite z-depth (``grid`` or kf.depth_m)."""
-    h, w = kf.image.shape[:2]
-    v, u = np.mgrid[0:h:stride, 0:w:stride]
-    z = kf.depth_m[::stride, ::stride] if grid is None else grid
-    ok = np.isfinite(z) & (z > 0)
-    i = kf.intrinsics
-    p_cam = np.stack([(u[ok] - i.cx) / i.fx * z[ok], (v[ok] - i.cy) / i.fy * z[ok], z[ok]], axis=-1)
-    pts = p_cam @ kf.T_world_cam[:3, :3].T + kf.T_world_cam[:3, 3]
-    if with_rgb:
-        return pts, kf.image[v[ok], u[ok]]
-    return pts

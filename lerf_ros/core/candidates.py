@@ -1,0 +1,216 @@
+"""Candidate surface points for 3D queries: keyframe depth lifted to the world, voxel-merged, with the
+number of keyframes that see each point.
+
+Depth comes from the keyframe (measured, z-depth in metres, NaN where invalid) or, for keyframes without
+it, is rendered from the model (`render_depth_grid`, the expensive part: one model pass per sampled
+pixel). A `CandidateSet` carries the `candidate_key` it is valid for so it can be cached, saved with a
+map and reused after load without re-rendering.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .camera import pixel_rays, z_to_ray_distance
+from .frame import Frame
+from .presets import CandidateConfig
+
+_render_calls = 0
+
+
+def render_calls() -> int:
+    """How many keyframe depth grids `render_depth_grid` has rendered in this process (for tests)."""
+    return _render_calls
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """points (P, 3) float64 world metres; rgb (P, 3) uint8; views (P,) int64 keyframes seeing each point;
+    key: the `candidate_key` of the keyframes / model step they were computed from."""
+
+    points: np.ndarray
+    rgb: np.ndarray
+    views: np.ndarray
+    key: str
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"points": self.points, "rgb": self.rgb, "views": self.views, "key": np.array(self.key)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> CandidateSet:
+        """Inverse of `to_arrays`; ValueError naming the array that does not fit."""
+        missing = [k for k in ("points", "rgb", "views", "key") if k not in arrays]
+        if missing:
+            raise ValueError(f"candidate arrays {missing} missing")
+        pts, rgb, views = (np.asarray(arrays[k]) for k in ("points", "rgb", "views"))
+        p = pts.shape[0] if pts.ndim == 2 and pts.shape[1] == 3 else -1
+        if p < 0 or rgb.shape != (p, 3) or rgb.dtype != np.uint8 or views.shape != (p,):
+            raise ValueError(f"candidate arrays do not fit: points {pts.shape}, rgb {rgb.dtype} {rgb.shape}, "
+                             f"views {views.shape}")
+        if not np.all(np.isfinite(pts)):
+            raise ValueError("candidate points contain non-finite values")
+        return cls(pts.astype(np.float64), rgb, views.astype(np.int64), str(arrays["key"]))
+
+
+def needs_rendered_depth(frames: Sequence[Frame]) -> bool:
+    return any(f.depth_m is None for f in frames)
+
+
+def candidate_key(ids: Sequence[int], frames: Sequence[Frame], step: int, cfg: CandidateConfig) -> str:
+    """``"<sha1 of the keyframe set>@<step>"``: ids, image + depth content, poses, intrinsics, config;
+    step is the model's training step when some keyframe needs rendered depth, else -1 (the
+    candidates then do not depend on the model)."""
+    h = hashlib.sha1(repr(cfg).encode())
+    for kf_id, f in zip(ids, frames, strict=True):
+        h.update(f"{int(kf_id)}|{f.intrinsics!r}|{f.image.shape}".encode())
+        h.update(np.ascontiguousarray(f.image).tobytes())
+        h.update(np.ascontiguousarray(f.T_world_cam, dtype=np.float64).tobytes())
+        if f.depth_m is not None:
+            h.update(np.ascontiguousarray(f.depth_m, dtype=np.float32).tobytes())
+    return f"{h.hexdigest()}@{int(step) if needs_rendered_depth(frames) else -1}"
+
+
+def key_step(key: str) -> int:
+    """The model step a key was made at (-1: measured depth only)."""
+    return int(key.rsplit("@", 1)[1])
+
+
+def lift_depth(kf: Frame, stride: int, grid: np.ndarray | None = None, with_rgb: bool = False):
+    """World points (N, 3) of every stride-th pixel with finite z-depth > 0 (``grid`` (h, w) at those
+    pixels, or kf.depth_m); with_rgb: also their colours (N, 3) uint8."""
+    h, w = kf.image.shape[:2]
+    v, u = np.mgrid[0:h:stride, 0:w:stride]
+    z = kf.depth_m[::stride, ::stride] if grid is None else grid
+    ok = np.isfinite(z) & (z > 0)
+    i = kf.intrinsics
+    p_cam = np.stack([(u[ok] - i.cx) / i.fx * z[ok], (v[ok] - i.cy) / i.fy * z[ok], z[ok]], axis=-1)
+    pts = p_cam @ kf.T_world_cam[:3, :3].T + kf.T_world_cam[:3, 3]
+    if with_rgb:
+        return pts, kf.image[v[ok], u[ok]]
+    return pts
+
+
+def depth_bounds(frames: Sequence[Frame], stride: int = 4) -> tuple[np.ndarray, np.ndarray] | None:
+    """1st / 99th percentile corners (3,), (3,) world metres of the measured depth of ``frames``, None
+    without depth; percentiles keep stray pixels (reflections, far windows) from inflating a box."""
+    surf = [lift_depth(f, stride) for f in frames if f.depth_m is not None]
+    pts = np.concatenate(surf) if surf else np.zeros((0, 3))
+    if pts.shape[0] == 0:
+        return None
+    return np.percentile(pts, 1, axis=0), np.percentile(pts, 99, axis=0)
+
+
+def render_depth_grid(model, kf: Frame, stride: int, device: torch.device, chunk: int = 4096) -> np.ndarray:
+    """Rendered z-depth (h, w) float32 metres at every stride-th pixel of ``kf`` (model(o, d)["depth"]
+    is the distance along the unit ray, converted to z here)."""
+    global _render_calls
+    _render_calls += 1
+    h, w = kf.image.shape[:2]
+    v, u = np.mgrid[0:h:stride, 0:w:stride]
+    T = torch.tensor(kf.T_world_cam, dtype=torch.float32, device=device)
+    o, d = pixel_rays(kf.intrinsics, T, u.reshape(-1), v.reshape(-1))
+    ray_per_z = z_to_ray_distance(kf.intrinsics, u.reshape(-1), v.reshape(-1)).to(device)
+    model.eval()
+    with torch.no_grad():
+        t = torch.cat([model(o[a:a + chunk], d[a:a + chunk])["depth"].reshape(-1)
+                       for a in range(0, o.shape[0], chunk)])
+    return (t / ray_per_z).reshape(v.shape).cpu().numpy().astype(np.float32)
+
+
+def voxel_merge(pts: np.ndarray, rgb: np.ndarray, voxel_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """One point per occupied voxel: (V, 3) float64 mean position, (V, 3) uint8 mean colour."""
+    vox = np.floor(pts / voxel_m).astype(np.int64)
+    _, inverse, counts = np.unique(vox, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    centres = np.zeros((counts.shape[0], 3))
+    colours = np.zeros((counts.shape[0], 3))
+    np.add.at(centres, inverse, pts)
+    np.add.at(colours, inverse, rgb.astype(np.float64))
+    centres /= counts[:, None]
+    return centres, np.clip(np.rint(colours / counts[:, None]), 0, 255).astype(np.uint8)
+
+
+def view_counts(points: np.ndarray, kfs: Sequence[Frame], grids: Sequence[np.ndarray], stride: int,
+                cfg: CandidateConfig) -> np.ndarray:
+    """How many keyframes see each point (P,) int64: it projects inside the keyframe and its camera z
+    agrees with the keyframe's depth grid there within ``depth_tol_rel * depth + voxel_m`` (occlusion)."""
+    counts = np.zeros(points.shape[0], np.int64)
+    for kf, grid in zip(kfs, grids, strict=True):
+        R, t = kf.T_world_cam[:3, :3], kf.T_world_cam[:3, 3]
+        p_cam = (points - t) @ R  # R^T (p - t) for row vectors
+        z = p_cam[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = kf.intrinsics.fx * p_cam[:, 0] / z + kf.intrinsics.cx
+            v = kf.intrinsics.fy * p_cam[:, 1] / z + kf.intrinsics.cy
+        gi, gj = np.rint(v / stride), np.rint(u / stride)
+        ok = (z > 1e-6) & (gi >= 0) & (gi < grid.shape[0]) & (gj >= 0) & (gj < grid.shape[1])
+        d = np.full_like(z, np.nan)
+        d[ok] = grid[gi[ok].astype(np.int64), gj[ok].astype(np.int64)]
+        with np.errstate(invalid="ignore"):
+            counts += (ok & (np.abs(z - d) <= cfg.depth_tol_rel * d + cfg.voxel_m)).astype(np.int64)
+    return counts
+
+
+def compute_candidates(frames: Sequence[Frame], cfg: CandidateConfig, key: str,
+                       render: Callable[[Frame, int], np.ndarray]) -> CandidateSet:
+    """The candidate set of ``frames``; ``render(kf, stride)`` supplies the depth grid of a keyframe
+    without measured depth (e.g. `render_depth_grid` bound to the model)."""
+    s = cfg.pixel_stride
+    grids, pts_all, rgb_all = [], [], []
+    for kf in frames:
+        grid = kf.depth_m[::s, ::s].copy() if kf.depth_m is not None else render(kf, s)
+        grids.append(grid)
+        pts, rgb = lift_depth(kf, s, grid, with_rgb=True)
+        pts_all.append(pts)
+        rgb_all.append(rgb)
+    if not pts_all or sum(p.shape[0] for p in pts_all) == 0:
+        empty = np.zeros((0, 3))
+        return CandidateSet(empty, np.zeros((0, 3), np.uint8), np.zeros(0, np.int64), key)
+    centres, colours = voxel_merge(np.concatenate(pts_all), np.concatenate(rgb_all), cfg.voxel_m)
+    return CandidateSet(centres, colours, view_counts(centres, frames, grids, s, cfg), key)
+
+
+class CandidateCache:
+    """The engine's current `CandidateSet` and its device tensors, recomputed only when stale.
+
+    Staleness is checked cheaply per query with ``(version, step)``: the engine's keyframe-set version
+    and the model step (-1 while every keyframe has measured depth); the content `candidate_key` is
+    computed only when the set is (re)built, and is what a saved set is matched against after a load.
+    """
+
+    def __init__(self, cfg: CandidateConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.current: CandidateSet | None = None
+        self._key: tuple[int, int] | None = None
+        self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _fast_key(self, version: int, frames: Sequence[Frame], step: int) -> tuple[int, int]:
+        return int(version), int(step) if needs_rendered_depth(frames) else -1
+
+    def get(self, version: int, ids: Sequence[int], frames: Sequence[Frame], step: int, model):
+        """points (P, 3) float32 world, rgb (P, 3) uint8, views (P,) int64 tensors on the device."""
+        key = self._fast_key(version, frames, step)
+        if self._key != key:
+            content = candidate_key(ids, frames, step, self.cfg)
+            self._install(compute_candidates(
+                frames, self.cfg, content, lambda kf, s: render_depth_grid(model, kf, s, self.device)), key)
+        return self._tensors
+
+    def adopt(self, cset: CandidateSet, version: int, ids: Sequence[int], frames: Sequence[Frame],
+              step: int) -> bool:
+        """Use a saved set if its key matches these keyframes at this step; False (ignored) if stale."""
+        if cset.key != candidate_key(ids, frames, step, self.cfg):
+            return False
+        self._install(cset, self._fast_key(version, frames, step))
+        return True
+
+    def _install(self, cset: CandidateSet, key: tuple[int, int]) -> None:
+        self.current, self._key = cset, key
+        self._tensors = (torch.tensor(cset.points, dtype=torch.float32, device=self.device),
+                         torch.from_numpy(cset.rgb).to(self.device),
+                         torch.from_numpy(cset.views).to(self.device))

@@ -1,0 +1,108 @@
+"""Candidate points from hand-made keyframes: voxel merge, view counts, depth consistency, rendered
+depth fallback and the cache key."""
+
+import numpy as np
+import pytest
+import torch
+
+from lerf_ros.core import candidates as cand
+from lerf_ros.core.camera import CameraIntrinsics
+from lerf_ros.core.frame import Frame
+from lerf_ros.core.presets import CandidateConfig
+
+W, H = 20, 10
+INTR = CameraIntrinsics(W, H, fx=10.0, fy=10.0, cx=9.5, cy=4.5)
+CFG = CandidateConfig(pixel_stride=1, voxel_m=0.1, depth_tol_rel=0.05)
+
+
+def _kf(x: float, depth: float | None, colour=(200, 10, 10)) -> Frame:
+    """Camera at (x, 0, 0) looking along world +z (identity rotation); flat depth or none."""
+    T = np.eye(4)
+    T[0, 3] = x
+    img = np.zeros((H, W, 3), np.uint8)
+    img[:] = colour
+    d = None if depth is None else np.full((H, W), depth, np.float32)
+    return Frame(img, INTR, T, 0, d)
+
+
+def test_voxel_merge_means_positions_and_colours():
+    pts = np.array([[0.01, 0.01, 0.01], [0.05, 0.03, 0.09], [0.55, 0.0, 0.0]])
+    rgb = np.array([[0, 0, 0], [100, 50, 255], [7, 7, 7]], np.uint8)
+    c, col = cand.voxel_merge(pts, rgb, 0.1)
+    order = np.argsort(c[:, 0])
+    np.testing.assert_allclose(c[order], [[0.03, 0.02, 0.05], [0.55, 0.0, 0.0]])
+    np.testing.assert_array_equal(col[order], [[50, 25, 128], [7, 7, 7]])
+
+
+def test_lift_depth_wall_at_two_metres():
+    pts, rgb = cand.lift_depth(_kf(0.3, 2.0), 1, with_rgb=True)
+    assert pts.shape == (W * H, 3) and rgb.shape == (W * H, 3)
+    np.testing.assert_allclose(pts[:, 2], 2.0)
+    # pixel u spans (u - cx) / fx * z = +-1.9 m around the camera's x
+    np.testing.assert_allclose([pts[:, 0].min(), pts[:, 0].max()], [0.3 - 1.9, 0.3 + 1.9])
+
+
+def test_view_counts_overlap_and_occlusion():
+    a, b = _kf(0.0, 2.0), _kf(1.0, 2.0)
+    cs = cand.compute_candidates([a, b], CFG, "k", render=None)
+    x = cs.points[:, 0]
+    # a sees x in [-1.9, 1.9], b sees [-0.9, 2.9] on the wall: overlap 2 views, the rest 1 (a point
+    # within half a pixel (0.1 m) of an image edge may round either way)
+    both, one = (x > -0.8) & (x < 1.8), (x < -1.0) | (x > 2.0)
+    assert both.sum() > 0 and one.sum() > 0
+    assert np.all(cs.views[both] == 2) and np.all(cs.views[one] == 1)
+    assert cs.views.sum() > cs.points.shape[0]
+    # a third keyframe at x = 0 whose depth shows an occluder at 1 m: the wall points it covers are
+    # not "seen" by it (|2 - 1| > 0.05 * 1 + voxel), so the counts do not change
+    occ = _kf(0.0, 1.0)
+    grids = [k.depth_m for k in (a, b, occ)]
+    np.testing.assert_array_equal(cand.view_counts(cs.points, [a, b, occ], grids, 1, CFG), cs.views)
+    # the same keyframe with the wall's depth does count
+    grids[2] = np.full((H, W), 2.0, np.float32)
+    assert cand.view_counts(cs.points, [a, b, occ], grids, 1, CFG).sum() > cs.views.sum()
+
+
+class _WallModel:
+    """Renders a wall at world z = 2: ray distance t = 2 / d_z (cameras at z = 0)."""
+
+    def eval(self):
+        return self
+
+    def __call__(self, o, d):
+        return {"depth": (2.0 - o[:, 2]) / d[:, 2]}
+
+
+def test_rendered_depth_fallback_and_cache_key():
+    measured, bare = _kf(0.0, 2.0), _kf(1.0, None)
+    cache = cand.CandidateCache(CFG, torch.device("cpu"))
+    calls = cand.render_calls()
+    pts, rgb, views = cache.get(0, [0, 1], [measured, bare], 5, _WallModel())
+    assert cand.render_calls() == calls + 1  # only the keyframe without depth is rendered
+    np.testing.assert_allclose(pts[:, 2].numpy(), 2.0, atol=1e-4)  # rendered z agrees with the wall
+    assert int(views.max()) == 2 and rgb.dtype == torch.uint8
+    assert cache.get(0, [0, 1], [measured, bare], 5, _WallModel())[0] is pts  # cached
+    assert cand.render_calls() == calls + 1
+    cache.get(0, [0, 1], [measured, bare], 6, _WallModel())  # model step moved: re-rendered
+    assert cand.render_calls() == calls + 2
+    saved = cache.current
+    assert cand.key_step(saved.key) == 6
+    other = cand.CandidateCache(CFG, torch.device("cpu"))
+    assert not other.adopt(saved, 3, [0, 1], [measured, bare], 7)  # stale step
+    assert not other.adopt(saved, 3, [0, 2], [measured, bare], 6)  # other keyframe ids
+    assert other.adopt(saved, 3, [0, 1], [measured, bare], 6)
+    assert torch.equal(other.get(3, [0, 1], [measured, bare], 6, None)[0], cache.get(
+        0, [0, 1], [measured, bare], 6, None)[0])
+    assert cand.render_calls() == calls + 2
+    # measured depth only: the key ignores the step
+    only = [measured]
+    assert cand.key_step(cand.candidate_key([0], only, 9, CFG)) == -1
+
+
+def test_candidate_arrays_round_trip_and_validation():
+    cs = cand.compute_candidates([_kf(0.0, 2.0)], CFG, "abc@-1", render=None)
+    back = cand.CandidateSet.from_arrays(cs.to_arrays())
+    assert back.key == "abc@-1" and np.array_equal(back.points, cs.points)
+    bad = cs.to_arrays()
+    bad["views"] = bad["views"][:-1]
+    with pytest.raises(ValueError, match="do not fit"):
+        cand.CandidateSet.from_arrays(bad)
