@@ -10,6 +10,10 @@ A map directory holds:
 ``features.pt``    {"hashes": {kf_id: frame content hash}, "caches": {"clip": pyramid state, "dino": dense
                    cache state}}; the states carry their encoder name and crop settings and refuse to load
                    under another encoder; the hashes tie each keyframe's features to its image content.
+``candidates.npz`` optional: the query candidate set (``core/candidates.py``): points (P, 3) float64,
+                   rgb (P, 3) uint8, views (P,) int64 and the key (keyframe-set hash @ model step) it is
+                   valid for; reused after load when the key still matches, so a map without measured
+                   depth does not re-render every keyframe on its first query.
 
 Files are written to ``*.tmp`` and renamed, the manifest last, so an interrupted save never leaves a
 manifest pointing at half-written files. `load_map` checks everything (manifest, version, presence,
@@ -29,12 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .candidates import CandidateSet
+
 FORMAT_NAME = "lerf_ros-map"
 FORMAT_VERSION = 1
 MANIFEST = "config.json"
 WEIGHTS = "weights.pt"
 KEYFRAMES = "keyframes.npz"
 FEATURES = "features.pt"
+CANDIDATES = "candidates.npz"
 _KEYFRAME_ARRAYS = ("ids", "images")
 
 
@@ -50,6 +57,7 @@ class MapData:
     trainer_state: dict | None
     keyframes: dict[str, np.ndarray]
     features: dict[str, dict]
+    candidates: dict[str, np.ndarray] | None = None  # `CandidateSet.to_arrays()`; None = not saved
 
 
 def frame_hash(image: np.ndarray, depth: np.ndarray | None = None) -> str:
@@ -81,6 +89,20 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
+def _npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def _read_npz(blob: bytes, file: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except Exception as exc:  # zip / format errors of a foreign file
+        raise ValueError(f"{file}: cannot be read as npz: {exc}") from exc
+
+
 def save_map(path: str | os.PathLike, data: MapData) -> None:
     """Write ``data`` as a map directory at ``path`` (created if needed; existing map files replaced)."""
     root = Path(path)
@@ -88,13 +110,15 @@ def save_map(path: str | os.PathLike, data: MapData) -> None:
     missing = [k for k in _KEYFRAME_ARRAYS if k not in data.keyframes]
     if missing:
         raise ValueError(f"keyframes lack arrays {missing}")
-    kf_buf = io.BytesIO()
-    np.savez(kf_buf, **{k: np.asarray(v) for k, v in data.keyframes.items()})
     blobs = {
         WEIGHTS: _torch_bytes({"model": data.model_state, "trainer": data.trainer_state}),
-        KEYFRAMES: kf_buf.getvalue(),
+        KEYFRAMES: _npz_bytes(data.keyframes),
         FEATURES: _torch_bytes(data.features),
     }
+    if data.candidates is not None:
+        blobs[CANDIDATES] = _npz_bytes(data.candidates)
+    elif (root / CANDIDATES).exists():
+        (root / CANDIDATES).unlink()  # an older save's set, not valid for this one
     for name, blob in blobs.items():
         _write_atomic(root / name, blob)
     manifest = {
@@ -190,15 +214,17 @@ def load_map(path: str | os.PathLike) -> MapData:
     weights = _torch_load(_read_checked(root, manifest, WEIGHTS), root / WEIGHTS)
     if not isinstance(weights, dict) or not isinstance(weights.get("model"), dict):
         raise ValueError(f"{root / WEIGHTS}: no model state dict")
-    kf_blob = _read_checked(root, manifest, KEYFRAMES)
-    try:
-        with np.load(io.BytesIO(kf_blob), allow_pickle=False) as npz:
-            keyframes = {k: npz[k] for k in npz.files}
-    except Exception as exc:  # zip / format errors of a foreign file
-        raise ValueError(f"{root / KEYFRAMES}: cannot be read as npz: {exc}") from exc
+    keyframes = _read_npz(_read_checked(root, manifest, KEYFRAMES), root / KEYFRAMES)
     _check_keyframes(keyframes, root / KEYFRAMES)
     features = _torch_load(_read_checked(root, manifest, FEATURES), root / FEATURES)
     _check_features(features, keyframes, root / FEATURES)
+    cands = None
+    if CANDIDATES in manifest["files"]:
+        cands = _read_npz(_read_checked(root, manifest, CANDIDATES), root / CANDIDATES)
+        try:
+            CandidateSet.from_arrays(cands)
+        except ValueError as exc:
+            raise ValueError(f"{root / CANDIDATES}: {exc}") from exc
     return MapData(
         config=manifest["config"],
         encoders=dict(manifest["encoders"]),
@@ -208,6 +234,7 @@ def load_map(path: str | os.PathLike) -> MapData:
         trainer_state=weights.get("trainer"),
         keyframes=keyframes,
         features=features,
+        candidates=cands,
     )
 
 
@@ -227,11 +254,19 @@ def check_state_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], f
 
 # ---------------------------------------------------------------------- engine <-> map directory
 def save_engine(engine, path: str | os.PathLike) -> None:
-    """Snapshot an `LERFEngine` (caller holds ``engine.lock``) into a map directory."""
+    """Snapshot an `LERFEngine` (caller holds ``engine.lock``) into a map directory.
+
+    With a model, the query candidate set is computed if not current (renders the keyframes without
+    measured depth, once) and saved, so the loaded map's first query need not do it.
+    """
     arrays = engine.store.to_arrays()
     ids = arrays["ids"].tolist()
     hashes = {int(i): frame_hash(img) for i, img in zip(ids, arrays["images"], strict=True)}
     box = engine.scene_box
+    cands = None
+    if engine.model is not None and len(engine.store):
+        engine._candidate_points()
+        cands = engine.candidates.current.to_arrays()
     save_map(path, MapData(
         config=engine.config.to_dict(),
         encoders={"clip": engine.clip_encoder.name, "dino": engine.dino_encoder.name},
@@ -243,6 +278,7 @@ def save_engine(engine, path: str | os.PathLike) -> None:
         keyframes=arrays,
         features={"hashes": hashes, "caches": {"clip": engine.pyramid.state_dict(),
                                                "dino": engine.dense.state_dict()}},
+        candidates=cands,
     ))
 
 
@@ -294,4 +330,8 @@ def load_engine(cls, path: str | os.PathLike, device: str = "auto"):
     engine.store = store
     engine._pending.extend(i for i in store.ids() if not (engine.pyramid.ready(i) and engine.dense.ready(i)))
     engine._kf_version += 1
+    if data.candidates is not None and engine.model is not None:
+        # Ignored (recomputed on the first query) unless the key matches these keyframes at this step.
+        engine.candidates.adopt(CandidateSet.from_arrays(data.candidates), engine._kf_version, store.ids(),
+                                store.frames(), engine.train_step)
     return engine

@@ -1,5 +1,6 @@
 """Map directory format: round trip, and every kind of bad file gets a ValueError naming the file."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -133,3 +134,73 @@ def test_state_shape_mismatch():
         ck.check_state_shapes(model, bad, "weights.pt")
     with pytest.raises(ValueError, match="missing"):
         ck.check_state_shapes(model, {"weight": good["weight"]}, "weights.pt")
+
+
+# --------------------------------------------------------------------------- saved query candidates
+
+
+def _rewrite_entry(root, name):
+    """Re-list ``name`` in the manifest with its current checksum (simulates a consistent older save)."""
+    manifest = json.loads((root / ck.MANIFEST).read_text())
+    blob = (root / name).read_bytes()
+    manifest["files"][name] = {"sha256": ck._sha256(blob), "bytes": len(blob)}
+    (root / ck.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_candidates_saved_and_reused_without_rendering(tmp_path):
+    from lerf_ros.core import candidates
+    from lerf_ros.core.engine import LERFEngine
+    from lerf_ros.core.presets import make_preset
+    from lerf_ros.core.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
+
+    room = SyntheticRoom(0)
+    frames = [dataclasses.replace(f, depth_m=None) for f in
+              make_frames(room, orbit_trajectory(room, 4), default_intrinsics(48, 36))]
+    cfg = make_preset("tiny")
+    cfg = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, min_keyframes=2))
+    engine = LERFEngine(cfg, "cpu")
+    for f in frames:
+        engine.add_frame(f)
+    while engine.train_step < 2:
+        engine.step(2)
+    n_kf = len(engine.store)
+    calls = candidates.render_calls()
+    engine.save(tmp_path / "m2")  # candidates computed at save: every keyframe lacks depth
+    assert candidates.render_calls() == calls + n_kf
+    assert ck.CANDIDATES in json.loads((tmp_path / "m2" / ck.MANIFEST).read_text())["files"]
+    want = engine.query("red box", with_cloud=False)
+
+    loaded = LERFEngine.load(tmp_path / "m2", "cpu")
+    calls = candidates.render_calls()
+    got = loaded.query("red box", with_cloud=False)
+    assert candidates.render_calls() == calls  # first query after load: no depth rendered
+    assert got.model_step == want.model_step == 2 and got.found == want.found
+    np.testing.assert_allclose(got.relevancy, want.relevancy, atol=1e-5)
+
+    # A set saved at another model step is stale: written under step 3's weights it is recomputed.
+    engine.step(1)
+    engine.save(tmp_path / "m3")
+    (tmp_path / "m3" / ck.CANDIDATES).write_bytes((tmp_path / "m2" / ck.CANDIDATES).read_bytes())
+    _rewrite_entry(tmp_path / "m3", ck.CANDIDATES)
+    stale = LERFEngine.load(tmp_path / "m3", "cpu")
+    calls = candidates.render_calls()
+    assert stale.query("red box", with_cloud=False).model_step == 3
+    assert candidates.render_calls() == calls + n_kf
+
+
+def test_bad_candidates_file_named(tmp_path):
+    from lerf_ros.core.candidates import CandidateSet
+
+    data = _map_data()
+    good = CandidateSet(np.zeros((4, 3)), np.zeros((4, 3), np.uint8), np.ones(4, np.int64), "k@1")
+    data.candidates = good.to_arrays()
+    ck.save_map(tmp_path / "m", data)
+    back = ck.load_map(tmp_path / "m")
+    assert CandidateSet.from_arrays(back.candidates).key == "k@1"
+    data.candidates = dict(good.to_arrays(), rgb=np.zeros((3, 3), np.uint8))
+    ck.save_map(tmp_path / "m", data)
+    with pytest.raises(ValueError, match=r"candidates\.npz: .*do not fit"):
+        ck.load_map(tmp_path / "m")
+    data.candidates = None  # a later save without a set drops the old file and its manifest entry
+    ck.save_map(tmp_path / "m", data)
+    assert ck.load_map(tmp_path / "m").candidates is None and not (tmp_path / "m" / ck.CANDIDATES).exists()
