@@ -1,4 +1,10 @@
-"""sensor_msgs Image / CompressedImage <-> numpy, without cv_bridge.
+"""sensor_msgs Image / CompressedImage <-> numpy: cv_bridge where installed, else a numpy substitute.
+
+``image_to_rgb``, ``depth_to_metres`` and ``compressed_to_rgb`` hand a real rclpy
+``sensor_msgs.msg`` message to ``cv_bridge.CvBridge`` when it imports (``HAVE_CV_BRIDGE``, probed
+once on first use, since importing it loads OpenCV). Everything else (rosbags messages, ``PlainImage``,
+machines without cv_bridge, or ``prefer_cv_bridge=False``) goes through the substitute below. Both
+paths validate the message first and give the same outputs and the same ``ValueError`` wording.
 
 Messages are read through attribute access only (``height``, ``width``, ``encoding``,
 ``is_bigendian``, ``step``, ``data``; ``format`` and ``data`` for CompressedImage), so rclpy
@@ -14,8 +20,11 @@ from __future__ import annotations
 
 import array as pyarray
 import io
+import logging
 import struct
+import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -38,6 +47,8 @@ _TO_RGB: dict[str, slice] = {
 _MILLIMETRE_ENCODINGS = ("16UC1", "mono16")
 #: compressed_depth_image_transport's ConfigHeader: int32 format, float32 depthParam[2].
 _DEPTH_HEADER = struct.Struct("<iff")
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,6 +124,91 @@ def _strided_view(msg) -> np.ndarray:
     )
 
 
+# ---------------------------------------------------------------------- cv_bridge (optional)
+@dataclass(frozen=True)
+class _Bridge:
+    """A CvBridge instance and the exceptions its conversions raise (CvBridgeError, cv2.error)."""
+
+    bridge: Any
+    errors: tuple[type[BaseException], ...]
+
+
+@lru_cache(maxsize=1)
+def _cv_bridge() -> _Bridge | None:
+    """The real cv_bridge when it imports and works with this numpy, else None. Probed once."""
+    try:
+        from cv_bridge import CvBridge, CvBridgeError
+    except (ImportError, AttributeError, RuntimeError, ValueError) as exc:
+        # ImportError: not installed. The other three are how a cv_bridge / cv2 binary built against
+        # a different numpy ABI fails while importing (a numpy 1.x build under numpy 2 prints
+        # "AttributeError: _ARRAY_API not found", or raises "RuntimeError: module compiled against
+        # API version ..." or "ValueError: numpy.dtype size changed"). The library is unusable
+        # then, so the substitute takes over; any other error is a real bug and propagates.
+        # Not installed is normal (debug); installed but broken is worth a warning, once (cached).
+        level = logging.DEBUG if isinstance(exc, ModuleNotFoundError) else logging.WARNING
+        _log.log(level, "cv_bridge unavailable (%s: %s); using the numpy substitute", type(exc).__name__, exc)
+        return None
+    errors: list[type[BaseException]] = [CvBridgeError]
+    cv2 = sys.modules.get("cv2")  # cv_bridge imports cv2 itself; its error class is cv2.error
+    cv2_error = getattr(cv2, "error", None)
+    if isinstance(cv2_error, type) and issubclass(cv2_error, BaseException):
+        errors.append(cv2_error)
+    return _Bridge(CvBridge(), tuple(errors))
+
+
+def have_cv_bridge() -> bool:
+    """True when ``cv_bridge.CvBridge`` imports (the first call probes; the answer is cached)."""
+    return _cv_bridge() is not None
+
+
+def __getattr__(name: str):
+    # HAVE_CV_BRIDGE is computed on first access (PEP 562) so importing this module never loads OpenCV.
+    if name == "HAVE_CV_BRIDGE":
+        return have_cv_bridge()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _bridge_for(msg, type_name: str, prefer_cv_bridge: bool) -> _Bridge | None:
+    """The bridge when allowed, installed and ``msg`` is an rclpy ``sensor_msgs.msg.<type_name>``."""
+    # Cheap module-name filter first: rosbags / plain messages never import sensor_msgs or probe cv2.
+    if not prefer_cv_bridge or not type(msg).__module__.startswith("sensor_msgs."):
+        return None
+    msg_type = _ros_type(type_name, None)
+    if msg_type is None or not isinstance(msg, msg_type):
+        return None
+    return _cv_bridge()
+
+
+def _bridge_call(bridge: _Bridge, method: str, msg, desired_encoding: str, what: str):
+    try:
+        return getattr(bridge.bridge, method)(msg, desired_encoding=desired_encoding)
+    except bridge.errors as exc:
+        raise ValueError(f"cv_bridge cannot convert {what} to {desired_encoding}: {exc}") from exc
+
+
+def _bridge_result(out, shape: tuple[int, ...], dtype, what: str) -> np.ndarray:
+    """cv_bridge's array, checked against the shape/dtype the message promised (a view, not copied)."""
+    arr = None if out is None else np.asarray(out)
+    if arr is None or arr.shape != shape or arr.dtype != np.dtype(dtype):
+        got = "None" if arr is None else f"{arr.dtype} {arr.shape}"
+        raise ValueError(f"cv_bridge returned {got} for {what}; expected {np.dtype(dtype)} {shape}")
+    return arr
+
+
+def _decoded_bgr_to_rgb(decoded: np.ndarray, fmt) -> np.ndarray:
+    """cv2.imdecode output ((H, W) grey, (H, W, 3) BGR or (H, W, 4) BGRA uint8) -> fresh (H, W, 3) RGB."""
+    arr = np.asarray(decoded)
+    if arr.dtype == np.uint8 and arr.ndim == 2 and 0 not in arr.shape:
+        return np.repeat(arr[..., None], 3, axis=2)
+    if arr.dtype == np.uint8 and arr.ndim == 3 and 0 not in arr.shape[:2] and arr.shape[2] in (1, 3, 4):
+        if arr.shape[2] == 1:
+            return np.repeat(arr, 3, axis=2)
+        return np.array(arr[..., 2::-1], order="C", copy=True)  # B,G,R[,A] -> R,G,B
+    raise ValueError(
+        f"compressed image ({fmt!r}) decodes to {arr.dtype} {arr.shape}, not an 8-bit colour image"
+    )
+
+
 def image_to_numpy(msg) -> np.ndarray:
     """sensor_msgs/Image -> (H, W) or (H, W, C) array in native byte order (a fresh copy).
 
@@ -124,41 +220,65 @@ def image_to_numpy(msg) -> np.ndarray:
     return out[..., 0] if out.shape[2] == 1 else out
 
 
-def image_to_rgb(msg) -> np.ndarray:
+def image_to_rgb(msg, *, prefer_cv_bridge: bool = True) -> np.ndarray:
     """Colour or mono8 sensor_msgs/Image -> (H, W, 3) uint8 RGB, a fresh writeable copy.
 
-    Alpha is dropped, mono8 repeated into three channels.
+    Alpha is dropped, mono8 repeated into three channels. An rclpy message goes through
+    ``CvBridge.imgmsg_to_cv2(msg, desired_encoding="rgb8")`` when cv_bridge is installed and
+    ``prefer_cv_bridge``; the result is identical to the substitute's.
     """
-    if msg.encoding == "mono8":
-        return np.repeat(_strided_view(msg), 3, axis=2)
-    if msg.encoding not in _TO_RGB:
+    if msg.encoding != "mono8" and msg.encoding not in _TO_RGB:
         _lookup_encoding(msg.encoding)  # unknown encodings get the generic message
         raise ValueError(
             f"image encoding {msg.encoding!r} is not a colour encoding; "
             f"image_to_rgb accepts {', '.join([*_TO_RGB, 'mono8'])}"
         )
+    # Validated before cv_bridge sees it: cv_bridge sizes its buffer view from `step` and would
+    # crash, or read the wrong pixels, on a short buffer or a step smaller than a row.
+    view = _strided_view(msg)
+    height, width = view.shape[:2]
+    bridge = _bridge_for(msg, "Image", prefer_cv_bridge)
+    if bridge is not None:
+        what = f"{msg.encoding!r} image {width}x{height}"
+        out = _bridge_call(bridge, "imgmsg_to_cv2", msg, "rgb8", what)
+        # cv_bridge may return a view over msg.data (rgb8 passthrough): always copy.
+        return np.array(_bridge_result(out, (height, width, 3), np.uint8, what), order="C", copy=True)
+    if msg.encoding == "mono8":
+        return np.repeat(view, 3, axis=2)
     # Basic slicing keeps a view, so the reorder and the copy happen in one pass; always a copy,
     # never an alias of the message buffer.
-    return np.array(_strided_view(msg)[..., _TO_RGB[msg.encoding]], order="C", copy=True)
+    return np.array(view[..., _TO_RGB[msg.encoding]], order="C", copy=True)
 
 
-def depth_to_metres(msg) -> np.ndarray:
+def depth_to_metres(msg, *, prefer_cv_bridge: bool = True) -> np.ndarray:
     """Depth sensor_msgs/Image -> (H, W) float32 metres along the optical axis; invalid = NaN.
 
     16UC1 / mono16 hold millimetres (REP-118), 0 = invalid; 32FC1 holds metres, and 0, negative
-    or non-finite values are invalid.
+    or non-finite values are invalid. An rclpy message in native byte order is read with
+    ``CvBridge.imgmsg_to_cv2(msg, desired_encoding="passthrough")`` when cv_bridge is installed
+    and ``prefer_cv_bridge``; the unit rules are applied here on both paths.
     """
+    if msg.encoding not in (*_MILLIMETRE_ENCODINGS, "32FC1"):
+        _lookup_encoding(msg.encoding)
+        raise ValueError(
+            f"image encoding {msg.encoding!r} is not a depth encoding; "
+            "depth_to_metres accepts 16UC1, mono16, 32FC1"
+        )
+    view = _strided_view(msg)[..., 0]  # validation first, as in image_to_rgb
+    bridge = _bridge_for(msg, "Image", prefer_cv_bridge)
+    # Byte-swapped messages (is_bigendian on a little-endian host; no common driver sends them)
+    # stay on the substitute: older cv_bridge releases swap with ndarray.newbyteorder(), which
+    # numpy 2 removed, so the result would depend on the installed versions.
+    if bridge is not None and view.dtype.isnative:
+        what = f"{msg.encoding!r} depth image {view.shape[1]}x{view.shape[0]}"
+        out = _bridge_call(bridge, "imgmsg_to_cv2", msg, "passthrough", what)
+        depth = np.array(_bridge_result(out, view.shape, view.dtype, what), copy=True)
+    else:
+        depth = view.astype(view.dtype.newbyteorder("="), copy=True)
     if msg.encoding in _MILLIMETRE_ENCODINGS:
-        return _millimetres_to_metres(image_to_numpy(msg))
-    if msg.encoding == "32FC1":
-        depth = image_to_numpy(msg)
-        depth[~(np.isfinite(depth) & (depth > 0))] = np.nan
-        return depth
-    _lookup_encoding(msg.encoding)
-    raise ValueError(
-        f"image encoding {msg.encoding!r} is not a depth encoding; "
-        "depth_to_metres accepts 16UC1, mono16, 32FC1"
-    )
+        return _millimetres_to_metres(depth)
+    depth[~(np.isfinite(depth) & (depth > 0))] = np.nan
+    return depth
 
 
 def _millimetres_to_metres(depth_mm: np.ndarray) -> np.ndarray:
@@ -214,12 +334,17 @@ def _ros_type(name: str, ros: bool | None):
     return getattr(sensor_msgs, name)
 
 
+def _require_data(raw: bytes, what: str) -> None:
+    # Also checked before cv_bridge: cv2.imdecode asserts on an empty buffer.
+    if len(raw) == 0:
+        raise ValueError(f"compressed {what} has zero size (no data)")
+
+
 def _open_compressed(raw: bytes, what: str):
     """Decode a JPEG / PNG byte string with Pillow; ValueError when it cannot."""
     from PIL import Image, UnidentifiedImageError
 
-    if len(raw) == 0:
-        raise ValueError(f"compressed {what} has zero size (no data)")
+    _require_data(raw, what)
     try:
         img = Image.open(io.BytesIO(raw))
         img.load()
@@ -230,17 +355,30 @@ def _open_compressed(raw: bytes, what: str):
     return img
 
 
-def compressed_to_rgb(msg) -> np.ndarray:
-    """sensor_msgs/CompressedImage (jpeg or png) -> (H, W, 3) uint8 RGB.
+def compressed_to_rgb(msg, *, prefer_cv_bridge: bool = True) -> np.ndarray:
+    """sensor_msgs/CompressedImage (jpeg or png) -> (H, W, 3) uint8 RGB, a fresh writeable copy.
 
     ``msg.format`` is image_transport's ("rgb8; jpeg compressed bgr8", "png", ...). The compressed
     stream itself is a standard colour (or greyscale) JPEG/PNG whatever the "compressed bgr8" tag
-    says, so decoding yields RGB directly; greyscale expands to 3 channels.
+    says, so decoding yields RGB directly; greyscale expands to 3 channels. An rclpy message goes
+    through ``CvBridge.compressed_imgmsg_to_cv2`` when cv_bridge is installed and
+    ``prefer_cv_bridge`` (OpenCV decodes to BGR, reordered here).
     """
     fmt = str(msg.format).lower()
     if "compresseddepth" in fmt:
         raise ValueError(f"format {msg.format!r} is compressed depth; use compressed_depth_to_metres")
-    img = _open_compressed(bytes(_data_as_uint8(msg.data)), "image")
+    raw = bytes(_data_as_uint8(msg.data))
+    _require_data(raw, "image")
+    bridge = _bridge_for(msg, "CompressedImage", prefer_cv_bridge)
+    if bridge is not None:
+        # "passthrough", not "rgb8": cv_bridge would convert from an assumed bgr8 with cvtColor,
+        # which fails on a greyscale JPEG (one channel); the channel order is fixed here instead.
+        what = f"compressed image ({msg.format!r}, {len(raw)} bytes)"
+        decoded = _bridge_call(bridge, "compressed_imgmsg_to_cv2", msg, "passthrough", what)
+        if decoded is None:  # cv2.imdecode returns None, not an error, for data it cannot decode
+            raise ValueError(f"undecodable compressed image data ({len(raw)} bytes): cv2.imdecode failed")
+        return _decoded_bgr_to_rgb(decoded, msg.format)
+    img = _open_compressed(raw, "image")
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         raise ValueError(
             f"compressed image ({msg.format!r}) decodes to {img.mode} (16-bit or float), not a colour image"
