@@ -226,6 +226,8 @@ class TrainerNode(Node):
         s = self.settings
         T_world_cam, reason, detail = ingest.lookup_pose(self._lookup, s.world_frame, item.frame_id,
                                                          item.stamp_ns, s.tf_timeout_s, compat_tf)
+        if self._stop.is_set():  # shutting down: a TF wait cut short by it is not a dropped frame
+            return
         if T_world_cam is None:
             # Per frame id: a camera frame that has never had TF is news even while another one is failing.
             self._drop(reason, detail, f"{reason}:{item.frame_id}")

@@ -1,7 +1,11 @@
 """The trainer node in-process, with a recording fake engine: callbacks are called directly and the TF
-buffer is filled directly, so the ingest path (conversion, pose at the image stamp, depth join, drop
-reasons, compressed transport, services) is checked deterministically without waiting on DDS."""
+buffer is filled directly, so the ingest path (conversion, pose at the image stamp, depth pairing by
+stamp, drop reasons, compressed transport, services) is checked deterministically without waiting on DDS.
+The last tests start ``lerf_node`` as a process and stop it with a signal."""
 
+import pathlib
+import signal
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -20,6 +24,9 @@ from lerf_ros.core.transforms import make_transform
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_from_ns
 from lerf_ros.ros.trainer_node import TrainerNode
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from ros_harness import ROOM_PUBLISHER, Child, Client, launcher
 
 NS = 1_000_000_000
 W, H = 16, 12
@@ -284,3 +291,44 @@ def test_services_pause_and_reset(trainer):
     while node.state_name() == "paused" and time.monotonic() < end:
         time.sleep(0.01)
     assert node.state_name() == "waiting"
+
+
+#: Bound on the node's exit after a signal, s: the worker finishes its current step (tiny preset: well
+#: under a second) and every thread is joined with a bound; far below Child.stop's 20 s SIGKILL fallback.
+EXIT_BOUND_S = 10.0
+
+
+def _signal_and_time_exit(child: Child, signum: int) -> tuple[int | None, float]:
+    start = time.monotonic()
+    child.proc.send_signal(signum)
+    try:
+        code = child.proc.wait(EXIT_BOUND_S)
+    except Exception:  # subprocess.TimeoutExpired: report it as "still running"
+        code = None
+    return code, time.monotonic() - start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_node_process_exits_promptly_with_status_0_on_a_signal_while_training(tmp_path, signum):
+    """lerf_node via the launcher (tiny preset, demo encoders) trains on the room publisher's stream;
+    a signal mid-training ends the process with exit status 0 within EXIT_BOUND_S."""
+    rclpy.init()
+    publisher = Child([str(ROOM_PUBLISHER), "--image-hz", "4", "--tf-hz", "15"], tmp_path / "publisher.log")
+    node = launcher(tmp_path / "lerf_node.log", "preset:=tiny", "min_keyframes:=2", "status_rate_hz:=4.0",
+                    "tf_timeout_s:=0.5", "steps_per_tick:=50")
+    client = Client("shutdown_client")
+    code = elapsed = None
+    try:
+        client.status(timeout=120.0, child=node)
+        client.wait_status(lambda s: s.state_name == "training" and s.step > 0, 180.0, "training", node)
+        code, elapsed = _signal_and_time_exit(node, signum)
+    finally:
+        client.close()
+        node.stop()
+        publisher.stop()
+        rclpy.try_shutdown()
+    assert code == 0, f"exit status {code} after {elapsed:.1f} s\n{node.log()}"
+    assert elapsed < EXIT_BOUND_S
+    print(f"{signal.Signals(signum).name}: exit status 0 after {elapsed:.2f} s")
+    assert "Traceback" not in node.log(200_000), node.log()
