@@ -144,9 +144,11 @@ class DepthBuffer:
     the depth subscription callback and never blocks; ``wait_match`` runs in the ingest thread and waits
     (up to a window) for the depth whose stamp is within a tolerance of the colour stamp.
 
-    Full buffer: the depth with the oldest stamp is evicted (a colour frame that old has already been
-    ingested or is about to be, and newer colour frames need newer depth). ``high_water`` is the largest
-    number ever held. ``waiting`` is how many callers are blocked in ``wait_match`` (for tests).
+    Full buffer: the depth that arrived first is evicted (newer colour frames need newer depth). By
+    arrival, not by smallest stamp: after time jumps back (a bag replayed in a loop, sim time reset),
+    evicting the smallest stamp would throw away every new depth and keep the stale "future" ones forever.
+    ``high_water`` is the largest number ever held. ``waiting`` is how many callers are blocked in
+    ``wait_match`` (for tests).
     """
 
     def __init__(self, maxlen: int):
@@ -162,9 +164,10 @@ class DepthBuffer:
     def put(self, stamp_ns: int, depth_m: np.ndarray) -> None:
         """Store ``depth_m`` (H, W) float32 metres under its stamp (a repeated stamp replaces the old one)."""
         with self._cond:
+            self._depths.pop(int(stamp_ns), None)  # a repeated stamp counts as a new arrival
             self._depths[int(stamp_ns)] = depth_m
             while len(self._depths) > self.maxlen:
-                del self._depths[min(self._depths)]
+                del self._depths[next(iter(self._depths))]  # dicts keep arrival order
             self.high_water = max(self.high_water, len(self._depths))
             self._cond.notify_all()
 

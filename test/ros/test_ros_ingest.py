@@ -127,6 +127,17 @@ def test_depth_buffer_flood_keeps_the_newest_stamps_within_the_bound():
     assert [buf.wait_match(s, 0, 0.0) is not None for s in (294, 295, 299)] == [False, True, True]
 
 
+def test_depth_buffer_recovers_after_time_jumps_back():
+    """A bag played in a loop: stamps restart lower. The stale later stamps must age out, not the new."""
+    buf = ingest.DepthBuffer(3)
+    for stamp in (9000, 9100, 9200):
+        buf.put(stamp, _depth(stamp))
+    for stamp in (100, 200, 300):
+        buf.put(stamp, _depth(stamp))
+    got = buf.wait_match(300, 0, 0.0)
+    assert got is not None and got[0, 0] == 300 and len(buf) == 2
+
+
 def test_drop_counter():
     c = ingest.DropCounter()
     for reason in ("a", "b", "a"):
