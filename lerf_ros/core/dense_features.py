@@ -23,6 +23,16 @@ from .encoders.base import DenseEncoder, checked_encode_dense
 STATE_FORMAT = "lerf_ros.dense_features/1"
 
 
+class Cancelled(RuntimeError):
+    """Keyframe feature computation abandoned because a stop was requested; nothing was stored."""
+
+
+def check_cancel(cancel: threading.Event | None, what: str) -> None:
+    """Raise `Cancelled` if ``cancel`` is set (checked between encoder batches)."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{what} cancelled (stop requested)")
+
+
 def image_to_tensor(image, device: torch.device) -> Tensor:
     """(H, W, 3) uint8 numpy / tensor or (3, H, W) uint8 / float [0, 1] tensor -> (3, H, W) float32 [0, 1]."""
     if isinstance(image, np.ndarray):
@@ -183,11 +193,16 @@ class DenseFeatureCache:
         self.dim = int(encoder.dim)
         self.store = KeyframeFeatureStore(self.dim, getattr(torch, dtype), self.device)
 
-    def add(self, kf_id: int, image) -> None:
-        """Encode one keyframe image ((H, W, 3) uint8 or (3, H, W) tensor) and store its (h, w) map."""
+    def add(self, kf_id: int, image, cancel: threading.Event | None = None) -> None:
+        """Encode one keyframe image ((H, W, 3) uint8 or (3, H, W) tensor) and store its (h, w) map.
+
+        cancel: when set before or during the (single) encoder call, raise `Cancelled`, store nothing.
+        """
         img = image_to_tensor(image, self.device)
+        check_cancel(cancel, f"dense features of keyframe {kf_id}")
         with torch.no_grad():
             feats = checked_encode_dense(self.encoder, img)  # (D, h, w)
+        check_cancel(cancel, f"dense features of keyframe {kf_id}")
         _, h, w = feats.shape
         layout = (int(img.shape[1]), int(img.shape[2]), int(h), int(w))
         self.store.put(kf_id, layout, feats.permute(1, 2, 0).reshape(h * w, self.dim))

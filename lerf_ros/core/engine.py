@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import candidates, checkpoint
-from .camera import undistort_depth, undistort_image
-from .dense_features import DenseFeatureCache
+from .dense_features import Cancelled, DenseFeatureCache
 from .encoders import checked_encode_texts, load_encoder
 from .engine_lock import PriorityLock
 from .fields.scene_box import SceneBox
 from .frame import Frame
+from .frame_prep import prepare_frame
 from .keyframes import KeyframeSelector, KeyframeStore
 from .model import LERFModel
 from .presets import EngineConfig
@@ -95,6 +94,9 @@ class LERFEngine:
         self.lock = PriorityLock()
         self._data_cond = threading.Condition()
         self._data_version = 0
+        # Set (by TrainingWorker.stop) to make a running ``step`` return soon: keyframe features are
+        # abandoned between encoder batches (the keyframe stays pending), no further training steps.
+        self.cancel_event = threading.Event()
         # Encoders are validated by a probe encode here: a broken plugin fails at construction.
         self.clip_encoder = load_encoder(config.clip_encoder, self.device)
         self.dino_encoder = load_encoder(config.dino_encoder, self.device, dense=True)
@@ -153,33 +155,9 @@ class LERFEngine:
         return 0 if self.trainer is None else self.trainer.step_count
 
     # ------------------------------------------------------------------ ingest
-    def _prepare(self, frame: Frame) -> Frame:
-        """Validate, undistort once, downsize. Raises ValueError; touches no engine state.
-
-        Returns a pinhole Frame whose depth (if any) is float32 with NaN where invalid.
-        """
-        frame.validate()
-        image, intr = undistort_image(frame.image, frame.intrinsics)
-        depth = None
-        if frame.depth_m is not None:
-            depth, _ = undistort_depth(np.asarray(frame.depth_m, dtype=np.float32), frame.intrinsics)
-            depth = np.where(np.isfinite(depth) & (depth > 0), depth, np.nan).astype(np.float32)
-        side = self.config.ingest.max_image_side
-        if side and max(intr.width, intr.height) > side:
-            intr = intr.scaled(side / max(intr.width, intr.height))
-            img_t = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-            img_t = F.interpolate(img_t, size=(intr.height, intr.width), mode="area")
-            image = img_t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-            if depth is not None:  # nearest: averaging across an occlusion edge would invent surfaces
-                d_t = F.interpolate(torch.from_numpy(depth)[None, None], size=(intr.height, intr.width),
-                                    mode="nearest")
-                depth = d_t[0, 0].numpy()
-        return Frame(np.ascontiguousarray(image), intr, np.asarray(frame.T_world_cam, np.float64),
-                     int(frame.stamp_ns), depth)
-
     def add_frame(self, frame: Frame) -> AddResult:
         """Validate (ValueError, nothing changed), undistort, downsize, keyframe decision, queue features."""
-        kf = self._prepare(frame)
+        kf = prepare_frame(frame, self.config.ingest.max_image_side)  # touches no engine state
         with self.lock:
             if len(self.store):
                 ref = self.store.get(self.store.ids()[0]).image.shape
@@ -221,8 +199,14 @@ class LERFEngine:
             kf_id = self._pending.popleft()
             image = self.store.get(kf_id).image
         key = self.pyramid.cache_key(image)
-        size, grid = self.pyramid.compute(image)
-        self.dense.add(kf_id, image)  # the dense cache's own store is thread-safe
+        try:
+            size, grid = self.pyramid.compute(image, self.cancel_event)
+            self.dense.add(kf_id, image, self.cancel_event)  # the dense cache's own store is thread-safe
+        except Cancelled:
+            with self.lock.background():  # nothing was stored: the keyframe waits for the next step
+                if kf_id in self.store:
+                    self._pending.appendleft(kf_id)
+            raise
         with self.lock.background():
             if kf_id in self.store:
                 self.pyramid.insert(kf_id, size, grid, key)
@@ -274,14 +258,19 @@ class LERFEngine:
     def _step(self, max_steps: int, t0: float) -> StepStats:
         n_features = 0
         for _ in range(self.config.ingest.pyramid_keyframes_per_step):
-            if not self._compute_features():
-                break
+            try:
+                if not self._compute_features():
+                    break
+            except Cancelled:
+                return StepStats(0, n_features, {}, time.perf_counter() - t0)
             n_features += 1
         losses: dict[str, float] = {}
         done = 0
         rays = self.config.trainer.rays_per_step
         t_train = time.perf_counter()
         for _ in range(max_steps):
+            if self.cancel_event.is_set():
+                break
             with self.lock.background():  # gives way to a waiting query / add_frame / status / save
                 ids = self._ready_ids()
                 if len(ids) < self.config.ingest.min_keyframes:

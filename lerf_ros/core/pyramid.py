@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dense_features import KeyframeFeatureStore, bilinear_corners, canonical_image_bytes, image_to_tensor
+from .dense_features import (
+    KeyframeFeatureStore,
+    bilinear_corners,
+    canonical_image_bytes,
+    check_cancel,
+    image_to_tensor,
+)
 from .encoders.base import VisionLanguageEncoder, checked_encode_images
 
 STATE_FORMAT = "lerf_ros.clip_pyramid/1"
@@ -143,10 +150,12 @@ class ClipPyramid:
         digest.update(data)
         return digest.hexdigest()
 
-    def compute(self, image) -> tuple[tuple[int, int], Tensor]:
+    def compute(self, image, cancel: threading.Event | None = None) -> tuple[tuple[int, int], Tensor]:
         """Encode all crops of one image -> ((H, W), (cells, D) unit embeddings, levels concatenated).
 
         Heavy (the encoder runs here); touches no shared state, so a worker may call it without locks.
+        cancel: checked before every encoder batch; when set, raises `dense_features.Cancelled` (so a
+        stop waits for at most the batch in flight) and nothing is returned or stored.
         """
         img = image_to_tensor(image, self.device)
         _, H, W = img.shape
@@ -164,6 +173,7 @@ class ClipPyramid:
                 crops = region.unfold(1, k, st).unfold(2, k, st)  # (3, ny, nx, k, k), a view
                 crops = crops.permute(1, 2, 0, 3, 4).reshape(lv.ny * lv.nx, 3, k, k)
                 for b in range(0, crops.shape[0], self.config.batch_size):
+                    check_cancel(cancel, "CLIP pyramid")
                     batch = crops[b : b + self.config.batch_size]
                     if k != s:
                         batch = F.interpolate(
@@ -184,10 +194,11 @@ class ClipPyramid:
             self.store.put(kf_id, tuple(size), grid)
             self._keys[int(kf_id)] = key
 
-    def add(self, kf_id: int, image) -> str:
-        """Encode and store one keyframe ((H, W, 3) uint8 or (3, H, W) tensor); returns its cache key."""
+    def add(self, kf_id: int, image, cancel: threading.Event | None = None) -> str:
+        """Encode and store one keyframe ((H, W, 3) uint8 or (3, H, W) tensor); returns its cache key.
+        A set ``cancel`` raises `Cancelled` and stores nothing (see `compute`)."""
         key = self.cache_key(image)
-        size, grid = self.compute(image)
+        size, grid = self.compute(image, cancel)
         self.insert(kf_id, size, grid, key)
         return key
 

@@ -5,6 +5,10 @@ its own lock per training step, so queries stay safe while the worker runs. When
 (too few keyframes, ``max_steps`` reached, paused) the thread blocks on a condition variable and is woken by
 ``engine.wait_for_data`` returning (new frames) or by ``resume``/``stop``: it never busy-waits.
 
+``stop`` also sets the engine's ``cancel_event`` (when it has one, as ``LERFEngine`` does) so a step busy
+with a keyframe's CLIP pyramid gives up after the encoder batch in flight instead of finishing the
+keyframe; the event is cleared again once the thread has ended.
+
 An exception raised by ``step`` is caught, recorded in ``last_error`` and puts the worker in state
 ``"error"``; the thread stays alive and idle until ``resume()`` (retry) or ``stop()``.
 """
@@ -92,16 +96,25 @@ class TrainingWorker:
         self.engine.wake()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Ask the thread to finish and join it. Raises RuntimeError if it does not end within ``timeout``."""
+        """Ask the thread to finish and join it. Raises RuntimeError if it does not end within ``timeout``.
+
+        Returns within about one encoder batch / training step: the engine's ``cancel_event`` aborts
+        keyframe feature work in progress (the keyframe stays pending, nothing half-built is stored).
+        """
+        cancel = getattr(self.engine, "cancel_event", None)
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        if cancel is not None:
+            cancel.set()
         self.engine.wake()
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
             if thread.is_alive():
                 raise RuntimeError(f"training worker did not stop within {timeout} s")
+        if cancel is not None:
+            cancel.clear()  # the thread has ended: the engine may be stepped again (CLI, a new worker)
         with self._cond:
             self._state = "stopped"
             self._thread = None

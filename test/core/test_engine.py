@@ -49,10 +49,32 @@ def broken_clip(device="cpu", mode="shape"):
     return _BrokenClip(mode)
 
 
+class _SlowClip(_BrokenClip):
+    """A well-behaved encoder that sleeps per image batch once armed and counts batches."""
+
+    def __init__(self):
+        super().__init__("ok")
+        self.name, self.batches, self.sleep_s = "slow-clip", 0, 0.0
+
+    def encode_images(self, images):
+        self.batches += 1
+        threading.Event().wait(self.sleep_s)
+        return super().encode_images(images)
+
+
+_SLOW: list[_SlowClip] = []
+
+
+def slow_clip(device="cpu"):
+    _SLOW.append(_SlowClip())
+    return _SLOW[-1]
+
+
 # Encoder specs name an importable "module:factory"; this test module's own import name depends on
 # pytest's import mode, so the factory is published under a fixed module name.
 _PLUGIN = types.ModuleType("lerf_test_broken_encoders")
 _PLUGIN.broken_clip = broken_clip
+_PLUGIN.slow_clip = slow_clip
 sys.modules[_PLUGIN.__name__] = _PLUGIN
 _SPEC = "lerf_test_broken_encoders:broken_clip"
 
@@ -484,3 +506,30 @@ def test_query_and_status_while_worker_trains_flat_out(room_frames):
         worker.stop(timeout=30)
     # Each call got the lock after at most the step in progress (+1 begun while reading train_step).
     assert max(waited) <= 2, waited
+
+
+# --------------------------------------------------------------------------- stop during pyramid work
+
+
+def test_worker_stop_mid_pyramid_returns_within_a_batch(room_frames):
+    cfg = _tiny(min_keyframes=2)
+    cfg = dataclasses.replace(cfg, clip_encoder=EncoderSpec(f"{_PLUGIN.__name__}:slow_clip"),
+                              pyramid=dataclasses.replace(cfg.pyramid, batch_size=8))
+    engine = LERFEngine(cfg, "cpu")
+    enc = _SLOW[-1]
+    enc.sleep_s = 0.05
+    for f in room_frames[:2]:
+        engine.add_frame(f)
+    assert list(engine._pending) == [0, 1]
+    worker = TrainingWorker(engine, steps_per_tick=5)
+    enc.batches = 0
+    worker.start()
+    assert _wait(lambda: enc.batches >= 2)
+    at_stop = enc.batches
+    worker.stop(timeout=10)
+    assert enc.batches <= at_stop + 1, (at_stop, enc.batches)  # the batch in flight, no more
+    # nothing half-built was stored; the keyframe went back to the front of the queue
+    assert engine.pyramid.keyframe_ids() == [] and engine.dense.store.ids() == []
+    assert list(engine._pending) == [0, 1] and not engine.cancel_event.is_set()
+    enc.sleep_s = 0.0
+    assert engine.step(1).pyramid_keyframes == 2 and engine.pyramid.keyframe_ids() == [0, 1]  # tiny: 2

@@ -1,11 +1,14 @@
 """CLIP pyramid: crop geometry, interpolation at and between crop centres and scales, metric scale,
 cache keys and persistence, with an encoder whose output encodes where its crop came from."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lerf_ros.core.dense_features import Cancelled
 from lerf_ros.core.encoders import load_encoder
 from lerf_ros.core.pyramid import ClipPyramid, PyramidConfig, level_grid, metric_scale
 
@@ -260,3 +263,48 @@ def test_adding_from_a_worker_while_sampling(pyr):
     assert not errors
     assert all(pyr.ready(k) for k in range(10, 22))
     assert torch.equal(pyr.sample(torch.tensor([21, 21]), uv, fr), before)
+
+
+# ---------------------------------------------------------------------------- cancellation
+
+
+class SlowEncoder(PositionEncoder):
+    """PositionEncoder that sleeps per batch and counts batches (a CPU ViT stand-in)."""
+
+    def __init__(self, sleep_s=0.02):
+        super().__init__("slow-position-encoder")
+        self.sleep_s, self.batches = sleep_s, 0
+        self.started = threading.Event()
+
+    def encode_images(self, images):
+        self.batches += 1
+        self.started.set()
+        threading.Event().wait(self.sleep_s)
+        return super().encode_images(images)
+
+
+def test_cancel_between_batches_stores_nothing():
+    enc = SlowEncoder()
+    pyr = ClipPyramid(enc, PyramidConfig(batch_size=8, dtype="float32"))
+    n_batches = sum(-(-lv.nx * lv.ny // 8) for lv in pyr.levels(H, W))
+    cancel, errors = threading.Event(), []
+
+    def run():
+        try:
+            pyr.add(7, ramp_image(), cancel)
+        except Cancelled as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert enc.started.wait(10)
+    at_cancel = enc.batches
+    cancel.set()
+    t.join(10)
+    assert not t.is_alive() and len(errors) == 1 and "cancelled" in str(errors[0])
+    assert enc.batches <= at_cancel + 1 < n_batches // 2  # at most the batch in flight, far from all
+    assert not pyr.ready(7) and pyr.keyframe_ids() == [] and pyr.key(7) is None
+    # not cancelled: the full pyramid, every batch
+    enc.batches, enc.sleep_s = 0, 0.0
+    pyr.add(7, ramp_image(), threading.Event())
+    assert pyr.ready(7) and enc.batches == n_batches
