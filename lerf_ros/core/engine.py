@@ -33,6 +33,7 @@ from .model import LERFModel
 from .presets import EngineConfig
 from .pyramid import ClipPyramid
 from .query import QueryResult, locate
+from .query_embed import multiscale_embed_fn
 from .relevancy import negative_texts
 from .trainer import KeyframeTensors, Trainer, sample_ray_batch
 
@@ -322,13 +323,8 @@ class LERFEngine:
                     f"step {self.train_step}", self.train_step)
             embeds = self._text_embeds([text, *negs])
             points, rgb, views = self._candidate_points()
-            model = self.model
-            model.eval()
-
-            def embed_fn(pts: torch.Tensor, scale_m: float) -> torch.Tensor:
-                with torch.no_grad():
-                    return model.clip_at_points(pts, scale_m)
-
+            self.model.eval()
+            embed_fn = multiscale_embed_fn(self.model, self.config.query.scales_m)
             result = locate(points, rgb, views, embed_fn, embeds[0], embeds[1:], self.config.query,
                             threshold, with_cloud)
             return dataclasses.replace(result, model_step=self.train_step)

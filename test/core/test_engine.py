@@ -17,6 +17,7 @@ from lerf_ros.core.engine import LERFEngine, StepStats
 from lerf_ros.core.engine_lock import PriorityLock
 from lerf_ros.core.frame import Frame
 from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
+from lerf_ros.core.query_embed import multiscale_embed_fn
 from lerf_ros.core.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
 from lerf_ros.core.worker import TrainingWorker
 
@@ -533,3 +534,35 @@ def test_worker_stop_mid_pyramid_returns_within_a_batch(room_frames):
     assert list(engine._pending) == [0, 1] and not engine.cancel_event.is_set()
     enc.sleep_s = 0.0
     assert engine.step(1).pyramid_keyframes == 2 and engine.pyramid.keyframe_ids() == [0, 1]  # tiny: 2
+
+
+# --------------------------------------------------------------------------- multiscale query embedding
+
+
+def test_multiscale_embed_matches_per_scale_and_evaluates_grids_once_per_block(room_frames, monkeypatch):
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:3], steps=2)
+    model = engine.model.eval()
+    pts = engine._candidate_points()[0][:40]
+    scales = engine.config.query.scales_m
+    calls = {"multi": 0, "single": 0}
+    multi, single = model.clip_multiscale, model.clip_at_points
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(model, "clip_multiscale", count("multi", multi))
+    fn = multiscale_embed_fn(model, scales, budget_bytes=pts.shape[0] * model.clip_dim * 4 * 5)
+    with torch.no_grad():
+        for s in torch.tensor(scales, dtype=torch.float32).tolist():  # as scale_search passes them
+            torch.testing.assert_close(fn(pts, s), single(pts, s), atol=1e-5, rtol=1e-5)
+        assert calls["multi"] == -(-len(scales) // 5)  # one grid pass per block of 5 scales
+        torch.testing.assert_close(fn(pts, 0.1234), single(pts, 0.1234))  # not a configured scale
+
+    calls["multi"] = 0
+    monkeypatch.setattr(model, "clip_at_points", count("single", single))
+    r = engine.query("red box", with_cloud=False)
+    assert r.model_step == 2 and calls == {"multi": 1, "single": 0}  # all scales from one pass

@@ -1,0 +1,39 @@
+"""Language-field evaluation for `core.query.locate`, all searched scales from one hash-grid pass.
+
+``locate`` asks ``embed_fn(points, scale_m)`` once per scale (30 for LERF's scale search); evaluating
+the language hash grids each time repeats the expensive part. `multiscale_embed_fn` keeps locate's
+per-scale interface but computes a block of scales at once with ``LERFModel.clip_multiscale``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .model import LERFModel
+
+
+def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_bytes: int = 256 * 2**20):
+    """``embed_fn(points (N, 3), scale_m) -> (N, D)`` for `locate`: at the first of ``scales_m`` asked
+    for, evaluates the language hash grids once for a block of the following scales
+    (``model.clip_multiscale``, (S_block, N, D) float32 bounded by ``budget_bytes``) and answers the
+    next calls from it; a scale not in ``scales_m`` is evaluated alone (``clip_at_points``)."""
+    index = {float(np.float32(s)): i for i, s in enumerate(scales_m)}  # locate passes float32 values
+    block: dict = {"pts": None, "start": 0, "emb": None}
+
+    def embed_fn(pts: torch.Tensor, scale_m: float) -> torch.Tensor:
+        i = index.get(float(np.float32(scale_m)))
+        if i is None:
+            with torch.no_grad():
+                return model.clip_at_points(pts, scale_m)
+        if block["pts"] is not pts or not block["start"] <= i < block["start"] + block["emb"].shape[0]:
+            n = max(1, budget_bytes // max(1, pts.shape[0] * model.clip_dim * 4))
+            scales = torch.tensor(scales_m[i:i + n], dtype=torch.float32, device=pts.device)
+            block.update(pts=pts, start=i, emb=model.clip_multiscale(pts, scales))
+        return block["emb"][i - block["start"]]
+
+    return embed_fn
