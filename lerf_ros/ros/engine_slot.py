@@ -5,28 +5,12 @@ The slot holds the reference under a lock; each user calls ``get()`` per operati
 so a query racing a ``load_map`` answers from either the old or the new model, never a half-built one.
 
 Fairness between training and queries is the engine's own job now: its lock (``core/engine_lock.py``)
-makes a training step give way to any waiting query, ``add_frame``, ``status`` or ``save``. The
-``PriorityGate`` / ``YieldingEngine`` names below remain only so existing callers keep working; they add
-nothing on top of the engine's lock and new code should not use them.
+makes a training step give way to any waiting query, ``add_frame``, ``status`` or ``save``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-
-
-class PriorityGate:
-    """Compatibility no-op: ``with gate.priority():`` used to hold training off; the engine does it now."""
-
-    @contextlib.contextmanager
-    def priority(self):
-        yield
-
-
-def YieldingEngine(engine, gate: PriorityGate | None = None):  # CamelCase: it replaced a class
-    """Compatibility shim: returns ``engine`` itself (its ``step`` already yields to waiting callers)."""
-    return engine
 
 
 class EngineSlot:
@@ -36,7 +20,6 @@ class EngineSlot:
         self._lock = threading.Lock()
         self._engine = engine
         self._error = error
-        self.gate = PriorityGate()
 
     def get(self):
         with self._lock:

@@ -117,9 +117,9 @@ class QueryNode(Node):
         if engine is None:
             return self._refuse(response, header, self.slot.error or "no model loaded")
         try:
-            with self.slot.gate.priority():  # the trainer's next step waits for this answer
-                result = engine.query(text, negatives=negatives, threshold=threshold,
-                                      with_cloud=bool(request.with_cloud))
+            # The engine lock lets a query in ahead of the trainer's next step.
+            result = engine.query(text, negatives=negatives, threshold=threshold,
+                                  with_cloud=bool(request.with_cloud))
         except (ValueError, RuntimeError) as exc:
             self.get_logger().error(f"query {text[:60]!r} failed: {exc}")
             return self._refuse(response, header, f"query failed: {exc}")

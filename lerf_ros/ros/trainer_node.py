@@ -34,7 +34,7 @@ from lerf_ros.compat import tf as compat_tf
 from lerf_ros.core.frame import Frame
 from lerf_ros.core.worker import TrainingWorker
 from lerf_ros.ros import ingest
-from lerf_ros.ros.engine_slot import EngineSlot, YieldingEngine
+from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_to_ns, training_status_msg
 from lerf_ros.ros.params import TRAINER, TRAINER_NODE_NAME, ParameterError, declare_and_resolve
 
@@ -134,8 +134,7 @@ class TrainerNode(Node):
 
     def _new_worker(self) -> TrainingWorker:
         s = self.settings
-        engine = YieldingEngine(self.slot.get(), self.slot.gate)
-        return TrainingWorker(engine, steps_per_tick=s.steps_per_tick, max_steps=s.max_steps or None)
+        return TrainingWorker(self.slot.get(), steps_per_tick=s.steps_per_tick, max_steps=s.max_steps or None)
 
     def _drop(self, reason: str, detail: str, log_key: str | None = None) -> None:
         """Count a dropped frame; log it throttled per ``log_key`` (default: the reason)."""
@@ -246,9 +245,8 @@ class TrainerNode(Node):
             depth = None
         engine = self.slot.get()
         try:
-            with self.slot.gate.priority():
-                frame = Frame(item.image, item.intrinsics, T_world_cam, item.stamp_ns, depth)
-                result = engine.add_frame(frame)
+            frame = Frame(item.image, item.intrinsics, T_world_cam, item.stamp_ns, depth)
+            result = engine.add_frame(frame)
         except ValueError as exc:
             self._drop(ingest.BAD_FRAME, str(exc))
             return
@@ -301,8 +299,7 @@ class TrainerNode(Node):
             return response
         try:
             engine = self.slot.get()
-            with self.slot.gate.priority():
-                engine.save(path)
+            engine.save(path)
             st = engine.status()
             response.success = True
             response.message = f"saved {st.keyframes} keyframes, step {st.step} to {path}"
@@ -355,8 +352,7 @@ class TrainerNode(Node):
             node_error = self._last_error
             worker_error = self._worker.last_error
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings.world_frame)
-        with self.slot.gate.priority():  # status() takes the engine lock: do not queue behind training
-            engine_status = engine.status()
+        engine_status = engine.status()  # the engine lock lets status() in ahead of training steps
         # Notes ("no_depth_match") ride in the per-reason arrays, which are the message's only named
         # counters, but frames_dropped stays the sum of true drops: those frames were ingested.
         msg = training_status_msg(engine_status, self.state_name(), header, received, {**drops, **notes},
