@@ -169,19 +169,20 @@ class TrainingWorker:
             if errored:
                 self._idle("error")
                 continue
-            if self.max_steps is not None and self.engine.train_step >= self.max_steps:
-                self._idle("ready")
-                continue
+            budget_left = None if self.max_steps is None else self.max_steps - self.engine.train_step
             version = self.engine.data_version
-            n = self.steps_per_tick
-            if self.max_steps is not None:
-                n = min(n, self.max_steps - self.engine.train_step)
+            # With the step budget spent, step(0) still computes the features of keyframes that arrived
+            # late: "ready" then means every held keyframe has its language targets.
+            n = self.steps_per_tick if budget_left is None else max(0, min(self.steps_per_tick, budget_left))
             try:
                 stats = self.engine.step(n)
             except Exception as exc:  # the thread must survive: record, report, wait for resume/stop
                 with self._cond:
                     self._last_error = f"{type(exc).__name__}: {exc}"
                     self._state = "error"
+                continue
+            if n == 0 and not stats.work_done:
+                self._idle("ready")
                 continue
             if stats.train_steps > 0:
                 self._set_state("training")

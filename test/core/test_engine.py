@@ -338,6 +338,24 @@ def test_worker_catches_errors_and_recovers():
         w.stop(timeout=5)
 
 
+def test_worker_computes_late_keyframes_features_after_step_budget(room_frames):
+    """Keyframes arriving after max_steps still get their features: 'ready' means none is pending."""
+    eng = LERFEngine(_tiny(min_keyframes=2), device="cpu")
+    for frame in room_frames[:3]:
+        eng.add_frame(frame)
+    w = TrainingWorker(eng, steps_per_tick=2, max_steps=2, idle_poll_s=0.2)
+    w.start()
+    try:
+        assert _wait(lambda: w.state == "ready", timeout=60)
+        assert eng.train_step == 2
+        late = [eng.add_frame(f) for f in room_frames[3:]]
+        assert sum(r.keyframe for r in late) >= 2
+        assert _wait(lambda: eng.status().keyframes_pending == 0 and w.state == "ready", timeout=60)
+        assert eng.train_step == 2  # the budget holds: features only, no more training
+    finally:
+        w.stop(timeout=5)
+
+
 def test_worker_bad_arguments():
     with pytest.raises(ValueError, match="steps_per_tick"):
         TrainingWorker(_FakeEngine(), steps_per_tick=0)
