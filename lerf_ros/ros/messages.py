@@ -143,13 +143,14 @@ def target_marker(location_world: np.ndarray | None, text: str, relevancy: float
 
 
 def training_status_msg(status, state_name: str, header: Header, frames_received: int,
-                        drops: Mapping[str, int], last_error: str = ""):
+                        drops: Mapping[str, int], last_error: str = "", frames_without_depth: int = 0):
     """Engine status + node counters -> ``lerf_ros/msg/TrainingStatus``.
 
     ``status`` is the core's ``EngineStatus`` (step, keyframes, keyframes_pending, losses: name -> value,
     rays_per_s, gpu_mem_allocated_mb, gpu_mem_peak_mb, last_error). ``drops`` maps a drop
-    reason to its count; ``last_error`` (the node's, e.g. a frame-handling error) wins over the engine's
-    when both are set and the engine's is empty.
+    reason to its count (``frames_dropped`` is their sum); ``frames_without_depth`` counts frames
+    ingested without a matching depth image (not drops); ``last_error`` (the node's, e.g. a
+    frame-handling error) is used when the engine's is empty.
     """
     from lerf_ros.msg import TrainingStatus
 
@@ -167,6 +168,7 @@ def training_status_msg(status, state_name: str, header: Header, frames_received
     msg.drop_reasons = reasons
     msg.drop_counts = [int(drops[r]) for r in reasons]
     msg.frames_dropped = int(sum(msg.drop_counts))
+    msg.frames_without_depth = int(frames_without_depth)
     losses = dict(status.losses)
     msg.loss_names = list(losses)
     msg.loss_values = [float(v) for v in losses.values()]

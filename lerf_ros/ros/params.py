@@ -76,8 +76,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("depth_topic", str, "", "Registered depth image (same stamps as the RGB); '' = no depth.",
               nodes=frozenset({TRAINER})),
     ParamSpec("depth_wait_s", float, 0.1,
-              "How long the ingest thread waits for the depth image of a colour frame's stamp, s; after it "
-              "the frame is used without depth and counted as 'no_depth_match' (not a drop).",
+              "How long the ingest thread waits for the depth image of a colour frame's stamp, s; after "
+              "it the frame is used without depth and counted in TrainingStatus.frames_without_depth "
+              "(not a drop).",
               nodes=frozenset({TRAINER}), range=(0.0, 2.0)),
     ParamSpec("depth_stamp_tolerance_s", float, 0.02,
               "Largest |depth stamp - colour stamp| that still pairs them, s (registered depth: same stamp).",

@@ -7,7 +7,7 @@ Threads (nothing slow runs in an executor callback):
   interpolated by the TF buffer); with a depth topic, the depth image of the same stamp (within
   ``depth_stamp_tolerance_s``) from a bounded buffer the depth callback fills, waiting up to
   ``depth_wait_s`` because depth may arrive after colour (no match: ingested without depth, counted as
-  "no_depth_match", which is not a drop); then ``engine.add_frame``.
+  in TrainingStatus.frames_without_depth, not a drop); then ``engine.add_frame``.
 - training worker (``core.worker.TrainingWorker``, owned): ``engine.step`` in a loop; the engine computes
   keyframe features first and trains once ``min_keyframes`` keyframes have them.
 - ``control`` group: pause / reset / save_map / load_map services; ``status`` group: the status timer.
@@ -353,12 +353,9 @@ class TrainerNode(Node):
             worker_error = self._worker.last_error
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings.world_frame)
         engine_status = engine.status()  # the engine lock lets status() in ahead of training steps
-        # Notes ("no_depth_match") ride in the per-reason arrays, which are the message's only named
-        # counters, but frames_dropped stays the sum of true drops: those frames were ingested.
-        msg = training_status_msg(engine_status, self.state_name(), header, received, {**drops, **notes},
-                                  worker_error or node_error)
-        msg.frames_dropped = int(sum(drops.values()))
-        return msg
+        return training_status_msg(engine_status, self.state_name(), header, received, drops,
+                                   worker_error or node_error,
+                                   frames_without_depth=notes.get(ingest.NO_DEPTH_MATCH, 0))
 
     def shutdown(self, timeout_s: float = _SHUTDOWN_TIMEOUT_S) -> bool:
         """Stop the training worker and the ingest thread, close the TF listener (call before

@@ -65,6 +65,7 @@ def test_training_status_constants_and_fields():
         "keyframes_pending": "uint32",
         "frames_received": "uint64",
         "frames_dropped": "uint64",
+        "frames_without_depth": "uint64",
         "drop_reasons": "sequence<string>",
         "drop_counts": "sequence<uint64>",
         "loss_names": "sequence<string>",

@@ -118,7 +118,8 @@ def test_training_status_msg():
                              rays_per_s=1234.5, gpu_mem_allocated_mb=0.0, gpu_mem_peak_mb=0.0,
                              last_error=None)
     msg = messages.training_status_msg(status, "training", _header(), 30, {"tf_missing": 2, "blurred": 3},
-                                       "tf_missing: no map")
+                                       "tf_missing: no map", frames_without_depth=4)
+    assert msg.frames_without_depth == 4
     assert (msg.state, msg.state_name, msg.step) == (1, "training", 42)
     assert (msg.keyframes, msg.keyframes_pending) == (5, 1)
     assert msg.frames_received == 30 and msg.frames_dropped == 5

@@ -186,4 +186,4 @@ def test_depth_pairing_settings_reach_the_trainer():
     for name in ("depth_wait_s", "depth_stamp_tolerance_s"):
         spec = params.SPECS[name]
         assert spec.nodes == {params.TRAINER} and spec.type is float and spec.range is not None
-    assert "no_depth_match" in params.SPECS["depth_wait_s"].description
+    assert "frames_without_depth" in params.SPECS["depth_wait_s"].description
