@@ -20,7 +20,8 @@ from launch import LaunchDescription
 
 #: Same names as lerf_ros.compat.launcher.LAUNCH_ARGUMENTS (a test keeps them equal).
 LAUNCH_ARGUMENTS = ("image_topic", "camera_info_topic", "depth_topic", "world_frame", "preset", "device",
-                    "clip_encoder", "dino_encoder", "map_path")
+                    "clip_encoder", "dino_encoder", "clip_checkpoint", "dino_checkpoint",
+                    "map_path")
 
 
 def _yaml_defaults(path):

@@ -28,7 +28,8 @@ import yaml
 
 #: Launch arguments of launch/lerf.launch.py, which are parameter names; kept equal by a test.
 LAUNCH_ARGUMENTS = ("image_topic", "camera_info_topic", "depth_topic", "world_frame", "preset", "device",
-                    "clip_encoder", "dino_encoder", "map_path")
+                    "clip_encoder", "dino_encoder", "clip_checkpoint", "dino_checkpoint",
+                    "map_path")
 
 
 def key_matches(key: str, fq_name: str) -> bool:

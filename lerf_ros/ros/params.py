@@ -111,6 +111,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("clip_encoder", str, "", "Vision-language encoder 'package.module:factory'; '' = preset's."),
     ParamSpec("dino_encoder", str, "", "Dense encoder 'package.module:factory'; '' = preset's."),
     ParamSpec("clip_checkpoint", str, "", "Local CLIP weights file for the OpenCLIP encoder; '' = none."),
+    ParamSpec("dino_checkpoint", str, "",
+              "Local DINO weights file for the DINO encoder; '' = search the torch / Hugging Face caches."),
     ParamSpec("query_threshold", float, PRESET,
               "Relevancy a target needs to count as found when a request's threshold is <= 0.",
               range=(0.01, 0.99), read_only=False, preset_field="query.threshold"),
@@ -210,7 +212,7 @@ def _check_semantics(values: Mapping[str, Any]) -> None:
     for name in ("image_topic", "camera_info_topic"):
         if not values[name]:
             raise ParameterError(name, values[name], "must not be empty")
-    for name in ("map_path", "clip_checkpoint"):
+    for name in ("map_path", "clip_checkpoint", "dino_checkpoint"):
         if values[name] and not values[name].startswith("/"):
             # Relative paths would depend on the working directory of whoever started the node.
             raise ParameterError(name, values[name], "must be an absolute path")
@@ -220,7 +222,7 @@ def _encoder_spec(current: Any, target: str, checkpoint: str) -> Any:
     """The preset's EncoderSpec, or ``target`` with no kwargs; ``checkpoint`` adds the weights-file kwarg."""
     kwargs = current.kwargs_dict() if not target else {}
     if checkpoint:
-        kwargs["checkpoint_path"] = checkpoint  # the OpenCLIP factory's weights-file argument
+        kwargs["checkpoint_path"] = checkpoint  # the OpenCLIP and DINO factories' weights-file argument
     return type(current).from_string(target or current.target, kwargs)
 
 
@@ -262,7 +264,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> ResolvedParams:
         candidates=candidates,
         query=dataclasses.replace(base.query, threshold=values["query_threshold"]),
         clip_encoder=_encoder_spec(base.clip_encoder, values["clip_encoder"], values["clip_checkpoint"]),
-        dino_encoder=_encoder_spec(base.dino_encoder, values["dino_encoder"], ""),
+        dino_encoder=_encoder_spec(base.dino_encoder, values["dino_encoder"], values["dino_checkpoint"]),
     )
     trainer = TrainerSettings(**{f.name: values[f.name] for f in dataclasses.fields(TrainerSettings)})
     query = QuerySettings(values["world_frame"], values["map_path"], values["query_threshold"],

@@ -38,7 +38,7 @@ def _add_train(sub) -> None:
     p.add_argument("bag", type=Path, help="rosbag2 directory")
     p.add_argument("--out", type=Path, required=True, help="map directory to write")
     for name in ("image_topic", "camera_info_topic", "depth_topic", "world_frame", "clip_encoder",
-                 "dino_encoder", "clip_checkpoint"):
+                 "dino_encoder", "clip_checkpoint", "dino_checkpoint"):
         spec = SPECS[name]
         p.add_argument("--" + name.replace("_", "-"), default=spec.default,
                        help=f"{spec.description} (default {spec.default!r})")
@@ -85,8 +85,9 @@ def _train_params(args) -> dict:
     values = {name: getattr(args, name) for name in (
         "image_topic", "camera_info_topic", "depth_topic", "world_frame", "preset", "device",
         "clip_encoder", "dino_encoder", "image_transport")}
-    if args.clip_checkpoint:
-        values["clip_checkpoint"] = str(Path(args.clip_checkpoint).expanduser().resolve())
+    for name in ("clip_checkpoint", "dino_checkpoint"):  # the node wants absolute paths
+        if getattr(args, name):
+            values[name] = str(Path(getattr(args, name)).expanduser().resolve())
     return values
 
 

@@ -64,9 +64,12 @@ def test_overrides_land_in_the_core_configs():
 
 
 def test_checkpoint_becomes_an_encoder_kwarg():
-    r = resolve({"preset": "lite", "clip_checkpoint": "/models/clip.bin"})
+    r = resolve({"preset": "lite", "clip_checkpoint": "/models/clip.bin",
+                 "dino_checkpoint": "/models/dino.pth"})
     assert dict(r.engine.clip_encoder.kwargs)["checkpoint_path"] == "/models/clip.bin"
     assert r.engine.clip_encoder.target == make_preset("lite").clip_encoder.target
+    assert dict(r.engine.dino_encoder.kwargs)["checkpoint_path"] == "/models/dino.pth"
+    assert r.engine.dino_encoder.target == make_preset("lite").dino_encoder.target
 
 
 def test_preset_changes_the_preset_backed_defaults():
@@ -103,6 +106,7 @@ def test_preset_changes_the_preset_backed_defaults():
         ("image_topic", "", "must not be empty"),
         ("map_path", "maps/lab", "absolute"),
         ("clip_checkpoint", "clip.bin", "absolute"),
+        ("dino_checkpoint", "dino.pth", "absolute"),
         ("no_such_parameter", 1, "unknown parameter"),
     ],
 )

@@ -149,3 +149,18 @@ def test_train_option_image_transport_compressed(tmp_path, capsys):
     assert rc == 0, err
     info = json.loads((tmp_path / "m" / "training_info.json").read_text())
     assert info["frames"] == 3 and info["keyframes"] == 3 and info["steps"] == 1
+
+
+def test_weight_files_become_absolute_encoder_checkpoints(tmp_path, monkeypatch):
+    from lerf_ros.ros.params import resolve
+    from lerf_ros.tools.cli import _train_params, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["train", "bag", "--out", "map", "--preset", "lite",
+                                      "--clip-checkpoint", "clip.bin", "--dino-checkpoint", "w/dino.pth"])
+    values = _train_params(args)
+    assert values["clip_checkpoint"] == str(tmp_path / "clip.bin")
+    assert values["dino_checkpoint"] == str(tmp_path / "w" / "dino.pth")
+    engine = resolve(values).engine
+    assert dict(engine.dino_encoder.kwargs)["checkpoint_path"] == str(tmp_path / "w" / "dino.pth")
+    assert dict(engine.clip_encoder.kwargs)["checkpoint_path"] == str(tmp_path / "clip.bin")
