@@ -267,5 +267,8 @@ class Trainer:
             raise ValueError(f"optimiser groups differ from the checkpoint: {sorted(missing)}")
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
-        self.scaler.load_state_dict(state["scaler"])
+        # A disabled scaler (CPU, or bf16) saves {}; an enabled one (CUDA fp16) raises on {} — so a map
+        # trained on the CPU could not be resumed on a GPU with fp16. Keep the fresh scale instead.
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         self.step_count = int(state["step_count"])
