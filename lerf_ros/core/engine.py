@@ -80,6 +80,20 @@ class EngineStatus:
     ready: bool
 
 
+def _auto_to_torch(cfg):
+    """Copy of a (nested) frozen config dataclass with every ``implementation="auto"`` set to "torch"."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name == "implementation" and v == "auto":
+            changes[f.name] = "torch"
+        elif dataclasses.is_dataclass(v):
+            changes[f.name] = _auto_to_torch(v)
+        elif isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0]):
+            changes[f.name] = tuple(_auto_to_torch(x) for x in v)
+    return dataclasses.replace(cfg, **changes)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -235,7 +249,12 @@ class LERFEngine:
         self._build_model()
 
     def _build_model(self) -> None:
-        self.model = LERFModel(self.config.model, self.scene_box, self.clip_encoder.dim,
+        model_cfg = self.config.model
+        if self.device.type != "cuda":
+            # "auto" picks tinycudann whenever CUDA is present, whatever the engine's device; its modules
+            # cannot run on the CPU, so an explicit device="cpu" on a GPU machine would crash in step().
+            model_cfg = _auto_to_torch(model_cfg)
+        self.model = LERFModel(model_cfg, self.scene_box, self.clip_encoder.dim,
                                self.dino_encoder.dim).to(self.device)
         self.trainer = Trainer(self.model, self.config.trainer, self.device)
 

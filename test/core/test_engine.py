@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lerf_ros.core.encoders import EncoderSpec
-from lerf_ros.core.engine import LERFEngine, StepStats
+from lerf_ros.core.engine import LERFEngine, StepStats, _auto_to_torch
 from lerf_ros.core.engine_lock import PriorityLock
 from lerf_ros.core.frame import Frame
 from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
@@ -584,3 +584,27 @@ def test_multiscale_embed_matches_per_scale_and_evaluates_grids_once_per_block(r
     monkeypatch.setattr(model, "clip_at_points", count("single", single))
     r = engine.query("red box", with_cloud=False)
     assert r.model_step == 2 and calls == {"multi": 1, "single": 0}  # all scales from one pass
+
+
+def test_auto_backend_becomes_torch_for_cpu_engines():
+    """A CPU engine must never get tinycudann modules, even where "auto" would pick them (CUDA present)."""
+
+    def impls(cfg, out):
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            if f.name == "implementation":
+                out.append(v)
+            elif dataclasses.is_dataclass(v):
+                impls(v, out)
+            elif isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0]):
+                for x in v:
+                    impls(x, out)
+        return out
+
+    cfg = EngineConfig().model
+    before = impls(cfg, [])
+    assert len(before) >= 8 and set(before) == {"auto"}  # grids + MLPs of every field and proposal net
+    assert impls(_auto_to_torch(cfg), []) == ["torch"] * len(before)
+    pinned = dataclasses.replace(cfg, radiance=dataclasses.replace(
+        cfg.radiance, grid=dataclasses.replace(cfg.radiance.grid, implementation="tcnn")))
+    assert impls(_auto_to_torch(pinned), []).count("tcnn") == 1  # an explicit choice is kept
