@@ -152,16 +152,9 @@ class ColourNameEncoder:
         return F.normalize(out, dim=1)
 
 
-def colour_name_encoder(
-    device: str | torch.device = "cpu",
-    dim: int = 16,
-    input_size: int = 16,
-    generic_weight: float = 0.4,
-    text_generic_weight: float = 0.2,
-    hue_sigma_deg: float = 10.0,
-) -> ColourNameEncoder:
-    """Factory for the DEMO colour-name VisionLanguageEncoder (not CLIP; see module docstring)."""
-    return ColourNameEncoder(device, dim, input_size, generic_weight, text_generic_weight, hue_sigma_deg)
+# The "module:factory" strings name these; a class is a factory with the constructor's signature, so the
+# arguments are declared once.
+colour_name_encoder = ColourNameEncoder
 
 
 class ColourDenseEncoder:
@@ -211,6 +204,4 @@ class ColourDenseEncoder:
         return feats[0]
 
 
-def colour_dense_encoder(device: str | torch.device = "cpu", patch: int = 8) -> ColourDenseEncoder:
-    """Factory for the DEMO dense colour/gradient encoder (not DINO)."""
-    return ColourDenseEncoder(device, patch)
+colour_dense_encoder = ColourDenseEncoder
