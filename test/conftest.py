@@ -7,6 +7,8 @@ CUDA-only tests are skipped in this one place when no GPU is present.
 
 import os
 import random
+import sys
+from pathlib import Path
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["ROS_LOCALHOST_ONLY"] = "1"
@@ -15,6 +17,9 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 101)
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import pytest
+
+# Test doubles (encoders with controlled statistics) are plugins selected by module name.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "doubles"))
 
 
 def _cuda_available() -> bool:

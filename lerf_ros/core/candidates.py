@@ -28,18 +28,39 @@ def render_calls() -> int:
     return _render_calls
 
 
+#: Part of every candidate key: sets computed by older code (without footprints / grids) are stale.
+FORMAT = "candidates/2"
+
+
 @dataclass(frozen=True)
 class CandidateSet:
     """points (P, 3) float64 world metres; rgb (P, 3) uint8; views (P,) int64 keyframes seeing each point;
+    footprint (P, 2) float64 metres: the smallest and largest extent of a keyframe's full image height at
+    the point over the keyframes that see it (``H * ray distance / fy``; a crop of tile fraction f there
+    covers f times that), NaN where unknown; grids (K, h, w) float32: the depth grid (z, metres, every
+    pixel_stride-th pixel) each keyframe was lifted from, in the order of grid_ids (K,) int64;
     key: the `candidate_key` of the keyframes / model step they were computed from."""
 
     points: np.ndarray
     rgb: np.ndarray
     views: np.ndarray
     key: str
+    footprint: np.ndarray | None = None
+    grid_ids: np.ndarray | None = None
+    grids: np.ndarray | None = None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"points": self.points, "rgb": self.rgb, "views": self.views, "key": np.array(self.key)}
+        out = {"points": self.points, "rgb": self.rgb, "views": self.views, "key": np.array(self.key)}
+        for name in ("footprint", "grid_ids", "grids"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    def grid_of(self, kf_id: int) -> np.ndarray | None:
+        if self.grid_ids is None:
+            return None
+        hit = np.nonzero(self.grid_ids == int(kf_id))[0]
+        return None if hit.size == 0 else self.grids[hit[0]]
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> CandidateSet:
@@ -54,7 +75,15 @@ class CandidateSet:
                              f"views {views.shape}")
         if not np.all(np.isfinite(pts)):
             raise ValueError("candidate points contain non-finite values")
-        return cls(pts.astype(np.float64), rgb, views.astype(np.int64), str(arrays["key"]))
+        fp = np.asarray(arrays["footprint"], np.float64) if "footprint" in arrays else None
+        if fp is not None and fp.shape != (p, 2):
+            raise ValueError(f"candidate footprint is {fp.shape}, expected ({p}, 2)")
+        gids = np.asarray(arrays["grid_ids"], np.int64) if "grid_ids" in arrays else None
+        grids = np.asarray(arrays["grids"], np.float32) if "grids" in arrays else None
+        if (gids is None) != (grids is None) or (grids is not None and (grids.ndim != 3
+                                                                        or grids.shape[0] != gids.shape[0])):
+            raise ValueError("candidate grids do not fit their ids")
+        return cls(pts.astype(np.float64), rgb, views.astype(np.int64), str(arrays["key"]), fp, gids, grids)
 
 
 def needs_rendered_depth(frames: Sequence[Frame]) -> bool:
@@ -65,7 +94,7 @@ def candidate_key(ids: Sequence[int], frames: Sequence[Frame], step: int, cfg: C
     """``"<sha1 of the keyframe set>@<step>"``: ids, image + depth content, poses, intrinsics, config;
     step is the model's training step when some keyframe needs rendered depth, else -1 (the
     candidates then do not depend on the model)."""
-    h = hashlib.sha1(repr(cfg).encode())
+    h = hashlib.sha1((FORMAT + repr(cfg)).encode())
     for kf_id, f in zip(ids, frames, strict=True):
         h.update(f"{int(kf_id)}|{f.intrinsics!r}|{f.image.shape}".encode())
         h.update(np.ascontiguousarray(f.image).tobytes())
@@ -135,31 +164,56 @@ def voxel_merge(pts: np.ndarray, rgb: np.ndarray, voxel_m: float) -> tuple[np.nd
     return centres, np.clip(np.rint(colours / counts[:, None]), 0, 255).astype(np.uint8)
 
 
+def visible(points: np.ndarray, kf: Frame, grid: np.ndarray, stride: int, cfg: CandidateConfig):
+    """Which points (P,) bool keyframe ``kf`` sees: they project inside it and their camera z agrees with
+    its depth grid there within ``depth_tol_rel * depth + voxel_m`` (occlusion); also their pixel
+    coordinates (P, 2) (u, v) and ray distances (P,) metres."""
+    R, t = kf.T_world_cam[:3, :3], kf.T_world_cam[:3, 3]
+    p_cam = (points - t) @ R  # R^T (p - t) for row vectors
+    z = p_cam[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = kf.intrinsics.fx * p_cam[:, 0] / z + kf.intrinsics.cx
+        v = kf.intrinsics.fy * p_cam[:, 1] / z + kf.intrinsics.cy
+        gi, gj = np.rint(v / stride), np.rint(u / stride)
+    ok = (z > 1e-6) & (gi >= 0) & (gi < grid.shape[0]) & (gj >= 0) & (gj < grid.shape[1])
+    d = np.full_like(z, np.nan)
+    d[ok] = grid[gi[ok].astype(np.int64), gj[ok].astype(np.int64)]
+    with np.errstate(invalid="ignore"):
+        seen = ok & (np.abs(z - d) <= cfg.depth_tol_rel * d + cfg.voxel_m)
+    return seen, np.stack([u, v], axis=1), np.linalg.norm(p_cam, axis=1)
+
+
+def view_stats(points: np.ndarray, kfs: Sequence[Frame], grids: Sequence[np.ndarray], stride: int,
+               cfg: CandidateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per point: how many keyframes see it (P,) int64 (`visible`), and the smallest / largest metric
+    extent of a seeing keyframe's image height there (P, 2) float64 (``H * ray distance / fy``, NaN when
+    no keyframe sees it): the language scales a point was supervised at are tile fractions of that."""
+    counts = np.zeros(points.shape[0], np.int64)
+    lo = np.full(points.shape[0], np.inf)
+    hi = np.zeros(points.shape[0])
+    for kf, grid in zip(kfs, grids, strict=True):
+        seen, _, dist = visible(points, kf, grid, stride, cfg)
+        extent = kf.intrinsics.height * dist / kf.intrinsics.fy
+        counts += seen
+        lo = np.where(seen, np.minimum(lo, extent), lo)
+        hi = np.where(seen, np.maximum(hi, extent), hi)
+    footprint = np.stack([lo, hi], axis=1)
+    footprint[counts == 0] = np.nan
+    return counts, footprint
+
+
 def view_counts(points: np.ndarray, kfs: Sequence[Frame], grids: Sequence[np.ndarray], stride: int,
                 cfg: CandidateConfig) -> np.ndarray:
-    """How many keyframes see each point (P,) int64: it projects inside the keyframe and its camera z
-    agrees with the keyframe's depth grid there within ``depth_tol_rel * depth + voxel_m`` (occlusion)."""
-    counts = np.zeros(points.shape[0], np.int64)
-    for kf, grid in zip(kfs, grids, strict=True):
-        R, t = kf.T_world_cam[:3, :3], kf.T_world_cam[:3, 3]
-        p_cam = (points - t) @ R  # R^T (p - t) for row vectors
-        z = p_cam[:, 2]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            u = kf.intrinsics.fx * p_cam[:, 0] / z + kf.intrinsics.cx
-            v = kf.intrinsics.fy * p_cam[:, 1] / z + kf.intrinsics.cy
-        gi, gj = np.rint(v / stride), np.rint(u / stride)
-        ok = (z > 1e-6) & (gi >= 0) & (gi < grid.shape[0]) & (gj >= 0) & (gj < grid.shape[1])
-        d = np.full_like(z, np.nan)
-        d[ok] = grid[gi[ok].astype(np.int64), gj[ok].astype(np.int64)]
-        with np.errstate(invalid="ignore"):
-            counts += (ok & (np.abs(z - d) <= cfg.depth_tol_rel * d + cfg.voxel_m)).astype(np.int64)
-    return counts
+    """How many keyframes see each point (P,) int64 (see `visible`)."""
+    return view_stats(points, kfs, grids, stride, cfg)[0]
 
 
 def compute_candidates(frames: Sequence[Frame], cfg: CandidateConfig, key: str,
-                       render: Callable[[Frame, int], np.ndarray]) -> CandidateSet:
-    """The candidate set of ``frames``; ``render(kf, stride)`` supplies the depth grid of a keyframe
-    without measured depth (e.g. `render_depth_grid` bound to the model)."""
+                       render: Callable[[Frame, int], np.ndarray],
+                       ids: Sequence[int] | None = None) -> CandidateSet:
+    """The candidate set of ``frames`` (keyframe ids ``ids``, default 0..K-1); ``render(kf, stride)``
+    supplies the depth grid of a keyframe without measured depth (e.g. `render_depth_grid` bound to the
+    model)."""
     s = cfg.pixel_stride
     grids, pts_all, rgb_all = [], [], []
     for kf in frames:
@@ -168,11 +222,16 @@ def compute_candidates(frames: Sequence[Frame], cfg: CandidateConfig, key: str,
         pts, rgb = lift_depth(kf, s, grid, with_rgb=True)
         pts_all.append(pts)
         rgb_all.append(rgb)
+    ids = np.arange(len(frames)) if ids is None else np.asarray(ids, np.int64)
+    same = len({g.shape for g in grids}) == 1
+    stacked = (ids, np.stack(grids).astype(np.float32)) if grids and same else (None, None)
     if not pts_all or sum(p.shape[0] for p in pts_all) == 0:
         empty = np.zeros((0, 3))
-        return CandidateSet(empty, np.zeros((0, 3), np.uint8), np.zeros(0, np.int64), key)
+        return CandidateSet(empty, np.zeros((0, 3), np.uint8), np.zeros(0, np.int64), key, np.zeros((0, 2)),
+                            *stacked)
     centres, colours = voxel_merge(np.concatenate(pts_all), np.concatenate(rgb_all), cfg.voxel_m)
-    return CandidateSet(centres, colours, view_counts(centres, frames, grids, s, cfg), key)
+    counts, footprint = view_stats(centres, frames, grids, s, cfg)
+    return CandidateSet(centres, colours, counts, key, footprint, *stacked)
 
 
 class CandidateCache:
@@ -197,8 +256,8 @@ class CandidateCache:
         key = self._fast_key(version, frames, step)
         if self._key != key:
             content = candidate_key(ids, frames, step, self.cfg)
-            self._install(compute_candidates(
-                frames, self.cfg, content, lambda kf, s: render_depth_grid(model, kf, s, self.device)), key)
+            render = lambda kf, s: render_depth_grid(model, kf, s, self.device)  # noqa: E731
+            self._install(compute_candidates(frames, self.cfg, content, render, ids), key)
         return self._tensors
 
     def adopt(self, cset: CandidateSet, version: int, ids: Sequence[int], frames: Sequence[Frame],

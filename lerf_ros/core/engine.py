@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import candidates, checkpoint
+from . import candidates, checkpoint, view_evidence
 from .dense_features import Cancelled, DenseFeatureCache
 from .encoders import checked_encode_texts, load_encoder
 from .engine_lock import PriorityLock
@@ -34,7 +34,7 @@ from .presets import EngineConfig
 from .pyramid import ClipPyramid
 from .query import QueryResult, locate
 from .query_embed import multiscale_embed_fn
-from .relevancy import negative_texts
+from .relevancy import CANONICAL_NEGATIVES, negative_texts
 from .trainer import KeyframeTensors, Trainer, sample_ray_batch
 
 
@@ -325,28 +325,56 @@ class LERFEngine:
         return torch.stack([self._text_cache[t] for t in texts])
 
     def query(self, text: str, negatives: Sequence[str] = (), threshold: float | None = None,
-              with_cloud: bool = True) -> QueryResult:
-        """Locate ``text`` in the world frame (see `core.query.locate`). Empty text -> ValueError."""
+              with_cloud: bool = True, max_results: int = 1) -> QueryResult:
+        """Locate ``text`` in the world frame (see `core.query.locate`): up to ``max_results`` targets whose
+        confidence reaches ``threshold`` (default ``config.query.threshold``). Empty text, a threshold
+        outside [0, 1] or max_results outside [1, 100] -> ValueError.
+
+        Before the language field has trained, keyframes with measured depth still give an answer from
+        their own crop embeddings (``source="views"``, `core.view_evidence`)."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"query text must be a non-empty string, got {text!r}")
         if isinstance(negatives, str):
             raise ValueError(f"negatives must be a sequence of strings, got the string {negatives!r}")
         text = text.strip()
         negs = negative_texts(negatives)
+        qcfg = self.config.query
+        competitors = list(dict.fromkeys([*qcfg.vocabulary, *negs[len(CANONICAL_NEGATIVES):]]))
         with self.lock:
-            if not self.ready():
+            field_ready = self.ready()
+            ready_ids = self._ready_ids()
+            frames = self.store.frames()
+            views_only = (not field_ready and len(ready_ids) >= self.config.ingest.min_keyframes
+                          and not candidates.needs_rendered_depth(frames))
+            if not field_ready and not views_only:
                 pending = len(self._pending)
                 return _empty_result(
-                    f"no model yet: {len(self._ready_ids())} keyframes with features "
+                    f"no model yet: {len(ready_ids)} keyframes with features "
                     f"(need {self.config.ingest.min_keyframes}), {pending} pending, "
                     f"step {self.train_step}", self.train_step)
-            embeds = self._text_embeds([text, *negs])
+            embeds = self._text_embeds([text, *negs, *competitors])
             points, rgb, views = self._candidate_points()
-            self.model.eval()
-            embed_fn = multiscale_embed_fn(self.model, self.config.query.scales_m)
-            result = locate(points, rgb, views, embed_fn, embeds[0], embeds[1:], self.config.query,
-                            threshold, with_cloud)
-            return dataclasses.replace(result, model_step=self.train_step)
+            cset = self.candidates.current
+            fracs = self.config.pyramid.tile_fracs
+            scale_range = None if cset.footprint is None else cset.footprint * np.array([fracs[0], fracs[-1]])
+            kfs = [(i, self.store.get(i)) for i in ready_ids]
+            if views_only:
+                embed_fn = view_evidence.views_embed_fn(cset, kfs, self.pyramid, self.config.candidates)
+            else:
+                self.model.eval()
+                embed_fn = multiscale_embed_fn(self.model, qcfg.scales_m)
+            n_neg = len(negs)
+            result = locate(points, rgb, views, embed_fn, embeds[0], embeds[1:1 + n_neg], qcfg, threshold,
+                            with_cloud, scale_range=scale_range, query_text=text,
+                            competitor_embeds=embeds[1 + n_neg:], competitor_names=competitors,
+                            canonical_count=len(CANONICAL_NEGATIVES),
+                            view_fn=view_evidence.view_fn(cset, kfs, self.pyramid, self.config.candidates),
+                            max_results=max_results)
+            message = result.message
+            if views_only:
+                message += " [from keyframe views only: the language field has not trained yet]"
+            return dataclasses.replace(result, model_step=self.train_step, message=message,
+                                       source="views" if views_only else "field")
 
     def _candidate_points(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query candidates (``core/candidates.py``): points (P, 3) float32 world, rgb (P, 3) uint8,

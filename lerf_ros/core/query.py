@@ -1,23 +1,47 @@
-"""3D language query over candidate surface points, without rendering full images.
+"""3D query over candidate surface points, without rendering full images.
 
-The caller (the engine) supplies surface points in the world frame (e.g. lifted from keyframe
-depth, measured or rendered), how many keyframes saw each, and ``embed_fn(points, scale_m)``
-evaluating the language field. ``locate`` keeps well-observed points, scores them at every scale
-(LERF scale search), keeps the points above the threshold at the best scale, groups them into
-clusters and answers with the best cluster: its relevancy-weighted centroid (not one noisy voxel),
-a robust score and whether that score clears the threshold (existence).
+The caller (the engine) supplies surface points in the world frame (lifted from keyframe depth, measured
+or rendered), how many keyframes saw each, the range of language scales each point was supervised at,
+and ``embed_fn(points, scale_m)`` (the language field, or the keyframes' own crop embeddings before the
+field has trained). ``locate``:
+
+1. scores every point at every searched scale (LERF relevancy against the canonical and the caller's
+   negatives), but reads a point only at scales it was actually trained at: a point seen from ray
+   distances d_min..d_max by a camera whose image height spans H / fy metres per metre was supervised
+   between ``tile_frac_min * H * d_min / fy`` and ``tile_frac_max * H * d_max / fy`` (``scale_range``);
+2. picks the best scale (LERF scale search, robust top-k score);
+3. grows clusters from the strongest peaks: points connected to the peak, above half-way between the
+   scene's median relevancy and the peak, and within a radius tied to the chosen scale;
+4. judges each cluster with evidence that does not rest on one absolute threshold (``confidence``):
+   does the query beat every negative there (relevancy > 0.5), how far does the peak stand out of the
+   scene's own relevancy distribution at that scale (robust z-score), does a competing phrase (a small
+   vocabulary of common object / attribute words, and the caller's negatives) explain the peak better,
+   and do the keyframes that saw the place agree (their stored crop embeddings, ``view_fn``);
+5. returns up to ``max_results`` targets whose confidence reaches the threshold, best first, each with
+   its surface centre, axis-aligned extent, relevancy, confidence and point count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .relevancy import scale_search
+from .relevancy import relevancy, scale_search
+
+#: Common object and attribute words whose relevancy competes with the query's (``ExistenceConfig``).
+DEFAULT_VOCABULARY: tuple[str, ...] = (
+    "red", "orange", "yellow", "green", "cyan", "blue", "purple", "magenta", "pink", "brown", "white",
+    "grey", "black", "wood", "metal", "plastic", "glass", "fabric", "paper", "floor", "wall", "ceiling",
+    "table", "chair", "door", "window", "shelf", "cabinet", "sofa", "bed", "lamp", "screen", "box",
+    "bottle", "cup", "mug", "bowl", "plate", "book", "bag", "toy", "ball", "can", "jar", "shoe", "plant",
+    "cable", "towel", "tool", "pillow",
+)
+MAX_RESULTS_LIMIT = 100
 
 
 def _default_scales() -> tuple[float, ...]:
@@ -26,30 +50,78 @@ def _default_scales() -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
+class ExistenceConfig:
+    """How a cluster's evidence becomes a confidence in [0, 1]; the product of four soft factors.
+
+    beat_negatives: relevancy above 0.5 (closer to the query than to every negative) by ``min_excess``,
+                    softened over ``excess_width``
+    stand_out:      the cluster score's robust z-score against the scene's relevancy at that scale
+                    (median, 1.4826 MAD floored at ``min_spread``) passes ``z0``, softened over ``z_width``
+    no_competitor:  no vocabulary phrase / caller negative scores higher on the cluster than the query by
+                    more than ``competitor_margin`` (softened over ``competitor_width``); phrases made only
+                    of the query's own words ("mug" for "red mug") do not compete
+    views:          the fraction of keyframes seeing the cluster whose own crop embedding supports the
+                    query; confidence is scaled by ``1 - view_weight * (1 - support)``
+
+    Calibrated on the randomised synthetic rooms (``bench/quality.py``) with the demo colour encoder and
+    the CLIP-like test encoder (target ~0.66, look-alike ~0.58, background ~0.5); see README
+    "Calibrating existence" for how to recalibrate with real CLIP weights.
+    """
+
+    min_excess: float = 0.01
+    excess_width: float = 0.01
+    z0: float = 4.0
+    z_width: float = 1.0
+    min_spread: float = 0.003
+    competitor_margin: float = 0.015
+    competitor_width: float = 0.01
+    view_weight: float = 0.5
+
+    def validate(self) -> ExistenceConfig:
+        vals = (self.min_excess, self.excess_width, self.z0, self.z_width, self.min_spread,
+                self.competitor_margin, self.competitor_width, self.view_weight)
+        if not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"existence parameters must be finite, got {self}")
+        if min(self.excess_width, self.z_width, self.min_spread, self.competitor_width) <= 0:
+            raise ValueError(f"existence widths and min_spread must be > 0, got {self}")
+        if not 0.0 <= self.view_weight <= 1.0:
+            raise ValueError(f"view_weight must be in [0, 1], got {self.view_weight}")
+        return self
+
+
+@dataclass(frozen=True)
 class QueryConfig:
-    """threshold:          relevancy a cluster's score must reach for "found" (0.5 = as close as a negative)
+    """threshold:          confidence (0..1) a target needs to count as found
     min_views:          points seen by fewer keyframes are dropped (floaters, single-view guesses)
     voxel_m:            candidate points are merged per voxel of this size first (0 = off), metres
-    cluster_radius_m:   above-threshold points closer than about this are one cluster, metres
+    cluster_radius_m:   link distance when growing a cluster from its peak (> the candidate spacing), metres
+    grow_scale_factor:  a cluster extends at most this many chosen-scale lengths from its peak
     top_k:              a cluster's score is the mean of its top_k relevancies, counting missing ones as 0,
                         so a cluster of fewer than top_k points (an isolated noisy voxel) scores low
     scales_m:           language scales searched, metres
+    scale_slack:        a point is read at scales within [lo / slack, hi * slack] of its trained range
     max_cloud_points:   the returned cloud keeps at most this many points (the most relevant)
     temperature:        relevancy temperature τ
+    vocabulary:         competing phrases (see `ExistenceConfig`)
+    existence:          `ExistenceConfig`
     """
 
-    threshold: float = 0.55
+    threshold: float = 0.5
     min_views: int = 2
     voxel_m: float = 0.02
     cluster_radius_m: float = 0.06
+    grow_scale_factor: float = 1.5
     top_k: int = 5
-    scales_m: tuple[float, ...] = _default_scales()
+    scales_m: tuple[float, ...] = field(default_factory=_default_scales)
+    scale_slack: float = 1.25
     max_cloud_points: int = 20000
     temperature: float = 10.0
+    vocabulary: tuple[str, ...] = DEFAULT_VOCABULARY
+    existence: ExistenceConfig = field(default_factory=ExistenceConfig)
 
     def validate(self) -> QueryConfig:
-        if not (0.0 < self.threshold < 1.0):
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not (0.0 <= self.threshold <= 1.0):
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.min_views < 0 or self.top_k < 1 or self.max_cloud_points < 0:
             raise ValueError(
                 f"min_views >= 0, top_k >= 1, max_cloud_points >= 0 required, got {self.min_views}, "
@@ -60,17 +132,51 @@ class QueryConfig:
                 f"voxel_m >= 0, cluster_radius_m > 0, temperature > 0 required, got {self.voxel_m}, "
                 f"{self.cluster_radius_m}, {self.temperature}"
             )
+        if not (self.grow_scale_factor > 0 and self.scale_slack >= 1.0):
+            raise ValueError(f"grow_scale_factor > 0 and scale_slack >= 1 required, got "
+                             f"{self.grow_scale_factor}, {self.scale_slack}")
         if len(self.scales_m) < 1 or any(not (np.isfinite(s) and s > 0) for s in self.scales_m):
             raise ValueError(f"scales_m must be non-empty, finite and > 0, got {self.scales_m}")
+        if any(not isinstance(v, str) or not v.strip() for v in self.vocabulary):
+            raise ValueError(f"vocabulary entries must be non-empty strings, got {self.vocabulary}")
+        self.existence.validate()
         return self
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One located instance. location_world (3,) float64: relevancy-weighted centre of its surface points,
+    world metres; box_min / box_max (3,) its axis-aligned extent (extent_m = box_max - box_min);
+    relevancy: cluster score (top-k mean); confidence in [0, 1]; point_count: surface points in the
+    cluster; view_support: fraction of keyframes seeing it whose crop embeddings support the query (NaN
+    when no keyframe evidence was available); competitor / competitor_relevancy: the phrase that competes
+    best there and its score ("" / 0 when none)."""
+
+    location_world: np.ndarray
+    box_min: np.ndarray
+    box_max: np.ndarray
+    relevancy: float
+    confidence: float
+    point_count: int
+    scale_m: float
+    view_support: float
+    competitor: str
+    competitor_relevancy: float
+    z_score: float
+
+    @property
+    def extent_m(self) -> np.ndarray:
+        return self.box_max - self.box_min
 
 
 @dataclass(frozen=True, eq=False)  # arrays inside: element-wise == would make equality ambiguous
 class QueryResult:
-    """Answer to one query. location_world (3,) float64 world metres (None when not found); relevancy
-    is the best cluster's score (or the best robust score when there is no cluster); scale_m the
-    searched scale it was found at; cloud_* the points above threshold at that scale: xyz (N, 3)
-    float32 world metres, relevancy (N,) float32, rgb (N, 3) uint8. model_step is set by the engine."""
+    """Answer to one query. found: at least one target reached the confidence threshold; targets: those,
+    best first (at most max_results); location_world (3,) float64 world metres of the best one (None when
+    not found); relevancy / confidence: of the best target, or of the best rejected candidate when none
+    was found; scale_m the searched scale chosen; cloud_* the relevant points at that scale: xyz (N, 3)
+    float32 world metres, relevancy (N,) float32, rgb (N, 3) uint8. model_step and source are set by the
+    engine (source "field": the trained language field, "views": keyframe crop embeddings only)."""
 
     found: bool
     message: str
@@ -81,6 +187,10 @@ class QueryResult:
     cloud_relevancy: np.ndarray
     cloud_rgb: np.ndarray
     model_step: int = 0
+    confidence: float = 0.0
+    targets: tuple[Target, ...] = ()
+    competitor: str = ""
+    source: str = "field"
 
 
 def cluster_labels(points: Tensor, radius_m: float) -> Tensor:
@@ -137,9 +247,67 @@ def _voxel_merge(points: Tensor, rgb: Tensor, voxel_m: float) -> tuple[Tensor, T
     return p, c
 
 
+
+def _merge_ranges(points: Tensor, ranges: Tensor, voxel_m: float) -> Tensor:
+    """Per occupied voxel (same order as `_voxel_merge`): min of the lows, max of the highs (M, 2)."""
+    _, inv = torch.unique(torch.floor(points.double() / voxel_m).long(), dim=0, return_inverse=True)
+    m = int(inv.max()) + 1
+    lo = torch.full((m,), float("inf"), device=points.device).scatter_reduce(0, inv, ranges[:, 0], "amin")
+    hi = torch.full((m,), 0.0, device=points.device).scatter_reduce(0, inv, ranges[:, 1], "amax")
+    return torch.stack([lo, hi], dim=1)
+
+
 def _padded_top_k_mean(values: Tensor, k: int) -> float:
+    if values.numel() == 0:
+        return 0.0
     top = values.topk(min(k, values.numel())).values
     return float(top.sum()) / k
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(min(x, 60.0), -60.0)))
+
+
+def _sub_phrase(phrase: str, query: str) -> bool:
+    """True when every word of ``phrase`` occurs in ``query`` ("mug" / "red" for "the red mug")."""
+    words = set(query.lower().split())
+    return all(w in words for w in phrase.lower().split())
+
+
+@dataclass
+class _Candidate:
+    members: Tensor  # (M,) long indices into the points
+    score: float
+    peak: int
+
+
+def _allowed_scales(scales: Tensor, scale_range: Tensor | None, slack: float, n: int) -> Tensor:
+    """(S, N) bool: scale s may be read at point n (inside its trained range, with slack)."""
+    if scale_range is None:
+        return torch.ones(scales.shape[0], n, dtype=torch.bool, device=scales.device)
+    lo, hi = scale_range[:, 0] / slack, scale_range[:, 1] * slack
+    ok = (scales[:, None] >= lo[None]) & (scales[:, None] <= hi[None])
+    return ok | ~torch.isfinite(scale_range).all(dim=1)[None]  # unknown range: every scale
+
+
+def _read_index(scales: Tensor, allowed: Tensor, best: int) -> Tensor:
+    """(N,) per point the allowed scale index closest (in log scale) to ``best``; ``best`` if none is."""
+    dist = (scales.log() - scales[best].log()).abs()[:, None].expand_as(allowed).clone()
+    dist[~allowed] = float("inf")
+    idx = dist.argmin(dim=0)
+    return torch.where(allowed.any(dim=0), idx, torch.full_like(idx, best))
+
+
+def _grow(pts: Tensor, rel: Tensor, seed: int, level: float, radius_m: float, link_m: float,
+          free: Tensor) -> Tensor:
+    """Indices of the points connected to ``seed`` (link distance ``link_m``) among the free points with
+    relevancy >= level within radius_m of the seed (the seed itself always included)."""
+    near = free & ((pts - pts[seed]).norm(dim=1) <= radius_m) & (rel >= level)
+    near[seed] = True
+    idx = near.nonzero().squeeze(1)
+    labels = cluster_labels(pts[idx], link_m)
+    own = labels[(idx == seed).nonzero()[0, 0]]
+    return idx[labels == own]
 
 
 def locate(
@@ -152,17 +320,35 @@ def locate(
     config: QueryConfig | None = None,
     threshold: float | None = None,
     with_cloud: bool = True,
+    *,
+    scale_range=None,
+    query_text: str = "",
+    competitor_embeds: Tensor | None = None,
+    competitor_names: Sequence[str] = (),
+    canonical_count: int | None = None,
+    view_fn: Callable[[Tensor, float], tuple[Tensor, Tensor]] | None = None,
+    max_results: int = 1,
 ) -> QueryResult:
-    """Locate a query among candidate surface points.
+    """Locate a query among candidate surface points (module docstring).
 
     points_world: (N, 3) float32 world metres; rgb: (N, 3) uint8; view_counts: (N,) int keyframes that
     saw each point (numpy or torch); embed_fn(points (M, 3), scale_m) -> (M, D) unit language
-    embeddings; text_embed (D,) unit; negative_embeds (K, D) unit; threshold overrides config.threshold.
+    embeddings; text_embed (D,) unit; negative_embeds (K, D) unit, the first ``canonical_count`` of them
+    the canonical ones (default: all); threshold (confidence, [0, 1]) overrides config.threshold.
+    scale_range: (N, 2) metres, the language scales each point was supervised at (NaN = unknown).
+    competitor_embeds (C, D) with competitor_names (C,): phrases that may explain a peak better.
+    view_fn(points (M, 3), scale_m) -> (embeds (O, D), view (O,) long): the keyframes' own crop embeddings
+    of those points at that scale, one row per observation (keyframe that sees a point).
+    max_results: 1..100 targets at most.
     """
     cfg = (config or QueryConfig()).validate()
+    ex = cfg.existence
     thr = cfg.threshold if threshold is None else float(threshold)
-    if not (0.0 < thr < 1.0):
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if not (math.isfinite(thr) and 0.0 <= thr <= 1.0):
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if isinstance(max_results, bool) or not isinstance(max_results, (int, np.integer)) or \
+            not 1 <= int(max_results) <= MAX_RESULTS_LIMIT:
+        raise ValueError(f"max_results must be an integer in [1, {MAX_RESULTS_LIMIT}], got {max_results!r}")
     dev = text_embed.device
     d = text_embed.shape[-1]
     if text_embed.ndim != 1 or negative_embeds.ndim != 2 or negative_embeds.shape[1] != d:
@@ -170,72 +356,196 @@ def locate(
             f"text_embed must be (D,) and negative_embeds (K, D), got {tuple(text_embed.shape)}, "
             f"{tuple(negative_embeds.shape)}"
         )
+    n_canon = negative_embeds.shape[0] if canonical_count is None else int(canonical_count)
+    canon = negative_embeds[: max(1, n_canon)]
+    comp_emb, comp_names = _competitors(competitor_embeds, competitor_names, query_text, d, dev)
     pts = _as_tensor(points_world, torch.float32, dev, "points_world", (3,))
     col = _as_tensor(rgb, torch.float32, dev, "rgb", (3,))
     views = torch.as_tensor(np.asarray(view_counts) if not isinstance(view_counts, Tensor) else view_counts)
     views = views.to(dev).reshape(-1)
-    if not (col.shape[0] == views.shape[0] == pts.shape[0]):
+    rng = None if scale_range is None else _as_tensor(scale_range, torch.float32, dev, "scale_range", (2,))
+    n_in = pts.shape[0]
+    if not (col.shape[0] == views.shape[0] == n_in) or (rng is not None and rng.shape[0] != n_in):
         raise ValueError(
-            f"points ({pts.shape[0]}), rgb ({col.shape[0]}), view_counts ({views.shape[0]}) differ"
+            f"points ({pts.shape[0]}), rgb ({col.shape[0]}), view_counts ({views.shape[0]})"
+            + ("" if rng is None else f", scale_range ({rng.shape[0]})") + " differ"
         )
     if not torch.isfinite(pts).all():
         raise ValueError("points_world contains non-finite values")
 
     keep = views >= cfg.min_views
     pts, col = pts[keep], col[keep]
+    rng = None if rng is None else rng[keep]
     if pts.shape[0] == 0:
         return _not_found(
             f"no surface point seen by >= {cfg.min_views} keyframes ({views.numel()} candidates)"
         )
     if cfg.voxel_m > 0:
+        if rng is not None:
+            rng = _merge_ranges(pts, rng, cfg.voxel_m)
         pts, col = _voxel_merge(pts, col, cfg.voxel_m)
 
-    def embed_at(scale_m: float) -> Tensor:
-        e = embed_fn(pts, scale_m)
-        if not isinstance(e, Tensor) or tuple(e.shape) != (pts.shape[0], d) or not torch.isfinite(e).all():
+    def embed_at(points: Tensor, scale_m: float) -> Tensor:
+        e = embed_fn(points, scale_m)
+        if not isinstance(e, Tensor) or tuple(e.shape) != (points.shape[0], d) or not torch.isfinite(e).all():
             shape = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
             raise ValueError(
-                f"embed_fn returned {shape} (or non-finite values), expected ({pts.shape[0]}, {d})"
+                f"embed_fn returned {shape} (or non-finite values), expected ({points.shape[0]}, {d})"
             )
         return e
 
-    best, rel, _ = scale_search(
-        embed_at, text_embed, negative_embeds, cfg.scales_m, cfg.temperature, cfg.top_k
-    )
+    # 1-2. relevancy at every scale, read only where trained; best scale by its robust top-k score.
+    scales = torch.tensor(cfg.scales_m, dtype=torch.float32, device=dev)
+    _, _, table = scale_search(lambda s: embed_at(pts, s), text_embed, negative_embeds, scales,
+                               cfg.temperature, cfg.top_k)
+    allowed = _allowed_scales(scales, rng, cfg.scale_slack, pts.shape[0])
+    masked = torch.where(allowed, table, torch.zeros_like(table))
+    k = max(1, min(cfg.top_k, pts.shape[0]))
+    best = int(masked.topk(k, dim=1).values.mean(dim=1).argmax())
     scale_m = float(cfg.scales_m[best])
-    above = rel >= thr
-    cloud = _cloud(pts[above], rel[above], col[above], cfg.max_cloud_points if with_cloud else 0)
-    if not bool(above.any()):
+    read = _read_index(scales, allowed, best)
+    rel = table.gather(0, read[None]).squeeze(0)  # (N,) each point at its nearest trained scale
+
+    # 3. the scene's own statistics at that scale, then clusters grown from the strongest peaks.
+    med = float(rel.median())
+    spread = max(1.4826 * float((rel - med).abs().median()), ex.min_spread)
+    link = max(cfg.cluster_radius_m, 1.5 * cfg.voxel_m)
+    cands = _clusters(pts, rel, med, spread, scale_m, link, cfg, max_results)
+    cloud_mask = rel >= max(0.5, med + 2.0 * spread)
+    cap = cfg.max_cloud_points if with_cloud else 0
+    cloud = _cloud(pts[cloud_mask], rel[cloud_mask], col[cloud_mask], cap)
+    if not cands:
         score = _padded_top_k_mean(rel, cfg.top_k)
-        return _not_found(
-            f"best relevancy {score:.3f} < threshold {thr:.3f} "
-            f"(scale {scale_m:.3f} m, {pts.shape[0]} points)",
-            score,
-            scale_m,
-        )
-    p_above, r_above = pts[above], rel[above]
-    labels = cluster_labels(p_above, cfg.cluster_radius_m)
-    n_clusters = int(labels.max()) + 1
-    scores = [_padded_top_k_mean(r_above[labels == c], cfg.top_k) for c in range(n_clusters)]
-    c_best = int(np.argmax(scores))
-    score = scores[c_best]
-    members = labels == c_best
-    if score < thr:
-        return _not_found(
-            f"{int(above.sum())} points above threshold {thr:.3f} but no cluster of at least ~{cfg.top_k} "
-            f"(best cluster score {score:.3f}, scale {scale_m:.3f} m)",
-            score,
-            scale_m,
-            cloud,
-        )
-    # Weight the confident core most; every member keeps a little weight so the centroid stays inside.
-    w = (r_above[members] - thr + 0.01).double()
-    location = (p_above[members].double() * w.unsqueeze(1)).sum(dim=0) / w.sum()
-    msg = (
-        f"found: cluster of {int(members.sum())} points (of {n_clusters} clusters), relevancy {score:.3f} >= "
-        f"{thr:.3f} at scale {scale_m:.3f} m"
-    )
-    return QueryResult(True, msg, location.cpu().numpy(), score, scale_m, *cloud)
+        return _not_found(f"nothing stands out: best relevancy {score:.3f}, scene median {med:.3f} "
+                          f"(scale {scale_m:.3f} m, {pts.shape[0]} points)", score, scale_m, cloud)
+
+    # 4. evidence per cluster.
+    targets = []
+    for c in cands:
+        members = c.members
+        emb = _embed_members(embed_at, pts, members, read, scales)
+        q_rel = relevancy(emb, text_embed, canon, cfg.temperature)
+        comp, comp_score = "", 0.0
+        if comp_emb is not None:
+            scores = _phrase_relevancy(emb, comp_emb, canon, cfg.temperature)  # (C, M)
+            top = scores.topk(min(cfg.top_k, scores.shape[1]), dim=1).values.sum(dim=1) / cfg.top_k
+            j = int(top.argmax())
+            comp, comp_score = comp_names[j], float(top[j])
+        q_score = _padded_top_k_mean(q_rel, cfg.top_k)
+        z = (c.score - med) / spread
+        conf = (_sigmoid((c.score - 0.5 - ex.min_excess) / ex.excess_width)
+                * _sigmoid((z - ex.z0) / ex.z_width))
+        if comp:
+            conf *= _sigmoid((ex.competitor_margin - (comp_score - q_score)) / ex.competitor_width)
+        support = float("nan")
+        if view_fn is not None:
+            support = _view_support(view_fn, pts[members], rel[members], scale_m, text_embed, canon, comp_emb,
+                                    cfg)
+            if math.isfinite(support):
+                conf *= 1.0 - ex.view_weight * (1.0 - support)
+        w = (rel[members] - rel[members].min() + 1e-3).double()
+        p = pts[members].double()
+        targets.append(Target(
+            location_world=((p * w[:, None]).sum(0) / w.sum()).cpu().numpy(),
+            box_min=p.min(0).values.cpu().numpy(), box_max=p.max(0).values.cpu().numpy(),
+            relevancy=c.score, confidence=float(conf), point_count=int(members.numel()), scale_m=scale_m,
+            view_support=support, competitor=comp, competitor_relevancy=comp_score, z_score=float(z)))
+
+    # 5. best first; the found ones up to max_results.
+    targets.sort(key=lambda t: (t.confidence, t.relevancy), reverse=True)
+    found = tuple(t for t in targets if t.confidence >= thr)[: int(max_results)]
+    top = found[0] if found else targets[0]
+    why = _explain(top, med, ex)
+    if not found:
+        return QueryResult(False, f"not found: best candidate confidence {top.confidence:.2f} < {thr:.2f} "
+                           f"({why})", None, top.relevancy, scale_m, *cloud, confidence=top.confidence,
+                           competitor=top.competitor)
+    msg = (f"found {len(found)} target(s): confidence {top.confidence:.2f} >= {thr:.2f}, relevancy "
+           f"{top.relevancy:.3f} at scale {scale_m:.3f} m, {top.point_count} points ({why})")
+    return QueryResult(True, msg, top.location_world, top.relevancy, scale_m, *cloud,
+                       confidence=top.confidence, targets=found, competitor=top.competitor)
+
+
+def _phrase_relevancy(emb: Tensor, phrases: Tensor, canon: Tensor, temperature: float) -> Tensor:
+    """(C, M) relevancy of each of C phrase embeddings at M embeddings, against the canonical negatives."""
+    return torch.stack([relevancy(emb, phrases[j], canon, temperature) for j in range(phrases.shape[0])])
+
+
+def _competitors(embeds, names, query_text: str, d: int, dev) -> tuple[Tensor | None, list[str]]:
+    """Competing phrases minus those made only of the query's own words; (C', D) or None."""
+    if embeds is None or len(names) == 0:
+        return None, []
+    if embeds.ndim != 2 or embeds.shape != (len(names), d):
+        raise ValueError(f"competitor_embeds must be ({len(names)}, {d}), got {tuple(embeds.shape)}")
+    keep = [i for i, n in enumerate(names) if not _sub_phrase(n, query_text)]
+    if not keep:
+        return None, []
+    return embeds[keep].to(dev), [names[i] for i in keep]
+
+
+def _clusters(pts: Tensor, rel: Tensor, med: float, spread: float, scale_m: float, link: float,
+              cfg: QueryConfig, max_results: int) -> list[_Candidate]:
+    """Clusters grown from the strongest peaks that stand out of the scene (> median + 3 spread)."""
+    free = torch.ones_like(rel, dtype=torch.bool)
+    radius = max(cfg.grow_scale_factor * scale_m, 2.0 * link)
+    out: list[_Candidate] = []
+    budget = max_results + 7  # a few extra: noisy peaks may take places before the real target
+    for seed in rel.argsort(descending=True).tolist():
+        if len(out) >= budget or float(rel[seed]) <= med + 3.0 * spread:
+            break
+        if not bool(free[seed]):
+            continue
+        level = med + 0.5 * (float(rel[seed]) - med)
+        members = _grow(pts, rel, seed, level, radius, link, free)
+        # the whole neighbourhood above the level is spent, so the same object is not seeded twice
+        free &= ~(((pts - pts[seed]).norm(dim=1) <= radius) & (rel >= level))
+        free[members] = False
+        out.append(_Candidate(members, _padded_top_k_mean(rel[members], cfg.top_k), seed))
+    return out
+
+
+def _embed_members(embed_at, pts: Tensor, members: Tensor, read: Tensor, scales: Tensor) -> Tensor:
+    """(M, D) embeddings of the members, each at its read scale."""
+    idx = read[members]
+    out = None
+    for s in torch.unique(idx).tolist():
+        m = idx == s
+        e = embed_at(pts[members[m]], float(scales[s]))
+        if out is None:
+            out = e.new_empty(members.shape[0], e.shape[1])
+        out[m] = e
+    return out
+
+
+def _view_support(view_fn, member_pts: Tensor, member_rel: Tensor, scale_m: float, text: Tensor,
+                  canon: Tensor, comp_emb: Tensor | None, cfg: QueryConfig) -> float:
+    """Fraction of the keyframes seeing the cluster's strongest points whose crop embeddings there score
+    the query above 0.5 + min_excess and not below a competitor by more than the margin; NaN if none."""
+    top = member_rel.topk(min(8, member_rel.numel())).indices
+    emb, view = view_fn(member_pts[top], scale_m)
+    if emb.shape[0] == 0:
+        return float("nan")
+    q = relevancy(emb, text, canon, cfg.temperature)
+    if comp_emb is not None:
+        c = _phrase_relevancy(emb, comp_emb, canon, cfg.temperature).max(dim=0).values
+    else:
+        c = torch.zeros_like(q)
+    ex = cfg.existence
+    votes = []
+    for v in torch.unique(view).tolist():
+        m = view == v
+        qv, cv = float(q[m].mean()), float(c[m].mean())
+        votes.append(qv > 0.5 + ex.min_excess and qv >= cv - ex.competitor_margin)
+    return float(np.mean(votes))
+
+
+def _explain(t: Target, med: float, ex: ExistenceConfig) -> str:
+    parts = [f"relevancy {t.relevancy:.3f} vs scene median {med:.3f} (z {t.z_score:.1f})"]
+    if t.competitor:
+        parts.append(f"best competing phrase '{t.competitor}' {t.competitor_relevancy:.3f}")
+    if math.isfinite(t.view_support):
+        parts.append(f"view support {t.view_support:.2f}")
+    return ", ".join(parts)
 
 
 def _cloud(xyz: Tensor, rel: Tensor, rgb: Tensor, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
