@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import candidates, checkpoint, view_evidence
+from . import candidates, checkpoint, scene_region, view_evidence
 from .dense_features import Cancelled, DenseFeatureCache
 from .encoders import checked_encode_texts, load_encoder
 from .engine_lock import PriorityLock
@@ -67,7 +67,8 @@ class EngineStatus:
     """step: training steps done; keyframes: held; keyframes_pending: without CLIP / DINO features yet;
     losses: last step's weighted terms + "total"; rays_per_s: training throughput of the last ``step``
     call; gpu_mem_*_mb: torch.cuda allocated / peak (0 on the CPU); last_error: "Type: message" of the
-    last failed ``step``; ready: queries can be answered."""
+    last failed ``step``; ready: queries can be answered; keyframes_outside_box: keyframes whose view
+    mostly leaves the scene box (`keyframes_outside_box`); scene_box: ((3,), (3,)) world metres or None."""
 
     step: int
     keyframes: int
@@ -78,6 +79,8 @@ class EngineStatus:
     gpu_mem_peak_mb: float
     last_error: str | None
     ready: bool
+    keyframes_outside_box: int = 0
+    scene_box: tuple | None = None
 
 
 def _auto_to_torch(cfg):
@@ -130,6 +133,7 @@ class LERFEngine:
         self._tensors: KeyframeTensors | None = None
         self._tensors_version = -1
         self.scene_box: SceneBox | None = None
+        self._outside, self._outside_key = 0, None
         self.model: LERFModel | None = None
         self.trainer: Trainer | None = None
         self._generator = torch.Generator(device=self.device).manual_seed(0)
@@ -232,15 +236,31 @@ class LERFEngine:
 
     def _derive_box(self) -> SceneBox:
         sc = self.config.scene
-        if sc.box_min is not None:
-            return SceneBox(tuple(sc.box_min), tuple(sc.box_max))
         frames = self.store.frames()
-        cams = np.stack([f.T_world_cam[:3, 3] for f in frames])
-        lo, hi = cams.min(0), cams.max(0)
-        bounds = candidates.depth_bounds(frames)
-        if bounds is not None:
-            lo, hi = np.minimum(lo, bounds[0]), np.maximum(hi, bounds[1])
-        return SceneBox(tuple(lo - sc.margin_m), tuple(hi + sc.margin_m))
+        if sc.box_min is not None:
+            box = SceneBox(tuple(sc.box_min), tuple(sc.box_max))
+            seen = (scene_region.inside_fraction(f, box, sc.max_range_m, sc.ground_z_m) > 0 for f in frames)
+            if not any(seen):
+                raise ValueError(f"no keyframe sees inside the scene box {sc.box_min} .. {sc.box_max} "
+                                 f"(within {sc.max_range_m} m): check scene_box_min / scene_box_max and "
+                                 f"the world frame")
+            return box
+        return scene_region.derive_box(frames, sc.margin_m, sc.max_range_m, sc.ground_z_m)
+
+    def keyframes_outside_box(self) -> int:
+        """Keyframes whose view mostly (> half of the frustum up to max_range_m / the ground) leaves the
+        scene box: what they see there is modelled only coarsely, in the contracted region."""
+        with self.lock:
+            if self.scene_box is None:
+                return 0
+            key = (self._kf_version, self.scene_box)
+            if self._outside_key != key:
+                sc = self.config.scene
+                self._outside = sum(scene_region.inside_fraction(f, self.scene_box, sc.max_range_m,
+                                                                 sc.ground_z_m) < 0.5
+                                    for f in self.store.frames())
+                self._outside_key = key
+            return self._outside
 
     def _ensure_model(self) -> None:
         if self.model is not None:
@@ -403,7 +423,10 @@ class LERFEngine:
             return EngineStatus(
                 step=self.train_step, keyframes=len(self.store), keyframes_pending=len(self._pending),
                 losses=dict(self._losses), rays_per_s=self._rays_per_s, gpu_mem_allocated_mb=alloc,
-                gpu_mem_peak_mb=peak, last_error=self._last_error, ready=self.ready())
+                gpu_mem_peak_mb=peak, last_error=self._last_error, ready=self.ready(),
+                keyframes_outside_box=self.keyframes_outside_box(),
+                scene_box=None if self.scene_box is None else (self.scene_box.min_xyz,
+                                                               self.scene_box.max_xyz))
 
 
 def _empty_result(message: str, step: int) -> QueryResult:

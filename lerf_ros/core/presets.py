@@ -39,15 +39,19 @@ class SceneBoxConfig:
     """Region the fields model at full resolution (outside it the model contracts space).
 
     box_min / box_max: (x, y, z) world frame, metres, both given = fixed box. None = derived once, when
-    training starts, from the keyframes present then: the bounds of the camera positions and (when depth
-    is given) of the measured surface points, grown by ``margin_m``. The box is then frozen: the hash
-    grids are indexed in box coordinates, so moving it later would scramble what was learnt; what the
+    training starts, from the keyframes present then: the bounds of the camera positions and of what they
+    see, grown by ``margin_m``: the measured surface points when depth is given, else the camera frusta cut
+    at the ground plane ``ground_z_m`` (world z of the floor, None = no ground plane) or at ``max_range_m``
+    (``core/scene_region.py``). A given box must be seen by at least one keyframe. The box is then frozen:
+    the hash grids are indexed in box coordinates, so moving it later would scramble what was learnt; what the
     robot sees later outside it is still modelled by the contracted region.
     """
 
     box_min: tuple[float, float, float] | None = None
     box_max: tuple[float, float, float] | None = None
     margin_m: float = 1.0
+    max_range_m: float = 5.0
+    ground_z_m: float | None = 0.0
 
     def validate(self) -> SceneBoxConfig:
         if (self.box_min is None) != (self.box_max is None):
@@ -60,6 +64,10 @@ class SceneBoxConfig:
                 raise ValueError(f"box_max must exceed box_min on every axis, got {lo}, {hi}")
         if not (math.isfinite(self.margin_m) and self.margin_m >= 0):
             raise ValueError(f"margin_m must be finite and >= 0, got {self.margin_m}")
+        if not (math.isfinite(self.max_range_m) and self.max_range_m > 0):
+            raise ValueError(f"max_range_m must be finite and > 0, got {self.max_range_m}")
+        if self.ground_z_m is not None and not math.isfinite(self.ground_z_m):
+            raise ValueError(f"ground_z_m must be finite or None, got {self.ground_z_m}")
         return self
 
 

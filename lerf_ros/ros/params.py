@@ -114,13 +114,23 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("dino_checkpoint", str, "",
               "Local DINO weights file for the DINO encoder; '' = search the torch / Hugging Face caches."),
     ParamSpec("query_threshold", float, PRESET,
-              "Relevancy a target needs to count as found when a request's threshold is <= 0.",
+              "Confidence (0-1) a target needs to count as found when a request's threshold is <= 0.",
               range=(0.01, 0.99), read_only=False, preset_field="query.threshold"),
     ParamSpec("candidate_voxel_m", float, PRESET,
               "Voxel size of the candidate surface points a query scores, m (query cost ~ 1 / voxel^2).",
               nodes=frozenset({TRAINER}), range=(0.005, 1.0), preset_field="candidates.voxel_m"),
     ParamSpec("candidate_pixel_stride", int, PRESET, "Keyframe pixel stride when lifting candidate points.",
               nodes=frozenset({TRAINER}), range=(1, 64), preset_field="candidates.pixel_stride"),
+    ParamSpec("scene_box_min", list, None,
+              "Scene box min corner [x, y, z] in world_frame, m; unset = derived from what the cameras see "
+              "(measured depth, else frusta cut at the ground plane z = 0 or scene_max_range_m).",
+              nodes=frozenset({TRAINER})),
+    ParamSpec("scene_box_max", list, None,
+              "Scene box max corner [x, y, z] in world_frame, m (set together with scene_box_min).",
+              nodes=frozenset({TRAINER})),
+    ParamSpec("scene_max_range_m", float, PRESET,
+              "Without depth: how far the cameras are assumed to see when deriving the scene box, m.",
+              nodes=frozenset({TRAINER}), range=(0.1, 1000.0), preset_field="scene.max_range_m"),
     ParamSpec("max_query_chars", int, 1000, "Longer query texts are refused (found=false).",
               nodes=frozenset({QUERY}), range=(1, 100000)),
     ParamSpec("status_rate_hz", float, 2.0, "Rate of TrainingStatus on /lerf/status, Hz.",
@@ -192,6 +202,8 @@ def check_value(spec: ParamSpec, value: Any) -> Any:
     """Return ``value`` coerced to ``spec.type`` (int -> float only); raise ParameterError otherwise."""
     if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if spec.type is list:
+        return _check_point(spec, value)
     if not isinstance(value, spec.type) or (spec.type is int and isinstance(value, bool)):
         raise ParameterError(spec.name, value, f"expected {spec.type.__name__}, got {type(value).__name__}")
     if spec.type is float and not math.isfinite(value):
@@ -203,6 +215,17 @@ def check_value(spec: ParamSpec, value: Any) -> Any:
     return value
 
 
+def _check_point(spec: ParamSpec, value: Any) -> tuple[float, float, float] | None:
+    """An optional [x, y, z] of finite numbers (None or [] = unset)."""
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return None
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok:
+        raise ParameterError(spec.name, value, "expected [x, y, z] of 3 finite numbers (or unset)")
+    return tuple(float(v) for v in value)
+
+
 def _check_semantics(values: Mapping[str, Any]) -> None:
     for name in ("clip_encoder", "dino_encoder"):
         if values[name] and not _ENCODER_RE.match(values[name]):
@@ -212,6 +235,12 @@ def _check_semantics(values: Mapping[str, Any]) -> None:
     for name in ("image_topic", "camera_info_topic"):
         if not values[name]:
             raise ParameterError(name, values[name], "must not be empty")
+    lo, hi = values["scene_box_min"], values["scene_box_max"]
+    if (lo is None) != (hi is None):
+        name = "scene_box_max" if hi is None else "scene_box_min"
+        raise ParameterError(name, values[name], "set scene_box_min and scene_box_max together")
+    if lo is not None and not all(h > m for m, h in zip(lo, hi, strict=True)):
+        raise ParameterError("scene_box_max", list(hi), f"must exceed scene_box_min {list(lo)} on every axis")
     for name in ("map_path", "clip_checkpoint", "dino_checkpoint"):
         if values[name] and not values[name].startswith("/"):
             # Relative paths would depend on the working directory of whoever started the node.
@@ -257,8 +286,11 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> ResolvedParams:
                                  max_image_side=values["max_image_side"])
     candidates = dataclasses.replace(base.candidates, voxel_m=values["candidate_voxel_m"],
                                      pixel_stride=values["candidate_pixel_stride"])
+    scene = dataclasses.replace(base.scene, box_min=values["scene_box_min"], box_max=values["scene_box_max"],
+                                max_range_m=values["scene_max_range_m"])
     engine = dataclasses.replace(
         base,
+        scene=scene,
         keyframes=keyframes,
         ingest=ingest,
         candidates=candidates,
@@ -280,7 +312,8 @@ def descriptor(spec: ParamSpec):
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 
     ptype = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
-             float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING}[spec.type]
+             float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
+             list: ParameterType.PARAMETER_DOUBLE_ARRAY}[spec.type]
     text = spec.description + (f" One of {list(spec.choices)}." if spec.choices else "")
     desc = ParameterDescriptor(name=spec.name, type=ptype, description=text, read_only=spec.read_only)
     if spec.choices:
@@ -303,8 +336,13 @@ def declare_and_resolve(node, role: str) -> ResolvedParams:
     from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 
     def declare(spec: ParamSpec, default: Any) -> Any:
+        if spec.type is list and default is None:  # an unset array parameter is declared by its type
+            from rclpy.parameter import Parameter
+
+            default = Parameter.Type.DOUBLE_ARRAY
         try:
-            return node.declare_parameter(spec.name, default, descriptor(spec)).value
+            value = node.declare_parameter(spec.name, default, descriptor(spec)).value
+            return list(value) if spec.type is list and value is not None else value
         except InvalidParameterValueException as exc:
             raise ParameterError(spec.name, getattr(exc, "value", None), str(exc)) from exc
         except InvalidParameterTypeException as exc:

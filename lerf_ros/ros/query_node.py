@@ -108,9 +108,9 @@ class QueryNode(Node):
             return self._refuse(response, header,
                                 f"at most {MAX_NEGATIVES} negatives of <= {limit} characters")
         threshold = float(request.threshold)
-        if not math.isfinite(threshold) or threshold >= 1.0:
+        if not math.isfinite(threshold) or threshold > 1.0:
             return self._refuse(response, header,
-                                f"threshold {threshold} is not in (0, 1) (<= 0: node default)")
+                                f"threshold {threshold} is not a confidence in [0, 1] (<= 0: node default)")
         if threshold <= 0.0:
             threshold = self._threshold()
         engine = self.slot.get()
@@ -129,6 +129,7 @@ class QueryNode(Node):
         response.found = bool(result.found)
         response.message = str(result.message)
         response.relevancy = float(result.relevancy)
+        response.confidence = float(result.confidence)
         response.scale = float(result.scale_m)
         response.model_step = int(result.model_step)
         response.location.header = header

@@ -119,6 +119,7 @@ class TrainerNode(Node):
         self.create_service(MapPath, "lerf/load_map", self._on_load, callback_group=control)
         self.create_timer(1.0 / s.status_rate_hz, self.publish_status, callback_group=status)
 
+        self._box_reported = None
         self._ingest_thread = threading.Thread(target=self._ingest_loop, name="lerf-ingest", daemon=True)
         self._ingest_thread.start()
         self._worker.start()
@@ -353,6 +354,12 @@ class TrainerNode(Node):
             worker_error = self._worker.last_error
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings.world_frame)
         engine_status = engine.status()  # the engine lock lets status() in ahead of training steps
+        if engine_status.scene_box is not None and engine_status.scene_box != self._box_reported:
+            self._box_reported = engine_status.scene_box
+            lo, hi = (tuple(round(v, 2) for v in c) for c in engine_status.scene_box)
+            given = self.params.engine.scene.box_min is not None
+            self.get_logger().info(f"scene box ({'given' if given else 'derived from the keyframes'}): "
+                                   f"min {lo} max {hi} m in '{self.settings.world_frame}'")
         return training_status_msg(engine_status, self.state_name(), header, received, drops,
                                    worker_error or node_error,
                                    frames_without_depth=notes.get(ingest.NO_DEPTH_MATCH, 0))

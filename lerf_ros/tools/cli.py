@@ -1,7 +1,8 @@
 """``lerf-ros``: train a LERF map from a rosbag2, query it, inspect it, write the demo bag.
 
   lerf-ros train BAG --out MAP [--image-topic ...] [--steps N | --seconds S]
-  lerf-ros query MAP "red box" [--negatives ...] [--threshold T] [--json] [--ply F] [--png F]
+  lerf-ros query MAP "red box" [--negatives ...] [--threshold T] [--max-results K] [--json] [--ply F]
+                 [--png F]
   lerf-ros info MAP
   lerf-ros demo-bag OUT [--format mcap|sqlite3] [--frames N] [--seed S]
 
@@ -18,6 +19,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from ..ros.params import SPECS, ParameterError, resolve
 from .bag_io import BagError
@@ -46,6 +49,11 @@ def _add_train(sub) -> None:
         spec = SPECS[name]
         p.add_argument("--" + name.replace("_", "-"), default=spec.default, choices=spec.choices,
                        help=f"{spec.description} (default {spec.default!r})")
+    for name in ("scene_box_min", "scene_box_max"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, nargs=3, metavar=("X", "Y", "Z"),
+                       default=None, help=SPECS[name].description)
+    p.add_argument("--scene-max-range-m", type=float, default=None,
+                   help=SPECS["scene_max_range_m"].description)
     p.add_argument("--camera-frame", default="", help="override the images' header.frame_id")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default: node max_steps if > 0, else per preset {DEFAULT_STEPS})")
@@ -61,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("map", type=Path)
     q.add_argument("text")
     q.add_argument("--negatives", nargs="*", default=[], help="extra negative phrases")
-    q.add_argument("--threshold", type=float, default=None, help="relevancy to count as found")
+    q.add_argument("--threshold", type=float, default=None,
+                   help="confidence (0..1) a target needs to count as found (default: the map's)")
+    q.add_argument("--max-results", type=int, default=1, help="at most this many targets, best first (1-100)")
     q.add_argument("--device", default="auto", choices=SPECS["device"].choices)
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.add_argument("--ply", type=Path, help="write the relevancy cloud as binary PLY")
@@ -88,6 +98,9 @@ def _train_params(args) -> dict:
     for name in ("clip_checkpoint", "dino_checkpoint"):  # the node wants absolute paths
         if getattr(args, name):
             values[name] = str(Path(getattr(args, name)).expanduser().resolve())
+    for name in ("scene_box_min", "scene_box_max", "scene_max_range_m"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
     return values
 
 
@@ -157,6 +170,12 @@ def cmd_train(args) -> int:
             "steps": engine.status().step, "preset": params.values["preset"],
             "train_seconds": round(time.monotonic() - t0, 2)}
     (args.out / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    box = engine.status().scene_box
+    if box is not None:
+        given = params.engine.scene.box_min is not None
+        print(f"scene box ({'given' if given else 'derived from the keyframes'}): min "
+              f"{tuple(round(v, 2) for v in box[0])} max {tuple(round(v, 2) for v in box[1])} m in "
+              f"'{s.world_frame}'")
     print(f"trained {info['steps']} steps on {keyframes} keyframes ({stats.frames} frames of "
           f"{stats.images} images, dropped {dict(stats.dropped) or 'none'}) in "
           f"{info['train_seconds']:.1f} s -> {args.out}")
@@ -183,18 +202,31 @@ def load_engine(map_dir: Path, device: str = "auto"):
         raise UserError(f"cannot load map {map_dir}: {exc}") from exc
 
 
+def _xyz(v, frame_id: str | None = None) -> dict:
+    out = {"x": float(v[0]), "y": float(v[1]), "z": float(v[2])}
+    return out if frame_id is None else {**out, "frame_id": frame_id}
+
+
 def answer_dict(result, frame_id: str) -> dict:
-    """A QueryResult as the JSON object ``query --json`` prints (and the demo's table uses)."""
+    """A QueryResult as the JSON object ``query --json`` prints (and the demo's table uses); ``targets``
+    lists every target found, best first (location, extent in metres, relevancy, confidence, points)."""
     loc = result.location_world
+    targets = [{"location": _xyz(t.location_world, frame_id), "extent": _xyz(t.extent_m),
+                "relevancy": float(t.relevancy), "confidence": float(t.confidence),
+                "point_count": int(t.point_count), "view_support": None if np.isnan(t.view_support)
+                else float(t.view_support), "competitor": t.competitor} for t in result.targets]
     return {
         "found": bool(result.found),
         "message": result.message,
-        "location": None if loc is None else {"x": float(loc[0]), "y": float(loc[1]), "z": float(loc[2]),
-                                              "frame_id": frame_id},
+        "location": None if loc is None else _xyz(loc, frame_id),
         "relevancy": float(result.relevancy),
+        "confidence": float(result.confidence),
+        "competitor": result.competitor,
         "scale": float(result.scale_m),
         "model_step": int(result.model_step),
+        "source": result.source,
         "cloud_points": len(result.cloud_xyz),
+        "targets": targets,
     }
 
 
@@ -207,9 +239,16 @@ def format_answer(text: str, ans: dict) -> str:
         f"found:      {'yes' if ans['found'] else 'no'}  ({ans['message']})",
         f"location:   {where}",
         f"relevancy:  {ans['relevancy']:.3f}",
+        f"confidence: {ans['confidence']:.2f}" + (f"  (best competing phrase: '{ans['competitor']}')"
+                                                  if ans["competitor"] else ""),
         f"scale:      {ans['scale']:.3f} m",
         f"model step: {ans['model_step']}",
         f"cloud:      {ans['cloud_points']} points",
+        *(f"target {i + 1}:   x={t['location']['x']:.3f} y={t['location']['y']:.3f} "
+          f"z={t['location']['z']:.3f} extent {t['extent']['x']:.2f} x {t['extent']['y']:.2f} x "
+          f"{t['extent']['z']:.2f} m, confidence {t['confidence']:.2f}, {t['point_count']} points"
+          for i, t in enumerate(ans["targets"])
+          if len(ans["targets"]) > 1),
     ])
 
 
@@ -239,7 +278,8 @@ def cmd_query(args) -> int:
     engine = load_engine(args.map, args.device)
     frame_id = map_world_frame(args.map)
     try:
-        result = engine.query(args.text, args.negatives, args.threshold, with_cloud=True)
+        result = engine.query(args.text, args.negatives, args.threshold, with_cloud=True,
+                              max_results=args.max_results)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     ans = answer_dict(result, frame_id)

@@ -184,8 +184,8 @@ def like_text(name):
     return e
 
 
-LIKE_NEGS = torch.stack([F.one_hot(torch.tensor(4 + i), D).float() * K_TEXT + 0.5 * F.one_hot(torch.tensor(3), D)
-                         for i in range(4)])
+GEN = F.one_hot(torch.tensor(3), D).float()
+LIKE_NEGS = torch.stack([F.one_hot(torch.tensor(4 + i), D).float() * K_TEXT + 0.5 * GEN for i in range(4)])
 ORANGE_C = torch.tensor([1.0, 0.0, 0.5])  # at the blue blob's place in _scene()
 BETA, RHO = 0.0775, 0.49  # pure crop ~0.66 for its own colour, ~0.58 for the related one (red <-> orange)
 
@@ -216,8 +216,8 @@ def like_field(points, scale_m, present=("red", "orange"), fake_at_large_scale=F
 def _like_locate(query, field=like_field, **kw):
     pts, rgb, views = _scene()
     names = ["red", "orange", "blue", "chair"]
-    comps = torch.stack([like_text(n) if n in LIKE_NAMES else LIKE_NEGS[0] * 0 + F.normalize(
-        torch.tensor([0, 0, 0, 0.5, 0, 0, 0, K_TEXT]), dim=0) for n in names])
+    chair = torch.tensor([0, 0, 0, 0.5, 0, 0, 0, K_TEXT])
+    comps = torch.stack([like_text(n) if n in LIKE_NAMES else chair for n in names])
     kw.setdefault("competitor_embeds", comps)
     kw.setdefault("competitor_names", names)
     return locate(pts, rgb, views, field, like_text(query), LIKE_NEGS, CFG, query_text=query, **kw)
@@ -289,4 +289,5 @@ def test_views_that_do_not_support_a_field_peak_lower_its_confidence():
     yes = _like_locate("red", view_fn=agree)
     no = _like_locate("red", view_fn=disagree)
     assert yes.targets[0].view_support == 1.0 and yes.found
-    assert no.confidence < 0.6 * yes.confidence and not math.isfinite(_like_locate("red").targets[0].view_support)
+    assert no.confidence < 0.6 * yes.confidence
+    assert not math.isfinite(_like_locate("red").targets[0].view_support)  # no view_fn: no view evidence

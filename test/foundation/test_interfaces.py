@@ -37,6 +37,7 @@ def test_query_fields_and_types():
         "message": "string",
         "location": "geometry_msgs/PointStamped",
         "relevancy": "float",
+        "confidence": "float",
         "scale": "float",
         "cloud": "sensor_msgs/PointCloud2",
         "model_step": "uint64",

@@ -38,9 +38,11 @@ from lerf_ros.core.encoders.demo import CHROMATIC, COLOUR_NAMES, SYNONYMS, colou
 
 #: The declared look-alike pairs (both directions are related): hue neighbours on the colour circle and
 #: neighbouring greys. Tests and benchmarks name look-alikes from this table.
-RELATED_PAIRS: tuple[tuple[str, str], ...] = tuple(
-    (CHROMATIC[i][0], CHROMATIC[(i + 1) % len(CHROMATIC)][0]) for i in range(len(CHROMATIC))
-) + (("white", "grey"), ("grey", "black"))
+RELATED_PAIRS: tuple[tuple[str, str], ...] = (
+    *((CHROMATIC[i][0], CHROMATIC[(i + 1) % len(CHROMATIC)][0]) for i in range(len(CHROMATIC))),
+    ("white", "grey"),
+    ("grey", "black"),
+)
 
 TARGET_RELEVANCY = 0.66
 RELATED_RELEVANCY = 0.575

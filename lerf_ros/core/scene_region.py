@@ -1,0 +1,76 @@
+"""Where the fields model at full resolution: the scene box from what the cameras see.
+
+With measured depth, the surface points bound the scene. Without depth (an RGB-only robot), the camera
+positions alone do not: a camera 1.1 m up looking down at the floor sees nothing at its own height. The
+box then comes from the camera frusta: rays through a grid of pixels, each cut where it meets the ground
+plane of the world frame (REP-105: z = 0 is the floor in ``map`` / ``odom``) or at ``max_range_m``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .candidates import depth_bounds
+from .fields.scene_box import SceneBox
+from .frame import Frame
+
+#: Pixel grid (columns, rows) of the rays that sample a frustum.
+RAY_GRID = (9, 7)
+#: Below the ground plane the box keeps only this much room (the floor's own thickness and noise), metres.
+BELOW_GROUND_M = 0.25
+
+
+def frustum_rays(frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+    """Origin (3,) and unit directions (R, 3) world frame of rays through a grid of ``frame``'s pixels."""
+    i = frame.intrinsics
+    u, v = np.meshgrid(np.linspace(0, i.width - 1, RAY_GRID[0]), np.linspace(0, i.height - 1, RAY_GRID[1]))
+    d_cam = np.stack([(u.ravel() - i.cx) / i.fx, (v.ravel() - i.cy) / i.fy, np.ones(u.size)], axis=1)
+    d = d_cam @ frame.T_world_cam[:3, :3].T
+    return frame.T_world_cam[:3, 3], d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+def frustum_ends(frame: Frame, max_range_m: float, ground_z: float | None) -> np.ndarray:
+    """(R, 3) world points where the frustum rays end: at the ground plane or at max_range_m."""
+    o, d = frustum_rays(frame)
+    t = np.full(d.shape[0], float(max_range_m))
+    if ground_z is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t_ground = (ground_z - o[2]) / d[:, 2]
+        hit = (d[:, 2] < -1e-9) & (t_ground > 0)
+        t = np.where(hit, np.minimum(t_ground, t), t)
+    return o + t[:, None] * d
+
+
+def derive_box(frames: Sequence[Frame], margin_m: float, max_range_m: float,
+               ground_z: float | None) -> SceneBox:
+    """Bounds of the camera positions and what they see, grown by margin_m: measured depth where any
+    keyframe has it (1st-99th percentile), else the frusta (`frustum_ends`); never more than
+    BELOW_GROUND_M under the ground plane when one is given."""
+    if not frames:
+        raise ValueError("no keyframes to derive a scene box from")
+    pts = [np.stack([f.T_world_cam[:3, 3] for f in frames])]
+    bounds = depth_bounds(frames)
+    if bounds is not None:
+        pts.extend(bounds)
+    else:
+        pts.extend(frustum_ends(f, max_range_m, ground_z) for f in frames)
+    p = np.vstack([np.atleast_2d(x) for x in pts])
+    lo, hi = p.min(0) - margin_m, p.max(0) + margin_m
+    if ground_z is not None and bounds is None:
+        lo[2] = max(lo[2], ground_z - BELOW_GROUND_M)
+        hi[2] = max(hi[2], lo[2] + 0.5)
+    return SceneBox(tuple(lo), tuple(hi))
+
+
+def inside_fraction(frame: Frame, box: SceneBox, max_range_m: float, ground_z: float | None,
+                    samples: int = 8) -> float:
+    """Fraction of points sampled along the frustum rays (up to their ends) that lie inside ``box``."""
+    o, d = frustum_rays(frame)
+    ends = frustum_ends(frame, max_range_m, ground_z)
+    t_end = np.linalg.norm(ends - o, axis=1)
+    s = (np.arange(samples) + 0.5) / samples
+    p = o + (s[None, :, None] * t_end[:, None, None]) * d[:, None, :]
+    lo, hi = np.asarray(box.min_xyz), np.asarray(box.max_xyz)
+    return float(np.all((p >= lo) & (p <= hi), axis=-1).mean())
