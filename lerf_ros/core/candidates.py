@@ -215,10 +215,16 @@ def compute_candidates(frames: Sequence[Frame], cfg: CandidateConfig, key: str,
     supplies the depth grid of a keyframe without measured depth (e.g. `render_depth_grid` bound to the
     model)."""
     s = cfg.pixel_stride
-    grids, pts_all, rgb_all = [], [], []
-    for kf in frames:
-        grid = kf.depth_m[::s, ::s].copy() if kf.depth_m is not None else render(kf, s)
-        grids.append(grid)
+    grids = [kf.depth_m[::s, ::s].copy() if kf.depth_m is not None else render(kf, s) for kf in frames]
+    return merge_candidates(frames, grids, cfg, key, ids)
+
+
+def merge_candidates(frames: Sequence[Frame], grids: Sequence[np.ndarray], cfg: CandidateConfig, key: str,
+                     ids: Sequence[int] | None = None) -> CandidateSet:
+    """The candidate set of ``frames`` from their depth grids (every pixel_stride-th pixel, z metres)."""
+    s = cfg.pixel_stride
+    pts_all, rgb_all = [], []
+    for kf, grid in zip(frames, grids, strict=True):
         pts, rgb = lift_depth(kf, s, grid, with_rgb=True)
         pts_all.append(pts)
         rgb_all.append(rgb)
@@ -235,11 +241,13 @@ def compute_candidates(frames: Sequence[Frame], cfg: CandidateConfig, key: str,
 
 
 class CandidateCache:
-    """The engine's current `CandidateSet` and its device tensors, recomputed only when stale.
+    """The engine's current `CandidateSet`, kept up to date incrementally, and its device tensors.
 
-    Staleness is checked cheaply per query with ``(version, step)``: the engine's keyframe-set version
-    and the model step (-1 while every keyframe has measured depth); the content `candidate_key` is
-    computed only when the set is (re)built, and is what a saved set is matched against after a load.
+    One depth grid per keyframe: measured depth as is; rendered depth once when the keyframe first needs
+    it, then re-rendered by `refresh` (the training worker calls it, a keyframe at a time, the stalest
+    first) as the model changes. A query (`get`) never re-renders a keyframe that has a grid: it merges
+    the latest grids, and only when the keyframe set or a grid changed (``(version, grids_version)``).
+    The content `candidate_key` is what a saved set is matched against after a load.
     """
 
     def __init__(self, cfg: CandidateConfig, device: torch.device):
@@ -247,25 +255,59 @@ class CandidateCache:
         self.current: CandidateSet | None = None
         self._key: tuple[int, int] | None = None
         self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._grids: dict[int, tuple[np.ndarray, int]] = {}  # kf id -> (grid, step rendered; -1 measured)
+        self._grids_version = 0
 
-    def _fast_key(self, version: int, frames: Sequence[Frame], step: int) -> tuple[int, int]:
-        return int(version), int(step) if needs_rendered_depth(frames) else -1
+    def _sync(self, ids: Sequence[int], frames: Sequence[Frame], step: int, model) -> None:
+        """Forget evicted keyframes' grids; make the missing ones (measured: sliced, else rendered)."""
+        s = self.cfg.pixel_stride
+        alive = {int(i) for i in ids}
+        for gone in [i for i in self._grids if i not in alive]:
+            del self._grids[gone]
+            self._grids_version += 1
+        for kf_id, kf in zip(ids, frames, strict=True):
+            if int(kf_id) in self._grids:
+                continue
+            if kf.depth_m is not None:
+                self._grids[int(kf_id)] = (kf.depth_m[::s, ::s].copy(), -1)
+            else:
+                self._grids[int(kf_id)] = (render_depth_grid(model, kf, s, self.device), int(step))
+            self._grids_version += 1
 
     def get(self, version: int, ids: Sequence[int], frames: Sequence[Frame], step: int, model):
         """points (P, 3) float32 world, rgb (P, 3) uint8, views (P,) int64 tensors on the device."""
-        key = self._fast_key(version, frames, step)
+        self._sync(ids, frames, step, model)
+        key = (int(version), self._grids_version)
         if self._key != key:
             content = candidate_key(ids, frames, step, self.cfg)
-            render = lambda kf, s: render_depth_grid(model, kf, s, self.device)  # noqa: E731
-            self._install(compute_candidates(frames, self.cfg, content, render, ids), key)
+            grids = [self._grids[int(i)][0] for i in ids]
+            self._install(merge_candidates(frames, grids, self.cfg, content, ids), key)
         return self._tensors
+
+    def refresh(self, ids: Sequence[int], frames: Sequence[Frame], step: int, model, max_renders: int = 1,
+                min_age_steps: int = 1) -> int:
+        """Re-render up to ``max_renders`` rendered grids (stalest first) older than ``min_age_steps``;
+        returns how many were rendered. The next `get` merges them in."""
+        by_id = {int(i): f for i, f in zip(ids, frames, strict=True)}
+        stale = sorted((st, i) for i, (_, st) in self._grids.items()
+                       if st >= 0 and i in by_id and step - st >= min_age_steps)
+        for _, kf_id in stale[:max_renders]:
+            self._grids[kf_id] = (render_depth_grid(model, by_id[kf_id], self.cfg.pixel_stride, self.device),
+                                  int(step))
+            self._grids_version += 1
+        return min(len(stale), max_renders)
 
     def adopt(self, cset: CandidateSet, version: int, ids: Sequence[int], frames: Sequence[Frame],
               step: int) -> bool:
         """Use a saved set if its key matches these keyframes at this step; False (ignored) if stale."""
         if cset.key != candidate_key(ids, frames, step, self.cfg):
             return False
-        self._install(cset, self._fast_key(version, frames, step))
+        if cset.grid_ids is not None:
+            measured = {int(i) for i, f in zip(ids, frames, strict=True) if f.depth_m is not None}
+            self._grids = {int(i): (g, -1 if int(i) in measured else int(step))
+                           for i, g in zip(cset.grid_ids, cset.grids, strict=True)}
+            self._grids_version += 1
+        self._install(cset, (int(version), self._grids_version))
         return True
 
     def _install(self, cset: CandidateSet, key: tuple[int, int]) -> None:

@@ -83,6 +83,10 @@ class EngineStatus:
     scene_box: tuple | None = None
 
 
+#: Share of the training worker's wall time spent re-rendering query candidates (RGB-only keyframes).
+REFRESH_FRACTION = 0.1
+
+
 def _auto_to_torch(cfg):
     """Copy of a (nested) frozen config dataclass with every ``implementation="auto"`` set to "torch"."""
     changes = {}
@@ -134,6 +138,7 @@ class LERFEngine:
         self._tensors_version = -1
         self.scene_box: SceneBox | None = None
         self._outside, self._outside_key = 0, None
+        self._last_refresh, self._refresh_cost = 0.0, 0.0
         self.model: LERFModel | None = None
         self.trainer: Trainer | None = None
         self._generator = torch.Generator(device=self.device).manual_seed(0)
@@ -327,7 +332,22 @@ class LERFEngine:
                 torch.cuda.synchronize(self.device)
             self._rays_per_s = done * rays / max(time.perf_counter() - t_train, 1e-9)
             self._losses = losses
+            self._refresh_candidates()
         return StepStats(done, n_features, losses, time.perf_counter() - t0)
+
+    def _refresh_candidates(self) -> None:
+        """Keep rendered query candidates current (`CandidateCache.refresh`): one keyframe's depth at a
+        time, spending at most ~REFRESH_FRACTION of the wall time on it, so a query never renders them."""
+        now = time.perf_counter()
+        if now - self._last_refresh < self._refresh_cost / REFRESH_FRACTION:
+            return
+        with self.lock.background():
+            if self.model is None or not candidates.needs_rendered_depth(self.store.frames()):
+                return
+            t = time.perf_counter()
+            if self.candidates.refresh(self.store.ids(), self.store.frames(), self.train_step, self.model):
+                self._refresh_cost = time.perf_counter() - t
+        self._last_refresh = time.perf_counter()
 
     def ready(self) -> bool:
         """A model exists and has trained at least one step on enough keyframes."""

@@ -82,8 +82,13 @@ def test_rendered_depth_fallback_and_cache_key():
     assert int(views.max()) == 2 and rgb.dtype == torch.uint8
     assert cache.get(0, [0, 1], [measured, bare], 5, _WallModel())[0] is pts  # cached
     assert cand.render_calls() == calls + 1
-    cache.get(0, [0, 1], [measured, bare], 6, _WallModel())  # model step moved: re-rendered
+    cache.get(0, [0, 1], [measured, bare], 6, _WallModel())  # a query never re-renders a keyframe ...
+    assert cand.render_calls() == calls + 1
+    # ... the worker's refresh does, the stalest rendered keyframe first, and the next query merges it
+    assert cache.refresh([0, 1], [measured, bare], 6, _WallModel(), min_age_steps=5) == 0  # 1 step old
+    assert cache.refresh([0, 1], [measured, bare], 6, _WallModel()) == 1
     assert cand.render_calls() == calls + 2
+    assert cache.get(0, [0, 1], [measured, bare], 6, _WallModel())[0] is not pts
     saved = cache.current
     assert cand.key_step(saved.key) == 6
     other = cand.CandidateCache(CFG, torch.device("cpu"))
