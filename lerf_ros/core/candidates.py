@@ -28,6 +28,8 @@ def render_calls() -> int:
     return _render_calls
 
 
+#: Grid step of measured depth whose holes are not filled yet (no model when it was made).
+_UNFILLED = -2
 #: Part of every candidate key: sets computed by older code (without footprints / grids) are stale.
 FORMAT = "candidates/2"
 
@@ -90,6 +92,17 @@ def needs_rendered_depth(frames: Sequence[Frame]) -> bool:
     return any(f.depth_m is None for f in frames)
 
 
+def has_holes(kf: Frame, stride: int) -> bool:
+    """Measured depth without a valid value at some lifted pixel (filled from rendered depth)."""
+    grid = kf.depth_m[::stride, ::stride]
+    return not bool(np.all(np.isfinite(grid) & (grid > 0)))
+
+
+def depends_on_model(frames: Sequence[Frame], stride: int) -> bool:
+    """Whether the candidates of ``frames`` use rendered depth (no depth, or depth with holes)."""
+    return any(f.depth_m is None or has_holes(f, stride) for f in frames)
+
+
 def candidate_key(ids: Sequence[int], frames: Sequence[Frame], step: int, cfg: CandidateConfig) -> str:
     """``"<sha1 of the keyframe set>@<step>"``: ids, image + depth content, poses, intrinsics, config;
     step is the model's training step when some keyframe needs rendered depth, else -1 (the
@@ -101,7 +114,7 @@ def candidate_key(ids: Sequence[int], frames: Sequence[Frame], step: int, cfg: C
         h.update(np.ascontiguousarray(f.T_world_cam, dtype=np.float64).tobytes())
         if f.depth_m is not None:
             h.update(np.ascontiguousarray(f.depth_m, dtype=np.float32).tobytes())
-    return f"{h.hexdigest()}@{int(step) if needs_rendered_depth(frames) else -1}"
+    return f"{h.hexdigest()}@{int(step) if depends_on_model(frames, cfg.pixel_stride) else -1}"
 
 
 def key_step(key: str) -> int:
@@ -255,12 +268,12 @@ class CandidateCache:
         self.current: CandidateSet | None = None
         self._key: tuple[int, int] | None = None
         self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._grids: dict[int, tuple[np.ndarray, int]] = {}  # kf id -> (grid, step rendered; -1 measured)
+        # kf id -> (grid, step rendered; -1 measured; _UNFILLED measured with holes not filled yet)
+        self._grids: dict[int, tuple[np.ndarray, int]] = {}
         self._grids_version = 0
 
     def _sync(self, ids: Sequence[int], frames: Sequence[Frame], step: int, model) -> None:
-        """Forget evicted keyframes' grids; make the missing ones (measured: sliced, else rendered)."""
-        s = self.cfg.pixel_stride
+        """Forget evicted keyframes' grids; make the missing ones (`_grid`)."""
         alive = {int(i) for i in ids}
         for gone in [i for i in self._grids if i not in alive]:
             del self._grids[gone]
@@ -268,11 +281,23 @@ class CandidateCache:
         for kf_id, kf in zip(ids, frames, strict=True):
             if int(kf_id) in self._grids:
                 continue
-            if kf.depth_m is not None:
-                self._grids[int(kf_id)] = (kf.depth_m[::s, ::s].copy(), -1)
-            else:
-                self._grids[int(kf_id)] = (render_depth_grid(model, kf, s, self.device), int(step))
+            self._grids[int(kf_id)] = self._grid(kf, step, model)
             self._grids_version += 1
+
+    def _grid(self, kf: Frame, step: int, model) -> tuple[np.ndarray, int]:
+        """Measured depth (step -1); where it has holes (black, shiny, glass surfaces, out of range) and a
+        model exists, the holes filled from rendered depth (step = the model's); else rendered depth."""
+        s = self.cfg.pixel_stride
+        if kf.depth_m is None:
+            return render_depth_grid(model, kf, s, self.device), int(step)
+        grid = kf.depth_m[::s, ::s].astype(np.float32)
+        holes = ~(np.isfinite(grid) & (grid > 0))
+        if not holes.any():
+            return grid, -1
+        if model is None:
+            return grid, _UNFILLED
+        grid = np.where(holes, render_depth_grid(model, kf, s, self.device), grid)
+        return grid, int(step)
 
     def get(self, version: int, ids: Sequence[int], frames: Sequence[Frame], step: int, model):
         """points (P, 3) float32 world, rgb (P, 3) uint8, views (P,) int64 tensors on the device."""
@@ -290,10 +315,9 @@ class CandidateCache:
         returns how many were rendered. The next `get` merges them in."""
         by_id = {int(i): f for i, f in zip(ids, frames, strict=True)}
         stale = sorted((st, i) for i, (_, st) in self._grids.items()
-                       if st >= 0 and i in by_id and step - st >= min_age_steps)
+                       if ((st >= 0 and step - st >= min_age_steps) or st == _UNFILLED) and i in by_id)
         for _, kf_id in stale[:max_renders]:
-            self._grids[kf_id] = (render_depth_grid(model, by_id[kf_id], self.cfg.pixel_stride, self.device),
-                                  int(step))
+            self._grids[kf_id] = self._grid(by_id[kf_id], step, model)
             self._grids_version += 1
         return min(len(stale), max_renders)
 
@@ -303,7 +327,8 @@ class CandidateCache:
         if cset.key != candidate_key(ids, frames, step, self.cfg):
             return False
         if cset.grid_ids is not None:
-            measured = {int(i) for i, f in zip(ids, frames, strict=True) if f.depth_m is not None}
+            measured = {int(i) for i, f in zip(ids, frames, strict=True)
+                        if f.depth_m is not None and not has_holes(f, self.cfg.pixel_stride)}
             self._grids = {int(i): (g, -1 if int(i) in measured else int(step))
                            for i, g in zip(cset.grid_ids, cset.grids, strict=True)}
             self._grids_version += 1

@@ -42,6 +42,8 @@ DEFAULT_VOCABULARY: tuple[str, ...] = (
     "cable", "towel", "tool", "pillow",
 )
 MAX_RESULTS_LIMIT = 100
+#: Points sampled for each phrase's scene median (competitor test).
+_MEDIAN_SAMPLE = 4096
 
 
 def _default_scales() -> tuple[float, ...]:
@@ -57,11 +59,13 @@ class ExistenceConfig:
                     softened over ``excess_width``
     stand_out:      the cluster score's robust z-score against the scene's relevancy at that scale
                     (median, 1.4826 MAD floored at ``min_spread``) passes ``z0``, softened over ``z_width``
-    no_competitor:  no vocabulary phrase / caller negative scores higher on the cluster than the query by
-                    more than ``competitor_margin`` (softened over ``competitor_width``); phrases made only
-                    of the query's own words ("mug" for "red mug") do not compete
-    views:          the fraction of keyframes seeing the cluster whose own crop embedding supports the
-                    query; confidence is scaled by ``1 - view_weight * (1 - support)``
+    no_competitor:  no vocabulary phrase / caller negative stands out on the cluster (its relevancy there
+                    above its own scene median) more than the query does, by more than
+                    ``competitor_margin`` (softened over ``competitor_width``); phrases made only of the
+                    query's own words ("mug" for "red mug") do not compete
+    views:          the fraction of keyframes seeing the cluster whose own crop embedding scores the query
+                    above the scene's median (and 0.5) by min_excess; confidence is scaled by
+                    ``1 - view_weight * (1 - support)``
 
     Calibrated on the randomised synthetic rooms (``bench/quality.py``) with the demo colour encoder and
     the CLIP-like test encoder (target ~0.66, look-alike ~0.58, background ~0.5); see README
@@ -419,28 +423,37 @@ def locate(
         return _not_found(f"nothing stands out: best relevancy {score:.3f}, scene median {med:.3f} "
                           f"(scale {scale_m:.3f} m, {pts.shape[0]} points)", score, scale_m, cloud)
 
-    # 4. evidence per cluster.
+    # 4. evidence per cluster. Phrases are compared by how much each stands out of its OWN scene median
+    # there: "grey" scores high on every wall, so a wall-heavy crop does not make it a better explanation.
+    comp_median, q_median = None, med
+    if comp_emb is not None:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        sample = torch.randperm(pts.shape[0], generator=g)[:_MEDIAN_SAMPLE].to(dev)
+        emb_s = _embed_members(embed_at, pts, sample, read, scales)
+        comp_median = _phrase_relevancy(emb_s, comp_emb, canon, cfg.temperature).median(dim=1).values
+        q_median = float(relevancy(emb_s, text_embed, canon, cfg.temperature).median())
     targets = []
     for c in cands:
         members = c.members
-        emb = _embed_members(embed_at, pts, members, read, scales)
-        q_rel = relevancy(emb, text_embed, canon, cfg.temperature)
-        comp, comp_score = "", 0.0
+        comp, comp_score, gap = "", 0.0, 0.0
         if comp_emb is not None:
+            emb = _embed_members(embed_at, pts, members, read, scales)
+            q_score = _padded_top_k_mean(relevancy(emb, text_embed, canon, cfg.temperature), cfg.top_k)
             scores = _phrase_relevancy(emb, comp_emb, canon, cfg.temperature)  # (C, M)
             top = scores.topk(min(cfg.top_k, scores.shape[1]), dim=1).values.sum(dim=1) / cfg.top_k
-            j = int(top.argmax())
+            excess = top - comp_median
+            j = int(excess.argmax())
             comp, comp_score = comp_names[j], float(top[j])
-        q_score = _padded_top_k_mean(q_rel, cfg.top_k)
+            gap = float(excess[j]) - (q_score - q_median)
         z = (c.score - med) / spread
         conf = (_sigmoid((c.score - 0.5 - ex.min_excess) / ex.excess_width)
                 * _sigmoid((z - ex.z0) / ex.z_width))
         if comp:
-            conf *= _sigmoid((ex.competitor_margin - (comp_score - q_score)) / ex.competitor_width)
+            conf *= _sigmoid((ex.competitor_margin - gap) / ex.competitor_width)
         support = float("nan")
         if view_fn is not None:
-            support = _view_support(view_fn, pts[members], rel[members], scale_m, text_embed, canon, comp_emb,
-                                    cfg)
+            support = _view_support(view_fn, pts[members], rel[members], scale_m, text_embed, canon,
+                                    max(0.5, q_median), cfg)
             if math.isfinite(support):
                 conf *= 1.0 - ex.view_weight * (1.0 - support)
         w = (rel[members] - rel[members].min() + 1e-3).double()
@@ -518,24 +531,16 @@ def _embed_members(embed_at, pts: Tensor, members: Tensor, read: Tensor, scales:
 
 
 def _view_support(view_fn, member_pts: Tensor, member_rel: Tensor, scale_m: float, text: Tensor,
-                  canon: Tensor, comp_emb: Tensor | None, cfg: QueryConfig) -> float:
-    """Fraction of the keyframes seeing the cluster's strongest points whose crop embeddings there score
-    the query above 0.5 + min_excess and not below a competitor by more than the margin; NaN if none."""
+                  canon: Tensor, floor: float, cfg: QueryConfig) -> float:
+    """Fraction of the keyframes seeing the cluster's strongest points whose own crop embeddings there
+    score the query above ``floor`` (max of 0.5 and the scene's median) + min_excess; NaN if none."""
     top = member_rel.topk(min(8, member_rel.numel())).indices
     emb, view = view_fn(member_pts[top], scale_m)
     if emb.shape[0] == 0:
         return float("nan")
     q = relevancy(emb, text, canon, cfg.temperature)
-    if comp_emb is not None:
-        c = _phrase_relevancy(emb, comp_emb, canon, cfg.temperature).max(dim=0).values
-    else:
-        c = torch.zeros_like(q)
-    ex = cfg.existence
-    votes = []
-    for v in torch.unique(view).tolist():
-        m = view == v
-        qv, cv = float(q[m].mean()), float(c[m].mean())
-        votes.append(qv > 0.5 + ex.min_excess and qv >= cv - ex.competitor_margin)
+    votes = [float(q[view == v].mean()) > floor + cfg.existence.min_excess
+             for v in torch.unique(view).tolist()]
     return float(np.mean(votes))
 
 

@@ -111,3 +111,22 @@ def test_candidate_arrays_round_trip_and_validation():
     bad["views"] = bad["views"][:-1]
     with pytest.raises(ValueError, match="do not fit"):
         cand.CandidateSet.from_arrays(bad)
+
+
+def test_holes_in_measured_depth_are_filled_from_rendered_depth():
+    holed = _kf(0.0, 2.0)
+    holed.depth_m[:, :5] = 0.0  # a black / shiny surface: no return
+    holed.depth_m[:2, :] = np.nan
+    other = _kf(0.5, 2.0)
+    cache = cand.CandidateCache(CFG, torch.device("cpu"))
+    before = cache.get(0, [0, 1], [holed, other], 3, None)[0]  # no model yet: the holes stay empty
+    x_left = 0.0 - 0.1 * (9.5 - 2.0) * 2.0  # world x of pixel column 2 at 2 m
+    assert not np.any(np.isclose(before[:, 0].numpy(), x_left, atol=0.05) & (before[:, 1].numpy() > -0.5))
+    assert cand.depends_on_model([holed], CFG.pixel_stride) and not cand.depends_on_model([other], 1)
+    calls = cand.render_calls()
+    assert cache.refresh([0, 1], [holed, other], 3, _WallModel()) == 1  # fills the holes
+    assert cand.render_calls() == calls + 1
+    after = cache.get(0, [0, 1], [holed, other], 3, _WallModel())[0]
+    assert after.shape[0] > before.shape[0]
+    np.testing.assert_allclose(after[:, 2].numpy(), 2.0, atol=1e-4)  # the rendered wall agrees
+    assert cache.refresh([0, 1], [holed, other], 3, _WallModel()) == 0  # filled at this step already
