@@ -331,3 +331,20 @@ def test_dino_loads_local_checkpoint_and_names_missing(tmp_path):
         _dino(checkpoint_path=str(tmp_path / "missing.pth"))
     with pytest.raises(MissingWeightsError, match=r"dino_deitsmall16_pretrain\.pth"):
         load_encoder(EncoderSpec(DINO, (("cache_dir", str(tmp_path)),)), dense=True)
+
+
+def test_dino_patch_size_comes_from_the_checkpoint_not_the_model_name(tmp_path):
+    """An S/8 weights file is built as ViT-S/8 (LERF's DINO), not resampled into the default S/16."""
+    import timm
+
+    from lerf_ros.core.encoders.dino import checkpoint_architecture, model_for_checkpoint
+
+    s8 = timm.create_model("vit_small_patch8_224.dino", pretrained=False, num_classes=0)
+    torch.save({"teacher": {"backbone." + k: v for k, v in s8.state_dict().items()}}, tmp_path / "s8.pth")
+    assert checkpoint_architecture(tmp_path / "s8.pth") == (8, 384)
+    s8_name = "vit_small_patch8_224.dino"
+    assert model_for_checkpoint("vit_small_patch16_224.dino", tmp_path / "s8.pth") == s8_name
+    assert model_for_checkpoint(s8_name, tmp_path / "s8.pth") == s8_name
+    torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="patch_embed"):
+        checkpoint_architecture(tmp_path / "bad.pth")

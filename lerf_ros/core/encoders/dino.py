@@ -15,6 +15,7 @@ u = (j + 0.5) W / w − 0.5, v = (i + 0.5) H / h − 0.5 of the input image (``c
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -73,6 +74,49 @@ def find_dino_checkpoint(model_name: str, checkpoint_path, cache_dir) -> Path:
         f"DINO weights for {model_name} not found; looked for: {'; '.join(wanted)}. Copy the weights "
         f"file to one of these paths or pass checkpoint_path=<file> (no download is attempted)"
     )
+
+
+_WIDTHS = {384: "small", 768: "base"}
+
+
+def checkpoint_architecture(path) -> tuple[int, int]:
+    """(patch size, embedding width) of a ViT weights file, read from its ``patch_embed.proj.weight``
+    (D, 3, p, p) under any prefix ("module.", "backbone.", a "teacher" / "model" wrapper); ValueError
+    naming the file when there is none."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a corrupt or foreign file
+            raise ValueError(f"DINO weights file {str(path)!r} cannot be read: {exc}") from exc
+        for wrapper in ("teacher", "model", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+        shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)} \
+            if isinstance(state, dict) else {}
+    for key, shape in shapes.items():
+        if key.endswith("patch_embed.proj.weight") and len(shape) == 4 and shape[2] == shape[3]:
+            return int(shape[2]), int(shape[0])
+    raise ValueError(f"DINO weights file {str(path)!r} has no ViT patch_embed.proj.weight")
+
+
+def model_for_checkpoint(model_name: str, path) -> str:
+    """The timm DINO model whose patch size and width match the weights file (an S/8 file is built as
+    ViT-S/8 even when ``model_name`` says S/16, instead of being resampled into the wrong model)."""
+    patch, width = checkpoint_architecture(path)
+    named = re.search(r"patch(\d+)", model_name)
+    if named is None or int(named.group(1)) == patch:
+        return model_name  # nothing to correct (a non-standard name is left to timm to check)
+    size = _WIDTHS.get(width)
+    if size is None:
+        raise ValueError(f"DINO weights file {str(path)!r}: unsupported embedding width {width} "
+                         f"(expected one of {sorted(_WIDTHS)})")
+    return f"vit_{size}_patch{patch}_224.dino"
 
 
 class DinoEncoder:
@@ -137,6 +181,7 @@ def dino_encoder(
             tag = f"random-seed{seed}"
         else:
             ckpt = find_dino_checkpoint(model_name, checkpoint_path, cache_dir)
+            model_name = model_for_checkpoint(model_name, ckpt)
             try:
                 model = timm.create_model(
                     model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(ckpt)), **kwargs
