@@ -194,10 +194,12 @@ def test_depth_pairing_settings_reach_the_trainer():
 
 
 def test_scene_box_parameters_map_to_the_config_and_bad_boxes_name_the_parameter():
-    p = resolve({"scene_box_min": [-1, -2.0, 0.0], "scene_box_max": [3.0, 2.0, 2.5], "scene_max_range_m": 7.0})
+    p = resolve({"scene_box_min": [-1, -2.0, 0.0], "scene_box_max": [3.0, 2.0, 2.5],
+                 "scene_max_range_m": 7.0})
     assert p.engine.scene.box_min == (-1.0, -2.0, 0.0) and p.engine.scene.box_max == (3.0, 2.0, 2.5)
     assert p.engine.scene.max_range_m == 7.0
-    assert resolve({}).engine.scene.box_min is None and resolve({"scene_box_min": []}).engine.scene.box_min is None
+    assert resolve({}).engine.scene.box_min is None
+    assert resolve({"scene_box_min": []}).engine.scene.box_min is None
     bad = [
         ({"scene_box_min": [0, 0, 0], "scene_box_max": [1, 0, 1]}, "scene_box_max"),  # max == min on y
         ({"scene_box_min": [0, 0, float("nan")], "scene_box_max": [1, 1, 1]}, "scene_box_min"),
