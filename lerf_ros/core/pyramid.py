@@ -100,6 +100,35 @@ def metric_scale(tile_frac, image_height: int, fy: float, depth_m):
     return tile_frac * image_height * depth_m / fy
 
 
+def _source_crops(src: Tensor, size: tuple[int, int], lv: Level, out_px: int, batch_size: int):
+    """Crops of level ``lv`` (laid out on an image of ``size`` (H, W)) cut from the larger view ``src``
+    (3, Hs, Ws) and resampled to out_px x out_px, in batches (B, 3, out_px, out_px), row-major order."""
+    H, W = size
+    k = lv.tile_px
+    # Area-downsample first where a crop spans many source pixels per output pixel (no aliasing).
+    shrink = max(1, int((k * src.shape[2] / W) / out_px))
+    if shrink > 1:
+        src = F.interpolate(src[None], size=(max(1, src.shape[1] // shrink), max(1, src.shape[2] // shrink)),
+                            mode="area")[0]
+    hs, ws = src.shape[1:]
+    sx, sy = ws / W, hs / H
+    m = (torch.arange(out_px, device=src.device, dtype=torch.float32) + 0.5) / out_px  # (S,) in the crop
+    jj, ii = torch.meshgrid(torch.arange(lv.nx, device=src.device), torch.arange(lv.ny, device=src.device),
+                            indexing="xy")
+    x0 = (lv.x_start + jj.reshape(-1) * lv.stride_px).float()  # the crop's left pixel in the image
+    y0 = (lv.y_start + ii.reshape(-1) * lv.stride_px).float()
+    for b in range(0, x0.shape[0], batch_size):
+        # source pixel-centre coordinates of the samples: edge a - 0.5 of the image maps to a * s - 0.5
+        xs = x0[b:b + batch_size, None] * sx + m[None] * k * sx - 0.5  # (B, S)
+        ys = y0[b:b + batch_size, None] * sy + m[None] * k * sy - 0.5
+        n = xs.shape[0]
+        gx = ((xs + 0.5) / ws * 2 - 1)[:, None, :].expand(n, out_px, out_px)
+        gy = ((ys + 0.5) / hs * 2 - 1)[:, :, None].expand(n, out_px, out_px)
+        grid = torch.stack([gx, gy], dim=-1).reshape(1, n * out_px, out_px, 2)
+        crops = F.grid_sample(src[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+        yield crops.reshape(3, n, out_px, out_px).permute(1, 0, 2, 3)
+
+
 class ClipPyramid:
     """Per-keyframe multi-scale CLIP embeddings, added incrementally and sampled per ray."""
 
@@ -141,17 +170,28 @@ class ClipPyramid:
 
     # ---- building -------------------------------------------------------------------------------
 
-    def cache_key(self, image) -> str:
-        """sha256 of encoder name + crop settings + frame content: a cached pyramid is valid iff equal."""
+    def cache_key(self, image, source=None) -> str:
+        """sha256 of encoder name + crop settings + frame content (+ the full-resolution source the crops
+        were cut from, when given): a cached pyramid is valid iff equal."""
         (h, w), data = canonical_image_bytes(image)
         settings = json.dumps({"encoder": self.encoder.name, "config": asdict(self.config)}, sort_keys=True)
         digest = hashlib.sha256(settings.encode())
         digest.update(f"{h}x{w}".encode())
         digest.update(data)
+        if source is not None:
+            (hs, ws), src = canonical_image_bytes(source)
+            digest.update(f"source {hs}x{ws}".encode())
+            digest.update(src)
         return digest.hexdigest()
 
-    def compute(self, image, cancel: threading.Event | None = None) -> tuple[tuple[int, int], Tensor]:
+    def compute(self, image, cancel: threading.Event | None = None,
+                source=None) -> tuple[tuple[int, int], Tensor]:
         """Encode all crops of one image -> ((H, W), (cells, D) unit embeddings, levels concatenated).
+
+        source: the same view at a higher resolution (the keyframe before ingest downsized it): the crop
+        grid is laid out on ``image`` (so sampling is unchanged) but every crop is cut from ``source``,
+        as LERF crops from full-resolution frames (a 5 % tile of a downsized frame is ~24 pixels
+        upsampled to the encoder's 224). None = crop ``image`` itself.
 
         Heavy (the encoder runs here); touches no shared state, so a worker may call it without locks.
         cancel: checked before every encoder batch; when set, raises `dense_features.Cancelled` (so a
@@ -160,10 +200,22 @@ class ClipPyramid:
         img = image_to_tensor(image, self.device)
         _, H, W = img.shape
         levels, _ = self._layout(H, W)
+        src = None if source is None else image_to_tensor(source, self.device)
+        if src is not None and (src.shape[1] < H or src.shape[2] < W
+                                or abs(src.shape[2] / src.shape[1] - W / H) > 0.02 * W / H):
+            raise ValueError(f"pyramid source {tuple(src.shape[1:])} must be a larger view of the same "
+                             f"aspect as the image {(H, W)}")
+        if src is not None and tuple(src.shape[1:]) == (H, W):
+            src = None
         s = self.encoder.input_size
         out = []
         with torch.no_grad():
             for lv in levels:
+                if src is not None:
+                    for batch in _source_crops(src, (H, W), lv, s, self.config.batch_size):
+                        check_cancel(cancel, "CLIP pyramid")
+                        out.append(checked_encode_images(self.encoder, batch.clamp(0.0, 1.0)).float())
+                    continue
                 k, st = lv.tile_px, lv.stride_px
                 region = img[
                     :,

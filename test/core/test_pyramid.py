@@ -308,3 +308,21 @@ def test_cancel_between_batches_stores_nothing():
     enc.batches, enc.sleep_s = 0, 0.0
     pyr.add(7, ramp_image(), threading.Event())
     assert pyr.ready(7) and enc.batches == n_batches
+
+
+def test_crops_cut_from_a_full_resolution_source_match_the_same_crops_of_the_image():
+    """The crop grid stays the image's; each crop is cut from the larger view (LERF crops full frames)."""
+    k = 3
+    x = (torch.arange(W * k, dtype=torch.float32) + 0.5) / k - 0.5  # source pixel centres in image pixels
+    y = (torch.arange(H * k, dtype=torch.float32) + 0.5) / k - 0.5
+    source = torch.stack([(x / (W - 1)).expand(H * k, W * k), (y / (H - 1))[:, None].expand(H * k, W * k),
+                          torch.zeros(H * k, W * k)])
+    plain = ClipPyramid(PositionEncoder(), CFG, "cpu")
+    size, grid = plain.compute(ramp_image())
+    full = ClipPyramid(PositionEncoder(), CFG, "cpu")
+    size_s, grid_s = full.compute(ramp_image(), source=source)
+    assert size == size_s
+    torch.testing.assert_close(grid_s, grid, atol=2e-3, rtol=0)
+    assert plain.cache_key(ramp_image()) != full.cache_key(ramp_image(), source)
+    with pytest.raises(ValueError, match="aspect"):
+        full.compute(ramp_image(), source=torch.zeros(3, H * 2, W * 3))
