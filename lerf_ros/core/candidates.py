@@ -148,8 +148,11 @@ def depth_bounds(frames: Sequence[Frame], stride: int = 4) -> tuple[np.ndarray, 
 
 
 def render_depth_grid(model, kf: Frame, stride: int, device: torch.device, chunk: int = 4096) -> np.ndarray:
-    """Rendered z-depth (h, w) float32 metres at every stride-th pixel of ``kf`` (model(o, d)["depth"]
-    is the distance along the unit ray, converted to z here)."""
+    """Rendered z-depth (h, w) float32 metres at every stride-th pixel of ``kf``: the MEDIAN depth along
+    each ray (where half of its opacity is reached; NaN when the ray is less than half opaque), converted
+    from distance along the unit ray to z. Candidates are surface points: the expected depth of a
+    half-formed RGB-only surface lies behind it (below a floor, inside a wall), the median does not.
+    A model that returns only "depth" is read as is."""
     global _render_calls
     _render_calls += 1
     h, w = kf.image.shape[:2]
@@ -159,9 +162,20 @@ def render_depth_grid(model, kf: Frame, stride: int, device: torch.device, chunk
     ray_per_z = z_to_ray_distance(kf.intrinsics, u.reshape(-1), v.reshape(-1)).to(device)
     model.eval()
     with torch.no_grad():
-        t = torch.cat([model(o[a:a + chunk], d[a:a + chunk])["depth"].reshape(-1)
+        t = torch.cat([_median_depth(model(o[a:a + chunk], d[a:a + chunk]))
                        for a in range(0, o.shape[0], chunk)])
     return (t / ray_per_z).reshape(v.shape).cpu().numpy().astype(np.float32)
+
+
+def _median_depth(out: dict) -> torch.Tensor:
+    """(R,) distance where each ray's accumulated weight reaches half (NaN below half opacity)."""
+    if "weights" not in out or "samples" not in out:
+        return out["depth"].reshape(-1)
+    w = out["weights"]
+    cum = w.cumsum(dim=-1)
+    idx = (cum < 0.5).sum(dim=-1).clamp(max=w.shape[-1] - 1)
+    t = out["samples"].t_mid.gather(-1, idx[:, None]).squeeze(-1)
+    return torch.where(cum[:, -1] >= 0.5, t, torch.full_like(t, float("nan")))
 
 
 def voxel_merge(pts: np.ndarray, rgb: np.ndarray, voxel_m: float) -> tuple[np.ndarray, np.ndarray]:

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from . import candidates, checkpoint, scene_region, view_evidence
+from .convergence import ConvergenceSignals
 from .dense_features import Cancelled, DenseFeatureCache
 from .encoders import checked_encode_texts, load_encoder
 from .engine_lock import PriorityLock
 from .fields.scene_box import SceneBox
 from .frame import Frame
-from .frame_prep import prepare_frame
+from .frame_prep import prepare_frame_with_source
 from .keyframes import KeyframeSelector, KeyframeStore
 from .model import LERFModel
 from .presets import EngineConfig
@@ -35,7 +36,7 @@ from .pyramid import ClipPyramid
 from .query import QueryResult, locate
 from .query_embed import multiscale_embed_fn
 from .relevancy import CANONICAL_NEGATIVES, negative_texts
-from .trainer import KeyframeTensors, Trainer, sample_ray_batch
+from .trainer import KeyframeTensors, NonFiniteStep, Trainer, sample_ray_batch
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,10 @@ class EngineStatus:
     losses: last step's weighted terms + "total"; rays_per_s: training throughput of the last ``step``
     call; gpu_mem_*_mb: torch.cuda allocated / peak (0 on the CPU); last_error: "Type: message" of the
     last failed ``step``; ready: queries can be answered; keyframes_outside_box: keyframes whose view
-    mostly leaves the scene box (`keyframes_outside_box`); scene_box: ((3,), (3,)) world metres or None."""
+    mostly leaves the scene box (`keyframes_outside_box`); scene_box: ((3,), (3,)) world metres or None;
+    convergence: the last `ConvergenceSignals` (usable, progress, held-out PSNR, depth agreement, language
+    slope, note); nonfinite_steps: training steps skipped for a non-finite loss / gradient; restores: roll-
+    backs to the last good weights (see `trainer.NonFiniteStep`)."""
 
     step: int
     keyframes: int
@@ -81,6 +85,17 @@ class EngineStatus:
     ready: bool
     keyframes_outside_box: int = 0
     scene_box: tuple | None = None
+    convergence: ConvergenceSignals = field(default_factory=ConvergenceSignals)
+    nonfinite_steps: int = 0
+    restores: int = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.convergence.usable
+
+    @property
+    def progress(self) -> float:
+        return self.convergence.progress
 
 
 #: Share of the training worker's wall time spent re-rendering query candidates (RGB-only keyframes).
@@ -133,6 +148,7 @@ class LERFEngine:
         self.pyramid = ClipPyramid(self.clip_encoder, cfg.pyramid, self.device)
         self.dense = DenseFeatureCache(self.dino_encoder, self.device)
         self._pending: collections.deque[int] = collections.deque()
+        self._sources: dict[int, np.ndarray] = {}  # full-resolution images of pending keyframes
         self._kf_version = 0
         self._tensors: KeyframeTensors | None = None
         self._tensors_version = -1
@@ -181,7 +197,7 @@ class LERFEngine:
     # ------------------------------------------------------------------ ingest
     def add_frame(self, frame: Frame) -> AddResult:
         """Validate (ValueError, nothing changed), undistort, downsize, keyframe decision, queue features."""
-        kf = prepare_frame(frame, self.config.ingest.max_image_side)  # touches no engine state
+        kf, source = prepare_frame_with_source(frame, self.config.ingest.max_image_side)  # no engine state
         with self.lock:
             if len(self.store):
                 ref = self.store.get(self.store.ids()[0]).image.shape
@@ -195,11 +211,14 @@ class LERFEngine:
             for old in evicted:
                 self._evict(old)
             self._pending.append(kf_id)
+            if source is not None:  # kept only until the keyframe's pyramid is cut from it
+                self._sources[kf_id] = source
             self._kf_version += 1
         self._bump_data()
         return AddResult(True, decision.reason, kf_id)
 
     def _evict(self, kf_id: int) -> None:
+        self._sources.pop(kf_id, None)
         if kf_id in self._pending:
             self._pending.remove(kf_id)
         self.pyramid.remove(kf_id)
@@ -222,18 +241,29 @@ class LERFEngine:
                 return False
             kf_id = self._pending.popleft()
             image = self.store.get(kf_id).image
-        key = self.pyramid.cache_key(image)
+            source = self._sources.get(kf_id)
+        key = self.pyramid.cache_key(image, source)
         try:
-            size, grid = self.pyramid.compute(image, self.cancel_event)
+            size, grid = self.pyramid.compute(image, self.cancel_event, source)
             self.dense.add(kf_id, image, self.cancel_event)  # the dense cache's own store is thread-safe
         except Cancelled:
             with self.lock.background():  # nothing was stored: the keyframe waits for the next step
                 if kf_id in self.store:
                     self._pending.appendleft(kf_id)
             raise
+        except ValueError as exc:
+            # The encoders' outputs are checked (finite, shape, unit norm): NaN features would become NaN
+            # targets. The keyframe is dropped, training goes on with the others.
+            with self.lock.background():
+                if kf_id in self.store:
+                    self.store.remove(kf_id)
+                    self._evict(kf_id)
+                self._last_error = f"ValueError: keyframe {kf_id} dropped, its features failed: {exc}"
+            return True
         with self.lock.background():
             if kf_id in self.store:
                 self.pyramid.insert(kf_id, size, grid, key)
+                self._sources.pop(kf_id, None)
                 self._kf_version += 1
             else:
                 self.dense.remove(kf_id)
@@ -272,6 +302,10 @@ class LERFEngine:
             return
         self.scene_box = self._derive_box()
         self._build_model()
+        if self.config.model.language.standardise_clip:
+            with self.pyramid.store.lock:
+                grids = [self.pyramid.store.grid(i) for i in self._ready_ids()]
+            self.model.language.set_clip_standardisation(torch.cat(grids).float().to(self.device))
 
     def _build_model(self) -> None:
         model_cfg = self.config.model
@@ -325,8 +359,16 @@ class LERFEngine:
                 lang = self.trainer.language_active
                 batch = sample_ray_batch(kf, rays, self._generator, self.pyramid if lang else None,
                                          self.dense if lang else None)
-                losses = self.trainer.step(batch)
+                try:
+                    losses = self.trainer.step(batch)
+                except NonFiniteStep as exc:  # nothing applied; rolled back from the 2nd in a row on
+                    if exc.in_row >= self.config.trainer.max_nonfinite_in_row:
+                        raise RuntimeError(f"training diverged: {exc}") from exc
+                    self._last_error = f"NonFiniteStep: {exc}"
+                    continue
                 done += 1
+                if self.trainer.convergence.due(self.train_step):
+                    self.trainer.evaluate(kf, self._tensors_version)
         if done:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -335,6 +377,25 @@ class LERFEngine:
             self._refresh_candidates()
         return StepStats(done, n_features, losses, time.perf_counter() - t0)
 
+    def evaluate_convergence(self) -> ConvergenceSignals:
+        """Judge convergence now (normally every ``trainer.convergence.eval_every`` steps), e.g. at the end
+        of a fixed step budget. Before any training: the empty signals."""
+        with self.lock:
+            ids = self._ready_ids()
+            if self.trainer is None or self.train_step == 0 or len(ids) < self.config.ingest.min_keyframes:
+                return self.convergence()
+            return self.trainer.evaluate(self._keyframe_tensors(ids), self._tensors_version)
+
+    def convergence(self) -> ConvergenceSignals:
+        """The last convergence judgement (`core/convergence.py`); empty before the first evaluation."""
+        with self.lock:
+            return ConvergenceSignals() if self.trainer is None else self.trainer.convergence.signals
+
+    def usable(self) -> bool:
+        """The map has converged (held-out colour, multi-view depth and language loss; see
+        `core/convergence.py`). Queries are answered before that (``ready``), from a map still converging."""
+        return self.convergence().usable
+
     def _refresh_candidates(self) -> None:
         """Keep rendered query candidates current (`CandidateCache.refresh`): one keyframe's depth at a
         time, spending at most ~REFRESH_FRACTION of the wall time on it, so a query never renders them."""
@@ -342,7 +403,8 @@ class LERFEngine:
         if now - self._last_refresh < self._refresh_cost / REFRESH_FRACTION:
             return
         with self.lock.background():
-            if self.model is None or not candidates.needs_rendered_depth(self.store.frames()):
+            stride = self.config.candidates.pixel_stride
+            if self.model is None or not candidates.depends_on_model(self.store.frames(), stride):
                 return
             t = time.perf_counter()
             if self.candidates.refresh(self.store.ids(), self.store.frames(), self.train_step, self.model):
@@ -397,6 +459,13 @@ class LERFEngine:
             cset = self.candidates.current
             fracs = self.config.pyramid.tile_fracs
             scale_range = None if cset.footprint is None else cset.footprint * np.array([fracs[0], fracs[-1]])
+            if self.scene_box is not None:
+                # Outside the box the fields are coarse (contracted space) and rendered depth there is
+                # mostly floaters: such points are not scored.
+                lo = torch.tensor(self.scene_box.min_xyz, device=points.device)
+                hi = torch.tensor(self.scene_box.max_xyz, device=points.device)
+                inside = ((points >= lo) & (points <= hi)).all(dim=1)
+                views = torch.where(inside, views, torch.zeros_like(views))
             kfs = [(i, self.store.get(i)) for i in ready_ids]
             if views_only:
                 embed_fn = view_evidence.views_embed_fn(cset, kfs, self.pyramid, self.config.candidates)
@@ -446,7 +515,10 @@ class LERFEngine:
                 gpu_mem_peak_mb=peak, last_error=self._last_error, ready=self.ready(),
                 keyframes_outside_box=self.keyframes_outside_box(),
                 scene_box=None if self.scene_box is None else (self.scene_box.min_xyz,
-                                                               self.scene_box.max_xyz))
+                                                               self.scene_box.max_xyz),
+                convergence=self.convergence(),
+                nonfinite_steps=0 if self.trainer is None else self.trainer.nonfinite_steps,
+                restores=0 if self.trainer is None else self.trainer.restores)
 
 
 def _empty_result(message: str, step: int) -> QueryResult:

@@ -213,6 +213,14 @@ class KeyframeStore:
                 evicted.append(victim)
             return kf_id, evicted
 
+    def remove(self, kf_id: int) -> None:
+        """Forget keyframe ``kf_id`` (e.g. one whose language features could not be computed); its id is
+        not reused. KeyError when it is not held."""
+        with self._lock:
+            if kf_id not in self._frames:
+                raise KeyError(f"no keyframe with id {kf_id}; held: {len(self._frames)} keyframes")
+            del self._frames[kf_id]
+
     def redundancy_distances(self) -> np.ndarray:
         """(N, N) pose distances between held keyframes (ids() order), diagonal inf."""
         with self._lock:

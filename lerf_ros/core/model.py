@@ -203,10 +203,12 @@ class LERFModel(nn.Module):
             weights = top_w * (total / top_w.sum(dim=-1, keepdim=True).clamp_min(1e-10))
             s = k
         feats = self.language.features(positions.reshape(-1, 3))
-        clip = self.language.clip(feats, scale_m[:, None].expand(r, s).reshape(-1))
+        residual = self.language.clip_residual(feats, scale_m[:, None].expand(r, s).reshape(-1))
+        residual = render_embedding(weights, residual.view(r, s, -1), normalize=False)
         dino = self.language.dino(feats)
         return {
-            "clip": render_embedding(weights, clip.view(r, s, -1), normalize=True),
+            "clip": self.language.unstandardise(residual),
+            "clip_residual": residual,
             "dino": render_embedding(weights, dino.view(r, s, -1), normalize=False),
             "clip_scale_m": scale_m,
         }
@@ -216,7 +218,8 @@ class LERFModel(nn.Module):
     def compute_losses(self, outputs: dict, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weighted loss terms (sum them for the total; no 'total' key).
 
-        batch: 'rgb' (R, 3) float [0, 1]; optional 'depth' (R,) metres along the ray (NaN = unknown);
+        batch: 'rgb' (R, 3) float [0, 1]; optional 'depth' (R,) metres along the ray (NaN or beyond
+        ``max_depth_m`` = unknown);
         optional 'clip' (R, clip_dim) unit target; optional 'dino' (R, dino_dim). CLIP / DINO terms
         appear only when both the batch target and the rendered output exist.
         """
@@ -231,11 +234,18 @@ class LERFModel(nn.Module):
         if w.distortion:
             out["distortion"] = w.distortion * L.distortion_loss(samples.s_edges, outputs["weights"])
         if "depth" in batch and w.depth:
-            out["depth"] = w.depth * L.depth_loss(
-                outputs["depth"], outputs["weights"], samples.t_edges, batch["depth"].reshape(-1)
-            )
+            # Beyond the rays' far end a measurement cannot be rendered (sensors report far garbage, e.g.
+            # 65.535 m for a saturated 16UC1): unknown, like NaN.
+            depth = batch["depth"].reshape(-1)
+            depth = torch.where(depth <= self.config.max_depth_m, depth, torch.full_like(depth, float("nan")))
+            out["depth"] = w.depth * L.depth_loss(outputs["depth"], outputs["weights"], samples.t_edges,
+                                                  depth)
         if "clip" in batch and "clip" in outputs:
-            out["clip"] = w.clip * L.clip_loss(outputs["clip"], batch["clip"])
+            if self.language.standardised:  # in the standardised space (see LanguageField)
+                out["clip"] = w.clip * L.clip_loss(outputs["clip_residual"],
+                                                   self.language.standardise(batch["clip"]))
+            else:  # LERF: the rendered unit embedding against the unit target
+                out["clip"] = w.clip * L.clip_loss(outputs["clip"], batch["clip"])
         if "dino" in batch and "dino" in outputs and self.dino_dim > 0:
             out["dino"] = w.dino * L.dino_loss(outputs["dino"], batch["dino"])
         return out

@@ -407,14 +407,19 @@ def locate(
     k = max(1, min(cfg.top_k, pts.shape[0]))
     best = int(masked.topk(k, dim=1).values.mean(dim=1).argmax())
     scale_m = float(cfg.scales_m[best])
-    read = _read_index(scales, allowed, best)
-    rel = table.gather(0, read[None]).squeeze(0)  # (N,) each point at its nearest trained scale
+    # Each point at its own best trained scale (small objects peak at small scales, large ones at large
+    # ones); a point with no trained scale in the searched range at the one nearest the best overall.
+    # (ties go to the larger scale: a field flat across scales says nothing against the object's size)
+    tie = torch.arange(scales.shape[0], device=dev, dtype=table.dtype)[:, None] * 1e-6
+    own = torch.where(allowed, table + tie, torch.full_like(table, -1.0)).argmax(dim=0)
+    read = torch.where(allowed.any(dim=0), own, _read_index(scales, allowed, best))
+    rel = table.gather(0, read[None]).squeeze(0)  # (N,)
 
     # 3. the scene's own statistics at that scale, then clusters grown from the strongest peaks.
     med = float(rel.median())
     spread = max(1.4826 * float((rel - med).abs().median()), ex.min_spread)
     link = max(cfg.cluster_radius_m, 1.5 * cfg.voxel_m)
-    cands = _clusters(pts, rel, med, spread, scale_m, link, cfg, max_results)
+    cands = _clusters(pts, rel, med, spread, scales[read], link, cfg, max_results)
     cloud_mask = rel >= max(0.5, med + 2.0 * spread)
     cap = cfg.max_cloud_points if with_cloud else 0
     cloud = _cloud(pts[cloud_mask], rel[cloud_mask], col[cloud_mask], cap)
@@ -452,7 +457,8 @@ def locate(
             conf *= _sigmoid((ex.competitor_margin - gap) / ex.competitor_width)
         support = float("nan")
         if view_fn is not None:
-            support = _view_support(view_fn, pts[members], rel[members], scale_m, text_embed, canon,
+            support = _view_support(view_fn, pts[members], rel[members], float(scales[read[c.peak]]),
+                                    text_embed, canon,
                                     max(0.5, q_median), cfg)
             if math.isfinite(support):
                 conf *= 1.0 - ex.view_weight * (1.0 - support)
@@ -461,7 +467,8 @@ def locate(
         targets.append(Target(
             location_world=((p * w[:, None]).sum(0) / w.sum()).cpu().numpy(),
             box_min=p.min(0).values.cpu().numpy(), box_max=p.max(0).values.cpu().numpy(),
-            relevancy=c.score, confidence=float(conf), point_count=int(members.numel()), scale_m=scale_m,
+            relevancy=c.score, confidence=float(conf), point_count=int(members.numel()),
+            scale_m=float(cfg.scales_m[int(read[c.peak])]),
             view_support=support, competitor=comp, competitor_relevancy=comp_score, z_score=float(z)))
 
     # 5. best first; the found ones up to max_results.
@@ -471,11 +478,11 @@ def locate(
     why = _explain(top, med, ex)
     if not found:
         return QueryResult(False, f"not found: best candidate confidence {top.confidence:.2f} < {thr:.2f} "
-                           f"({why})", None, top.relevancy, scale_m, *cloud, confidence=top.confidence,
+                           f"({why})", None, top.relevancy, top.scale_m, *cloud, confidence=top.confidence,
                            competitor=top.competitor)
     msg = (f"found {len(found)} target(s): confidence {top.confidence:.2f} >= {thr:.2f}, relevancy "
-           f"{top.relevancy:.3f} at scale {scale_m:.3f} m, {top.point_count} points ({why})")
-    return QueryResult(True, msg, top.location_world, top.relevancy, scale_m, *cloud,
+           f"{top.relevancy:.3f} at scale {top.scale_m:.3f} m, {top.point_count} points ({why})")
+    return QueryResult(True, msg, top.location_world, top.relevancy, top.scale_m, *cloud,
                        confidence=top.confidence, targets=found, competitor=top.competitor)
 
 
@@ -496,22 +503,27 @@ def _competitors(embeds, names, query_text: str, d: int, dev) -> tuple[Tensor | 
     return embeds[keep].to(dev), [names[i] for i in keep]
 
 
-def _clusters(pts: Tensor, rel: Tensor, med: float, spread: float, scale_m: float, link: float,
+def _clusters(pts: Tensor, rel: Tensor, med: float, spread: float, point_scale_m: Tensor, link: float,
               cfg: QueryConfig, max_results: int) -> list[_Candidate]:
-    """Clusters grown from the strongest peaks that stand out of the scene (> median + 3 spread)."""
+    """Clusters grown from the strongest peaks that stand out of the scene (> median + 3 spread), each
+    within grow_scale_factor times its peak's scale (point_scale_m (N,) metres) of the peak."""
     free = torch.ones_like(rel, dtype=torch.bool)
-    radius = max(cfg.grow_scale_factor * scale_m, 2.0 * link)
     out: list[_Candidate] = []
-    budget = max_results + 7  # a few extra: noisy peaks may take places before the real target
+    budget = max_results + 11  # extra: look-alikes and noisy peaks may come before the real target
     for seed in rel.argsort(descending=True).tolist():
         if len(out) >= budget or float(rel[seed]) <= med + 3.0 * spread:
             break
         if not bool(free[seed]):
             continue
+        radius = max(cfg.grow_scale_factor * float(point_scale_m[seed]), 2.0 * link)
         level = med + 0.5 * (float(rel[seed]) - med)
         members = _grow(pts, rel, seed, level, radius, link, free)
-        # the whole neighbourhood above the level is spent, so the same object is not seeded twice
-        free &= ~(((pts - pts[seed]).norm(dim=1) <= radius) & (rel >= level))
+        # the object's fringe (near its members, above the scene's noise) is spent too, so the same object
+        # is not seeded twice; other objects in the radius stay free
+        near = (free & ((pts - pts[seed]).norm(dim=1) <= radius + 2.0 * link)).nonzero().squeeze(1)
+        if near.numel():
+            fringe = torch.cdist(pts[near], pts[members]).min(dim=1).values <= 2.0 * link
+            free[near[fringe]] = False
         free[members] = False
         out.append(_Candidate(members, _padded_top_k_mean(rel[members], cfg.top_k), seed))
     return out

@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+#: Optical depth per sample is capped here (see ``render_weights``).
+_TAU_MAX = 1e3
+
 
 def render_weights(densities: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     """Alpha-compositing weights.
@@ -22,10 +25,16 @@ def render_weights(densities: torch.Tensor, deltas: torch.Tensor) -> torch.Tenso
             f"densities and deltas must both be (R, S), "
             f"got {tuple(densities.shape)} and {tuple(deltas.shape)}"
         )
-    tau = densities * deltas
-    alphas = 1.0 - torch.exp(-tau)
-    # Exclusive cumulative sum: transmittance before sample i, computed in log space for stability.
-    optical_depth = torch.cumsum(tau, dim=-1) - tau
+    # Beyond tau ~ 104 float32 exp(-tau) is exactly 0, so the cap changes no value and no gradient; it
+    # only keeps an overflowing density (inf, or a sum of huge ones) from turning into inf - inf = NaN.
+    tau = (densities * deltas).clamp(max=_TAU_MAX)
+    alphas = -torch.expm1(-tau)
+    # EXCLUSIVE cumulative sum of the samples before i. Not ``cumsum(tau) - tau``: when sample i is far
+    # more opaque than everything before it (an opaque surface, tau_i ~ 1e9 after a sum ~ 3), float32
+    # rounds (sum + tau_i) - tau_i to 0, transmittance comes out 1, the weights of a ray sum to 2 or
+    # more, and since that forward value no longer responds to the earlier densities their gradient
+    # pushes them up without bound until exp overflows (the training divergence this fixes).
+    optical_depth = torch.cat([torch.zeros_like(tau[:, :1]), torch.cumsum(tau[:, :-1], dim=-1)], dim=-1)
     return alphas * torch.exp(-optical_depth)
 
 

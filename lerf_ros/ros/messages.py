@@ -147,7 +147,8 @@ def training_status_msg(status, state_name: str, header: Header, frames_received
     """Engine status + node counters -> ``lerf_ros/msg/TrainingStatus``.
 
     ``status`` is the core's ``EngineStatus`` (step, keyframes, keyframes_pending, losses: name -> value,
-    rays_per_s, gpu_mem_allocated_mb, gpu_mem_peak_mb, last_error). ``drops`` maps a drop
+    rays_per_s, gpu_mem_allocated_mb, gpu_mem_peak_mb, last_error, convergence: `ConvergenceSignals`,
+    nonfinite_steps). ``drops`` maps a drop
     reason to its count (``frames_dropped`` is their sum); ``frames_without_depth`` counts frames
     ingested without a matching depth image (not drops); ``last_error`` (the node's, e.g. a
     frame-handling error) is used when the engine's is empty.
@@ -176,4 +177,14 @@ def training_status_msg(status, state_name: str, header: Header, frames_received
     msg.gpu_memory_allocated_mb = float(status.gpu_mem_allocated_mb)
     msg.gpu_memory_peak_mb = float(status.gpu_mem_peak_mb)
     msg.last_error = str(status.last_error or last_error or "")
+    conv = status.convergence
+    msg.usable = bool(conv.usable)
+    msg.progress = float(conv.progress)
+    msg.convergence = str(conv.note)
+    msg.heldout_psnr_db = float(conv.psnr_db)
+    msg.heldout_r2 = float(conv.r2)
+    msg.depth_disagreement = float(conv.depth_disagreement)
+    msg.language_loss_slope = float(conv.language_slope)
+    msg.convergence_step = max(int(conv.step), 0)
+    msg.nonfinite_steps = int(status.nonfinite_steps)
     return msg

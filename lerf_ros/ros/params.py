@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lerf_ros.core.presets import make_preset
@@ -121,6 +122,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               nodes=frozenset({TRAINER}), range=(0.005, 1.0), preset_field="candidates.voxel_m"),
     ParamSpec("candidate_pixel_stride", int, PRESET, "Keyframe pixel stride when lifting candidate points.",
               nodes=frozenset({TRAINER}), range=(1, 64), preset_field="candidates.pixel_stride"),
+    ParamSpec("vocabulary_file", str, "",
+              "Absolute path of a text file with one competing phrase per line (object and attribute words "
+              "that a query's peak is checked against for existence; '#' comments); '' = built-in list."),
     ParamSpec("scene_box_min", list, None,
               "Scene box min corner [x, y, z] in world_frame, m; unset = derived from what the cameras see "
               "(measured depth, else frusta cut at the ground plane z = 0 or scene_max_range_m).",
@@ -241,10 +245,23 @@ def _check_semantics(values: Mapping[str, Any]) -> None:
         raise ParameterError(name, values[name], "set scene_box_min and scene_box_max together")
     if lo is not None and not all(h > m for m, h in zip(lo, hi, strict=True)):
         raise ParameterError("scene_box_max", list(hi), f"must exceed scene_box_min {list(lo)} on every axis")
-    for name in ("map_path", "clip_checkpoint", "dino_checkpoint"):
+    for name in ("map_path", "clip_checkpoint", "dino_checkpoint", "vocabulary_file"):
         if values[name] and not values[name].startswith("/"):
             # Relative paths would depend on the working directory of whoever started the node.
             raise ParameterError(name, values[name], "must be an absolute path")
+
+
+def read_vocabulary(path: str) -> tuple[str, ...]:
+    """Phrases of a vocabulary file: one per line, blank lines and '#' comments skipped; ParameterError
+    naming the path when it cannot be read or holds no phrase."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParameterError("vocabulary_file", path, f"cannot be read: {exc}") from exc
+    phrases = tuple(p for p in dict.fromkeys(ln.split("#", 1)[0].strip() for ln in lines) if p)
+    if not phrases:
+        raise ParameterError("vocabulary_file", path, "holds no phrase (one per line, '#' comments)")
+    return phrases
 
 
 def _encoder_spec(current: Any, target: str, checkpoint: str) -> Any:
@@ -288,13 +305,16 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> ResolvedParams:
                                      pixel_stride=values["candidate_pixel_stride"])
     scene = dataclasses.replace(base.scene, box_min=values["scene_box_min"], box_max=values["scene_box_max"],
                                 max_range_m=values["scene_max_range_m"])
+    query_cfg = dataclasses.replace(base.query, threshold=values["query_threshold"])
+    if values["vocabulary_file"]:
+        query_cfg = dataclasses.replace(query_cfg, vocabulary=read_vocabulary(values["vocabulary_file"]))
     engine = dataclasses.replace(
         base,
         scene=scene,
         keyframes=keyframes,
         ingest=ingest,
         candidates=candidates,
-        query=dataclasses.replace(base.query, threshold=values["query_threshold"]),
+        query=query_cfg,
         clip_encoder=_encoder_spec(base.clip_encoder, values["clip_encoder"], values["clip_checkpoint"]),
         dino_encoder=_encoder_spec(base.dino_encoder, values["dino_encoder"], values["dino_checkpoint"]),
     )

@@ -1,10 +1,10 @@
 """``lerf-ros``: train a LERF map from a rosbag2, query it, inspect it, write the demo bag.
 
-  lerf-ros train BAG --out MAP [--image-topic ...] [--steps N | --seconds S]
+  lerf-ros train BAG --out MAP [--image-topic ...] [--steps N] [--seconds S]
   lerf-ros query MAP "red box" [--negatives ...] [--threshold T] [--max-results K] [--json] [--ply F]
                  [--png F]
   lerf-ros info MAP
-  lerf-ros demo-bag OUT [--format mcap|sqlite3] [--frames N] [--seed S]
+  lerf-ros demo-bag OUT [--room demo|random] [--format mcap|sqlite3] [--frames N] [--seed S]
 
 Defaults come from the nodes' parameter table (``lerf_ros.ros.params``, ROS-free), and options are
 validated by the same ``resolve`` the nodes use, so a bag trained here matches a live run.
@@ -14,7 +14,9 @@ User errors print one line on stderr and exit 1 (2 for bad usage); bugs keep the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -22,14 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ros.params import SPECS, ParameterError, resolve
+from ..ros.params import SPECS, ParameterError, read_vocabulary, resolve
 from .bag_io import BagError
 
 #: Sidecar the CLI writes next to a map: the world frame and where the map came from.
 TRAINING_INFO = "training_info.json"
-#: Offline training needs an end; the node's max_steps default (0) means "no budget". Per preset:
-#: tiny localises the demo room's objects in ~300 steps on a CPU; the GPU presets train longer.
-DEFAULT_STEPS = {"tiny": 300, "lite": 5000, "default": 15000}
+#: Without --steps, training stops when the map is usable (`core/convergence.py`) or, at the latest, after
+#: this many steps per preset (the demo room is usable after ~1000-1500 tiny steps on a CPU).
+STEP_CAP = {"tiny": 3000, "lite": 15000, "default": 30000}
+#: Why training stopped (``stop_reason`` in training_info.json).
+STOP_REASONS = ("usable", "steps", "cap", "no convergence signal", "seconds")
 
 
 class UserError(Exception):
@@ -56,7 +60,8 @@ def _add_train(sub) -> None:
                    help=SPECS["scene_max_range_m"].description)
     p.add_argument("--camera-frame", default="", help="override the images' header.frame_id")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps (default: node max_steps if > 0, else per preset {DEFAULT_STEPS})")
+                   help="train exactly this many steps (default: node max_steps if > 0, else until the map "
+                        f"is usable, at most per preset {STEP_CAP} steps)")
     p.add_argument("--seconds", type=float, default=None, help="stop training after this wall time")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -72,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threshold", type=float, default=None,
                    help="confidence (0..1) a target needs to count as found (default: the map's)")
     q.add_argument("--max-results", type=int, default=1, help="at most this many targets, best first (1-100)")
+    q.add_argument("--vocabulary-file", type=Path, default=None, help=SPECS["vocabulary_file"].description)
     q.add_argument("--device", default="auto", choices=SPECS["device"].choices)
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.add_argument("--ply", type=Path, help="write the relevancy cloud as binary PLY")
@@ -79,10 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a map directory")
     i.add_argument("map", type=Path)
     i.add_argument("--json", action="store_true")
-    d = sub.add_parser("demo-bag", help="write the synthetic room as a rosbag2")
+    d = sub.add_parser("demo-bag", help="write the synthetic room (or a random room) as a rosbag2")
     d.add_argument("out", type=Path)
+    d.add_argument("--room", choices=("demo", "random"), default="demo",
+                   help="demo: the demo room on its loop; random: random_room(seed) with a drive through it")
     d.add_argument("--format", choices=("mcap", "sqlite3"), default="mcap")
-    d.add_argument("--frames", type=int, default=60)
+    d.add_argument("--frames", type=int, default=None, help="images (demo room only; default 60)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-depth", action="store_true", help="leave out the depth topic")
     d.add_argument("--compressed", choices=("jpeg", "png"), default=None,
@@ -116,7 +124,8 @@ def cmd_train(args) -> int:
         raise UserError(str(exc)) from exc
     s = params.trainer
     max_steps = params.values.get("max_steps", 0)
-    steps = args.steps if args.steps is not None else (max_steps or DEFAULT_STEPS[params.values["preset"]])
+    fixed = args.steps if args.steps is not None else (max_steps or None)
+    steps = fixed if fixed is not None else STEP_CAP[params.values["preset"]]
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
     if args.seconds is not None and not args.seconds > 0:
@@ -151,24 +160,20 @@ def cmd_train(args) -> int:
         )
     t0 = time.monotonic()
     bar = tqdm(total=steps, desc="training", unit="step", disable=quiet, file=sys.stderr)
-    while True:
-        st = engine.status()
-        done_steps = st.step >= steps or (args.seconds is not None and time.monotonic() - t0 > args.seconds)
-        if done_steps and st.keyframes_pending == 0 and st.step > 0:
-            break
-        engine.step(0 if st.step >= steps else min(10, steps - st.step))
-        st = engine.status()
-        bar.n = min(st.step, steps)
-        bar.set_postfix(pyramid=f"{st.keyframes - st.keyframes_pending}/{st.keyframes}",
-                        loss=f"{st.losses.get('total', float('nan')):.3f}")
-        bar.refresh()
+    reason = _train(engine, steps, fixed is not None, args.seconds, bar)
     bar.close()
+    if fixed is not None or reason == "seconds":
+        engine.evaluate_convergence()  # judged at the last step, not up to eval_every steps before it
     args.out.mkdir(parents=True, exist_ok=True)
     engine.save(args.out)
+    st = engine.status()
+    conv = st.convergence
     info = {"world_frame": s.world_frame, "bag": str(Path(args.bag).resolve()), "images": stats.images,
             "frames": stats.frames, "keyframes": keyframes, "dropped": dict(stats.dropped),
-            "steps": engine.status().step, "preset": params.values["preset"],
-            "train_seconds": round(time.monotonic() - t0, 2)}
+            "steps": st.step, "preset": params.values["preset"],
+            "train_seconds": round(time.monotonic() - t0, 2), "stop_reason": reason,
+            "convergence": {k: _json_number(v) for k, v in dataclasses.asdict(conv).items()},
+            "nonfinite_steps": st.nonfinite_steps, "restores": st.restores}
     (args.out / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
     box = engine.status().scene_box
     if box is not None:
@@ -179,7 +184,53 @@ def cmd_train(args) -> int:
     print(f"trained {info['steps']} steps on {keyframes} keyframes ({stats.frames} frames of "
           f"{stats.images} images, dropped {dict(stats.dropped) or 'none'}) in "
           f"{info['train_seconds']:.1f} s -> {args.out}")
+    usable = "usable" if conv.usable else "NOT usable"
+    print(f"stopped: {_stop_text(reason, steps, args.seconds)}; map {usable} (progress {conv.progress:.2f}): "
+          f"{conv.note}"
+          + (f"; {st.nonfinite_steps} non-finite steps skipped, {st.restores} roll-backs"
+             if st.nonfinite_steps else ""))
     return 0
+
+
+def _train(engine, steps: int, fixed: bool, seconds: float | None, bar) -> str:
+    """Train until exactly ``steps`` steps (``fixed``), else until the map is usable or ``steps`` (the cap);
+    ``seconds`` of wall time end it sooner. Keyframe features still pending are computed first either way.
+    Returns the stop reason (one of ``STOP_REASONS``)."""
+    t0 = time.monotonic()
+    while True:
+        st = engine.status()
+        reason = None
+        if not fixed and st.convergence.usable:
+            reason = "usable"
+        elif st.step >= steps:
+            reason = "steps" if fixed else ("no convergence signal" if st.convergence.no_signal else "cap")
+        elif seconds is not None and time.monotonic() - t0 > seconds:
+            reason = "seconds"
+        if reason is not None and st.keyframes_pending == 0 and st.step > 0:
+            return reason
+        stats = engine.step(0 if reason is not None else min(10, steps - st.step))
+        st = engine.status()
+        if not stats.work_done and st.step == 0 and st.keyframes_pending == 0 and not st.nonfinite_steps:
+            raise UserError(f"nothing to train on: too few of the {st.keyframes} keyframes have language "
+                            f"features (last error: {st.last_error or 'none'})")
+        bar.n = min(st.step, steps)
+        bar.set_postfix(pyramid=f"{st.keyframes - st.keyframes_pending}/{st.keyframes}",
+                        loss=f"{st.losses.get('total', float('nan')):.3f}", progress=f"{st.progress:.2f}")
+        bar.refresh()
+
+
+def _stop_text(reason: str, steps: int, seconds: float | None) -> str:
+    if reason == "seconds":
+        return f"--seconds {seconds:g} elapsed"
+    return {"usable": "the map is usable",
+            "steps": f"{steps} steps done (--steps)",
+            "cap": f"step cap {steps} reached before the map was usable",
+            "no convergence signal": f"step cap {steps} reached with no convergence signal"}[reason]
+
+
+def _json_number(value):
+    """NaN / inf (not valid JSON) -> None."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 # ---------------------------------------------------------------------------------------------- query
@@ -276,6 +327,10 @@ def cmd_query(args) -> int:
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be in [0, 1], got {args.threshold}")
     engine = load_engine(args.map, args.device)
+    if args.vocabulary_file is not None:
+        vocab = read_vocabulary(str(args.vocabulary_file.expanduser().resolve()))
+        engine.config = dataclasses.replace(engine.config, query=dataclasses.replace(engine.config.query,
+                                                                                     vocabulary=vocab))
     frame_id = map_world_frame(args.map)
     try:
         result = engine.query(args.text, args.negatives, args.threshold, with_cloud=True,
@@ -341,13 +396,20 @@ def cmd_info(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- demo-bag
 def cmd_demo_bag(args) -> int:
-    from .demo_bag import DemoBagConfig, write_demo_bag
+    from .demo_bag import DemoBagConfig, write_demo_bag, write_random_room_bag
 
-    config = DemoBagConfig(frames=args.frames, storage=args.format, seed=args.seed,
-                           with_depth=not args.no_depth, compressed=args.compressed or "")
-    bag = write_demo_bag(args.out, config=config)
+    if args.room == "random":
+        if args.frames is not None:
+            raise UserError("--frames applies to the demo room; a random room's drive comes from its --seed")
+        bag = write_random_room_bag(args.out, args.seed, with_depth=not args.no_depth, storage=args.format,
+                                    compressed=args.compressed or "")
+    else:
+        config = DemoBagConfig(frames=60 if args.frames is None else args.frames, storage=args.format,
+                               seed=args.seed, with_depth=not args.no_depth, compressed=args.compressed or "")
+        bag = write_demo_bag(args.out, config=config)
     print(f"wrote {bag.path} ({args.format}): " + ", ".join(f"{t} {n}" for t, n in bag.counts.items()))
     print("objects: " + ", ".join(bag.room.names))
+    print("absent:  " + ", ".join(bag.room.absent_names))
     return 0
 
 

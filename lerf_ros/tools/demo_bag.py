@@ -1,4 +1,6 @@
-"""Write the synthetic room as a realistic rosbag2 (mcap or sqlite3) with ``rosbags``.
+"""Write a simulated room as a realistic rosbag2 (mcap or sqlite3) with ``rosbags``: the demo room along
+its loop (``write_demo_bag``), a random room along a drive through it (``write_random_room_bag``), or
+any room + ``Recording`` (``write_recording_bag``).
 
 Topics, like an RGB-D robot recording:
   /camera/color/image_raw        sensor_msgs/Image rgb8, ``image_rate_hz`` (5 Hz), sensor-data QoS
@@ -7,6 +9,7 @@ Topics, like an RGB-D robot recording:
   /tf                            map->odom (10 Hz, localisation) and odom->base_link (40 Hz, odometry),
                                  stamps not aligned with the images
   /tf_static                     base_link->camera_link->camera_color_optical_frame, transient-local
+(the random rooms' tree and rates are described in ``lerf_ros.sim.drive``)
 
 Each image is rendered at the camera pose that tf2 interpolation yields at its stamp (map ->
 camera_color_optical_frame through the recorded TF), so a reader that follows ROS semantics
@@ -20,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..compat.tf_buffer import TfBuffer
 from ..core.camera import CameraIntrinsics
-from ..core.scene import SyntheticRoom, camera_rig, default_intrinsics, orbit_trajectory, robot_path
 from ..core.transforms import matrix_to_quat
+from ..sim.recording import Recording, TfSeries
+from ..sim.scene import SyntheticRoom, camera_rig, default_intrinsics, orbit_trajectory, robot_path
 
 STORAGES = ("mcap", "sqlite3")
 DEMO_TOPICS = {
@@ -77,7 +80,7 @@ class DemoBag:
     stamps_ns: np.ndarray
     T_world_cam: np.ndarray
     intrinsics: CameraIntrinsics
-    room: SyntheticRoom
+    room: object  # SyntheticRoom or a random Room: render(), objects, absent_names
 
 
 def _qos(reliable: bool, transient_local: bool, depth: int):
@@ -151,24 +154,12 @@ class _Msgs:
         )
 
 
-def write_demo_bag(
-    out_dir, room: SyntheticRoom | None = None, config: DemoBagConfig = DemoBagConfig()
-) -> DemoBag:
-    """Render ``room`` along a loop and write it as a rosbag2 directory ``out_dir`` (must not exist).
-
-    Returns the written bag's description with the ground-truth camera poses at the image stamps.
-    Raises ValueError for a bad config or an existing ``out_dir``.
-    """
-    from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
-
+def demo_recording(room: SyntheticRoom, config: DemoBagConfig = DemoBagConfig()) -> Recording:
+    """The demo room's recording: one loop around the room centre (``orbit_trajectory``), images at
+    ``image_rate_hz`` with a few ms of capture jitter, odometry and localisation at their own stamps."""
     config.validate()
-    room = room if room is not None else SyntheticRoom(config.seed)
-    out = Path(out_dir)
-    if out.exists():
-        raise ValueError(f"output bag {out} exists already; choose a new path")
     intr = default_intrinsics(config.width, config.height, config.hfov_deg)
     rig = camera_rig()
-    m = _Msgs()
     rng = np.random.default_rng([config.seed, 17])
 
     t0 = round(config.start_time_s * 1e9)
@@ -186,46 +177,95 @@ def write_demo_bag(
     map_idx = list(range(0, n_odom, map_every))
     if map_idx[-1] != n_odom - 1:
         map_idx.append(n_odom - 1)  # localisation must cover the last image too
-
-    buf = TfBuffer(cache_time_s=(n_odom * odom_dt) / 1e9 + 10.0)
-    records: list[tuple[int, str, object]] = []  # (log time ns, topic, message)
-    statics = [m.transform(tf_start, rig.base_frame, rig.link_frame, rig.T_base_link),
-               m.transform(tf_start, rig.link_frame, rig.optical_frame, rig.T_link_optical)]
-    records.append((tf_start, "tf_static", m.tf(statics)))
-    buf.set_matrix(rig.base_frame, rig.link_frame, rig.T_base_link, 0, static=True)
-    buf.set_matrix(rig.link_frame, rig.optical_frame, rig.T_link_optical, 0, static=True)
-    for k, s in enumerate(odom_stamps):
-        s = int(s)
-        odom_msg = m.tf([m.transform(s, "odom", rig.base_frame, path.T_odom_base[k])])
-        records.append((s + 1_000_000, "tf", odom_msg))
-        buf.set_matrix("odom", rig.base_frame, path.T_odom_base[k], s)
-    for k in map_idx if config.localisation else []:
-        s = int(odom_stamps[k]) + 1_300_000  # localisation stamps differ from odometry's
-        records.append((s + 2_000_000, "tf", m.tf([m.transform(s, "map", "odom", path.T_map_odom[k])])))
-        buf.set_matrix("map", "odom", path.T_map_odom[k], s)
-
-    poses = []
-    for s in stamps:
-        s = int(s)
+    start = np.array([tf_start], dtype=np.int64)
+    tf = [
+        TfSeries(rig.base_frame, rig.link_frame, start, rig.T_base_link[None], static=True),
+        TfSeries(rig.link_frame, rig.optical_frame, start, rig.T_link_optical[None], static=True),
+        TfSeries("odom", rig.base_frame, odom_stamps, path.T_odom_base, log_delay_ns=1_000_000),
+    ]
+    if config.localisation:
+        # Localisation stamps differ from odometry's.
+        tf.append(TfSeries("map", "odom", odom_stamps[map_idx] + 1_300_000, path.T_map_odom[map_idx],
+                           log_delay_ns=2_000_000))
+    else:
         # Without localisation the images are rendered at the true pose, which no reader can recover.
-        T = (buf.lookup_matrix("map", rig.optical_frame, s) if config.localisation
-             else path.T_map_odom[0] @ buf.lookup_matrix("odom", rig.optical_frame, s))
-        poses.append(T)
+        tf.append(TfSeries("map", "odom", start, path.T_map_odom[:1], static=True, published=False))
+    return Recording(stamps, intr, tuple(tf), "map", rig.optical_frame)
+
+
+def write_demo_bag(
+    out_dir, room: SyntheticRoom | None = None, config: DemoBagConfig = DemoBagConfig()
+) -> DemoBag:
+    """Render ``room`` along a loop and write it as a rosbag2 directory ``out_dir`` (must not exist).
+
+    Returns the written bag's description with the ground-truth camera poses at the image stamps.
+    Raises ValueError for a bad config or an existing ``out_dir``.
+    """
+    config.validate()
+    room = room if room is not None else SyntheticRoom(config.seed)
+    if Path(out_dir).exists():
+        raise ValueError(f"output bag {out_dir} exists already; choose a new path")
+    return write_recording_bag(out_dir, room, demo_recording(room, config), storage=config.storage,
+                               with_depth=config.with_depth, compressed=config.compressed,
+                               depth_after_image=config.depth_after_image)
+
+
+def write_recording_bag(out_dir, room, recording: Recording, storage: str = "mcap", with_depth: bool = True,
+                        compressed: str = "", depth_after_image: bool = False) -> DemoBag:
+    """Render ``room`` (anything with ``render(T_world_cam, intr)``) at the camera poses of ``recording``
+    and write the recording as a rosbag2 directory ``out_dir`` (must not exist).
+
+    Topics are ``DEMO_TOPICS``: published TF series on /tf (one message per sample, logged
+    ``log_delay_ns`` after its stamp) and /tf_static (one message), per image the colour image
+    (raw rgb8 or ``compressed`` "jpeg" / "png"), its CameraInfo and, ``with_depth``, 16UC1 depth in
+    millimetres logged 3 ms before the image (``depth_after_image``: 3 ms after). Each image is
+    rendered at the pose tf2 interpolation yields at its stamp (``Recording.camera_poses``).
+    Raises ValueError for a bad option, a bad series or an existing ``out_dir``.
+    """
+    from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
+
+    if compressed not in ("", "jpeg", "png"):
+        raise ValueError(f"compressed must be '', 'jpeg' or 'png', got {compressed!r}")
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    out = Path(out_dir)
+    if out.exists():
+        raise ValueError(f"output bag {out} exists already; choose a new path")
+    intr = recording.intrinsics
+    m = _Msgs()
+    poses = recording.camera_poses()
+
+    records: list[tuple[int, str, object]] = []  # (log time ns, topic, message)
+    statics = [s for s in recording.tf if s.static and s.published]
+    if statics:
+        first = min(int(s.stamps_ns[0]) for s in statics)
+        records.append((first, "tf_static", m.tf([m.transform(int(s.stamps_ns[0]), s.parent, s.child, s.T[0])
+                                                  for s in statics])))
+    for series in recording.tf:
+        if series.static or not series.published:
+            continue
+        for stamp, T in zip(series.stamps_ns, series.T, strict=True):
+            msg = m.tf([m.transform(int(stamp), series.parent, series.child, T)])
+            records.append((int(stamp) + series.log_delay_ns, "tf", msg))
+
+    frame_id = recording.camera_frame
+    for s, T in zip(recording.image_stamps_ns, poses, strict=True):
+        s = int(s)
         rgb, depth_m = room.render(T, intr)
-        img_msg = (m.compressed_image(s, rig.optical_frame, rgb, config.compressed) if config.compressed
-                   else m.image(s, rig.optical_frame, rgb, "rgb8"))
+        img_msg = (m.compressed_image(s, frame_id, rgb, compressed) if compressed
+                   else m.image(s, frame_id, rgb, "rgb8"))
         records.append((s + 15_000_000, "image", img_msg))
-        records.append((s + 15_500_000, "camera_info", m.camera_info(s, rig.optical_frame, intr)))
-        if config.with_depth:
+        records.append((s + 15_500_000, "camera_info", m.camera_info(s, frame_id, intr)))
+        if with_depth:
             valid = np.isfinite(depth_m) & (depth_m > 0)
             mm = np.clip(np.round(np.nan_to_num(depth_m) * 1000.0), 0, 65535)
             mm = np.where(valid, mm, 0).astype("<u2")  # 0 = no return, as RealSense publishes
             # Depth is logged just before the colour image (both carry the capture stamp), so a subscriber
             # that pairs by stamp on the image's arrival finds it.
-            depth_log = s + (18_000_000 if config.depth_after_image else 12_000_000)
-            records.append((depth_log, "depth", m.image(s, rig.optical_frame, mm, "16UC1")))
+            depth_log = s + (18_000_000 if depth_after_image else 12_000_000)
+            records.append((depth_log, "depth", m.image(s, frame_id, mm, "16UC1")))
 
-    image_type = "sensor_msgs/msg/CompressedImage" if config.compressed else "sensor_msgs/msg/Image"
+    image_type = "sensor_msgs/msg/CompressedImage" if compressed else "sensor_msgs/msg/Image"
     types = {"image": image_type, "camera_info": "sensor_msgs/msg/CameraInfo",
              "depth": "sensor_msgs/msg/Image", "tf": "tf2_msgs/msg/TFMessage",
              "tf_static": "tf2_msgs/msg/TFMessage"}
@@ -233,9 +273,9 @@ def write_demo_bag(
            "camera_info": _qos(True, False, 10), "tf": _qos(True, False, 100),
            "tf_static": _qos(True, True, 1)}
     topics = dict(DEMO_TOPICS)
-    if config.compressed:
+    if compressed:
         topics["image"] += "/compressed"
-    plugin = StoragePlugin.MCAP if config.storage == "mcap" else StoragePlugin.SQLITE3
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     counts = dict.fromkeys((r[1] for r in records), 0)
     try:
         with Writer(out, version=9, storage_plugin=plugin) as writer:
@@ -246,4 +286,20 @@ def write_demo_bag(
                 counts[role] += 1
     except WriterError as exc:
         raise ValueError(f"cannot write bag {out}: {exc}") from exc
-    return DemoBag(out, {topics[k]: v for k, v in counts.items()}, stamps, np.stack(poses), intr, room)
+    return DemoBag(out, {topics[k]: v for k, v in counts.items()}, np.asarray(recording.image_stamps_ns),
+                   poses, intr, room)
+
+
+def write_random_room_bag(out_dir, seed: int, with_depth: bool = True, storage: str = "mcap",
+                          compressed: str = "", drive_config=None) -> DemoBag:
+    """Draw ``random_room(seed)`` and a drive through it (``drive_through``) and write it as a rosbag2
+    (the TF tree map -> odom -> base_link -> camera_pan_link -> camera_link -> optical frame)."""
+    from ..sim.drive import DriveConfig, drive_through
+    from ..sim.rooms import random_room
+
+    if Path(out_dir).exists():
+        raise ValueError(f"output bag {out_dir} exists already; choose a new path")
+    room = random_room(seed)
+    drive = drive_through(room, config=drive_config or DriveConfig())
+    return write_recording_bag(out_dir, room, drive.recording, storage=storage, with_depth=with_depth,
+                               compressed=compressed)

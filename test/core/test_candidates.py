@@ -130,3 +130,17 @@ def test_holes_in_measured_depth_are_filled_from_rendered_depth():
     assert after.shape[0] > before.shape[0]
     np.testing.assert_allclose(after[:, 2].numpy(), 2.0, atol=1e-4)  # the rendered wall agrees
     assert cache.refresh([0, 1], [holed, other], 3, _WallModel()) == 0  # filled at this step already
+
+
+def test_rendered_candidates_use_the_median_depth_of_each_ray():
+    from types import SimpleNamespace
+
+    w = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.1, 0.1, 0.1]])
+    samples = SimpleNamespace(t_mid=torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 2))
+    out = {"weights": w, "samples": samples, "depth": (w * samples.t_mid).sum(-1)}
+    t = cand._median_depth(out)
+    assert float(t[0]) == 3.0  # half the opacity is reached in the third sample (expected depth: 3.0 too)
+    assert torch.isnan(t[1])  # a ray less than half opaque has no surface to lift
+    skewed = {"weights": torch.tensor([[0.6, 0.0, 0.0, 0.39]]), "samples": SimpleNamespace(
+        t_mid=torch.tensor([[1.0, 2.0, 3.0, 9.0]])), "depth": torch.tensor([4.11])}
+    assert float(cand._median_depth(skewed)[0]) == 1.0  # the surface, not the mean pulled behind it

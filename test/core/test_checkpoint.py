@@ -151,7 +151,7 @@ def test_candidates_saved_and_reused_without_rendering(tmp_path):
     from lerf_ros.core import candidates
     from lerf_ros.core.engine import LERFEngine
     from lerf_ros.core.presets import make_preset
-    from lerf_ros.core.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
+    from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
 
     room = SyntheticRoom(0)
     frames = [dataclasses.replace(f, depth_m=None) for f in

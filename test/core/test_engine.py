@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 
+from lerf_ros.core import candidates
 from lerf_ros.core.encoders import EncoderSpec
 from lerf_ros.core.engine import LERFEngine, StepStats, _auto_to_torch
 from lerf_ros.core.engine_lock import PriorityLock
 from lerf_ros.core.frame import Frame
 from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
 from lerf_ros.core.query_embed import multiscale_embed_fn
-from lerf_ros.core.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
 from lerf_ros.core.worker import TrainingWorker
+from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
 
 # --------------------------------------------------------------------------- broken encoders
 
@@ -466,11 +467,16 @@ def test_candidates_from_rendered_depth_without_measured_depth(room_frames):
     pts, rgb, views = engine._candidate_points()
     assert pts.shape[0] > 0 and pts.shape == rgb.shape and views.shape == (pts.shape[0],)
     assert torch.isfinite(pts).all() and int(views.max()) >= 1
-    # rendered depth changes as the model trains: the cache key includes the step
+    # rendered depth changes as the model trains: the training step refreshes a keyframe's grid (the
+    # stalest), and a query merges it in without rendering anything itself
     assert engine._candidate_points()[0] is pts
+    calls = candidates.render_calls()
     engine.step(1)
+    assert candidates.render_calls() == calls + 1
+    calls = candidates.render_calls()
     assert engine._candidate_points()[0] is not pts
     r = engine.query("red box")
+    assert candidates.render_calls() == calls
     assert r.model_step == engine.train_step and isinstance(r.found, bool)
 
 
@@ -608,3 +614,48 @@ def test_auto_backend_becomes_torch_for_cpu_engines():
     pinned = dataclasses.replace(cfg, radiance=dataclasses.replace(
         cfg.radiance, grid=dataclasses.replace(cfg.radiance.grid, implementation="tcnn")))
     assert impls(_auto_to_torch(pinned), []).count("tcnn") == 1  # an explicit choice is kept
+
+
+def test_query_before_training_answers_from_keyframe_views():
+    """RGB-D keyframes with features but no trained field: the keyframes' own crop embeddings answer."""
+    room = SyntheticRoom(0)
+    frames = make_frames(room, orbit_trajectory(room, 12), default_intrinsics(96, 72))
+    engine = LERFEngine(_tiny(), "cpu")
+    for f in frames:
+        engine.add_frame(f)
+    while engine.status().keyframes_pending:
+        engine.step(0)  # features only, no training step
+    assert not engine.ready()
+    located = 0
+    for obj in room.objects:
+        res = engine.query(obj.name)
+        assert res.source == "views" and "language field has not trained" in res.message
+        if res.found:
+            located += bool(np.all(res.location_world >= obj.box_min - 0.05)
+                            and np.all(res.location_world <= obj.box_max + 0.05))
+    assert located >= 5, located
+    absent = engine.query(room.absent_names[0])
+    assert not absent.found and absent.source == "views"
+    # RGB only: no candidates without a model, so the answer is "no model yet"
+    bare = LERFEngine(_tiny(), "cpu")
+    for f in frames[:6]:
+        bare.add_frame(dataclasses.replace(f, depth_m=None))
+    while bare.status().keyframes_pending:
+        bare.step(0)
+    assert bare.query("red box").message.startswith("no model yet")
+
+
+def test_pyramid_crops_come_from_the_full_resolution_frame(room_frames):
+    """Ingest downsizes keyframes, but their CLIP crops are cut from the frame as it arrived."""
+    big = [dataclasses.replace(f, image=np.repeat(np.repeat(f.image, 2, 0), 2, 1),
+                               intrinsics=f.intrinsics.scaled(2.0), depth_m=None) for f in room_frames[:3]]
+    engine = LERFEngine(_tiny(min_keyframes=2, max_image_side=48), "cpu")
+    for f in big:
+        engine.add_frame(f)
+    kf_id = engine.store.ids()[0]
+    source = engine._sources[kf_id]
+    assert source.shape == big[0].image.shape and engine.store.get(kf_id).image.shape == (36, 48, 3)
+    while engine.status().keyframes_pending:
+        engine.step(0)
+    assert engine._sources == {}  # freed once the pyramid is cut
+    assert engine.pyramid.key(kf_id) == engine.pyramid.cache_key(engine.store.get(kf_id).image, source)

@@ -13,14 +13,14 @@ import torch
 from lerf_ros.core.camera import pixel_rays
 from lerf_ros.core.engine import LERFEngine
 from lerf_ros.core.presets import make_preset
-from lerf_ros.core.scene import (
+from lerf_ros.core.worker import TrainingWorker
+from lerf_ros.sim.scene import (
     SyntheticRoom,
     default_intrinsics,
     heldout_poses,
     make_frames,
     orbit_trajectory,
 )
-from lerf_ros.core.worker import TrainingWorker
 
 N_FRAMES = 24
 MAX_STEPS = 400

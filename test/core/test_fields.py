@@ -18,7 +18,7 @@ from lerf_ros.core.fields import (
     SceneBox,
 )
 from lerf_ros.core.fields.hash_encoding import _GridInterp, level_layout, resolve_implementation
-from lerf_ros.core.fields.radiance_field import sh_encoding
+from lerf_ros.core.fields.radiance_field import sh_encoding, trunc_exp
 
 DENSE = HashEncodingConfig(2, 2, 14, 4, 8, "torch")  # res 4 and 8 vertices: both dense (<= 2^14)
 MIXED = HashEncodingConfig(4, 2, 12, 8, 64, "torch")  # 2^12 table: coarse dense, fine hashed
@@ -183,6 +183,17 @@ def test_scene_box_normalise_contract_and_dict():
     assert (t_in.item(), t_out.item()) == pytest.approx((2.0, 6.0))
     with pytest.raises(ValueError, match="max must exceed"):
         SceneBox((0, 0, 0), (1, 0, 1))
+
+
+def test_trunc_exp_value_capped_gradient_not():
+    x = torch.tensor([0.0, 10.0, 100.0, 1e4], requires_grad=True)
+    y = trunc_exp(x)
+    assert torch.isfinite(y).all()  # exp(100) overflows float32: the value is capped at exp(80)
+    torch.testing.assert_close(y[:2], torch.exp(x[:2].detach()))
+    assert y[2].item() == y[3].item() == pytest.approx(math.exp(80.0), rel=1e-5)
+    y.sum().backward()
+    # gradient exp(min(x, 15)) everywhere, so an overgrown density is still pulled back down
+    torch.testing.assert_close(x.grad, torch.exp(torch.tensor([0.0, 10.0, 15.0, 15.0])))
 
 
 def test_sh_encoding_values():

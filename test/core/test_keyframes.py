@@ -8,8 +8,8 @@ import pytest
 
 from lerf_ros.core.frame import Frame
 from lerf_ros.core.keyframes import KeyframeConfig, KeyframeSelector, KeyframeStore, blur_metric
-from lerf_ros.core.scene import SyntheticRoom, default_intrinsics, look_at_pose
 from lerf_ros.core.transforms import make_transform
+from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, look_at_pose
 
 INTR = default_intrinsics()
 SEC = 1_000_000_000

@@ -7,15 +7,16 @@ import pytest
 import torch
 
 from lerf_ros.core.camera import CameraIntrinsics, pixel_rays, z_to_ray_distance
-from lerf_ros.core.scene import look_at_pose
 from lerf_ros.core.trainer import (
     KeyframeTensors,
+    NonFiniteStep,
     Trainer,
     TrainerConfig,
     lr_factor,
     pixel_rays_batched,
     sample_ray_batch,
 )
+from lerf_ros.sim.scene import look_at_pose
 
 
 def test_lr_schedule_hand_values():
@@ -154,7 +155,7 @@ def _toy_batch(n=64):
 def test_trainer_groups_schedule_and_loss_gate():
     model = _ToyModel()
     cfg = TrainerConfig(lr=0.1, lr_by_group=(("language", 0.05),), lr_decay_steps=10, lr_final_factor=0.5,
-                        clip_loss_start_step=3)
+                        clip_loss_start_step=3, language=None)
     tr = Trainer(model, cfg, "cpu")
     assert set(tr.optimizers) == {"radiance", "language"}
     assert not tr.use_amp  # CPU: never autocast
@@ -208,3 +209,81 @@ def test_state_dict_round_trip():
     assert tr2.step_count == 1
     assert torch.equal(tr2.optimizers["radiance"].state_dict()["state"][0]["exp_avg"],
                        tr.optimizers["radiance"].state_dict()["state"][0]["exp_avg"])
+
+
+def test_non_finite_gradient_skips_the_step():
+    model = _ToyModel()
+    tr = Trainer(model, TrainerConfig(lr=0.1), "cpu")
+    tr.step(_toy_batch())
+    before = [p.detach().clone() for p in model.parameters()]
+    hook = model.b.register_hook(lambda g: g * float("nan"))  # finite loss, NaN gradient
+    with pytest.raises(NonFiniteStep, match="grad:radiance") as info:
+        tr.step(_toy_batch())
+    hook.remove()
+    assert info.value.terms == ("grad:radiance",) and info.value.in_row == 1 and not info.value.restored
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    assert (tr.step_count, tr.nonfinite_steps) == (1, 1)
+    tr.step(_toy_batch())  # training goes on
+    assert (tr.step_count, tr.nonfinite_in_row) == (2, 0)
+
+
+def test_second_non_finite_step_in_a_row_rolls_back_to_the_snapshot():
+    model = _ToyModel()
+    tr = Trainer(model, TrainerConfig(lr=0.1, snapshot_every=2), "cpu")
+    for _ in range(2):
+        tr.step(_toy_batch())  # snapshot at step 2 (a clean stretch of 2 steps)
+    at_snapshot = [p.detach().clone() for p in model.parameters()]
+    adam_at_snapshot = tr.optimizers["radiance"].state[model.a]["exp_avg"].clone()
+    tr.step(_toy_batch())
+    at_3 = [p.detach().clone() for p in model.parameters()]
+    bad = _toy_batch()
+    bad["rgb"][0, 0] = float("nan")
+    with pytest.raises(NonFiniteStep) as first:
+        tr.step(bad)
+    assert not first.value.restored  # one bad batch: skipped, nothing rolled back
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), at_3, strict=True))
+    with pytest.raises(NonFiniteStep, match="rolled back to the snapshot of step 2") as second:
+        tr.step(bad)
+    assert second.value.restored and second.value.in_row == 2 and tr.restores == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), at_snapshot, strict=True))
+    assert torch.equal(tr.optimizers["radiance"].state[model.a]["exp_avg"], adam_at_snapshot)
+    out = tr.step(_toy_batch())
+    assert math.isfinite(out["total"]) and tr.nonfinite_in_row == 0 and tr.step_count == 4
+    # no snapshot within snapshot_every steps of a bad one: step 4 keeps the old snapshot
+    assert tr._snapshot.step == 2
+
+
+def test_non_finite_weights_are_rolled_back_at_once():
+    model = _ToyModel()
+    tr = Trainer(model, TrainerConfig(lr=0.1), "cpu")
+    tr.step(_toy_batch())
+    with torch.no_grad():
+        model.a[0] = float("nan")  # e.g. a corrupted state: every forward is NaN from now on
+    with pytest.raises(NonFiniteStep) as info:
+        tr.step(_toy_batch())
+    assert info.value.restored and torch.isfinite(model.a).all()
+    assert math.isfinite(tr.step(_toy_batch())["total"])
+
+
+def test_language_field_has_lerfs_own_optimiser_and_schedule():
+    """LERF's 1e-2 -> 1e-3 over 4000 steps, weight decay 1e-9 (Adam by default, RAdam on request)."""
+    from lerf_ros.core.trainer import GroupSchedule
+
+    sched = GroupSchedule()
+    assert (sched.optimizer, sched.lr, sched.lr_final, sched.decay_steps) == ("adam", 1e-2, 1e-3, 4000)
+    assert sched.factor(0) == 1.0 and sched.factor(2000) == pytest.approx(10 ** -0.5)
+    assert sched.factor(4000) == pytest.approx(0.1) and sched.factor(9000) == pytest.approx(0.1)
+    radam = TrainerConfig(rays_per_step=8, lr=5e-3, lr_decay_steps=100, language=GroupSchedule("radam"))
+    trainer = Trainer(_ToyModel(), radam, "cpu")
+    assert isinstance(trainer.optimizers["language"], torch.optim.RAdam)
+    assert trainer.optimizers["language"].param_groups[0]["weight_decay"] == 1e-9
+    assert isinstance(trainer.optimizers["radiance"], torch.optim.Adam)
+    trainer.step_count = 4000
+    trainer._set_lr()
+    assert trainer.optimizers["language"].param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert trainer.optimizers["radiance"].param_groups[0]["lr"] == pytest.approx(5e-3 * 0.01)
+    plain = Trainer(_ToyModel(), TrainerConfig(rays_per_step=8, language=None), "cpu")
+    assert isinstance(plain.optimizers["language"], torch.optim.Adam)
+    with pytest.raises(ValueError, match="optimizer"):
+        GroupSchedule(optimizer="sgd").validate()

@@ -75,6 +75,15 @@ def test_training_status_constants_and_fields():
         "gpu_memory_allocated_mb": "float",
         "gpu_memory_peak_mb": "float",
         "last_error": "string",
+        "usable": "boolean",
+        "progress": "float",
+        "convergence": "string",
+        "heldout_psnr_db": "float",
+        "heldout_r2": "float",
+        "depth_disagreement": "float",
+        "language_loss_slope": "float",
+        "convergence_step": "uint64",
+        "nonfinite_steps": "uint64",
     }
     msg = TrainingStatus(step=2**40, loss_names=["rgb"], loss_values=[0.25])
     assert msg.step == 2**40 and list(msg.loss_values) == [0.25]

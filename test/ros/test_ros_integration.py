@@ -18,8 +18,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ros_harness import ROOM_PUBLISHER, Child, Client, drops, launcher
 
 from lerf_ros.core.presets import make_preset
-from lerf_ros.core.scene import SyntheticRoom
 from lerf_ros.ros.messages import msg_to_cloud
+from lerf_ros.sim.scene import SyntheticRoom
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,6 @@
 """numpy <-> PointCloud2 / Marker / TrainingStatus conversions, on hand-built messages (no rclpy.init)."""
 
+import math
 import struct
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker
 
+from lerf_ros.core.convergence import ConvergenceSignals
 from lerf_ros.ros import messages
 
 
@@ -114,9 +116,12 @@ def test_stamp_conversion():
 
 
 def test_training_status_msg():
+    conv = ConvergenceSignals(step=400, psnr_db=28.5, r2=0.93, coverage=1.0, depth_disagreement=0.02,
+                              depth_pairs=300, psnr_gain_db=0.1, language_slope=-0.03, usable=True,
+                              progress=1.0, note="usable: held-out PSNR 28.5 dB")
     status = SimpleNamespace(step=42, keyframes=5, keyframes_pending=1, losses={"rgb": 0.5, "total": 0.7},
                              rays_per_s=1234.5, gpu_mem_allocated_mb=0.0, gpu_mem_peak_mb=0.0,
-                             last_error=None)
+                             last_error=None, convergence=conv, nonfinite_steps=3)
     msg = messages.training_status_msg(status, "training", _header(), 30, {"tf_missing": 2, "blurred": 3},
                                        "tf_missing: no map", frames_without_depth=4)
     assert msg.frames_without_depth == 4
@@ -128,5 +133,14 @@ def test_training_status_msg():
     assert list(msg.loss_values) == pytest.approx([0.5, 0.7])
     assert msg.rays_per_second == pytest.approx(1234.5)
     assert msg.last_error == "tf_missing: no map"
+    assert msg.usable and msg.progress == 1.0 and msg.convergence == "usable: held-out PSNR 28.5 dB"
+    assert (msg.heldout_psnr_db, msg.heldout_r2) == pytest.approx((28.5, 0.93))
+    assert (msg.depth_disagreement, msg.language_loss_slope) == pytest.approx((0.02, -0.03))
+    assert (msg.convergence_step, msg.nonfinite_steps) == (400, 3)
+    # before the first evaluation: not usable, NaN signals, step 0
+    empty = messages.training_status_msg(
+        SimpleNamespace(**{**vars(status), "convergence": ConvergenceSignals()}), "waiting", _header(), 0, {})
+    assert not empty.usable and empty.progress == 0.0 and empty.convergence_step == 0
+    assert math.isnan(empty.heldout_psnr_db) and empty.convergence == "not evaluated yet"
     with pytest.raises(ValueError, match="unknown training state"):
         messages.training_status_msg(status, "sleeping", _header(), 0, {})

@@ -210,3 +210,16 @@ def test_scene_box_parameters_map_to_the_config_and_bad_boxes_name_the_parameter
     for overrides, name in bad:
         with pytest.raises(ParameterError, match=f"'{name}'"):
             resolve(overrides)
+
+
+def test_vocabulary_file_replaces_the_competing_phrases_and_a_bad_one_names_its_path(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("# kitchen\nmug\ncup  # a look-alike\n\nmug\nkettle\n")
+    p = resolve({"vocabulary_file": str(vocab)})
+    assert p.engine.query.vocabulary == ("mug", "cup", "kettle")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    for path, why in ((str(tmp_path / "missing.txt"), "cannot be read"), (str(empty), "no phrase"),
+                      ("vocab.txt", "absolute")):
+        with pytest.raises(ParameterError, match=f"'vocabulary_file'.*{why}"):
+            resolve({"vocabulary_file": path})

@@ -8,7 +8,6 @@ import signal
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from std_srvs.srv import SetBool, Trigger
 
 from lerf_ros.compat.image import numpy_to_image, rgb_to_compressed
 from lerf_ros.compat.tf import matrix_to_transform_msg
-from lerf_ros.core.engine import AddResult, StepStats
+from lerf_ros.core.engine import AddResult, EngineStatus, StepStats
 from lerf_ros.core.transforms import make_transform
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_from_ns
@@ -64,9 +63,10 @@ class FakeEngine:
         self.frames.clear()
 
     def status(self):
-        return SimpleNamespace(step=0, keyframes=len(self.frames), keyframes_pending=0, losses={},
-                               rays_per_s=0.0, gpu_mem_allocated_mb=0.0, gpu_mem_peak_mb=0.0, last_error=None,
-                               ready=False)
+        # The real status type: fields added later (with defaults) need no change here.
+        return EngineStatus(step=0, keyframes=len(self.frames), keyframes_pending=0, losses={},
+                            rays_per_s=0.0, gpu_mem_allocated_mb=0.0, gpu_mem_peak_mb=0.0, last_error=None,
+                            ready=False)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lerf_ros.core.scene import SyntheticRoom
+from lerf_ros.sim.scene import SyntheticRoom
 from lerf_ros.tools.cli import main
 from lerf_ros.tools.ply import read_ply
 
@@ -64,13 +64,20 @@ def test_json_matches_printed_answer_and_files(trained, capsys, tmp_path):
     _, _, map_dir = trained
     ply, png = tmp_path / "red.ply", tmp_path / "red.png"
     ans = query_json(capsys, map_dir, "red box", "--ply", ply, "--png", png)
-    assert set(ans) == {"found", "message", "location", "relevancy", "scale", "model_step", "cloud_points"}
-    assert ans["model_step"] == STEPS
+    assert set(ans) == {"found", "message", "location", "relevancy", "confidence", "competitor", "scale",
+                        "model_step", "source", "cloud_points", "targets"}
+    assert ans["model_step"] == STEPS and ans["source"] == "field" and 0.0 <= ans["confidence"] <= 1.0
+    assert len(ans["targets"]) == int(ans["found"])
+    if ans["found"]:
+        t = ans["targets"][0]
+        assert t["location"] == ans["location"] and t["confidence"] == ans["confidence"]
+        assert all(t["extent"][a] >= 0 for a in "xyz") and t["point_count"] > 0
     rc, text, _ = run_cli(capsys, "query", map_dir, "red box")
     assert rc == 0
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     assert fields["found"].strip().startswith("yes" if ans["found"] else "no")
     assert float(fields["relevancy"]) == pytest.approx(ans["relevancy"], abs=5e-4)
+    assert float(fields["confidence"].split()[0]) == pytest.approx(ans["confidence"], abs=5e-3)
     assert float(fields["scale"].split()[0]) == pytest.approx(ans["scale"], abs=5e-4)
     loc = ans["location"]
     assert f"x={loc['x']:.3f} y={loc['y']:.3f} z={loc['z']:.3f} m in frame 'map'" in fields["location"]
@@ -98,6 +105,29 @@ def test_info_reports_the_map(trained, capsys):
     assert "colour" in json.dumps(info["encoders"])
     rc, out, _ = run_cli(capsys, "info", map_dir)
     assert rc == 0 and f"steps:      {STEPS}" in out and "MiB on disk" in out
+
+
+@pytest.mark.slow
+def test_steps_n_means_exactly_n_and_the_reason_is_recorded(trained):
+    _, _, map_dir = trained
+    info = json.loads((map_dir / "training_info.json").read_text())
+    assert info["steps"] == STEPS and info["stop_reason"] == "steps"
+    conv = info["convergence"]
+    assert conv["step"] == STEPS and conv["usable"] is False and 0 < conv["progress"] < 1
+    assert conv["note"].startswith("converging: ") and info["nonfinite_steps"] == 0
+
+
+@pytest.mark.slow
+def test_without_steps_training_stops_when_the_map_is_usable(trained, capsys, tmp_path):
+    _, bag, _ = trained
+    rc, out, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--depth-topic", DEPTH,
+                           "--device", "cpu", "--no-progress")
+    assert rc == 0, err
+    info = json.loads((tmp_path / "m" / "training_info.json").read_text())
+    assert info["stop_reason"] == "usable" and info["convergence"]["usable"] is True
+    assert info["steps"] < 3000  # the tiny preset's cap
+    assert info["convergence"]["psnr_db"] > 25 and info["convergence"]["depth_disagreement"] < 0.05
+    assert "stopped: the map is usable; map usable (progress 1.00): usable: held-out PSNR" in out
 
 
 def test_missing_topic_exits_nonzero_with_message(tmp_path, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lerf_ros.core.scene import SyntheticRoom
+from lerf_ros.sim.scene import SyntheticRoom
 from lerf_ros.tools.demo import (
     DemoOptions,
     ground_truth_rows,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lerf_ros.core.scene import SyntheticRoom, default_intrinsics, look_at_pose
+from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, look_at_pose
 from lerf_ros.tools.pictures import (
     PANEL_SIZE,
     KeyframeView,

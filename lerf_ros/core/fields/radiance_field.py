@@ -15,15 +15,23 @@ from .hash_encoding import HashEncoding, HashEncodingConfig
 from .mlp import MLP, MLPConfig
 from .scene_box import SceneBox
 
+#: Largest exponent the density activation evaluates: exp(80) ~ 5.5e34 per metre is finite in float32
+#: (exp(88.8) is not) and is opaque over any sample interval anyway.
+_EXP_MAX = 80.0
+
 
 class _TruncExp(torch.autograd.Function):
-    """exp with the gradient clamped at exp(15): keeps early training from exploding (instant-ngp)."""
+    """exp with the gradient clamped at exp(15): keeps early training from exploding (instant-ngp).
+
+    The value is capped at exp(_EXP_MAX) so a density is never inf (inf * a zero-length interval is
+    NaN); the gradient ignores that cap, so an overgrown density is still pulled back.
+    """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return torch.exp(x)
+        return torch.exp(x.clamp(max=_EXP_MAX))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from lerf_ros.core.camera import CameraIntrinsics
-from lerf_ros.core.scene import (
+from lerf_ros.core.transforms import make_transform, validate_rigid
+from lerf_ros.sim.scene import (
     AMBIENT,
     LIGHT_DIR,
     R_LINK_OPTICAL,
@@ -17,7 +18,6 @@ from lerf_ros.core.scene import (
     orbit_trajectory,
     robot_path,
 )
-from lerf_ros.core.transforms import make_transform, validate_rigid
 
 # 5 x 5 camera, principal point on pixel (2, 2), one pixel = 0.25 in normalised coordinates.
 SMALL = CameraIntrinsics(5, 5, 4.0, 4.0, 2.0, 2.0)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .camera import CameraIntrinsics
-from .frame import Frame
-from .transforms import invert_transform, make_transform, validate_rigid
+from ..core.camera import CameraIntrinsics
+from ..core.frame import Frame
+from ..core.transforms import invert_transform, make_transform, validate_rigid
 
 #: Room extent: x, y in [-half, half], z in [0, height], metres.
 ROOM_HALF_M = 2.0
@@ -133,42 +133,13 @@ class SyntheticRoom:
 
     # ------------------------------------------------------------------ ray casting
     def trace(self, T_world_cam, intr: CameraIntrinsics):
-        """Cast one ray per pixel centre.
+        """Cast one ray per pixel centre (``trace_scene`` over this room's box and objects).
 
         Returns depth_m (H, W) float64 along the optical axis, surface (H, W) int (0-5 room faces
         x-, x+, y-, y+, floor, ceiling; 6 + k object k), points (H, W, 3) world, normals (H, W, 3).
         depth is 0 where the camera is outside the room and nothing is hit.
         """
-        T = validate_rigid(T_world_cam, "T_world_cam")
-        intr.validate()
-        h, w = int(intr.height), int(intr.width)
-        v, u = np.mgrid[0:h, 0:w].astype(np.float64)
-        # Unnormalised directions with z_cam = 1: the ray parameter t is the optical-axis depth.
-        d_cam = np.stack([(u - intr.cx) / intr.fx, (v - intr.cy) / intr.fy, np.ones_like(u)], -1).reshape(
-            -1, 3
-        )
-        d = d_cam @ T[:3, :3].T
-        o = T[:3, 3]
-        d_safe = np.where(np.abs(d) < 1e-12, 1e-12, d)
-        inv_d = 1.0 / d_safe
-        lo, hi = self.bounds
-        with np.errstate(invalid="ignore", over="ignore"):
-            t_axis = np.where(d_safe > 0, (hi - o) * inv_d, (lo - o) * inv_d)  # room exit per axis
-            axis = np.argmin(t_axis, axis=1)
-            t_best = t_axis[np.arange(len(d)), axis]
-            surface = 2 * axis + (d_safe[np.arange(len(d)), axis] > 0)
-            normal = np.zeros_like(d)
-            normal[np.arange(len(d)), axis] = np.where(d_safe[np.arange(len(d)), axis] > 0, -1.0, 1.0)
-            for k, obj in enumerate(self.objects):
-                t_k, n_k = _intersect(obj, o, d, inv_d)
-                closer = t_k < t_best
-                t_best = np.where(closer, t_k, t_best)
-                surface = np.where(closer, 6 + k, surface)
-                normal[closer] = n_k[closer]
-        valid = np.isfinite(t_best) & (t_best > _EPS)
-        t_best = np.where(valid, t_best, 0.0)
-        points = o + t_best[:, None] * d
-        return (t_best.reshape(h, w), surface.reshape(h, w), points.reshape(h, w, 3), normal.reshape(h, w, 3))
+        return trace_scene(self.bounds, self.objects, T_world_cam, intr)
 
     def render(self, T_world_cam, intr: CameraIntrinsics) -> tuple[np.ndarray, np.ndarray]:
         """(4, 4) camera pose (optical) + intrinsics -> rgb (H, W, 3) uint8, depth_m (H, W) float32."""
@@ -196,6 +167,46 @@ class SyntheticRoom:
         f, ph = self._tex_freq[face], self._tex_phase[face]
         waves = np.sin(2 * np.pi * np.einsum("nkc,nc->nk", f, ab) + ph)
         return 1.0 + TEXTURE_AMPLITUDE * waves.mean(axis=1)
+
+
+def trace_scene(bounds, primitives, T_world_cam, intr: CameraIntrinsics):
+    """Cast one ray per pixel centre into an axis-aligned room ``bounds`` (2, 3) holding ``primitives``
+    (objects with shape, center, radius_m, box_min, box_max; see ``_intersect``).
+
+    Returns depth_m (H, W) float64 along the optical axis, surface (H, W) int (0-5 room faces
+    x-, x+, y-, y+, floor, ceiling; 6 + k primitive k), points (H, W, 3) world, normals (H, W, 3).
+    depth is 0 where the camera is outside the room and nothing is hit.
+    """
+    T = validate_rigid(T_world_cam, "T_world_cam")
+    intr.validate()
+    h, w = int(intr.height), int(intr.width)
+    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
+    # Unnormalised directions with z_cam = 1: the ray parameter t is the optical-axis depth.
+    d_cam = np.stack([(u - intr.cx) / intr.fx, (v - intr.cy) / intr.fy, np.ones_like(u)], -1).reshape(
+        -1, 3
+    )
+    d = d_cam @ T[:3, :3].T
+    o = T[:3, 3]
+    d_safe = np.where(np.abs(d) < 1e-12, 1e-12, d)
+    inv_d = 1.0 / d_safe
+    lo, hi = np.asarray(bounds, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        t_axis = np.where(d_safe > 0, (hi - o) * inv_d, (lo - o) * inv_d)  # room exit per axis
+        axis = np.argmin(t_axis, axis=1)
+        t_best = t_axis[np.arange(len(d)), axis]
+        surface = 2 * axis + (d_safe[np.arange(len(d)), axis] > 0)
+        normal = np.zeros_like(d)
+        normal[np.arange(len(d)), axis] = np.where(d_safe[np.arange(len(d)), axis] > 0, -1.0, 1.0)
+        for k, obj in enumerate(primitives):
+            t_k, n_k = _intersect(obj, o, d, inv_d)
+            closer = t_k < t_best
+            t_best = np.where(closer, t_k, t_best)
+            surface = np.where(closer, 6 + k, surface)
+            normal[closer] = n_k[closer]
+    valid = np.isfinite(t_best) & (t_best > _EPS)
+    t_best = np.where(valid, t_best, 0.0)
+    points = o + t_best[:, None] * d
+    return (t_best.reshape(h, w), surface.reshape(h, w), points.reshape(h, w, 3), normal.reshape(h, w, 3))
 
 
 def _intersect(obj: SceneObject, o: np.ndarray, d: np.ndarray, inv_d: np.ndarray):

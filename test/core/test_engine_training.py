@@ -1,0 +1,137 @@
+"""LERFEngine training: NaN never reaches it or kills it (bad inputs refused or masked, a diverged step
+skipped and rolled back, an error only after many in a row); convergence judged on held-out pixels, with
+a reason when it cannot come (all-black images end at the cap)."""
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lerf_ros.core.engine import LERFEngine
+from lerf_ros.core.presets import make_preset
+from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
+from lerf_ros.tools.cli import _train
+
+
+def _tiny(**trainer):
+    cfg = make_preset("tiny")
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, **trainer)) if trainer else cfg
+
+
+@pytest.fixture(scope="module")
+def room_frames():
+    room = SyntheticRoom(0)
+    return make_frames(room, orbit_trajectory(room, 8), default_intrinsics(48, 36))
+
+
+def _engine(frames, cfg=None) -> LERFEngine:
+    engine = LERFEngine(cfg or _tiny(), "cpu")
+    for f in frames:
+        engine.add_frame(f)
+    return engine
+
+
+def _finite_losses(engine) -> bool:
+    losses = engine.status().losses
+    return bool(losses) and all(math.isfinite(v) for v in losses.values())
+
+
+def test_nan_pose_depth_and_feature_map_never_reach_training(room_frames):
+    engine = LERFEngine(_tiny(), "cpu")
+    good = room_frames[0]
+    nan_pose = good.T_world_cam.copy()
+    nan_pose[1, 3] = np.nan
+    with pytest.raises(ValueError, match="T_world_cam"):
+        engine.add_frame(dataclasses.replace(good, T_world_cam=nan_pose))
+    assert len(engine.store) == 0
+    # The dense encoder returns an all-NaN feature map for the second keyframe.
+    real, calls = engine.dino_encoder.encode_dense, []
+
+    def nan_once(image):
+        calls.append(1)
+        out = real(image)
+        return torch.full_like(out, float("nan")) if len(calls) == 2 else out
+
+    engine.dino_encoder.encode_dense = nan_once
+    for i, f in enumerate(room_frames):
+        depth = f.depth_m.copy()
+        depth[: depth.shape[0] // 3] = np.nan  # sensor holes
+        depth[:, :4] = np.inf
+        depth[-3:, -3:] = -1.0
+        depth[5, 5] = 65.535  # 16UC1 saturation, beyond the rays' far end
+        if i == 3:
+            depth[:] = np.nan  # a frame with no valid depth at all
+        engine.add_frame(dataclasses.replace(f, depth_m=depth))
+    for _ in range(8):
+        engine.step(10)
+    st = engine.status()
+    assert st.step >= 60 and _finite_losses(engine) and st.nonfinite_steps == 0
+    assert "depth" in st.losses
+    # the keyframe with NaN features was dropped (and said so); the others train
+    assert len(engine.store) == len(room_frames) - 1 and "dropped" in st.last_error
+    assert all(torch.isfinite(p).all() for p in engine.model.parameters())
+
+
+def test_a_diverged_model_is_rolled_back_and_training_goes_on(room_frames):
+    engine = _engine(room_frames)
+    while engine.train_step < 30:
+        engine.step(10)
+    with torch.no_grad():  # the state a diverged step would leave: NaN in the density grid
+        engine.model.radiance.grid.params[:1000] = float("nan")
+    engine.step(20)
+    st = engine.status()
+    assert (st.nonfinite_steps, st.restores) == (1, 1) and st.step == 30 + 19
+    assert _finite_losses(engine) and all(torch.isfinite(p).all() for p in engine.model.parameters())
+    assert st.last_error.startswith("NonFiniteStep: non-finite loss at step 30")
+
+
+def test_error_only_after_max_nonfinite_in_row(room_frames):
+    engine = _engine(room_frames, _tiny(max_nonfinite_in_row=3))
+    while engine.train_step < 5:
+        engine.step(5 - engine.train_step)
+    healthy = engine.model.compute_losses
+    engine.model.compute_losses = lambda out, batch: {"rgb": torch.tensor(float("nan"), requires_grad=True)}
+    engine.step(2)  # two in a row: skipped, rolled back, no error yet
+    assert engine.status().nonfinite_steps == 2 and engine.train_step == 5
+    with pytest.raises(RuntimeError, match="training diverged"):
+        engine.step(5)
+    assert engine.status().last_error.startswith("RuntimeError: training diverged")
+    engine.model.compute_losses = healthy  # whatever broke is fixed: training resumes
+    engine.step(3)
+    assert engine.train_step == 8 and _finite_losses(engine)
+
+
+def test_usable_needs_convergence_and_is_in_the_status(room_frames):
+    engine = _engine(room_frames)
+    assert not engine.usable() and engine.status().convergence.note == "not evaluated yet"
+    while engine.train_step < 10:
+        engine.step(10 - engine.train_step)
+    sig = engine.evaluate_convergence()
+    assert sig.step == 10 and not sig.usable and 0 < sig.progress < 1
+    assert math.isfinite(sig.psnr_db) and sig.depth_pairs > 0
+    st = engine.status()
+    assert st.convergence == sig and st.usable is False and st.progress == sig.progress
+
+
+def _bar():
+    return SimpleNamespace(n=0, set_postfix=lambda **kw: None, refresh=lambda: None)
+
+
+def test_black_images_never_usable_and_end_at_the_cap(room_frames):
+    cfg = make_preset("tiny")
+    # blur detection would reject black frames before they reach training; switch it off
+    cfg = dataclasses.replace(cfg, keyframes=dataclasses.replace(cfg.keyframes, blur_threshold=0.0))
+    engine = _engine([dataclasses.replace(f, image=np.zeros_like(f.image)) for f in room_frames], cfg)
+    reason = _train(engine, 250, fixed=False, seconds=None, bar=_bar())
+    st = engine.status()
+    assert reason == "no convergence signal" and st.step == 250 and not st.usable
+    assert st.convergence.note.startswith("no convergence signal: the held-out pixels have no colour")
+
+
+def test_fixed_steps_mean_exactly_n(room_frames):
+    engine = _engine(room_frames)
+    assert _train(engine, 37, fixed=True, seconds=None, bar=_bar()) == "steps"
+    assert engine.train_step == 37 and engine.status().keyframes_pending == 0
