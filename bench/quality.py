@@ -293,6 +293,37 @@ def table(cond: Condition, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CONF_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001)
+REL_BINS = (0.0, 0.45, 0.5, 0.52, 0.55, 0.58, 0.6, 0.65, 0.7, 0.9, 1.0001)
+
+
+def histograms(rows: list[dict]) -> dict:
+    """Counts of confidence and relevancy per bin for three kinds of answer: right (a present object,
+    located), wrong (a present object, not located: missed or elsewhere) and absent names. A user with real
+    CLIP weights recalibrates the threshold from the same table on their own rooms (README)."""
+    kinds = {"right": [r for r in rows if r["kind"] == "present" and r["located"]],
+             "wrong": [r for r in rows if r["kind"] == "present" and not r["located"]],
+             "absent": [r for r in rows if r["kind"] == "absent"]}
+    out = {}
+    for field, bins in (("confidence", CONF_BINS), ("relevancy", REL_BINS)):
+        counts = {k: np.histogram([float(r.get(field) or 0.0) for r in v], bins=bins)[0].tolist()
+                  for k, v in kinds.items()}
+        out[field] = {"bins": list(bins), **counts}
+    return out
+
+
+def histogram_table(cond: Condition, hist: dict) -> str:
+    lines = [f"#### {cond.name}: answers by confidence and relevancy", ""]
+    for field in ("confidence", "relevancy"):
+        b = hist[field]["bins"]
+        labels = [f"{b[i]:.2f}-{min(b[i + 1], 1.0):.2f}" for i in range(len(b) - 1)]
+        lines += [f"| {field} | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for kind in ("right", "wrong", "absent"):
+            lines.append(f"| {kind} | " + " | ".join(str(c) for c in hist[field][kind]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rooms", type=int, default=8, help="rooms (seeds 0..N-1 unless --seeds)")
@@ -337,11 +368,13 @@ def main(argv=None) -> int:
                       f"{s['absent']}, t90 {r.get('stream', {}).get('t90_s')}", file=sys.stderr, flush=True)
                 results[cond.name].append(r)
         wall = time.monotonic() - t_start
+    hists = {c: histograms([row for r in rs for row in r["rows"]]) for c, rs in results.items()}
     for cond in conditions:
         print(table(cond, results[cond.name]) + "\n")
+        print(histogram_table(cond, hists[cond.name]) + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {c: {"summary": summarise([row for r in rs for row in r["rows"]]), "rooms": rs}
-               for c, rs in results.items()}
+    summary = {c: {"summary": summarise([row for r in rs for row in r["rows"]]), "histograms": hists[c],
+                   "rooms": rs} for c, rs in results.items()}
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "wall_s": round(wall, 1),
                                "conditions": summary}, indent=1))
     print(f"wrote {out} ({wall:.0f} s)")

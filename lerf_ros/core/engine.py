@@ -313,8 +313,10 @@ class LERFEngine:
             # "auto" picks tinycudann whenever CUDA is present, whatever the engine's device; its modules
             # cannot run on the CPU, so an explicit device="cpu" on a GPU machine would crash in step().
             model_cfg = _auto_to_torch(model_cfg)
-        self.model = LERFModel(model_cfg, self.scene_box, self.clip_encoder.dim,
-                               self.dino_encoder.dim).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # the same initial fields every run (reproducible maps)
+            torch.manual_seed(0)
+            self.model = LERFModel(model_cfg, self.scene_box, self.clip_encoder.dim,
+                                   self.dino_encoder.dim).to(self.device)
         self.trainer = Trainer(self.model, self.config.trainer, self.device)
 
     def _keyframe_tensors(self, ids: list[int]) -> KeyframeTensors:

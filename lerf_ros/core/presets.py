@@ -233,8 +233,9 @@ def make_preset(name: str) -> EngineConfig:
         return EngineConfig(
             name="tiny",
             model=_tiny_model(),
-            # Four scales are enough for 96 x 72 images: the smallest LERF tile (5 %) would be 4 pixels.
-            pyramid=PyramidConfig(tile_fracs=(0.1, 0.2, 0.35, 0.5), stride_ramp=(0.1, 0.2), batch_size=256),
+            # LERF's smallest tile (5 % of the height) too: 5-10 cm objects are a few pixels at robot range.
+            pyramid=PyramidConfig(tile_fracs=(0.05, 0.1, 0.2, 0.35, 0.5), stride_ramp=(0.05, 0.15),
+                                  batch_size=256),
             keyframes=KeyframeConfig(max_keyframes=48),
             trainer=TrainerConfig(rays_per_step=256, lr=1e-2, lr_decay_steps=1500, lr_final_factor=0.1,
                                   clip_loss_start_step=0),

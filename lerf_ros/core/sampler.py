@@ -91,7 +91,8 @@ class Spacing:
 
 
 def sample_pdf(
-    s_edges: torch.Tensor, weights: torch.Tensor, num_samples: int, stratified: bool, padding: float
+    s_edges: torch.Tensor, weights: torch.Tensor, num_samples: int, stratified: bool, padding: float,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Inverse-CDF resampling of a piecewise-constant density over bins.
 
@@ -104,7 +105,7 @@ def sample_pdf(
     n = num_samples + 1
     u = torch.linspace(0.0, 1.0 - 1.0 / n, n, device=w.device, dtype=w.dtype).expand(w.shape[0], n)
     if stratified:
-        u = u + torch.rand(w.shape[0], 1, device=w.device, dtype=w.dtype) / n
+        u = u + torch.rand(w.shape[0], 1, device=w.device, dtype=w.dtype, generator=generator) / n
     else:
         u = u + 0.5 / n
     u = u.contiguous()
@@ -124,6 +125,14 @@ class ProposalSampler(nn.Module):
         super().__init__()
         self.config = config.validate()
         self.proposal_fields = nn.ModuleList(DensityField(c, scene_box) for c in config.proposal_fields)
+        # The training jitter draws from its own generator, so a run is reproducible whatever else in the
+        # process uses torch's global one (made on first use, on the rays' device).
+        self._generator: torch.Generator | None = None
+
+    def _jitter_generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(0)
+        return self._generator
 
     def forward(
         self,
@@ -144,9 +153,10 @@ class ProposalSampler(nn.Module):
         r = origins.shape[0]
         n0 = cfg.proposal_samples[0]
         s = torch.linspace(0.0, 1.0, n0 + 1, device=origins.device, dtype=origins.dtype).expand(r, n0 + 1)
+        gen = self._jitter_generator(origins.device) if stratified else None
         if stratified:
             # Jitter interior edges within their bins; the ray's ends stay fixed.
-            jitter = (torch.rand(r, n0 + 1, device=origins.device) - 0.5) / n0
+            jitter = (torch.rand(r, n0 + 1, device=origins.device, generator=gen) - 0.5) / n0
             jitter[:, 0] = 0
             jitter[:, -1] = 0
             s = s + jitter
@@ -155,11 +165,11 @@ class ProposalSampler(nn.Module):
         for i, density_field in enumerate(self.proposal_fields):
             if i > 0:
                 s = sample_pdf(
-                    s, prop_weights[-1], cfg.proposal_samples[i], stratified, cfg.histogram_padding
+                    s, prop_weights[-1], cfg.proposal_samples[i], stratified, cfg.histogram_padding, gen
                 )
             rs = RaySamples(origins, directions, spacing.s_to_t(s), s)
             sigma = density_field(rs.positions().reshape(-1, 3)).view(r, -1)
             prop_samples.append(rs)
             prop_weights.append(render_weights(sigma, rs.deltas))
-        s = sample_pdf(s, prop_weights[-1], cfg.nerf_samples, stratified, cfg.histogram_padding)
+        s = sample_pdf(s, prop_weights[-1], cfg.nerf_samples, stratified, cfg.histogram_padding, gen)
         return RaySamples(origins, directions, spacing.s_to_t(s), s), prop_samples, prop_weights

@@ -1,0 +1,101 @@
+"""Query latency while the training worker trains, and with a map loaded and idle (issue: queries that do
+not pay for geometry). RGB-only by default, so candidates come from rendered depth.
+
+    .venv/bin/python bench/query_latency.py --seed 1 --train-s 40 --queries-every-s 1.0
+
+A random room (``lerf_ros.sim``) is rendered along its drive and every frame is added to an engine; a
+``TrainingWorker`` thread trains while the main thread asks for each object in turn (the worker keeps
+the candidates current, a query must not re-render them); then the map is saved, loaded into a fresh
+engine and queried idle. Prints one table and writes JSON (bench/out/query_latency_<preset>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lerf_ros.core.candidates import render_calls  # noqa: E402
+from lerf_ros.core.engine import LERFEngine  # noqa: E402
+from lerf_ros.core.frame import Frame  # noqa: E402
+from lerf_ros.core.presets import make_preset  # noqa: E402
+from lerf_ros.core.worker import TrainingWorker  # noqa: E402
+from lerf_ros.sim.drive import drive_through  # noqa: E402
+from lerf_ros.sim.rooms import random_room  # noqa: E402
+
+
+def _pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--depth", action="store_true", help="RGB-D instead of RGB-only")
+    p.add_argument("--train-s", type=float, default=40.0, help="seconds of training with queries")
+    p.add_argument("--queries-every-s", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    room = random_room(args.seed)
+    drive = drive_through(room)
+    cfg = make_preset(args.preset)
+    engine = LERFEngine(cfg, "cpu")
+    for T, stamp in zip(drive.T_world_cam, drive.recording.image_stamps_ns, strict=True):
+        rgb, depth = room.render(T, drive.intrinsics)
+        engine.add_frame(Frame(rgb, drive.intrinsics, T, int(stamp), depth if args.depth else None))
+    worker = TrainingWorker(engine, steps_per_tick=10)
+    worker.start()
+    during, renders_in_queries, names = [], 0, list(room.names)
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() - t0 < args.train_s:
+        time.sleep(args.queries_every_s)
+        if not engine.ready():
+            continue
+        before = render_calls()
+        t = time.perf_counter()
+        engine.query(names[i % len(names)])
+        during.append(time.perf_counter() - t)
+        renders_in_queries += render_calls() - before  # the worker may render meanwhile: an upper bound
+        i += 1
+    worker.stop()
+    steps = engine.train_step
+    idle = []
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save(tmp)
+        loaded = LERFEngine.load(tmp, "cpu")
+        for name in names * 3:
+            t = time.perf_counter()
+            loaded.query(name)
+            idle.append(time.perf_counter() - t)
+    rows = {"during training": during, "map loaded, idle": idle}
+    print(f"room {args.seed}, {'RGB-D' if args.depth else 'RGB-only'}, preset {args.preset}, {steps} steps, "
+          f"{len(engine.store)} keyframes")
+    print("| queries | n | p50 (s) | p95 (s) | max (s) |")
+    print("|---|---|---|---|---|")
+    for label, v in rows.items():
+        print(f"| {label} | {len(v)} | {statistics.median(v):.3f} | {_pct(v, 0.95):.3f} | {max(v):.3f} |")
+    out = args.out or ROOT / "bench" / "out" / f"query_latency_{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "steps": steps,
+                               "renders_during_queries_upper_bound": renders_in_queries,
+                               **{k: v for k, v in rows.items()}}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
