@@ -9,8 +9,8 @@ from setuptools import find_packages, setup
 
 CONSOLE_SCRIPTS = [
     "lerf-ros = lerf_ros.tools.cli:main",
-    "lerf_trainer_node = lerf_ros.ros.trainer_node:main",
-    "lerf_query_node = lerf_ros.ros.query_node:main",
+    "lerf_trainer_node = lerf_ros.ros.main:trainer_main",
+    "lerf_query_node = lerf_ros.ros.main:query_main",
     "lerf_node = lerf_ros.ros.main:main",
 ]
 

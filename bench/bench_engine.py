@@ -38,8 +38,8 @@ from lerf_ros.core.encoders import (
     load_encoder,
 )
 from lerf_ros.core.engine import LERFEngine, resolve_device
+from lerf_ros.core.language.pyramid import ClipPyramid
 from lerf_ros.core.presets import make_preset
-from lerf_ros.core.pyramid import ClipPyramid
 from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
 
 GROW_M = 0.05

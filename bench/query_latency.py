@@ -22,11 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lerf_ros.core.candidates import render_calls  # noqa: E402
 from lerf_ros.core.engine import LERFEngine  # noqa: E402
-from lerf_ros.core.frame import Frame  # noqa: E402
+from lerf_ros.core.frames.frame import Frame  # noqa: E402
+from lerf_ros.core.language.candidates import render_calls  # noqa: E402
 from lerf_ros.core.presets import make_preset  # noqa: E402
-from lerf_ros.core.worker import TrainingWorker  # noqa: E402
+from lerf_ros.core.training.worker import TrainingWorker  # noqa: E402
 from lerf_ros.sim.drive import drive_through  # noqa: E402
 from lerf_ros.sim.rooms import random_room  # noqa: E402
 

@@ -213,7 +213,7 @@ from lerf_ros.msg import TrainingStatus
 from lerf_ros.srv import MapPath, Query  # noqa: F401
 from tf2_msgs.msg import TFMessage
 
-import lerf_ros.core.transforms as transforms
+import lerf_ros.core.frames.transforms as transforms
 
 repo = pathlib.Path(sys.argv[1]).resolve()
 src = pathlib.Path(transforms.__file__).resolve()

@@ -24,7 +24,7 @@ import threading
 import numpy as np
 
 from lerf_ros.compat import tf_buffer as _core
-from lerf_ros.core.transforms import matrix_to_quat, transform_from_quat, validate_rigid
+from lerf_ros.core.frames.transforms import matrix_to_quat, transform_from_quat, validate_rigid
 
 try:
     import tf2_ros as _tf2_ros

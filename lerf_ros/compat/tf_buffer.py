@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lerf_ros.core.transforms import (
+from lerf_ros.core.frames.transforms import (
     make_transform,
     matrix_to_quat,
     quat_to_matrix,

@@ -10,7 +10,7 @@ A map directory holds:
 ``features.pt``    {"hashes": {kf_id: frame content hash}, "caches": {"clip": pyramid state, "dino": dense
                    cache state}}; the states carry their encoder name and crop settings and refuse to load
                    under another encoder; the hashes tie each keyframe's features to its image content.
-``candidates.npz`` optional: the query candidate set (``core/candidates.py``): points (P, 3) float64,
+``candidates.npz`` optional: the query candidate set (``core/language/candidates.py``): points (P, 3) float64,
                    rgb (P, 3) uint8, views (P,) int64 and the key (keyframe-set hash @ model step) it is
                    valid for; reused after load when the key still matches, so a map without measured
                    depth does not re-render every keyframe on its first query.
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .candidates import CandidateSet
+from .language.candidates import CandidateSet
 
 FORMAT_NAME = "lerf_ros-map"
 FORMAT_VERSION = 1
@@ -286,7 +286,7 @@ def load_engine(cls, path: str | os.PathLike, device: str = "auto"):
     """Build ``cls`` (an `LERFEngine`) from a map directory; every piece is validated on the new engine
     before it is returned, so a bad map raises ValueError naming the file and nothing is half-loaded."""
     from .fields.scene_box import SceneBox
-    from .keyframes import KeyframeStore
+    from .frames.keyframes import KeyframeStore
     from .presets import EngineConfig
 
     root = Path(path)

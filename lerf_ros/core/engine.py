@@ -21,22 +21,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import candidates, checkpoint, scene_region, view_evidence
-from .convergence import ConvergenceSignals
-from .dense_features import Cancelled, DenseFeatureCache
+from . import checkpoint
 from .encoders import checked_encode_texts, load_encoder
-from .engine_lock import PriorityLock
 from .fields.scene_box import SceneBox
-from .frame import Frame
-from .frame_prep import prepare_frame_with_source
-from .keyframes import KeyframeSelector, KeyframeStore
+from .frames import scene_region
+from .frames.frame import Frame
+from .frames.frame_prep import prepare_frame_with_source
+from .frames.keyframes import KeyframeSelector, KeyframeStore
+from .language import candidates, view_evidence
+from .language.dense_features import Cancelled, DenseFeatureCache
+from .language.pyramid import ClipPyramid
+from .language.query import QueryResult, locate
+from .language.query_embed import multiscale_embed_fn
+from .language.relevancy import CANONICAL_NEGATIVES, negative_texts
 from .model import LERFModel
 from .presets import EngineConfig
-from .pyramid import ClipPyramid
-from .query import QueryResult, locate
-from .query_embed import multiscale_embed_fn
-from .relevancy import CANONICAL_NEGATIVES, negative_texts
-from .trainer import KeyframeTensors, NonFiniteStep, Trainer, sample_ray_batch
+from .training.convergence import ConvergenceSignals
+from .training.engine_lock import PriorityLock
+from .training.trainer import KeyframeTensors, NonFiniteStep, Trainer, sample_ray_batch
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ class EngineStatus:
         return self.convergence.progress
 
 
+#: Scene-box refit (`LERFEngine._maybe_refit_box`): how often it is checked, when it happens, how often.
+REFIT_CHECK_STEPS = 200
+REFIT_OUTSIDE_FRACTION = 0.25
+MAX_BOX_REFITS = 3
 #: Share of the training worker's wall time spent re-rendering query candidates (RGB-only keyframes).
 REFRESH_FRACTION = 0.1
 
@@ -154,6 +160,7 @@ class LERFEngine:
         self._tensors_version = -1
         self.scene_box: SceneBox | None = None
         self._outside, self._outside_key = 0, None
+        self._box_refits, self._box_checked_step = 0, 0
         self._last_refresh, self._refresh_cost = 0.0, 0.0
         self.model: LERFModel | None = None
         self.trainer: Trainer | None = None
@@ -301,11 +308,39 @@ class LERFEngine:
         if self.model is not None:
             return
         self.scene_box = self._derive_box()
+        self._start_fields()
+
+    def _start_fields(self) -> None:
+        """New fields (and optimiser) in ``self.scene_box``."""
         self._build_model()
+        self.candidates = candidates.CandidateCache(self.config.candidates, self.device)
         if self.config.model.language.standardise_clip:
             with self.pyramid.store.lock:
                 grids = [self.pyramid.store.grid(i) for i in self._ready_ids()]
             self.model.language.set_clip_standardisation(torch.cat(grids).float().to(self.device))
+
+    def _maybe_refit_box(self) -> None:
+        """A live robot's box comes from its first keyframes. When, later, most keyframes look out of it,
+        the fields start over in a box that also holds what they see (the keyframes and their features are
+        kept; training restarts). Every REFIT_CHECK_STEPS steps, at most MAX_BOX_REFITS times; never for a
+        given box. Caller holds the lock."""
+        sc = self.config.scene
+        if (not sc.refit or sc.box_min is not None or self.model is None or self._box_refits >= MAX_BOX_REFITS
+                or self.train_step - self._box_checked_step < REFIT_CHECK_STEPS):
+            return
+        self._box_checked_step = self.train_step
+        frames = self.store.frames()
+        if self.keyframes_outside_box() <= REFIT_OUTSIDE_FRACTION * len(frames):
+            return
+        old, new = self.scene_box, self._derive_box()
+        lo = np.minimum(old.min_xyz, new.min_xyz)
+        hi = np.maximum(old.max_xyz, new.max_xyz)
+        if np.allclose(lo, old.min_xyz, atol=0.05) and np.allclose(hi, old.max_xyz, atol=0.05):
+            return
+        self.scene_box = SceneBox(tuple(lo), tuple(hi))
+        self._start_fields()
+        self._box_refits += 1
+        self._box_checked_step = 0
 
     def _build_model(self) -> None:
         model_cfg = self.config.model
@@ -345,6 +380,9 @@ class LERFEngine:
             except Cancelled:
                 return StepStats(0, n_features, {}, time.perf_counter() - t0)
             n_features += 1
+        if max_steps > 0:
+            with self.lock.background():
+                self._maybe_refit_box()  # before training, so this call trains the new fields at once
         losses: dict[str, float] = {}
         done = 0
         rays = self.config.trainer.rays_per_step
@@ -389,13 +427,15 @@ class LERFEngine:
             return self.trainer.evaluate(self._keyframe_tensors(ids), self._tensors_version)
 
     def convergence(self) -> ConvergenceSignals:
-        """The last convergence judgement (`core/convergence.py`); empty before the first evaluation."""
+        """The last convergence judgement (`core/training/convergence.py`); empty before the first
+        evaluation."""
         with self.lock:
             return ConvergenceSignals() if self.trainer is None else self.trainer.convergence.signals
 
     def usable(self) -> bool:
         """The map has converged (held-out colour, multi-view depth and language loss; see
-        `core/convergence.py`). Queries are answered before that (``ready``), from a map still converging."""
+        `core/training/convergence.py`). Queries are answered before that (``ready``), from a map still
+        converging."""
         return self.convergence().usable
 
     def _refresh_candidates(self) -> None:
@@ -430,12 +470,12 @@ class LERFEngine:
 
     def query(self, text: str, negatives: Sequence[str] = (), threshold: float | None = None,
               with_cloud: bool = True, max_results: int = 1) -> QueryResult:
-        """Locate ``text`` in the world frame (see `core.query.locate`): up to ``max_results`` targets whose
-        confidence reaches ``threshold`` (default ``config.query.threshold``). Empty text, a threshold
-        outside [0, 1] or max_results outside [1, 100] -> ValueError.
+        """Locate ``text`` in the world frame (see `core.language.query.locate`): up to ``max_results``
+        targets whose confidence reaches ``threshold`` (default ``config.query.threshold``). Empty text, a
+        threshold outside [0, 1] or max_results outside [1, 100] -> ValueError.
 
         Before the language field has trained, keyframes with measured depth still give an answer from
-        their own crop embeddings (``source="views"``, `core.view_evidence`)."""
+        their own crop embeddings (``source="views"``, `core.language.view_evidence`)."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"query text must be a non-empty string, got {text!r}")
         if isinstance(negatives, str):
@@ -484,11 +524,16 @@ class LERFEngine:
             message = result.message
             if views_only:
                 message += " [from keyframe views only: the language field has not trained yet]"
+            else:
+                conv = self.convergence()
+                if not conv.usable:
+                    message += (f" [map still converging: progress {100 * conv.progress:.0f} %, step "
+                                f"{self.train_step}]")
             return dataclasses.replace(result, model_step=self.train_step, message=message,
                                        source="views" if views_only else "field")
 
     def _candidate_points(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Query candidates (``core/candidates.py``): points (P, 3) float32 world, rgb (P, 3) uint8,
+        """Query candidates (``core/language/candidates.py``): points (P, 3) float32 world, rgb (P, 3) uint8,
         views (P,) int64 on the device; cached per keyframe set (and model step if depth is rendered)."""
         return self.candidates.get(self._kf_version, self.store.ids(), self.store.frames(), self.train_step,
                                    self.model)

@@ -14,14 +14,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import losses as L
 from .fields.hash_encoding import HashEncodingConfig
 from .fields.language_field import LanguageField, LanguageFieldConfig
 from .fields.mlp import MLPConfig
 from .fields.radiance_field import DensityFieldConfig, RadianceField, RadianceFieldConfig
 from .fields.scene_box import SceneBox
-from .renderer import render_accumulation, render_depth, render_embedding, render_rgb, render_weights
-from .sampler import ProposalSampler, SamplerConfig
+from .training import losses as L
+from .training.renderer import (
+    render_accumulation,
+    render_depth,
+    render_embedding,
+    render_rgb,
+    render_weights,
+)
+from .training.sampler import ProposalSampler, SamplerConfig
 
 _POINT_CHUNK = 65536
 

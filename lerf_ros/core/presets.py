@@ -24,12 +24,12 @@ from .fields.hash_encoding import HashEncodingConfig
 from .fields.language_field import LanguageFieldConfig
 from .fields.mlp import MLPConfig
 from .fields.radiance_field import DensityFieldConfig, RadianceFieldConfig
-from .keyframes import KeyframeConfig
+from .frames.keyframes import KeyframeConfig
+from .language.pyramid import PyramidConfig
+from .language.query import QueryConfig
 from .model import ModelConfig
-from .pyramid import PyramidConfig
-from .query import QueryConfig
-from .sampler import SamplerConfig
-from .trainer import TrainerConfig
+from .training.sampler import SamplerConfig
+from .training.trainer import TrainerConfig
 
 PRESETS = ("tiny", "lite", "default")
 
@@ -42,9 +42,10 @@ class SceneBoxConfig:
     training starts, from the keyframes present then: the bounds of the camera positions and of what they
     see, grown by ``margin_m``: the measured surface points when depth is given, else the camera frusta cut
     at the ground plane ``ground_z_m`` (world z of the floor, None = no ground plane) or at ``max_range_m``
-    (``core/scene_region.py``). A given box must be seen by at least one keyframe. The box is then frozen:
-    the hash grids are indexed in box coordinates, so moving it later would scramble what was learnt; what the
-    robot sees later outside it is still modelled by the contracted region.
+    (``core/frames/scene_region.py``). A given box must be seen by at least one keyframe. The box is then
+    frozen: the hash grids are indexed in box coordinates, so moving it would scramble what was learnt.
+    With ``refit`` (a derived box only): when over a quarter of the keyframes later see mostly outside it,
+    the fields start over in a box that holds them all (keyframes and features kept; at most 3 times).
     """
 
     box_min: tuple[float, float, float] | None = None
@@ -52,6 +53,7 @@ class SceneBoxConfig:
     margin_m: float = 1.0
     max_range_m: float = 5.0
     ground_z_m: float | None = 0.0
+    refit: bool = True
 
     def validate(self) -> SceneBoxConfig:
         if (self.box_min is None) != (self.box_max is None):

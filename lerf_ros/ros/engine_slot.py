@@ -4,7 +4,7 @@
 The slot holds the reference under a lock; each user calls ``get()`` per operation and never caches it,
 so a query racing a ``load_map`` answers from either the old or the new model, never a half-built one.
 
-Fairness between training and queries is the engine's own job now: its lock (``core/engine_lock.py``)
+Fairness between training and queries is the engine's own job now: its lock (``core/training/engine_lock.py``)
 makes a training step give way to any waiting query, ``add_frame``, ``status`` or ``save``.
 """
 

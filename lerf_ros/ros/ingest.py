@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lerf_ros.core.camera import CameraIntrinsics
+from lerf_ros.core.frames.camera import CameraIntrinsics
 
 #: Drop reasons the node itself counts (the engine adds its keyframe rejections, e.g. "blurred").
 NO_CAMERA_INFO = "no_camera_info"
@@ -253,7 +253,7 @@ def lookup_pose(lookup: Callable[[str, str, int, float], np.ndarray], world_fram
                 missing ("tf_missing").
     A non-finite or non-rigid result is "bad_transform".
     """
-    from lerf_ros.core.transforms import validate_rigid
+    from lerf_ros.core.frames.transforms import validate_rigid
 
     what = f"T_{world_frame}_{camera_frame} at {stamp_ns / 1e9:.3f} s (waited {timeout_s} s)"
     try:

@@ -138,8 +138,18 @@ def run(mode: str = "both", args: Sequence[str] | None = None) -> int:
 
 
 def main(args=None) -> int:
-    """Console entry ``lerf_node``."""
+    """Console entry ``lerf_node``: trainer and query node sharing one model."""
     return run("both", sys.argv if args is None else args)
+
+
+def trainer_main(args=None) -> int:
+    """Console entry ``lerf_trainer_node``: the trainer alone (queries need ``lerf_node`` or a saved map)."""
+    return run("trainer", sys.argv if args is None else args)
+
+
+def query_main(args=None) -> int:
+    """Console entry ``lerf_query_node``: the query node alone (give it ``map_path``)."""
+    return run("query", sys.argv if args is None else args)
 
 
 if __name__ == "__main__":

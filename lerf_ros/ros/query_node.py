@@ -13,7 +13,6 @@ Requests never raise to the client: bad text, threshold or a failing model give 
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -142,14 +141,3 @@ class QueryNode(Node):
                                     response.found):
             self.marker_pub.publish(marker)
         return response
-
-
-def main(args=None) -> int:
-    """Console entry ``lerf_query_node``: the query node alone (give it ``map_path``)."""
-    from lerf_ros.ros.main import run
-
-    return run("query", sys.argv if args is None else args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,8 +8,8 @@ Threads (nothing slow runs in an executor callback):
   ``depth_stamp_tolerance_s``) from a bounded buffer the depth callback fills, waiting up to
   ``depth_wait_s`` because depth may arrive after colour (no match: ingested without depth, counted as
   in TrainingStatus.frames_without_depth, not a drop); then ``engine.add_frame``.
-- training worker (``core.worker.TrainingWorker``, owned): ``engine.step`` in a loop; the engine computes
-  keyframe features first and trains once ``min_keyframes`` keyframes have them.
+- training worker (``core.training.worker.TrainingWorker``, owned): ``engine.step`` in a loop; the engine
+  computes keyframe features first and trains once ``min_keyframes`` keyframes have them.
 - ``control`` group: pause / reset / save_map / load_map services; ``status`` group: the status timer.
 
 Names are relative (``lerf/status`` ...), so pushing the node into a namespace moves all of them.
@@ -18,7 +18,6 @@ Names are relative (``lerf/status`` ...), so pushing the node into a namespace m
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
 
@@ -31,8 +30,8 @@ from std_srvs.srv import SetBool, Trigger
 
 from lerf_ros.compat import image as image_conv
 from lerf_ros.compat import tf as compat_tf
-from lerf_ros.core.frame import Frame
-from lerf_ros.core.worker import TrainingWorker
+from lerf_ros.core.frames.frame import Frame
+from lerf_ros.core.training.worker import TrainingWorker
 from lerf_ros.ros import ingest
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_to_ns, training_status_msg
@@ -388,15 +387,3 @@ class TrainerNode(Node):
             clean = False
         compat_tf.close_tf_listener(self.tf_listener)
         return clean
-
-
-def main(args=None) -> int:
-    """Console entry ``lerf_trainer_node``: the trainer alone (queries need ``lerf_node`` or a saved map)."""
-    from lerf_ros.ros.main import run
-
-    return run("trainer", sys.argv if args is None else args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.camera import CameraIntrinsics
-from ..core.transforms import invert_transform, make_transform
+from ..core.frames.camera import CameraIntrinsics
+from ..core.frames.transforms import invert_transform, make_transform
 from .recording import Recording, TfSeries
 from .scene import R_LINK_OPTICAL, default_intrinsics
 

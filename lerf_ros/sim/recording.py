@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..compat.tf_buffer import TfBuffer
-from ..core.camera import CameraIntrinsics
-from ..core.transforms import validate_rigid
+from ..core.frames.camera import CameraIntrinsics
+from ..core.frames.transforms import validate_rigid
 
 
 @dataclass(frozen=True, eq=False)

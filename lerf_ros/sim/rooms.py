@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..core.camera import CameraIntrinsics
+from ..core.frames.camera import CameraIntrinsics
 from .drive import DriveConfig, plan_loop
 from .palette import BLACK, HUES, adjacent_colours, colour_word, hue_rgb
 from .scene import SceneObject, trace_scene

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.camera import CameraIntrinsics
-from ..core.frame import Frame
-from ..core.transforms import invert_transform, make_transform, validate_rigid
+from ..core.frames.camera import CameraIntrinsics
+from ..core.frames.frame import Frame
+from ..core.frames.transforms import invert_transform, make_transform, validate_rigid
 
 #: Room extent: x, y in [-half, half], z in [0, height], metres.
 ROOM_HALF_M = 2.0

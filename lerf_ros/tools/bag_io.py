@@ -28,8 +28,8 @@ from ..compat.tf_buffer import (
     TfBuffer,
     TransformException,
 )
-from ..core.camera import DISTORTION_MODELS, CameraIntrinsics
-from ..core.frame import Frame
+from ..core.frames.camera import DISTORTION_MODELS, CameraIntrinsics
+from ..core.frames.frame import Frame
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"

@@ -29,8 +29,8 @@ from .bag_io import BagError
 
 #: Sidecar the CLI writes next to a map: the world frame and where the map came from.
 TRAINING_INFO = "training_info.json"
-#: Without --steps, training stops when the map is usable (`core/convergence.py`) or, at the latest, after
-#: this many steps per preset (the demo room is usable after ~1000-1500 tiny steps on a CPU).
+#: Without --steps, training stops when the map is usable (`core/training/convergence.py`) or, at the
+#: latest, after this many steps per preset (the demo room is usable after ~1000-1500 tiny steps on a CPU).
 STEP_CAP = {"tiny": 3000, "lite": 15000, "default": 30000}
 #: Why training stopped (``stop_reason`` in training_info.json).
 STOP_REASONS = ("usable", "steps", "cap", "no convergence signal", "seconds")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.camera import CameraIntrinsics
-from ..core.transforms import matrix_to_quat
+from ..core.frames.camera import CameraIntrinsics
+from ..core.frames.transforms import matrix_to_quat
 from ..sim.recording import Recording, TfSeries
 from ..sim.scene import SyntheticRoom, camera_rig, default_intrinsics, orbit_trajectory, robot_path
 

@@ -26,7 +26,7 @@ SAVE_SERVICE = "/lerf/save_map"
 def map_keyframes(map_dir: Path) -> list:
     """The keyframes of a saved map as picture views ([] when the map cannot be read)."""
     from ..core import checkpoint
-    from ..core.camera import CameraIntrinsics
+    from ..core.frames.camera import CameraIntrinsics
     from .pictures import KeyframeView
 
     try:
@@ -49,8 +49,8 @@ class PlannerClient:
         import rclpy
         from rclpy.executors import MultiThreadedExecutor
 
-        from lerf_ros.msg import TrainingStatus
-        from lerf_ros.srv import MapPath, Query
+        from ..msg import TrainingStatus
+        from ..srv import MapPath, Query
 
         rclpy.init()
         self.node = rclpy.create_node("lerf_demo_planner")
@@ -152,7 +152,7 @@ class PlannerClient:
     def ask_all(self, bag, out: Path, map_dir: Path) -> list[dict]:
         """Query every object and the absent ones; write PLY + PNG per query; rows for the table."""
         from ..ros.messages import msg_to_cloud
-        from .demo import ground_truth_rows, score
+        from .demo_report import ground_truth_rows, score
         from .pictures import KeyframeView, query_picture, save_png
         from .ply import write_ply
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..core.camera import CameraIntrinsics
+from ..core.frames.camera import CameraIntrinsics
 
 PANEL_SIZE = (640, 480)  # width, height in pixels
 #: Heat-colour stops (dark purple -> red -> orange -> yellow -> white) for relevancy 0..1.

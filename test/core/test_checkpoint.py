@@ -148,8 +148,8 @@ def _rewrite_entry(root, name):
 
 
 def test_candidates_saved_and_reused_without_rendering(tmp_path):
-    from lerf_ros.core import candidates
     from lerf_ros.core.engine import LERFEngine
+    from lerf_ros.core.language import candidates
     from lerf_ros.core.presets import make_preset
     from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
 
@@ -189,7 +189,7 @@ def test_candidates_saved_and_reused_without_rendering(tmp_path):
 
 
 def test_bad_candidates_file_named(tmp_path):
-    from lerf_ros.core.candidates import CandidateSet
+    from lerf_ros.core.language.candidates import CandidateSet
 
     data = _map_data()
     good = CandidateSet(np.zeros((4, 3)), np.zeros((4, 3), np.uint8), np.ones(4, np.int64), "k@1")

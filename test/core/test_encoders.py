@@ -15,7 +15,7 @@ from lerf_ros.core.encoders import (
     checked_encode_texts,
     load_encoder,
 )
-from lerf_ros.core.relevancy import CANONICAL_NEGATIVES, relevancy
+from lerf_ros.core.language.relevancy import CANONICAL_NEGATIVES, relevancy
 
 # The synthetic scene's object colours (RGB 0-255) and an off-white wall.
 SCENE_COLOURS = {
@@ -275,7 +275,7 @@ def test_openclip_missing_weights_name_the_paths(tiny_clip_name, tmp_path):
 
 
 def test_openclip_in_the_pyramid(tiny_clip_name):
-    from lerf_ros.core.pyramid import ClipPyramid, PyramidConfig
+    from lerf_ros.core.language.pyramid import ClipPyramid, PyramidConfig
 
     enc = _clip(tiny_clip_name, pretrained=None)
     p = ClipPyramid(enc, PyramidConfig(tile_fracs=(0.25, 0.5), batch_size=8))

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from lerf_ros.core import candidates
 from lerf_ros.core.encoders import EncoderSpec
 from lerf_ros.core.engine import LERFEngine, StepStats, _auto_to_torch
-from lerf_ros.core.engine_lock import PriorityLock
-from lerf_ros.core.frame import Frame
+from lerf_ros.core.frames.frame import Frame
+from lerf_ros.core.language import candidates
+from lerf_ros.core.language.query_embed import multiscale_embed_fn
 from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
-from lerf_ros.core.query_embed import multiscale_embed_fn
-from lerf_ros.core.worker import TrainingWorker
+from lerf_ros.core.training.engine_lock import PriorityLock
+from lerf_ros.core.training.worker import TrainingWorker
 from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
 
 # --------------------------------------------------------------------------- broken encoders
@@ -670,3 +670,12 @@ def test_training_is_reproducible_whatever_the_global_rng(room_frames):
         _train_a_little(engine, room_frames[:4], steps=12)
         losses.append(engine.status().losses["total"])
     assert losses[0] == losses[1]
+
+
+def test_a_query_before_the_map_is_usable_says_it_is_still_converging(room_frames):
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:3], steps=2)
+    assert engine.ready() and not engine.usable()
+    res = engine.query("red box")
+    assert "map still converging" in res.message and res.source == "field"
+

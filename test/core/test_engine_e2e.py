@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lerf_ros.core.camera import pixel_rays
 from lerf_ros.core.engine import LERFEngine
+from lerf_ros.core.frames.camera import pixel_rays
 from lerf_ros.core.presets import make_preset
-from lerf_ros.core.worker import TrainingWorker
+from lerf_ros.core.training.worker import TrainingWorker
 from lerf_ros.sim.scene import (
     SyntheticRoom,
     default_intrinsics,

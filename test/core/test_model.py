@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lerf_ros.core.camera import CameraIntrinsics, pixel_rays
 from lerf_ros.core.fields.scene_box import SceneBox
+from lerf_ros.core.frames.camera import CameraIntrinsics, pixel_rays
+from lerf_ros.core.frames.transforms import make_transform
 from lerf_ros.core.model import LERFModel, tiny_config
-from lerf_ros.core.transforms import make_transform
 
 ROOM_MIN = np.array([-2.0, -2.0, 0.0])
 ROOM_MAX = np.array([2.0, 2.0, 2.5])

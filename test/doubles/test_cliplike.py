@@ -7,7 +7,7 @@ from lerf_test_doubles.cliplike import RELATED_PAIRS, ClipLikeEncoder, related
 
 from lerf_ros.core.encoders import load_encoder
 from lerf_ros.core.encoders.demo import CHROMATIC
-from lerf_ros.core.relevancy import negative_texts, relevancy
+from lerf_ros.core.language.relevancy import negative_texts, relevancy
 
 HUE_RGB = {"red": (200, 30, 30), "orange": (220, 120, 20), "yellow": (220, 200, 30), "green": (30, 160, 40),
            "cyan": (30, 190, 200), "blue": (30, 60, 200), "purple": (130, 40, 200),

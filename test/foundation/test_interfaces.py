@@ -173,7 +173,8 @@ def test_setup_py_and_cmake_install_the_same_executables():
 def test_sources_and_generated_interfaces_form_one_package(tmp_path):
     """From an unrelated cwd, `lerf_ros` has both its sources and the generated msg/srv."""
     probe = (
-        "import json, sys, lerf_ros, lerf_ros.core.transforms as t, lerf_ros.msg as m, lerf_ros.srv as s;"
+        "import json, sys, lerf_ros, lerf_ros.core.frames.transforms as t, lerf_ros.msg as m,"
+        " lerf_ros.srv as s;"
         "print(json.dumps([lerf_ros.__file__, t.__file__, m.__file__, s.__file__, list(lerf_ros.__path__),"
         " sys.prefix]))"
     )
@@ -183,7 +184,7 @@ def test_sources_and_generated_interfaces_form_one_package(tmp_path):
     ).stdout
     init, transforms, msg, srv, path, prefix = json.loads(out.strip().splitlines()[-1])
     pkg_dir = Path(init).parent
-    assert Path(transforms) == pkg_dir / "core" / "transforms.py"
+    assert Path(transforms) == pkg_dir / "core" / "frames" / "transforms.py"
     generated = Path(msg).parents[1]
     assert Path(srv).parents[1] == generated
     if not (Path(prefix) / ".lerf_setup").is_dir():

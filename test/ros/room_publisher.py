@@ -31,7 +31,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 from tf2_msgs.msg import TFMessage
 
-from lerf_ros.core.transforms import make_transform, matrix_to_quat, quat_to_matrix, slerp
+from lerf_ros.core.frames.transforms import make_transform, matrix_to_quat, quat_to_matrix, slerp
 from lerf_ros.sim.scene import SyntheticRoom, camera_rig, default_intrinsics, orbit_trajectory, robot_path
 
 NS = 1_000_000_000

@@ -11,7 +11,7 @@ from sensor_msgs.msg import CameraInfo
 
 from lerf_ros.compat import tf as compat_tf
 from lerf_ros.compat.tf_buffer import TfBuffer
-from lerf_ros.core.transforms import matrix_to_quat
+from lerf_ros.core.frames.transforms import matrix_to_quat
 from lerf_ros.ros import ingest
 
 

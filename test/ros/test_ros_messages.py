@@ -10,7 +10,7 @@ from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker
 
-from lerf_ros.core.convergence import ConvergenceSignals
+from lerf_ros.core.training.convergence import ConvergenceSignals
 from lerf_ros.ros import messages
 
 

@@ -171,9 +171,9 @@ def test_declare_on_a_node_applies_overrides_and_rejects_bad_ones():
 
 
 def test_max_keyframes_description_matches_the_store_eviction_policy():
-    from lerf_ros.core import keyframes
+    from lerf_ros.core.frames import keyframes
 
-    # The store's contract (core/keyframes.py): evict the most redundant keyframe, never the newest.
+    # The store's contract (core/frames/keyframes.py): evict the most redundant keyframe, never the newest.
     assert "evicts the most redundant keyframe" in keyframes.__doc__
     assert "newest keyframe is never evicted" in keyframes.__doc__
     text = params.SPECS["max_keyframes"].description

@@ -19,7 +19,7 @@ from std_srvs.srv import SetBool, Trigger
 from lerf_ros.compat.image import numpy_to_image, rgb_to_compressed
 from lerf_ros.compat.tf import matrix_to_transform_msg
 from lerf_ros.core.engine import AddResult, EngineStatus, StepStats
-from lerf_ros.core.transforms import make_transform
+from lerf_ros.core.frames.transforms import make_transform
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_from_ns
 from lerf_ros.ros.trainer_node import TrainerNode

@@ -4,7 +4,7 @@ through the free floor, every object seen from several frames, determinism."""
 import numpy as np
 import pytest
 
-from lerf_ros.core.transforms import invert_transform, rotation_angle_deg
+from lerf_ros.core.frames.transforms import invert_transform, rotation_angle_deg
 from lerf_ros.sim.drive import (
     BASE_FRAME,
     LINK_FRAME,

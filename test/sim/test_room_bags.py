@@ -4,7 +4,7 @@ interpolated TF), images and depth, with and without depth; the CLI writes them 
 import numpy as np
 import pytest
 
-from lerf_ros.core.transforms import rotation_angle_deg
+from lerf_ros.core.frames.transforms import rotation_angle_deg
 from lerf_ros.sim.drive import drive_through
 from lerf_ros.sim.rooms import random_room
 from lerf_ros.tools.bag_io import BagFrameReader, BagTopics

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lerf_ros.core.camera import CameraIntrinsics
-from lerf_ros.core.transforms import make_transform, validate_rigid
+from lerf_ros.core.frames.camera import CameraIntrinsics
+from lerf_ros.core.frames.transforms import make_transform, validate_rigid
 from lerf_ros.sim.scene import (
     AMBIENT,
     LIGHT_DIR,
@@ -191,7 +191,7 @@ def test_rig_decomposition_reproduces_poses(room):
 def test_surface_points_project_back_to_their_pixels(room):
     # Agreement with the core's camera model: the traced surface point of pixel (u, v) projects
     # to (u, v) at z = rendered depth.
-    from lerf_ros.core.camera import project_points
+    from lerf_ros.core.frames.camera import project_points
 
     intr = default_intrinsics(40, 30)
     T = orbit_trajectory(room, 7)[3]

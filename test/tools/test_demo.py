@@ -7,15 +7,8 @@ import pytest
 from PIL import Image
 
 from lerf_ros.sim.scene import SyntheticRoom
-from lerf_ros.tools.demo import (
-    DemoOptions,
-    ground_truth_rows,
-    markdown_table,
-    node_command,
-    run_demo,
-    score,
-    write_params,
-)
+from lerf_ros.tools.demo import DemoOptions, node_command, run_demo, write_params
+from lerf_ros.tools.demo_report import ground_truth_rows, markdown_table, score
 from lerf_ros.tools.ply import read_ply
 
 

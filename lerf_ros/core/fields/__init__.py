@@ -3,7 +3,12 @@
 from .hash_encoding import HashEncoding, HashEncodingConfig
 from .language_field import LanguageField, LanguageFieldConfig
 from .mlp import MLP, MLPConfig
-from .radiance_field import DensityField, DensityFieldConfig, RadianceField, RadianceFieldConfig
+from .radiance_field import (
+    DensityField,
+    DensityFieldConfig,
+    RadianceField,
+    RadianceFieldConfig,
+)
 from .scene_box import SceneBox
 
 __all__ = [

@@ -6,7 +6,7 @@ A ray's target embedding is bilinear between the four neighbouring crop centres 
 linear between the two levels nearest in tile size, renormalised. The language scale in metres
 of a tile is ``tile_frac * image_height * depth_m / fy`` (its extent at the ray's depth).
 
-Pixel convention as ``core/camera.py``: (u, v) = (column, row), pixel centres at integers; a crop
+Pixel convention as ``core/frames/camera.py``: (u, v) = (column, row), pixel centres at integers; a crop
 covering pixels a .. a + k − 1 is centred at a + (k − 1) / 2.
 """
 
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..encoders.base import VisionLanguageEncoder, checked_encode_images
 from .dense_features import (
     KeyframeFeatureStore,
     bilinear_corners,
@@ -30,7 +31,6 @@ from .dense_features import (
     check_cancel,
     image_to_tensor,
 )
-from .encoders.base import VisionLanguageEncoder, checked_encode_images
 
 STATE_FORMAT = "lerf_ros.clip_pyramid/1"
 

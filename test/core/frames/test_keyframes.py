@@ -6,9 +6,9 @@ import threading
 import numpy as np
 import pytest
 
-from lerf_ros.core.frame import Frame
-from lerf_ros.core.keyframes import KeyframeConfig, KeyframeSelector, KeyframeStore, blur_metric
-from lerf_ros.core.transforms import make_transform
+from lerf_ros.core.frames.frame import Frame
+from lerf_ros.core.frames.keyframes import KeyframeConfig, KeyframeSelector, KeyframeStore, blur_metric
+from lerf_ros.core.frames.transforms import make_transform
 from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, look_at_pose
 
 INTR = default_intrinsics()

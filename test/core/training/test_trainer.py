@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lerf_ros.core.camera import CameraIntrinsics, pixel_rays, z_to_ray_distance
-from lerf_ros.core.trainer import (
+from lerf_ros.core.frames.camera import CameraIntrinsics, pixel_rays, z_to_ray_distance
+from lerf_ros.core.training.trainer import (
     KeyframeTensors,
     NonFiniteStep,
     Trainer,
@@ -268,7 +268,7 @@ def test_non_finite_weights_are_rolled_back_at_once():
 
 def test_language_field_has_lerfs_own_optimiser_and_schedule():
     """LERF's 1e-2 -> 1e-3 over 4000 steps, weight decay 1e-9 (Adam by default, RAdam on request)."""
-    from lerf_ros.core.trainer import GroupSchedule
+    from lerf_ros.core.training.trainer import GroupSchedule
 
     sched = GroupSchedule()
     assert (sched.optimizer, sched.lr, sched.lr_final, sched.decay_steps) == ("adam", 1e-2, 1e-3, 4000)

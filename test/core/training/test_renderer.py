@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lerf_ros.core.renderer import (
+from lerf_ros.core.training.renderer import (
     render_accumulation,
     render_depth,
     render_embedding,

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from lerf_ros.core import candidates as cand
-from lerf_ros.core.camera import CameraIntrinsics
-from lerf_ros.core.frame import Frame
+from lerf_ros.core.frames.camera import CameraIntrinsics
+from lerf_ros.core.frames.frame import Frame
+from lerf_ros.core.language import candidates as cand
 from lerf_ros.core.presets import CandidateConfig
 
 W, H = 20, 10

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from lerf_ros.core.camera import CameraIntrinsics
 from lerf_ros.core.fields.scene_box import SceneBox
-from lerf_ros.core.frame import Frame
-from lerf_ros.core.scene_region import BELOW_GROUND_M, derive_box, frustum_ends, inside_fraction
-from lerf_ros.core.transforms import make_transform
+from lerf_ros.core.frames.camera import CameraIntrinsics
+from lerf_ros.core.frames.frame import Frame
+from lerf_ros.core.frames.scene_region import BELOW_GROUND_M, derive_box, frustum_ends, inside_fraction
+from lerf_ros.core.frames.transforms import make_transform
 
 INTR = CameraIntrinsics(40, 30, 30.0, 30.0, 19.5, 14.5)
 
@@ -74,3 +74,55 @@ def test_engine_counts_keyframes_looking_out_of_a_given_box_and_refuses_a_box_ne
     engine2.store.add(frames[0])
     with pytest.raises(ValueError, match="no keyframe sees inside the scene box"):
         engine2._derive_box()
+
+
+def test_a_derived_box_refits_once_most_keyframes_see_beyond_it():
+    """A live robot's box comes from its first keyframes (here: looking along +x); once most keyframes see
+    the other side of the room (-x), the fields start over in a box holding both; a given box never."""
+    import dataclasses
+
+    from lerf_ros.core import engine as engine_mod
+    from lerf_ros.core.engine import LERFEngine
+    from lerf_ros.core.presets import make_preset
+
+    base = make_preset("tiny")
+    cfg = dataclasses.replace(base, ingest=dataclasses.replace(base.ingest, min_keyframes=2),
+                              scene=dataclasses.replace(base.scene, margin_m=0.2))
+    rng = np.random.default_rng(0)
+
+    def textured(f, i):  # sharp content, increasing stamps: every frame passes the keyframe filters
+        return dataclasses.replace(f, image=rng.integers(0, 255, (30, 40, 3), dtype=np.uint8),
+                                   stamp_ns=i * 1_000_000_000)
+
+    ahead = [textured(_robot_frame(x, 0.0, depth=2.0), i) for i, x in enumerate((0.0, 0.4))]
+    behind = [textured(_robot_frame(x, 180.0, depth=2.0), i + 2) for i, x in enumerate((0.2, 0.6, -0.2))]
+    engine = LERFEngine(cfg, "cpu")
+    for f in ahead:
+        assert engine.add_frame(f).keyframe
+    while engine.train_step < 3:
+        engine.step(3)
+    first = engine.scene_box
+    assert first.min_xyz[0] > -0.5  # nothing behind the cameras yet
+    for f in behind:
+        assert engine.add_frame(f).keyframe
+    while engine.status().keyframes_pending:
+        engine.step(0)
+    assert engine.keyframes_outside_box() == 3
+    engine._box_checked_step = -engine_mod.REFIT_CHECK_STEPS  # due now
+    engine.step(1)
+    assert engine._box_refits == 1 and engine.train_step == 1  # the fields started over
+    assert engine.scene_box.min_xyz[0] < -1.5 and engine.scene_box.max_xyz[0] >= first.max_xyz[0]
+    assert engine.keyframes_outside_box() == 0 and len(engine.store) == 5
+    engine._box_checked_step = -engine_mod.REFIT_CHECK_STEPS
+    engine.step(1)
+    assert engine._box_refits == 1  # nothing left outside: no second refit
+    given = dataclasses.replace(cfg, scene=dataclasses.replace(cfg.scene, box_min=(0.0, -2.0, -0.2),
+                                                                box_max=(4.0, 2.0, 2.0)))
+    fixed = LERFEngine(given, "cpu")
+    for f in ahead + behind:
+        fixed.add_frame(f)
+    while fixed.train_step < 3:
+        fixed.step(3)
+    fixed._box_checked_step = -engine_mod.REFIT_CHECK_STEPS
+    fixed.step(1)
+    assert fixed._box_refits == 0 and fixed.scene_box.max_xyz == (4.0, 2.0, 2.0)

@@ -1,4 +1,4 @@
-"""Language-field evaluation for `core.query.locate`, all searched scales from one hash-grid pass.
+"""Language-field evaluation for `core.language.query.locate`, all searched scales from one hash-grid pass.
 
 ``locate`` asks ``embed_fn(points, scale_m)`` once per scale (30 for LERF's scale search); evaluating
 the language hash grids each time repeats the expensive part. `multiscale_embed_fn` keeps locate's
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .model import LERFModel
+    from ..model import LERFModel
 
 
 def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_bytes: int = 256 * 2**20):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lerf_ros.core.losses import clip_loss, depth_loss, dino_loss, distortion_loss, interlevel_loss
+from lerf_ros.core.training.losses import clip_loss, depth_loss, dino_loss, distortion_loss, interlevel_loss
 
 
 def test_distortion_two_samples_hand_computed():

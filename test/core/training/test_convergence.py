@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from lerf_ros.core.convergence import (
+from lerf_ros.core.training.convergence import (
     ConvergenceConfig,
     ConvergenceMonitor,
     colour_signal,
     depth_agreement,
     heldout_pixels,
 )
-from lerf_ros.core.holdout import is_held_out
-from lerf_ros.core.trainer import KeyframeTensors, pixel_rays_batched
+from lerf_ros.core.training.holdout import is_held_out
+from lerf_ros.core.training.trainer import KeyframeTensors, pixel_rays_batched
 from lerf_ros.sim.scene import look_at_pose
 
 W, H, F = 32, 24, 20.0

@@ -3,7 +3,7 @@
 import torch
 
 from lerf_ros.core.fields import DensityFieldConfig, HashEncodingConfig, MLPConfig, SceneBox
-from lerf_ros.core.sampler import ProposalSampler, SamplerConfig, Spacing, sample_pdf
+from lerf_ros.core.training.sampler import ProposalSampler, SamplerConfig, Spacing, sample_pdf
 
 
 def test_spacing_roundtrip_linear_then_disparity():

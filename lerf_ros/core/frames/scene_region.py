@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .candidates import depth_bounds
-from .fields.scene_box import SceneBox
+from ..fields.scene_box import SceneBox
+from ..language.candidates import depth_bounds, lift_depth
 from .frame import Frame
 
 #: Pixel grid (columns, rows) of the rays that sample a frustum.
@@ -66,11 +66,16 @@ def derive_box(frames: Sequence[Frame], margin_m: float, max_range_m: float,
 
 def inside_fraction(frame: Frame, box: SceneBox, max_range_m: float, ground_z: float | None,
                     samples: int = 8) -> float:
-    """Fraction of points sampled along the frustum rays (up to their ends) that lie inside ``box``."""
+    """Fraction of what ``frame`` sees that lies inside ``box``: its measured surface points (every 8th
+    pixel) when it has depth, else points sampled along its frustum rays up to their ends."""
+    lo, hi = np.asarray(box.min_xyz), np.asarray(box.max_xyz)
+    if frame.depth_m is not None:
+        pts = lift_depth(frame, 8)
+        if pts.shape[0]:
+            return float(np.all((pts >= lo) & (pts <= hi), axis=1).mean())
     o, d = frustum_rays(frame)
     ends = frustum_ends(frame, max_range_m, ground_z)
     t_end = np.linalg.norm(ends - o, axis=1)
     s = (np.arange(samples) + 0.5) / samples
     p = o + (s[None, :, None] * t_end[:, None, None]) * d[:, None, :]
-    lo, hi = np.asarray(box.min_xyz), np.asarray(box.max_xyz)
     return float(np.all((p >= lo) & (p <= hi), axis=-1).mean())

@@ -4,7 +4,7 @@ Also home of the keyframe feature store shared with the CLIP pyramid: per image 
 (capacity, cells, D) with a slot per keyframe, so a batch of rays spread over many keyframes is
 sampled with a handful of gathers instead of a loop over keyframes.
 
-Pixel convention (``core/camera.py``): pixel (row i, column j) is at (u, v) = (j, i), centres at
+Pixel convention (``core/frames/camera.py``): pixel (row i, column j) is at (u, v) = (j, i), centres at
 integers. A feature cell (i, j) of an (h, w) map over an H x W image is centred at
 u = (j + 0.5) W / w − 0.5, v = (i + 0.5) H / h − 0.5.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .encoders.base import DenseEncoder, checked_encode_dense
+from ..encoders.base import DenseEncoder, checked_encode_dense
 
 STATE_FORMAT = "lerf_ros.dense_features/1"
 

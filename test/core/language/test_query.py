@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lerf_ros.core.query import MAX_RESULTS_LIMIT, QueryConfig, cluster_labels, locate
+from lerf_ros.core.language.query import MAX_RESULTS_LIMIT, QueryConfig, cluster_labels, locate
 
 # Embedding axes of the toy field: 0 "red", 1 "blue", 2 "green" (absent), 3 generic.
 RED, BLUE, GREEN, GENERIC = (F.one_hot(torch.tensor(i), 4).float() for i in range(4))

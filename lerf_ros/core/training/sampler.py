@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .fields.radiance_field import DensityField, DensityFieldConfig
-from .fields.scene_box import SceneBox
+from ..fields.radiance_field import DensityField, DensityFieldConfig
+from ..fields.scene_box import SceneBox
 from .renderer import render_weights
 
 

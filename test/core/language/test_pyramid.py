@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lerf_ros.core.dense_features import Cancelled
 from lerf_ros.core.encoders import load_encoder
-from lerf_ros.core.pyramid import ClipPyramid, PyramidConfig, level_grid, metric_scale
+from lerf_ros.core.language.dense_features import Cancelled
+from lerf_ros.core.language.pyramid import ClipPyramid, PyramidConfig, level_grid, metric_scale
 
 H, W = 40, 60
 
@@ -207,7 +207,7 @@ def test_demo_encoder_pyramid_stores_fp16_unit_embeddings():
 
 
 def test_dense_cache_bilinear_at_and_between_cell_centres():
-    from lerf_ros.core.dense_features import DenseFeatureCache
+    from lerf_ros.core.language.dense_features import DenseFeatureCache
 
     enc = load_encoder("lerf_ros.core.encoders.demo:colour_dense_encoder", dense=True)  # patch 8
     cache = DenseFeatureCache(enc, "cpu", dtype="float32")

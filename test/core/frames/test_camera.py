@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lerf_ros.core.camera import (
+from lerf_ros.core.frames.camera import (
     CameraIntrinsics,
     distort_normalized,
     pixel_rays,
@@ -15,7 +15,7 @@ from lerf_ros.core.camera import (
     undistort_normalized,
     z_to_ray_distance,
 )
-from lerf_ros.core.transforms import make_transform, quat_to_matrix
+from lerf_ros.core.frames.transforms import make_transform, quat_to_matrix
 
 INTR = CameraIntrinsics(width=96, height=72, fx=80.0, fy=82.0, cx=47.5, cy=35.5)
 

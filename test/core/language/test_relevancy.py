@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lerf_ros.core.relevancy import CANONICAL_NEGATIVES, negative_texts, relevancy, scale_search
+from lerf_ros.core.language.relevancy import CANONICAL_NEGATIVES, negative_texts, relevancy, scale_search
 
 
 def _unit(*v):

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .camera import pixel_rays, z_to_ray_distance
-from .frame import Frame
-from .presets import CandidateConfig
+from ..frames.camera import pixel_rays, z_to_ray_distance
+from ..frames.frame import Frame
+from ..presets import CandidateConfig
 
 _render_calls = 0
 

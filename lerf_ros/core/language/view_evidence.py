@@ -3,9 +3,9 @@
 A candidate point seen by keyframe k at pixel (u, v) and ray distance d is covered there, at language
 scale s metres, by a crop of tile fraction ``s * fy / (H * d)`` of the image height. Reading the stored
 pyramid embedding at (u, v) and that tile fraction gives what the encoder itself said about the place at
-that scale, from that view. ``view_fn`` returns those observations (for `core.query.locate`'s existence
-check); ``views_embed_fn`` averages them per point into an ``embed_fn``, which answers queries before
-the language field has trained.
+that scale, from that view. ``view_fn`` returns those observations (for `core.language.query.locate`'s
+existence check); ``views_embed_fn`` averages them per point into an ``embed_fn``, which answers queries
+before the language field has trained.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..frames.frame import Frame
+from ..presets import CandidateConfig
 from .candidates import CandidateSet, visible
-from .frame import Frame
-from .presets import CandidateConfig
 from .pyramid import ClipPyramid
 
 #: Observations whose tile fraction falls outside the pyramid's range by more than this factor are

@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from lerf_ros.core.holdout import HOLDOUT_FRACTION, is_held_out, training_pixels
-from lerf_ros.core.trainer import KeyframeTensors, sample_ray_batch
+from lerf_ros.core.training.holdout import HOLDOUT_FRACTION, is_held_out, training_pixels
+from lerf_ros.core.training.trainer import KeyframeTensors, sample_ray_batch
 
 
 def _grid(kf_id: int, w: int, h: int):
