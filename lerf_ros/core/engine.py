@@ -104,6 +104,8 @@ class EngineStatus:
 REFIT_CHECK_STEPS = 200
 REFIT_OUTSIDE_FRACTION = 0.25
 MAX_BOX_REFITS = 3
+#: A training step within this many seconds means "training": queries then render no candidate grids.
+TRAINING_ACTIVE_S = 2.0
 #: Share of the training worker's wall time spent re-rendering query candidates (RGB-only keyframes).
 REFRESH_FRACTION = 0.1
 
@@ -162,6 +164,7 @@ class LERFEngine:
         self._outside, self._outside_key = 0, None
         self._box_refits, self._box_checked_step = 0, 0
         self._last_refresh, self._refresh_cost = 0.0, 0.0
+        self._last_train_time = -1e9
         self.model: LERFModel | None = None
         self.trainer: Trainer | None = None
         self._generator = torch.Generator(device=self.device).manual_seed(0)
@@ -414,6 +417,7 @@ class LERFEngine:
                 torch.cuda.synchronize(self.device)
             self._rays_per_s = done * rays / max(time.perf_counter() - t_train, 1e-9)
             self._losses = losses
+            self._last_train_time = time.perf_counter()
             self._refresh_candidates()
         return StepStats(done, n_features, losses, time.perf_counter() - t0)
 
@@ -497,7 +501,10 @@ class LERFEngine:
                     f"(need {self.config.ingest.min_keyframes}), {pending} pending, "
                     f"step {self.train_step}", self.train_step)
             embeds = self._text_embeds([text, *negs, *competitors])
-            points, rgb, views = self._candidate_points()
+            # While training runs, the worker makes the rendered grids (`_refresh_candidates`) and a query
+            # leaves out keyframes it has not reached; an idle engine (a loaded map) renders them here.
+            training = time.perf_counter() - self._last_train_time < TRAINING_ACTIVE_S
+            points, rgb, views = self._candidate_points(render_missing=not training)
             cset = self.candidates.current
             fracs = self.config.pyramid.tile_fracs
             scale_range = None if cset.footprint is None else cset.footprint * np.array([fracs[0], fracs[-1]])
@@ -532,11 +539,12 @@ class LERFEngine:
             return dataclasses.replace(result, model_step=self.train_step, message=message,
                                        source="views" if views_only else "field")
 
-    def _candidate_points(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Query candidates (``core/language/candidates.py``): points (P, 3) float32 world, rgb (P, 3) uint8,
-        views (P,) int64 on the device; cached per keyframe set (and model step if depth is rendered)."""
+    def _candidate_points(self, render_missing: bool = True) -> tuple[torch.Tensor, ...]:
+        """Query candidates (`core.language.candidates`): points (P, 3) float32 world, rgb (P, 3) uint8,
+        views (P,) int64 on the device. render_missing=False (a query): keyframes whose rendered grid
+        the training worker has not made yet are left out instead of rendered now."""
         return self.candidates.get(self._kf_version, self.store.ids(), self.store.frames(), self.train_step,
-                                   self.model)
+                                   self.model, render_missing)
 
     # ------------------------------------------------------------------ maps on disk
     def save(self, path) -> None:

@@ -165,8 +165,10 @@ def test_candidates_saved_and_reused_without_rendering(tmp_path):
         engine.step(2)
     n_kf = len(engine.store)
     calls = candidates.render_calls()
-    engine.save(tmp_path / "m2")  # candidates computed at save: every keyframe lacks depth
-    assert candidates.render_calls() == calls + n_kf
+    engine.save(tmp_path / "m2")  # candidates completed at save: every keyframe lacks depth
+    # (the training steps may have rendered some grids already; the save renders the others)
+    assert candidates.render_calls() - calls <= n_kf
+    assert sorted(engine.candidates.current.grid_ids.tolist()) == sorted(engine.store.ids())
     assert ck.CANDIDATES in json.loads((tmp_path / "m2" / ck.MANIFEST).read_text())["files"]
     want = engine.query("red box", with_cloud=False)
 

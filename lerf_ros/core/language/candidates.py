@@ -286,16 +286,18 @@ class CandidateCache:
         self._grids: dict[int, tuple[np.ndarray, int]] = {}
         self._grids_version = 0
 
-    def _sync(self, ids: Sequence[int], frames: Sequence[Frame], step: int, model) -> None:
-        """Forget evicted keyframes' grids; make the missing ones (`_grid`)."""
+    def _sync(self, ids: Sequence[int], frames: Sequence[Frame], step: int, model,
+              render_missing: bool = True) -> None:
+        """Forget evicted keyframes' grids; make the missing ones (`_grid`): measured depth always,
+        rendered depth only with ``render_missing``."""
         alive = {int(i) for i in ids}
         for gone in [i for i in self._grids if i not in alive]:
             del self._grids[gone]
             self._grids_version += 1
         for kf_id, kf in zip(ids, frames, strict=True):
-            if int(kf_id) in self._grids:
+            if int(kf_id) in self._grids or (not render_missing and kf.depth_m is None):
                 continue
-            self._grids[int(kf_id)] = self._grid(kf, step, model)
+            self._grids[int(kf_id)] = self._grid(kf, step, model if render_missing else None)
             self._grids_version += 1
 
     def _grid(self, kf: Frame, step: int, model) -> tuple[np.ndarray, int]:
@@ -313,23 +315,30 @@ class CandidateCache:
         grid = np.where(holes, render_depth_grid(model, kf, s, self.device), grid)
         return grid, int(step)
 
-    def get(self, version: int, ids: Sequence[int], frames: Sequence[Frame], step: int, model):
-        """points (P, 3) float32 world, rgb (P, 3) uint8, views (P,) int64 tensors on the device."""
-        self._sync(ids, frames, step, model)
+    def get(self, version: int, ids: Sequence[int], frames: Sequence[Frame], step: int, model,
+            render_missing: bool = True):
+        """points (P, 3) float32 world, rgb (P, 3) uint8, views (P,) int64 tensors on the device.
+
+        render_missing=False (a query during training): keyframes without a grid yet are left out rather
+        than rendered here; `refresh` makes their grids first."""
+        self._sync(ids, frames, step, model, render_missing)
+        have = [(i, f) for i, f in zip(ids, frames, strict=True) if int(i) in self._grids]
         key = (int(version), self._grids_version)
         if self._key != key:
-            content = candidate_key(ids, frames, step, self.cfg)
-            grids = [self._grids[int(i)][0] for i in ids]
-            self._install(merge_candidates(frames, grids, self.cfg, content, ids), key)
+            ids_h, frames_h = [i for i, _ in have], [f for _, f in have]
+            content = candidate_key(ids_h, frames_h, step, self.cfg)
+            grids = [self._grids[int(i)][0] for i in ids_h]
+            self._install(merge_candidates(frames_h, grids, self.cfg, content, ids_h), key)
         return self._tensors
 
     def refresh(self, ids: Sequence[int], frames: Sequence[Frame], step: int, model, max_renders: int = 1,
                 min_age_steps: int = 1) -> int:
-        """Re-render up to ``max_renders`` rendered grids (stalest first) older than ``min_age_steps``;
-        returns how many were rendered. The next `get` merges them in."""
+        """Render up to ``max_renders`` grids: keyframes without one first, then rendered grids older than
+        ``min_age_steps`` (stalest first); returns how many. The next `get` merges them in."""
         by_id = {int(i): f for i, f in zip(ids, frames, strict=True)}
-        stale = sorted((st, i) for i, (_, st) in self._grids.items()
-                       if ((st >= 0 and step - st >= min_age_steps) or st == _UNFILLED) and i in by_id)
+        missing = [(-3, i) for i in by_id if i not in self._grids]  # keyframes with no grid come first
+        stale = missing + sorted((st, i) for i, (_, st) in self._grids.items() if i in by_id and (
+            (st >= 0 and step - st >= min_age_steps) or st == _UNFILLED))
         for _, kf_id in stale[:max_renders]:
             self._grids[kf_id] = self._grid(by_id[kf_id], step, model)
             self._grids_version += 1
