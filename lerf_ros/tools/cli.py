@@ -181,8 +181,10 @@ def cmd_train(args) -> int:
         print(f"scene box ({'given' if given else 'derived from the keyframes'}): min "
               f"{tuple(round(v, 2) for v in box[0])} max {tuple(round(v, 2) for v in box[1])} m in "
               f"'{s.world_frame}'")
-    print(f"trained {info['steps']} steps on {keyframes} keyframes ({stats.frames} frames of "
-          f"{stats.images} images, dropped {dict(stats.dropped) or 'none'}) in "
+    held = engine.status().keyframes
+    evicted = f", {keyframes - held} evicted as redundant" if keyframes > held else ""
+    print(f"trained {info['steps']} steps on {held} keyframes ({keyframes} accepted{evicted}; {stats.frames} "
+          f"frames of {stats.images} images, dropped {dict(stats.dropped) or 'none'}) in "
           f"{info['train_seconds']:.1f} s -> {args.out}")
     usable = "usable" if conv.usable else "NOT usable"
     print(f"stopped: {_stop_text(reason, steps, args.seconds)}; map {usable} (progress {conv.progress:.2f}): "
