@@ -165,6 +165,7 @@ class LERFEngine:
         self._box_refits, self._box_checked_step = 0, 0
         self._last_refresh, self._refresh_cost = 0.0, 0.0
         self._last_train_time = -1e9
+        self._depends, self._depends_key = False, None  # candidates need rendered depth (per kf version)
         self.model: LERFModel | None = None
         self.trainer: Trainer | None = None
         self._generator = torch.Generator(device=self.device).manual_seed(0)
@@ -449,8 +450,11 @@ class LERFEngine:
         if now - self._last_refresh < self._refresh_cost / REFRESH_FRACTION:
             return
         with self.lock.background():
-            stride = self.config.candidates.pixel_stride
-            if self.model is None or not candidates.depends_on_model(self.store.frames(), stride):
+            if self._depends_key != self._kf_version:  # scanning every depth image once per keyframe set
+                self._depends = candidates.depends_on_model(self.store.frames(),
+                                                            self.config.candidates.pixel_stride)
+                self._depends_key = self._kf_version
+            if self.model is None or not self._depends:
                 return
             t = time.perf_counter()
             if self.candidates.refresh(self.store.ids(), self.store.frames(), self.train_step, self.model):
