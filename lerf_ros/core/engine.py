@@ -36,6 +36,7 @@ from .language.query_embed import multiscale_embed_fn
 from .language.relevancy import CANONICAL_NEGATIVES, negative_texts
 from .model import LERFModel
 from .presets import EngineConfig
+from .training import salience
 from .training.convergence import ConvergenceSignals
 from .training.engine_lock import PriorityLock
 from .training.trainer import KeyframeTensors, NonFiniteStep, Trainer, sample_ray_batch
@@ -72,6 +73,7 @@ class EngineStatus:
     call; gpu_mem_*_mb: torch.cuda allocated / peak (0 on the CPU); last_error: "Type: message" of the
     last failed ``step``; ready: queries can be answered; keyframes_outside_box: keyframes whose view
     mostly leaves the scene box (`keyframes_outside_box`); scene_box: ((3,), (3,)) world metres or None;
+    scene_box_source: what it came from (`LERFEngine.box_source`, `scene_region.describe_source`);
     convergence: the last `ConvergenceSignals` (usable, progress, held-out PSNR, depth agreement, language
     slope, note); nonfinite_steps: training steps skipped for a non-finite loss / gradient; restores: roll-
     backs to the last good weights (see `trainer.NonFiniteStep`)."""
@@ -87,6 +89,7 @@ class EngineStatus:
     ready: bool
     keyframes_outside_box: int = 0
     scene_box: tuple | None = None
+    scene_box_source: str = ""
     convergence: ConvergenceSignals = field(default_factory=ConvergenceSignals)
     nonfinite_steps: int = 0
     restores: int = 0
@@ -104,10 +107,17 @@ class EngineStatus:
 REFIT_CHECK_STEPS = 200
 REFIT_OUTSIDE_FRACTION = 0.25
 MAX_BOX_REFITS = 3
+#: A box from camera frusta (no measured depth) is tightened once to the surfaces the model renders after
+#: TIGHTEN_MIN_STEPS steps (`scene_region.tightened_box`; every TIGHTEN_STRIDE-th pixel of every
+#: keyframe), when the tight box has at most TIGHTEN_VOLUME of the volume.
+TIGHTEN_MIN_STEPS = 300
+TIGHTEN_STRIDE = 10
+TIGHTEN_VOLUME = 0.5
 #: A training step within this many seconds means "training": queries then render no candidate grids.
 TRAINING_ACTIVE_S = 2.0
 #: Share of the training worker's wall time spent re-rendering query candidates (RGB-only keyframes).
 REFRESH_FRACTION = 0.1
+MAX_REFRESH_GRIDS = 8
 
 
 def _auto_to_torch(cfg):
@@ -163,6 +173,9 @@ class LERFEngine:
         self.scene_box: SceneBox | None = None
         self._outside, self._outside_key = 0, None
         self._box_refits, self._box_checked_step = 0, 0
+        # What the scene box came from: "given", "depth", "frusta" (not yet checked against rendered
+        # surfaces), "frusta, checked" (they filled it) or "rendered" (tightened to them)
+        self.box_source = ""
         self._last_refresh, self._refresh_cost = 0.0, 0.0
         self._last_train_time = -1e9
         self._depends, self._depends_key = False, None  # candidates need rendered depth (per kf version)
@@ -290,8 +303,18 @@ class LERFEngine:
                 raise ValueError(f"no keyframe sees inside the scene box {sc.box_min} .. {sc.box_max} "
                                  f"(within {sc.max_range_m} m): check scene_box_min / scene_box_max and "
                                  f"the world frame")
+            self.box_source = "given"
             return box
+        self.box_source = "depth" if any(f.depth_m is not None for f in frames) else "frusta"
         return scene_region.derive_box(frames, sc.margin_m, sc.max_range_m, sc.ground_z_m)
+
+    def _rendered_seen(self, min_step: int = 0, every: int = 1) -> dict[int, np.ndarray]:
+        """Keyframe id -> world points (N, 3) of its rendered depth grid (every ``every``-th point), for
+        keyframes without measured depth whose grid was rendered at ``min_step`` or later."""
+        stride = self.config.candidates.pixel_stride
+        grids = self.candidates.rendered_grids(min_step)
+        return {i: candidates.lift_depth(self.store.get(i), stride, g)[::every]
+                for i, g in grids.items() if i in self.store and self.store.get(i).depth_m is None}
 
     def keyframes_outside_box(self) -> int:
         """Keyframes whose view mostly (> half of the frustum up to max_range_m / the ground) leaves the
@@ -299,12 +322,17 @@ class LERFEngine:
         with self.lock:
             if self.scene_box is None:
                 return 0
-            key = (self._kf_version, self.scene_box)
+            key = (self._kf_version, self.scene_box, self.candidates.grids_version)
             if self._outside_key != key:
                 sc = self.config.scene
+                seen = self._rendered_seen(every=4)
+                # A box fitted to rendered surfaces is judged by them only: a frustum reaches max_range_m
+                # whatever the room, so it would call every keyframe "outside" a tight box.
+                judged = [(i, f) for i, f in zip(self.store.ids(), self.store.frames(), strict=True)
+                          if self.box_source != "rendered" or f.depth_m is not None or i in seen]
                 self._outside = sum(scene_region.inside_fraction(f, self.scene_box, sc.max_range_m,
-                                                                 sc.ground_z_m) < 0.5
-                                    for f in self.store.frames())
+                                                                 sc.ground_z_m, seen=seen.get(i)) < 0.5
+                                    for i, f in judged)
                 self._outside_key = key
             return self._outside
 
@@ -333,18 +361,49 @@ class LERFEngine:
                 or self.train_step - self._box_checked_step < REFIT_CHECK_STEPS):
             return
         self._box_checked_step = self.train_step
+        if self._maybe_tighten_box():
+            return
         frames = self.store.frames()
         if self.keyframes_outside_box() <= REFIT_OUTSIDE_FRACTION * len(frames):
             return
-        old, new = self.scene_box, self._derive_box()
+        old, source = self.scene_box, self.box_source
+        new = self._derive_box()
+        if source == "rendered":  # grow by what the keyframes render, not by their frusta
+            new = scene_region.tightened_box(
+                scene_region.derive_box(frames, sc.margin_m, sc.max_range_m, sc.ground_z_m),
+                np.stack([f.T_world_cam[:3, 3] for f in frames]), list(self._rendered_seen().values()),
+                sc.margin_m) or old
+            self.box_source = source
         lo = np.minimum(old.min_xyz, new.min_xyz)
         hi = np.maximum(old.max_xyz, new.max_xyz)
         if np.allclose(lo, old.min_xyz, atol=0.05) and np.allclose(hi, old.max_xyz, atol=0.05):
             return
-        self.scene_box = SceneBox(tuple(lo), tuple(hi))
+        self._refit(SceneBox(tuple(lo), tuple(hi)))
+
+    def _refit(self, box: SceneBox) -> None:
+        self.scene_box = box
         self._start_fields()
         self._box_refits += 1
         self._box_checked_step = 0
+
+    def _maybe_tighten_box(self) -> bool:
+        """A box from camera frusta, cut down to the surfaces the model renders after TIGHTEN_MIN_STEPS
+        (a coarse depth grid per keyframe, every TIGHTEN_STRIDE-th pixel: well under a second); True
+        when the fields restarted in the tighter box (at most TIGHTEN_VOLUME of the volume)."""
+        if self.box_source != "frusta" or self.train_step < TIGHTEN_MIN_STEPS:
+            return False
+        frames = [f for f in self.store.frames() if f.depth_m is None]
+        seen = [candidates.lift_depth(f, TIGHTEN_STRIDE, candidates.render_depth_grid(
+            self.model, f, TIGHTEN_STRIDE, self.device)) for f in frames]
+        cams = np.stack([f.T_world_cam[:3, 3] for f in self.store.frames()])
+        tight = scene_region.tightened_box(self.scene_box, cams, seen, self.config.scene.margin_m)
+        self.box_source = "frusta, checked"  # once: the frustum box stays when the surfaces fill it
+        if tight is None or scene_region.box_volume(tight) > TIGHTEN_VOLUME * scene_region.box_volume(
+                self.scene_box):
+            return False
+        self.box_source = "rendered"
+        self._refit(tight)
+        return True
 
     def _build_model(self) -> None:
         model_cfg = self.config.model
@@ -363,6 +422,7 @@ class LERFEngine:
         key = (self._kf_version, tuple(ids))
         if self._tensors is None or self._tensors_version != key:
             self._tensors = KeyframeTensors.from_frames(ids, [self.store.get(i) for i in ids], self.device)
+            self._tensors.clip_mean = salience.keyframe_means(self.pyramid, ids, self.device)
             self._tensors_version = key
         return self._tensors
 
@@ -401,8 +461,8 @@ class LERFEngine:
                 self._ensure_model()
                 kf = self._keyframe_tensors(ids)
                 lang = self.trainer.language_active
-                batch = sample_ray_batch(kf, rays, self._generator, self.pyramid if lang else None,
-                                         self.dense if lang else None)
+                batch = sample_ray_batch(kf, rays, self._generator, self.pyramid, self.dense,
+                                         salience=self.config.trainer.salience, targets=lang)
                 try:
                     losses = self.trainer.step(batch)
                 except NonFiniteStep as exc:  # nothing applied; rolled back from the 2nd in a row on
@@ -444,20 +504,27 @@ class LERFEngine:
         return self.convergence().usable
 
     def _refresh_candidates(self) -> None:
-        """Keep rendered query candidates current (`CandidateCache.refresh`): one keyframe's depth at a
-        time, spending at most ~REFRESH_FRACTION of the wall time on it, so a query never renders them."""
+        """Keep rendered query candidates current (`CandidateCache.refresh`): keyframe depth grids, the
+        stalest first, spending ~REFRESH_FRACTION of the wall time on them, so a query never renders them."""
         now = time.perf_counter()
-        if now - self._last_refresh < self._refresh_cost / REFRESH_FRACTION:
+        # Grids this call may render: the wall time since the last refresh, times the share it may take,
+        # over the cost of one grid (at most MAX_REFRESH_GRIDS per call; the lock is taken per grid).
+        budget = (now - self._last_refresh) * REFRESH_FRACTION / (1.0 - REFRESH_FRACTION)
+        n = min(int(budget / max(self._refresh_cost, 1e-6)), MAX_REFRESH_GRIDS)
+        if n < 1:
             return
-        with self.lock.background():
-            if self._depends_key != self._kf_version:  # scanning every depth image once per keyframe set
-                self._depends = candidates.depends_on_model(self.store.frames(),
-                                                            self.config.candidates.pixel_stride)
-                self._depends_key = self._kf_version
-            if self.model is None or not self._depends:
-                return
-            t = time.perf_counter()
-            if self.candidates.refresh(self.store.ids(), self.store.frames(), self.train_step, self.model):
+        for _ in range(n):
+            with self.lock.background():
+                if self._depends_key != self._kf_version:  # scanning every depth image once per kf set
+                    self._depends = candidates.depends_on_model(self.store.frames(),
+                                                                self.config.candidates.pixel_stride)
+                    self._depends_key = self._kf_version
+                if self.model is None or not self._depends:
+                    break
+                t = time.perf_counter()
+                if not self.candidates.refresh(self.store.ids(), self.store.frames(), self.train_step,
+                                               self.model):
+                    break
                 self._refresh_cost = time.perf_counter() - t
         self._last_refresh = time.perf_counter()
 
@@ -575,6 +642,7 @@ class LERFEngine:
                 keyframes_outside_box=self.keyframes_outside_box(),
                 scene_box=None if self.scene_box is None else (self.scene_box.min_xyz,
                                                                self.scene_box.max_xyz),
+                scene_box_source=self.box_source,
                 convergence=self.convergence(),
                 nonfinite_steps=0 if self.trainer is None else self.trainer.nonfinite_steps,
                 restores=0 if self.trainer is None else self.trainer.restores)

@@ -30,6 +30,7 @@ from std_srvs.srv import SetBool, Trigger
 
 from lerf_ros.compat import image as image_conv
 from lerf_ros.compat import tf as compat_tf
+from lerf_ros.core.frames import scene_region
 from lerf_ros.core.frames.frame import Frame
 from lerf_ros.core.training.worker import TrainingWorker
 from lerf_ros.ros import ingest
@@ -356,8 +357,8 @@ class TrainerNode(Node):
         if engine_status.scene_box is not None and engine_status.scene_box != self._box_reported:
             self._box_reported = engine_status.scene_box
             lo, hi = (tuple(round(v, 2) for v in c) for c in engine_status.scene_box)
-            given = self.params.engine.scene.box_min is not None
-            self.get_logger().info(f"scene box ({'given' if given else 'derived from the keyframes'}): "
+            source = scene_region.describe_source(engine_status.scene_box_source)
+            self.get_logger().info(f"scene box ({source}): "
                                    f"min {lo} max {hi} m in '{self.settings.world_frame}'")
         return training_status_msg(engine_status, self.state_name(), header, received, drops,
                                    worker_error or node_error,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.frames import scene_region
 from ..ros.params import SPECS, ParameterError, read_vocabulary, resolve
 from .bag_io import BagError
 
@@ -175,10 +176,9 @@ def cmd_train(args) -> int:
             "convergence": {k: _json_number(v) for k, v in dataclasses.asdict(conv).items()},
             "nonfinite_steps": st.nonfinite_steps, "restores": st.restores}
     (args.out / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    box = engine.status().scene_box
+    box, source = engine.status().scene_box, engine.status().scene_box_source
     if box is not None:
-        given = params.engine.scene.box_min is not None
-        print(f"scene box ({'given' if given else 'derived from the keyframes'}): min "
+        print(f"scene box ({scene_region.describe_source(source)}): min "
               f"{tuple(round(v, 2) for v in box[0])} max {tuple(round(v, 2) for v in box[1])} m in "
               f"'{s.world_frame}'")
     held = engine.status().keyframes

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from lerf_ros.core import engine as engine_mod
 from lerf_ros.core.encoders import EncoderSpec
 from lerf_ros.core.engine import LERFEngine, StepStats, _auto_to_torch
 from lerf_ros.core.frames.frame import Frame
@@ -471,9 +472,15 @@ def test_candidates_from_rendered_depth_without_measured_depth(room_frames):
     # stalest), and a query merges it in without rendering anything itself
     assert engine._candidate_points()[0] is pts
     calls = candidates.render_calls()
-    engine._last_refresh = -1e9  # the refresh's time budget (10 % of training time) allows one now
+    # the refresh's time budget (10 % of the wall time, at the last grid's cost) allows one grid now ...
+    engine._refresh_cost, engine._last_refresh = 1.0, time.perf_counter() - 9.5
     engine.step(1)
     assert candidates.render_calls() == calls + 1
+    # ... and after a long stretch, several (every stale keyframe here), never more than the cap
+    calls = candidates.render_calls()
+    engine._refresh_cost, engine._last_refresh = 0.01, time.perf_counter() - 100.0
+    engine.step(1)
+    assert candidates.render_calls() == calls + min(len(frames), engine_mod.MAX_REFRESH_GRIDS)
     calls = candidates.render_calls()
     assert engine._candidate_points()[0] is not pts
     r = engine.query("red box")

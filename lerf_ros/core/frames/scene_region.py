@@ -4,6 +4,10 @@ With measured depth, the surface points bound the scene. Without depth (an RGB-o
 positions alone do not: a camera 1.1 m up looking down at the floor sees nothing at its own height. The
 box then comes from the camera frusta: rays through a grid of pixels, each cut where it meets the ground
 plane of the world frame (REP-105: z = 0 is the floor in ``map`` / ``odom``) or at ``max_range_m``.
+A frustum bounds what a camera could see, not what is there: a camera 1.5 m up, looking nearly level,
+reaches ``max_range_m`` in every direction, and a 4 x 5 m room got a 14 x 15 m box (hash-grid cells
+three times coarser than needed). Once the model renders depth, the engine tightens a frustum box to the
+rendered surfaces (`tightened_box`) and judges "outside" from them (``seen`` of `inside_fraction`).
 """
 
 from __future__ import annotations
@@ -64,11 +68,50 @@ def derive_box(frames: Sequence[Frame], margin_m: float, max_range_m: float,
     return SceneBox(tuple(lo), tuple(hi))
 
 
-def inside_fraction(frame: Frame, box: SceneBox, max_range_m: float, ground_z: float | None,
-                    samples: int = 8) -> float:
-    """Fraction of what ``frame`` sees that lies inside ``box``: its measured surface points (every 8th
-    pixel) when it has depth, else points sampled along its frustum rays up to their ends."""
+def tightened_box(box: SceneBox, camera_positions: np.ndarray, rendered: Sequence[np.ndarray],
+                  margin_m: float) -> SceneBox | None:
+    """``box`` cut down to the rendered surface points (1st-99th percentile) and the camera positions,
+    grown by margin_m; None when no rendered point lies inside ``box`` (what lies outside it is modelled
+    in contracted space and too coarse to bound anything)."""
     lo, hi = np.asarray(box.min_xyz), np.asarray(box.max_xyz)
+    pts = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 3) for p in rendered]
+                         or [np.zeros((0, 3))])
+    pts = pts[np.all(np.isfinite(pts) & (pts >= lo) & (pts <= hi), axis=1)]
+    if pts.shape[0] == 0:
+        return None
+    p = np.vstack([np.percentile(pts, 1, axis=0), np.percentile(pts, 99, axis=0),
+                   np.asarray(camera_positions, dtype=np.float64).reshape(-1, 3)])
+    new_lo = np.maximum(p.min(0) - margin_m, lo)
+    new_hi = np.minimum(p.max(0) + margin_m, hi)
+    return SceneBox(tuple(new_lo), tuple(new_hi), box.contract)
+
+
+#: What a scene box came from (`LERFEngine.box_source`), in words for the node's log and the CLI.
+BOX_SOURCES = {
+    "given": "given by scene_box_min / scene_box_max",
+    "depth": "derived from the measured depth",
+    "frusta": "derived from the camera frusta",
+    "frusta, checked": "derived from the camera frusta (the rendered surfaces fill it)",
+    "rendered": "fitted to the surfaces the model renders",
+}
+
+
+def describe_source(source: str) -> str:
+    return BOX_SOURCES.get(source, "as saved in the map")
+
+
+def box_volume(box: SceneBox) -> float:
+    return float(np.prod(np.asarray(box.max_xyz) - np.asarray(box.min_xyz)))
+
+
+def inside_fraction(frame: Frame, box: SceneBox, max_range_m: float, ground_z: float | None,
+                    samples: int = 8, seen: np.ndarray | None = None) -> float:
+    """Fraction of what ``frame`` sees that lies inside ``box``: ``seen`` (N, 3) world points (its
+    rendered surface) when given, else its measured surface points (every 8th pixel) when it has depth,
+    else points sampled along its frustum rays up to their ends."""
+    lo, hi = np.asarray(box.min_xyz), np.asarray(box.max_xyz)
+    if seen is not None and len(seen):
+        return float(np.all((seen >= lo) & (seen <= hi), axis=1).mean())
     if frame.depth_m is not None:
         pts = lift_depth(frame, 8)
         if pts.shape[0]:

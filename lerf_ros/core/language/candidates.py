@@ -315,6 +315,14 @@ class CandidateCache:
         grid = np.where(holes, render_depth_grid(model, kf, s, self.device), grid)
         return grid, int(step)
 
+    @property
+    def grids_version(self) -> int:
+        return self._grids_version
+
+    def rendered_grids(self, min_step: int = 0) -> dict[int, np.ndarray]:
+        """Keyframe id -> depth grid, for the grids rendered (wholly or in part) at ``min_step`` or later."""
+        return {i: g for i, (g, st) in self._grids.items() if st >= max(min_step, 0)}
+
     def get(self, version: int, ids: Sequence[int], frames: Sequence[Frame], step: int, model,
             render_missing: bool = True):
         """points (P, 3) float32 world, rgb (P, 3) uint8, views (P,) int64 tensors on the device.

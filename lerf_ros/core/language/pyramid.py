@@ -282,11 +282,14 @@ class ClipPyramid:
     # ---- sampling -------------------------------------------------------------------------------
 
     def random_tile_frac(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """(n,) tile fractions uniform between the smallest and largest tile size, on self.device."""
+        """(n,) tile fractions between the smallest and largest tile size, uniform in log scale, on
+        self.device. LERF draws them uniformly; log-uniform gives the small tiles, the only ones that
+        name a small object, as many rays as the large ones (0.05-0.1 gets 30 % instead of 11 %), the
+        same spacing as the query's geometric scale search."""
         dev = generator.device if generator is not None else self.device
         t = torch.rand(n, generator=generator, device=dev).to(self.device)
         lo, hi = self.config.tile_fracs[0], self.config.tile_fracs[-1]
-        return lo + (hi - lo) * t
+        return lo * (hi / lo) ** t
 
     def _sample_level(self, geo, level: Tensor, uv: Tensor, lay: tuple, slots: Tensor) -> Tensor:
         stride = geo["stride"][level]

@@ -1,8 +1,9 @@
 """One optimisation step over keyframe rays; optimisers and schedules per parameter group.
 
 `KeyframeTensors` holds the training keyframes on the device (padded to a common size so that a batch
-of rays over many keyframes is one gather). `sample_ray_batch` draws random pixels uniformly over the
-keyframes whose language targets are ready and builds the batch the model's ``compute_losses`` takes.
+of rays over many keyframes is one gather). `sample_ray_batch` draws random pixels over the keyframes
+whose language targets are ready (uniformly, plus a salient share: `salience.py`) and builds the batch
+the model's ``compute_losses`` takes.
 `Trainer` owns one Adam optimiser + one learning-rate schedule per parameter group of the model
 (``model.param_groups()``), optional gradient clipping and, on CUDA only, autocast + GradScaler.
 
@@ -26,6 +27,9 @@ import torch
 from .convergence import ConvergenceConfig, ConvergenceMonitor, ConvergenceSignals
 from .holdout import training_pixels
 from .recovery import NonFiniteStep, Snapshot
+from .salience import SalienceConfig
+from .salience import resample as salience_resample
+from .salience import salience as salience_scores
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class TrainerConfig:
     convergence:          when the map counts as usable (`ConvergenceConfig`).
     language:             the language field's own optimiser and schedule (`GroupSchedule`, LERF's);
                           None = Adam with the settings above, like the other groups.
+    salience:             share of rays drawn where a keyframe's content stands out (`SalienceConfig`);
+                          ``SalienceConfig(frac=0)`` = LERF's uniform rays.
     """
 
     rays_per_step: int = 4096
@@ -102,6 +108,7 @@ class TrainerConfig:
     max_nonfinite_in_row: int = 20
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     language: GroupSchedule | None = field(default_factory=GroupSchedule)
+    salience: SalienceConfig = field(default_factory=SalienceConfig)
 
     def validate(self) -> TrainerConfig:
         if self.rays_per_step < 1:
@@ -124,6 +131,7 @@ class TrainerConfig:
             raise ValueError(f"need snapshot_every >= 0 and max_nonfinite_in_row >= 1, got "
                              f"{self.snapshot_every}, {self.max_nonfinite_in_row}")
         self.convergence.validate()
+        self.salience.validate()
         if self.language is not None:
             self.language.validate()
         return self
@@ -150,6 +158,8 @@ class KeyframeTensors:
     T_world_cam: (K, 4, 4) float32 camera poses, ROS optical convention, metres
     intrinsics:  (K, 4) float32 fx, fy, cx, cy in pixels (pixel centres at integer coordinates)
     sizes:       (K, 2) int64 (w_k, h_k)
+    clip_mean:   (K, D) float32 unit mean of each keyframe's smallest crop embeddings, or None (set by the
+                 engine once the pyramids exist; the reference of salient ray sampling, `salience.py`)
     """
 
     kf_ids: torch.Tensor
@@ -158,6 +168,7 @@ class KeyframeTensors:
     T_world_cam: torch.Tensor
     intrinsics: torch.Tensor
     sizes: torch.Tensor
+    clip_mean: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -203,24 +214,49 @@ def pixel_rays_batched(kf: KeyframeTensors, rows: torch.Tensor, u: torch.Tensor,
     return T[:, :3, 3], d_world, ray_per_z
 
 
-def sample_ray_batch(kf: KeyframeTensors, n_rays: int, generator: torch.Generator, pyramid=None,
-                     dense=None) -> dict[str, torch.Tensor]:
-    """Draw ``n_rays`` random training pixels (never a held-out one), keyframes uniformly, and their targets.
-
-    Returns origins (N, 3), directions (N, 3) unit, rgb (N, 3) float in [0, 1], depth (N,) ray distance in
-    metres (NaN unknown), kf_ids (N,), uv (N, 2) pixel coordinates, and, when ``pyramid`` is given, clip
-    (N, clip_dim) targets at a random tile size per ray with clip_scale_factor (N,) = tile_frac * H / fy
-    (the CLIP scale in metres per metre of depth); when ``dense`` is given, dino (N, dino_dim).
-    """
+def _uniform_pixels(kf: KeyframeTensors, n: int, generator: torch.Generator):
+    """(rows, u, v) int64 (n,) each: keyframes uniformly, then a training pixel uniformly in each."""
     dev = kf.images.device
-    rows = torch.randint(0, kf.count, (n_rays,), generator=generator, device=dev)
+    rows = torch.randint(0, kf.count, (n,), generator=generator, device=dev)
     size = kf.sizes[rows].to(torch.float32)
     # Integer pixels: the targets are exact pixel values, no interpolation of colours or depth.
-    ui = (torch.rand(n_rays, generator=generator, device=dev) * size[:, 0]).long()
-    vi = (torch.rand(n_rays, generator=generator, device=dev) * size[:, 1]).long()
+    ui = (torch.rand(n, generator=generator, device=dev) * size[:, 0]).long()
+    vi = (torch.rand(n, generator=generator, device=dev) * size[:, 1]).long()
     ui = torch.minimum(ui, kf.sizes[rows, 0] - 1)
     vi = torch.minimum(vi, kf.sizes[rows, 1] - 1)
-    ui = training_pixels(kf.kf_ids[rows], ui, vi, kf.sizes[rows, 0])
+    return rows, training_pixels(kf.kf_ids[rows], ui, vi, kf.sizes[rows, 0]), vi
+
+
+def _draw_pixels(kf: KeyframeTensors, n_rays: int, generator: torch.Generator, pyramid,
+                 config: SalienceConfig | None):
+    """Uniform pixels, plus a salient share (`salience.py`) when a config, a pyramid and the keyframes'
+    mean embeddings (``kf.clip_mean``) are all there."""
+    if config is None or pyramid is None or kf.clip_mean is None or config.frac <= 0:
+        return _uniform_pixels(kf, n_rays, generator)
+    n_uni, n_sal = config.counts(n_rays)
+    rows, ui, vi = _uniform_pixels(kf, n_uni + n_sal * config.pool, generator)
+    pr, pu, pv = rows[n_uni:], ui[n_uni:], vi[n_uni:]
+    uv = torch.stack([pu, pv], dim=-1).to(torch.float32)
+    smallest = torch.full((pr.shape[0],), pyramid.config.tile_fracs[0], device=uv.device)
+    embeds = pyramid.sample(kf.kf_ids[pr], uv, smallest).to(kf.clip_mean.device)
+    keep = salience_resample(salience_scores(embeds, kf.clip_mean[pr]), n_sal, config, generator)
+    return (torch.cat([rows[:n_uni], pr[keep]]), torch.cat([ui[:n_uni], pu[keep]]),
+            torch.cat([vi[:n_uni], pv[keep]]))
+
+
+def sample_ray_batch(kf: KeyframeTensors, n_rays: int, generator: torch.Generator, pyramid=None,
+                     dense=None, *, salience: SalienceConfig | None = None,
+                     targets: bool = True) -> dict[str, torch.Tensor]:
+    """Draw ``n_rays`` training pixels (never a held-out one) and their targets.
+
+    Pixels: keyframes uniformly, then pixels uniformly; with ``salience`` (and ``pyramid``) a share of
+    them where the keyframe's content stands out (`salience.py`). Returns origins (N, 3), directions (N, 3)
+    unit, rgb (N, 3) float in [0, 1], depth (N,) ray distance in metres (NaN unknown), kf_ids (N,), uv (N, 2)
+    pixel coordinates, and, with ``targets``: when ``pyramid`` is given, clip (N, clip_dim) targets at a
+    random tile size per ray with clip_scale_factor (N,) = tile_frac * H / fy (the CLIP scale in metres per
+    metre of depth); when ``dense`` is given, dino (N, dino_dim).
+    """
+    rows, ui, vi = _draw_pixels(kf, n_rays, generator, pyramid, salience)
     u, v = ui.to(torch.float32), vi.to(torch.float32)
     origins, directions, ray_per_z = pixel_rays_batched(kf, rows, u, v)
     z = kf.depth[rows, vi, ui]
@@ -232,13 +268,13 @@ def sample_ray_batch(kf: KeyframeTensors, n_rays: int, generator: torch.Generato
         "kf_ids": kf.kf_ids[rows],
         "uv": torch.stack([u, v], dim=-1),
     }
-    if pyramid is not None:
+    if pyramid is not None and targets:
         ids = batch["kf_ids"]
-        tile_frac = pyramid.random_tile_frac(n_rays, generator=generator).to(dev)
+        tile_frac = pyramid.random_tile_frac(n_rays, generator=generator).to(rows.device)
         batch["clip"] = pyramid.sample(ids, batch["uv"], tile_frac).to(torch.float32)
-        fy, h = kf.intrinsics[rows, 1], size[:, 1]
+        fy, h = kf.intrinsics[rows, 1], kf.sizes[rows, 1].to(torch.float32)
         batch["clip_scale_factor"] = tile_frac * h / fy
-    if dense is not None:
+    if dense is not None and targets:
         batch["dino"] = dense.sample(batch["kf_ids"], batch["uv"]).to(torch.float32)
     return batch
 

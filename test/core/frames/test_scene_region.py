@@ -126,3 +126,68 @@ def test_a_derived_box_refits_once_most_keyframes_see_beyond_it():
     fixed._box_checked_step = -engine_mod.REFIT_CHECK_STEPS
     fixed.step(1)
     assert fixed._box_refits == 0 and fixed.scene_box.max_xyz == (4.0, 2.0, 2.0)
+
+
+def test_tightened_box_holds_the_rendered_surfaces_and_cameras_inside_the_old_box():
+    from lerf_ros.core.frames.scene_region import box_volume, tightened_box
+
+    rng = np.random.default_rng(0)
+    box = SceneBox((-10.0, -10.0, -0.25), (10.0, 10.0, 3.0))
+    room = rng.uniform((-1.0, -2.0, 0.0), (2.0, 1.0, 1.5), (2000, 3))
+    far = np.full((50, 3), 40.0)  # beyond the box (contracted space): ignored
+    cams = np.array([[0.0, 0.0, 1.1], [2.5, 0.0, 1.1]])
+    t = tightened_box(box, cams, [room, far], margin_m=0.5)
+    lo, hi = np.asarray(t.min_xyz), np.asarray(t.max_xyz)
+    assert np.all(lo >= np.asarray(box.min_xyz)) and np.all(hi <= np.asarray(box.max_xyz))
+    np.testing.assert_allclose(lo[:2], np.percentile(room, 1, axis=0)[:2] - 0.5, atol=1e-9)
+    assert hi[0] == pytest.approx(3.0)  # the second camera, 2.5 m, plus the margin
+    assert lo[2] == pytest.approx(-0.25)  # never below the old box's floor
+    assert box_volume(t) < 0.1 * box_volume(box)
+    assert tightened_box(box, cams, [far], margin_m=0.5) is None
+
+
+def test_an_rgb_only_frustum_box_shrinks_to_the_rendered_room_and_stays_there(monkeypatch):
+    """A camera looking nearly level reaches max_range_m everywhere; once the model renders the room's
+    surfaces (here: a stand-in renderer returning 2 m everywhere), the box is cut down to them, once, and
+    the frusta no longer count as "outside" it."""
+    import dataclasses
+
+    from lerf_ros.core import engine as engine_mod
+    from lerf_ros.core.engine import LERFEngine
+    from lerf_ros.core.frames.scene_region import box_volume
+    from lerf_ros.core.language import candidates
+    from lerf_ros.core.presets import make_preset
+
+    base = make_preset("tiny")
+    cfg = dataclasses.replace(base, ingest=dataclasses.replace(base.ingest, min_keyframes=2),
+                              scene=dataclasses.replace(base.scene, margin_m=0.3, max_range_m=8.0))
+    rng = np.random.default_rng(1)
+    frames = [dataclasses.replace(_robot_frame(x, yaw, pitch_down_deg=10.0),
+                                  image=rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), stamp_ns=i * 10**9)
+              for i, (x, yaw) in enumerate(((0.0, 0.0), (0.3, 120.0), (0.6, 240.0)))]
+    monkeypatch.setattr(engine_mod, "TIGHTEN_MIN_STEPS", 2)
+
+    def two_metres(model, kf, stride, device, chunk=4096):
+        h, w = kf.image.shape[:2]
+        return np.full(((h + stride - 1) // stride, (w + stride - 1) // stride), 2.0, np.float32)
+
+    monkeypatch.setattr(candidates, "render_depth_grid", two_metres)
+    engine = LERFEngine(cfg, "cpu")
+    for f in frames:
+        assert engine.add_frame(f).keyframe
+    while engine.train_step < 3:
+        engine.step(3)
+    first = engine.scene_box
+    assert engine.box_source == "frusta" and max(first.max_xyz) > 7.0  # the 8 m range
+    engine._box_checked_step = -engine_mod.REFIT_CHECK_STEPS  # due now
+    engine.step(1)
+    assert engine.box_source == "rendered" and engine._box_refits == 1 and engine.train_step == 1
+    assert box_volume(engine.scene_box) < 0.2 * box_volume(first)
+    assert max(engine.scene_box.max_xyz[:2]) < 2.0 + 0.6 + 0.3 + 1e-6  # 2 m ahead + the cameras' spread
+    while engine.train_step < 3:
+        engine.step(3)
+    assert engine.keyframes_outside_box() == 0  # judged by the rendered surfaces, not the frusta
+    engine._box_checked_step = -engine_mod.REFIT_CHECK_STEPS
+    tight = engine.scene_box
+    engine.step(1)
+    assert engine._box_refits == 1 and engine.scene_box == tight  # no growing back to the frusta
