@@ -1,9 +1,13 @@
 """Start lerf_node (trainer + query node in one process, sharing the model) with config/lerf.yaml.
 
-    ros2 launch lerf_ros lerf.launch.py image_topic:=/rgb/image_raw preset:=lite device:=cuda
+    ros2 launch lerf_ros lerf.launch.py image_topic:=/rgb/image_raw device:=cuda \
+        clip_checkpoint:=/models/open_clip_pytorch_model.bin \
+        dino_checkpoint:=/models/dino_deitsmall16_pretrain.pth
 
 Every launch argument is a node parameter; its default is the value in config/lerf.yaml, so leaving an
-argument out keeps the YAML's value. Without ros2 launch, the same configuration starts with
+argument out keeps the YAML's value: the `default` preset (OpenCLIP + DINO from local weights; without
+them start-up fails and names the paths searched, it never falls back to the demo colour encoder).
+Without ros2 launch, the same configuration starts with
 ``python -m lerf_ros.compat.launcher --params config/lerf.yaml --set name:=value``.
 """
 

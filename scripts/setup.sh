@@ -209,7 +209,7 @@ import pathlib
 import sys
 
 import rclpy  # noqa: F401
-from lerf_ros.msg import TrainingStatus
+from lerf_ros.msg import Target, TrainingStatus
 from lerf_ros.srv import MapPath, Query  # noqa: F401
 from tf2_msgs.msg import TFMessage
 
@@ -219,7 +219,8 @@ repo = pathlib.Path(sys.argv[1]).resolve()
 src = pathlib.Path(transforms.__file__).resolve()
 if repo not in src.parents:
     sys.exit(f"lerf_ros.core resolves to {src}, not to the checkout {repo}")
-assert TrainingStatus.STATE_ERROR == 4 and hasattr(Query.Request(), "with_cloud")
+assert TrainingStatus.STATE_ERROR == 4 and hasattr(Query.Request(), "max_results")
+assert Query.Response.RESULT_ERROR == 5 and hasattr(Target(), "extent")
 assert TFMessage().transforms == []
 generated = pathlib.Path(sys.modules["lerf_ros.srv"].__file__).resolve().parents[1]
 print(f"[setup]   ok: lerf_ros sources {src.parents[1]}, generated interfaces {generated}")

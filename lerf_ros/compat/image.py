@@ -133,12 +133,18 @@ class _Bridge:
     errors: tuple[type[BaseException], ...]
 
 
+#: Why cv_bridge is unavailable ("ModuleNotFoundError: ..."), set by the probe; None = not probed / imports.
+_cv_bridge_reason: str | None = None
+
+
 @lru_cache(maxsize=1)
 def _cv_bridge() -> _Bridge | None:
     """The real cv_bridge when it imports and works with this numpy, else None. Probed once."""
+    global _cv_bridge_reason
     try:
         from cv_bridge import CvBridge, CvBridgeError
     except (ImportError, AttributeError, RuntimeError, ValueError) as exc:
+        _cv_bridge_reason = f"{type(exc).__name__}: {exc}"
         # ImportError: not installed. The other three are how a cv_bridge / cv2 binary built against
         # a different numpy ABI fails while importing (a numpy 1.x build under numpy 2 prints
         # "AttributeError: _ARRAY_API not found", or raises "RuntimeError: module compiled against
@@ -159,6 +165,12 @@ def _cv_bridge() -> _Bridge | None:
 def have_cv_bridge() -> bool:
     """True when ``cv_bridge.CvBridge`` imports (the first call probes; the answer is cached)."""
     return _cv_bridge() is not None
+
+
+def cv_bridge_unavailable_reason() -> str | None:
+    """None when cv_bridge imports, else why not (probes on the first call). On a machine with ROS 2
+    installed the nodes refuse to start without it (``lerf_ros.compat.ros_install``)."""
+    return None if _cv_bridge() is not None else (_cv_bridge_reason or "not importable")
 
 
 def __getattr__(name: str):

@@ -1,10 +1,16 @@
-"""TF for the nodes: the real ``tf2_ros`` when importable, else ``TfBuffer`` + an rclpy listener.
+"""TF for the nodes: the real ``tf2_ros`` when importable; else, only on a machine without ROS,
+``TfBuffer`` + an rclpy listener (on a ROS 2 install a missing tf2_ros stops start-up, see
+``ros_install``).
 
 ``make_tf_buffer(node)`` returns ``(buffer, listener, is_real)``; both buffers answer the tf2_ros
 API subset the package uses (``lookup_transform``, ``can_transform``, ``set_transform``,
-``set_transform_static``), and ``lookup_matrix(buffer, ...)`` gives a (4, 4) ``T_target_source``
-for either. The exception names exported here are tf2_ros's own classes when tf2_ros is present
-(the substitute re-raises as them), so ``except TF_ERRORS`` works the same on both paths.
+``set_transform_static``, ``clear``), and ``lookup_matrix(buffer, ...)`` gives a (4, 4)
+``T_target_source`` for either. The substitute behaves as tf2 does where it matters to a robot
+(``tf_buffer``'s docstring lists it): absolute ``/tf`` and ``/tf_static``, frame ids with a leading
+'/' rejected at lookup, a child frame with two parents followed per sample and reported, the
+dynamic transforms cleared when the clock or the stamps jump back. The exception names exported here
+are tf2_ros's own classes when tf2_ros is present (the substitute re-raises as them), so
+``except TF_ERRORS`` works the same on both paths.
 
 Threading: a lookup with a timeout blocks its thread until a listener callback inserts the data.
 If that callback needs the same executor thread, the wait can never end (a deadlock until the
@@ -19,7 +25,9 @@ rclpy, geometry_msgs and tf2_msgs are imported inside functions, so importing th
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 
 import numpy as np
 
@@ -28,11 +36,17 @@ from lerf_ros.core.frames.transforms import matrix_to_quat, transform_from_quat,
 
 try:
     import tf2_ros as _tf2_ros
-except ImportError:  # no ROS install: the substitute below is used, chosen explicitly via HAVE_TF2_ROS
+except ImportError as _exc:  # the substitute below may serve instead: see make_tf_buffer / ros_install
     _tf2_ros = None
+    TF2_ROS_IMPORT_ERROR: str | None = f"{type(_exc).__name__}: {_exc}"
+else:
+    TF2_ROS_IMPORT_ERROR = None
 
 #: True when the real tf2_ros imported; ``make_tf_buffer`` then returns its Buffer + listener.
 HAVE_TF2_ROS = _tf2_ros is not None
+#: A dynamic sample this much older than its link's newest one means time jumped back (bag loop,
+#: simulator reset): the substitute clears its buffer. Same size as tf2_ros's clock-jump threshold.
+JUMP_BACK_TOLERANCE_S = 1.0
 
 if _tf2_ros is not None:
     TransformException = _tf2_ros.TransformException
@@ -46,6 +60,9 @@ else:
     ConnectivityException = _core.ConnectivityException
     ExtrapolationException = _core.ExtrapolationException
     InvalidArgumentException = _core.InvalidArgumentException
+
+#: Seconds between two warnings of one kind (parent change, jump back) from the listener.
+_NOTICE_THROTTLE_S = 5.0
 
 #: The lookup failures a node should log and survive.
 TF_ERRORS = (LookupException, ConnectivityException, ExtrapolationException)
@@ -123,12 +140,59 @@ def matrix_to_transform_msg(T_parent_child, frame_id: str, child_frame_id: str, 
 
 # ---------------------------------------------------------------------- buffer substitute
 class TfBufferSubstitute:
-    """tf2_ros.Buffer API subset over ``TfBuffer``; raises the exported exception classes."""
+    """tf2_ros.Buffer API subset over ``TfBuffer``; raises the exported exception classes.
 
-    def __init__(self, cache_time=None, node=None):
-        """``cache_time``: rclpy Duration (default 10 s). ``node`` is accepted for API parity."""
+    Clears its dynamic transforms (static ones kept, as tf2's ``clear``) when time jumps back:
+    - the node's clock jumps back by more than 1 s or switches between system and ROS time (a
+      ``/clock`` reset under ``use_sim_time``), through the same rclpy jump callback tf2_ros's
+      Buffer registers;
+    - a dynamic sample is more than ``jump_back_tolerance_s`` older than its link's newest one (a bag
+      played in a loop with wall-clock stamps), which tf2_ros does not detect.
+    ``clears`` counts both kinds.
+    """
+
+    def __init__(self, cache_time=None, node=None, *,
+                 jump_back_tolerance_s: float | None = JUMP_BACK_TOLERANCE_S):
+        """``cache_time``: rclpy Duration (default 10 s). ``node``: its clock's jumps clear the buffer."""
         cache_s = _core.DEFAULT_CACHE_TIME_S if cache_time is None else stamp_to_ns(cache_time) / 1e9
-        self.core = _core.TfBuffer(cache_s)
+        self.core = _core.TfBuffer(cache_s, jump_back_tolerance_s=jump_back_tolerance_s)
+        self.clock_jumps = 0
+        self._jump_handle = None
+        if node is not None:
+            from rclpy.clock import JumpThreshold
+            from rclpy.duration import Duration
+
+            # tf2_ros's Buffer registers exactly this: back by more than 1 s, or system <-> ROS time.
+            threshold = JumpThreshold(min_forward=None, min_backward=Duration(seconds=-1),
+                                      on_clock_change=True)
+            self._logger = node.get_logger()
+            self._jump_handle = node.get_clock().create_jump_callback(
+                threshold, post_callback=self._on_time_jump)
+
+    def _on_time_jump(self, jump) -> None:
+        from rclpy.clock import ClockChange
+
+        self.clock_jumps += 1
+        if jump.clock_change == ClockChange.ROS_TIME_ACTIVATED:
+            what = "the node's clock switched to ROS time (use_sim_time: the first /clock)"
+        elif jump.clock_change == ClockChange.ROS_TIME_DEACTIVATED:
+            what = "the node's clock switched back to system time"
+        else:
+            what = (f"the node's clock jumped back {-jump.delta.nanoseconds / 1e9:.3f} s (/clock reset: a "
+                    "simulator reset or a bag started over?)")
+        self._logger.warning(f"TF: {what}; cleared the TF buffer (static transforms kept)")
+        self.core.clear()
+
+    @property
+    def clears(self) -> int:
+        """Times the buffer cleared itself: clock jumps + stamps jumping back."""
+        return self.clock_jumps + self.core.counters()["jumps_back"]
+
+    def close(self) -> None:
+        """Stop listening to the node's clock jumps (idempotent)."""
+        if self._jump_handle is not None:
+            self._jump_handle.unregister()
+            self._jump_handle = None
 
     def set_transform(self, transform, authority: str = "") -> bool:
         """Insert a dynamic TransformStamped; ValueError (buffer unchanged) when invalid."""
@@ -141,8 +205,9 @@ class TfBufferSubstitute:
     def _insert(self, transform, static: bool) -> bool:
         T = transform_to_matrix(transform)
         r = transform.transform.rotation
+        # TfBuffer strips one leading '/' of each frame id, as tf2 does.
         return self.core.set_transform(
-            transform.header.frame_id.lstrip("/"), transform.child_frame_id.lstrip("/"),
+            transform.header.frame_id, transform.child_frame_id,
             T[:3, 3], (r.x, r.y, r.z, r.w), stamp_to_ns(transform.header.stamp), static,
         )
 
@@ -173,6 +238,7 @@ class TfBufferSubstitute:
         return (True, "") if return_debug_tuple else True
 
     def clear(self) -> None:
+        """Drop the dynamic transforms, keep the static ones (tf2 ``Buffer.clear``)."""
         self.core.clear()
 
     def _wait(self, target_frame, source_frame, time, timeout):
@@ -198,11 +264,14 @@ def tf_qos_profiles():
 class TfListenerSubstitute:
     """Feeds a buffer from /tf and /tf_static (tf2_msgs/TFMessage), like tf2_ros.TransformListener.
 
-    ``spin_thread=False``: the subscriptions live on ``node`` in a ReentrantCallbackGroup; the
-    caller's executor spins them. ``spin_thread=True``: they live on a dedicated node
-    ``<node name>_tf_listener`` spun by its own SingleThreadedExecutor thread, so lookups with a
-    timeout on the caller's executor cannot starve them. Invalid transforms are dropped, counted
-    in ``rejected`` and logged (throttled). Call ``unregister()`` before destroying the node.
+    The topics are absolute (``/tf``, ``/tf_static``) as tf2_ros's are: TF is one tree per ROS graph,
+    so a node pushed into a namespace still listens to it. ``spin_thread=False``: the subscriptions
+    live on ``node`` in a ReentrantCallbackGroup; the caller's executor spins them.
+    ``spin_thread=True``: they live on a dedicated node ``<node name>_tf_listener`` spun by its own
+    SingleThreadedExecutor thread, so lookups with a timeout on the caller's executor cannot starve
+    them. Invalid transforms are dropped, counted in ``rejected`` and logged (throttled). A child
+    frame changing parent and a jump back in time are logged as warnings (throttled per kind) from
+    the buffer's notices. Call ``unregister()`` before destroying the node.
     """
 
     def __init__(self, buffer, node, *, spin_thread: bool = False, qos=None, static_qos=None):
@@ -212,6 +281,7 @@ class TfListenerSubstitute:
 
         self.buffer = buffer
         self.rejected = 0
+        self._last_log: dict[str, float] = {}
         self._owns_node = spin_thread
         if spin_thread:
             node = Node(f"{node.get_name()}_tf_listener", namespace=node.get_namespace(),
@@ -220,9 +290,9 @@ class TfListenerSubstitute:
         default_qos, default_static = tf_qos_profiles()
         self.group = ReentrantCallbackGroup()
         self.tf_sub = node.create_subscription(
-            TFMessage, "tf", self._callback, qos or default_qos, callback_group=self.group)
+            TFMessage, "/tf", self._callback, qos or default_qos, callback_group=self.group)
         self.tf_static_sub = node.create_subscription(
-            TFMessage, "tf_static", self._static_callback, static_qos or default_static,
+            TFMessage, "/tf_static", self._static_callback, static_qos or default_static,
             callback_group=self.group)
         self.executor = None
         self._thread = None
@@ -255,6 +325,12 @@ class TfListenerSubstitute:
             except ValueError as exc:
                 self.rejected += 1
                 self.node.get_logger().warning(f"dropped transform: {exc}", throttle_duration_sec=5.0)
+        core = getattr(self.buffer, "core", None)
+        for kind, text in core.take_notices() if core is not None else ():
+            now = time.monotonic()
+            if now - self._last_log.get(kind, -math.inf) >= _NOTICE_THROTTLE_S:
+                self._last_log[kind] = now
+                self.node.get_logger().warning(f"TF: {text}")
 
     def unregister(self) -> None:
         """Stop the spin thread (if any) and destroy the subscriptions (and the dedicated node)."""
@@ -276,6 +352,11 @@ def make_tf_buffer(node, cache_time_s: float = 10.0, spin_thread: bool = False,
     """``(buffer, listener, is_real)``: tf2_ros Buffer + TransformListener when importable (and
     ``prefer_real``), else ``TfBufferSubstitute`` + ``TfListenerSubstitute``.
 
+    On a machine with ROS 2 installed (``ros_install.detect_ros2_install``) a tf2_ros that does not
+    import raises ``MissingRosDependency`` (a ValueError naming what to install) instead of falling
+    back: the substitute serves only machines without ROS (or a caller that asks for it,
+    ``prefer_real=False``).
+
     With ``spin_thread`` both paths spin the listener on a dedicated node in its own thread (the
     real TransformListener would otherwise add ``node`` itself to its private executor). Release
     with ``close_tf_listener(listener)``.
@@ -295,6 +376,10 @@ def make_tf_buffer(node, cache_time_s: float = 10.0, spin_thread: bool = False,
         listener = _tf2_ros.TransformListener(buffer, listen_node, spin_thread=spin_thread)
         listener._lerf_owned_node = listen_node if spin_thread else None
         return buffer, listener, True
+    if prefer_real:
+        from lerf_ros.compat import ros_install
+
+        ros_install.decide({"tf2_ros": TF2_ROS_IMPORT_ERROR or "not imported"})  # raises on a ROS machine
     from rclpy.duration import Duration
 
     buffer = TfBufferSubstitute(cache_time=Duration(nanoseconds=round(cache_time_s * 1e9)), node=node)
@@ -305,6 +390,8 @@ def close_tf_listener(listener) -> None:
     """Stop a listener from ``make_tf_buffer`` (either kind): spin thread, subscriptions, own node."""
     if isinstance(listener, TfListenerSubstitute):
         listener.unregister()
+        if isinstance(listener.buffer, TfBufferSubstitute):
+            listener.buffer.close()
         return
     if hasattr(listener, "dedicated_listener_thread"):
         listener.executor.shutdown()

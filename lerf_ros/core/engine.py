@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .encoders import checked_encode_texts, load_encoder
+from .encoders import checked_encode_texts, is_demo_encoder, load_encoder
 from .fields.scene_box import SceneBox
 from .frames import scene_region
 from .frames.frame import Frame
@@ -74,6 +74,7 @@ class EngineStatus:
     last failed ``step``; ready: queries can be answered; keyframes_outside_box: keyframes whose view
     mostly leaves the scene box (`keyframes_outside_box`); scene_box: ((3,), (3,)) world metres or None;
     scene_box_source: what it came from (`LERFEngine.box_source`, `scene_region.describe_source`);
+    clip_encoder / dino_encoder: the encoders' names; demo_encoders: either is a DEMO encoder (colours);
     convergence: the last `ConvergenceSignals` (usable, progress, held-out PSNR, depth agreement, language
     slope, note); nonfinite_steps: training steps skipped for a non-finite loss / gradient; restores: roll-
     backs to the last good weights (see `trainer.NonFiniteStep`)."""
@@ -90,6 +91,9 @@ class EngineStatus:
     keyframes_outside_box: int = 0
     scene_box: tuple | None = None
     scene_box_source: str = ""
+    clip_encoder: str = ""
+    dino_encoder: str = ""
+    demo_encoders: bool = False
     convergence: ConvergenceSignals = field(default_factory=ConvergenceSignals)
     nonfinite_steps: int = 0
     restores: int = 0
@@ -422,7 +426,7 @@ class LERFEngine:
         key = (self._kf_version, tuple(ids))
         if self._tensors is None or self._tensors_version != key:
             self._tensors = KeyframeTensors.from_frames(ids, [self.store.get(i) for i in ids], self.device)
-            self._tensors.clip_mean = salience.keyframe_means(self.pyramid, ids, self.device)
+            self._tensors.salience = salience.cell_table(self.pyramid, ids, self.device)
             self._tensors_version = key
         return self._tensors
 
@@ -643,6 +647,8 @@ class LERFEngine:
                 scene_box=None if self.scene_box is None else (self.scene_box.min_xyz,
                                                                self.scene_box.max_xyz),
                 scene_box_source=self.box_source,
+                clip_encoder=self.clip_encoder.name, dino_encoder=self.dino_encoder.name,
+                demo_encoders=is_demo_encoder(self.clip_encoder) or is_demo_encoder(self.dino_encoder),
                 convergence=self.convergence(),
                 nonfinite_steps=0 if self.trainer is None else self.trainer.nonfinite_steps,
                 restores=0 if self.trainer is None else self.trainer.restores)

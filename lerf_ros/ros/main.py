@@ -25,6 +25,9 @@ from collections.abc import Sequence
 import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
+from lerf_ros.compat import ros_install
+from lerf_ros.core.encoders import is_demo_encoder
+from lerf_ros.core.encoders.base import MissingWeightsError
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.params import ParameterError
 
@@ -35,20 +38,48 @@ EXECUTOR_THREADS = 6
 EXECUTOR_SHUTDOWN_S = 3.0
 
 
+def check_ros_pieces(logger) -> None:
+    """Stop start-up (MissingRosDependency, a ValueError) on a ROS 2 machine that lacks tf2_ros or
+    cv_bridge; elsewhere log which substitutes serve (a warning: a robot should not run on them)."""
+    decision = ros_install.check_ros_pieces()
+    (logger.warning if decision.substitutes else logger.info)(decision.message())
+
+
+def demo_encoders(engine) -> list[str]:
+    """Names of the engine's encoders that are the deterministic demo encoders."""
+    return [enc.name for enc in (engine.clip_encoder, engine.dino_encoder) if is_demo_encoder(enc)]
+
+
+def report_encoders(logger, engine) -> None:
+    """Name the encoders in the start-up log; warn when a demo encoder answers the queries."""
+    logger.info(f"encoders: CLIP {engine.clip_encoder.name!r}, DINO {engine.dino_encoder.name!r}")
+    demo = demo_encoders(engine)
+    if demo:
+        logger.warning(
+            f"DEMO encoder in use ({', '.join(demo)}): it embeds colour names, not language, so answers "
+            "mean nothing on a robot. For real use: preset 'default' (or 'lite') with OpenCLIP and DINO "
+            "weights (clip_checkpoint, dino_checkpoint)")
+
+
 def build_nodes(mode: str) -> list:
-    """The nodes for ``mode`` (rclpy must be initialised). Raises ParameterError."""
+    """The nodes for ``mode`` (rclpy must be initialised). Raises ParameterError, or ValueError when the
+    nodes cannot start (MissingRosDependency, an engine that cannot be built)."""
     from lerf_ros.ros.query_node import QueryNode
     from lerf_ros.ros.trainer_node import TrainerNode
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode in ("both", "trainer"):  # the trainer is what uses tf2_ros and cv_bridge
+        check_ros_pieces(rclpy.logging.get_logger("lerf_node"))
     nodes = []
     try:
         slot = EngineSlot()
         if mode in ("both", "trainer"):
             nodes.append(TrainerNode(slot))
         if mode in ("both", "query"):
-            query = QueryNode(slot if mode == "both" else None)
+            # With a trainer in the process, every query reply is followed by a TrainingStatus.
+            after_call = nodes[0].publish_status if mode == "both" else None
+            query = QueryNode(slot if mode == "both" else None, after_call=after_call)
             nodes.append(query)
             if mode == "both" and query.slot is not slot:
                 # map_path given to lerf_node: the map becomes the shared model, and training continues
@@ -59,6 +90,9 @@ def build_nodes(mode: str) -> list:
     except BaseException:
         destroy_nodes(nodes)
         raise
+    engine = nodes[0].slot.get()  # the trainer's, or the standalone query node's map
+    if engine is not None:
+        report_encoders(nodes[0].get_logger(), engine)
     return nodes
 
 
@@ -94,7 +128,8 @@ def _second_signal_exits_at_once() -> None:
 def run(mode: str = "both", args: Sequence[str] | None = None) -> int:
     """Initialise rclpy with ``args`` (``--ros-args`` ...), build and spin the nodes; return an exit status.
 
-    2 = invalid parameters (logged naming the parameter) or an engine that cannot be built from them,
+    2 = invalid parameters (logged naming the parameter), an engine that cannot be built from them (e.g.
+    missing weights: the error lists the paths searched), or a ROS 2 install lacking tf2_ros / cv_bridge;
     0 = clean shutdown, SIGINT and SIGTERM included (see the module docstring for the order).
     """
     rclpy.init(args=list(args) if args is not None else None)
@@ -107,8 +142,13 @@ def run(mode: str = "both", args: Sequence[str] | None = None) -> int:
         except ParameterError as exc:
             logger.fatal(f"invalid parameter, not starting: {exc}")
             return 2
-        except ValueError as exc:  # valid parameters the engine cannot work with (encoder, weights ...)
-            logger.fatal(f"cannot start: {exc}")
+        except ValueError as exc:  # valid parameters the engine cannot work with (encoder, weights ...),
+            # or a ROS 2 install without tf2_ros / cv_bridge
+            hint = ""
+            if isinstance(exc.__cause__, MissingWeightsError):  # the core's message speaks of checkpoint_path
+                hint = (". On the node: set clip_checkpoint and dino_checkpoint to absolute paths of the "
+                        "weights files (DINO's are looked for after CLIP's)")
+            logger.fatal(f"cannot start: {exc}{hint}")
             return 2
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         for node in nodes:

@@ -1,5 +1,10 @@
 """Core results -> ROS messages, and back where tests and tools need it.
 
+Query replies (``lerf_ros/srv/Query``): ``query_result_code`` maps the engine's ``QueryResult`` to the
+reply's ``result`` constant from the result's fields (never from its message text); ``fill_query_response``
+and ``fill_refusal`` write a whole reply, so every path leaves every field well-defined (``location`` NaN
+unless found, ``targets`` empty unless found, an empty cloud that still declares its fields).
+
 PointCloud2 layout (the one Query.srv documents and RViz reads with no plugin): unorganised (height 1),
 little-endian, fields x, y, z (metres, world frame), relevancy (0..1) and rgb, all FLOAT32 at offsets
 0, 4, 8, 12, 16, point_step 20. ``rgb`` is 0x00RRGGBB in a uint32 reinterpreted as float32.
@@ -7,11 +12,12 @@ little-endian, fields x, y, z (metres, world frame), relevancy (0..1) and rgb, a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
 from builtin_interfaces.msg import Time
-from geometry_msgs.msg import Point
+from geometry_msgs.msg import Point, Vector3
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker
@@ -23,6 +29,8 @@ _CLOUD_DTYPE = np.dtype({"names": list(CLOUD_FIELDS), "formats": ["<f4"] * 5,
 
 #: TrainingStatus.state values by name (same numbers as the .msg constants).
 STATES = {"waiting": 0, "training": 1, "paused": 2, "ready": 3, "error": 4}
+#: Query.Response.result values by name (same numbers as the .srv constants; 0 is never sent).
+RESULTS = {"found": 1, "not_found": 2, "not_ready": 3, "invalid_request": 4, "error": 5}
 
 
 def stamp_from_ns(stamp_ns: int) -> Time:
@@ -142,6 +150,86 @@ def target_marker(location_world: np.ndarray | None, text: str, relevancy: float
     return [sphere, label]
 
 
+def query_result_code(result) -> int:
+    """``RESULTS`` value of an engine ``QueryResult`` (``core.language.query``): found, not found, not ready.
+
+    Not ready is the engine's "no model yet" answer, told apart by its fields: every answer that scored the
+    map comes either from the trained field (``source == "field"``, which needs ``model_step`` > 0) or from
+    the keyframes' own crop embeddings (``source == "views"``); so ``source == "field"`` at step 0 is the
+    early return before any scoring.
+    """
+    if result.found:
+        return RESULTS["found"]
+    if result.source == "field" and int(result.model_step) == 0:
+        return RESULTS["not_ready"]
+    return RESULTS["not_found"]
+
+
+def _point(xyz) -> Point:
+    x, y, z = (float(v) for v in np.asarray(xyz, dtype=np.float64).reshape(3))
+    return Point(x=x, y=y, z=z)
+
+
+def target_to_msg(target):
+    """Core ``Target`` (world frame, metres) -> ``lerf_ros/msg/Target``."""
+    from lerf_ros.msg import Target
+
+    box_min = np.asarray(target.box_min, dtype=np.float64).reshape(3)
+    extent = np.asarray(target.box_max, dtype=np.float64).reshape(3) - box_min
+    msg = Target()
+    msg.location = _point(target.location_world)
+    msg.box_center = _point(box_min + extent / 2.0)
+    msg.extent = Vector3(x=float(extent[0]), y=float(extent[1]), z=float(extent[2]))
+    msg.relevancy = float(target.relevancy)
+    msg.confidence = float(target.confidence)
+    msg.point_count = int(target.point_count)
+    msg.scale = float(target.scale_m)
+    msg.view_support = float(target.view_support)
+    msg.competitor = str(target.competitor)
+    return msg
+
+
+def _no_location(response, header: Header) -> None:
+    response.location.header = header
+    response.location.point = Point(x=math.nan, y=math.nan, z=math.nan)
+
+
+def fill_refusal(response, header: Header, code: int, message: str):
+    """A reply that answers nothing (invalid request, not ready, error): found false, NaN location, no
+    targets, zero scores, model_step 0, an empty cloud in ``header``'s frame."""
+    if code not in (RESULTS["not_ready"], RESULTS["invalid_request"], RESULTS["error"]):
+        raise ValueError(f"a refusal needs a not_ready, invalid_request or error code, got {code}")
+    response.result = code
+    response.found = False
+    response.message = message
+    _no_location(response, header)
+    response.targets = []
+    response.relevancy = response.confidence = response.scale = 0.0
+    response.model_step = 0
+    response.cloud = empty_cloud(header)
+    return response
+
+
+def fill_query_response(response, result, header: Header):
+    """Write an engine ``QueryResult`` into a Query reply (``header``: world frame, time of the answer)."""
+    response.result = query_result_code(result)
+    response.found = response.result == RESULTS["found"]
+    response.message = str(result.message)
+    if response.found:
+        response.location.header = header
+        response.location.point = _point(result.location_world)
+        response.targets = [target_to_msg(t) for t in result.targets]
+    else:
+        _no_location(response, header)
+        response.targets = []
+    response.relevancy = float(result.relevancy)
+    response.confidence = float(result.confidence)
+    response.scale = float(result.scale_m)
+    response.model_step = int(result.model_step)
+    response.cloud = cloud_to_msg(result.cloud_xyz, result.cloud_relevancy, result.cloud_rgb, header)
+    return response
+
+
 def training_status_msg(status, state_name: str, header: Header, frames_received: int,
                         drops: Mapping[str, int], last_error: str = "", frames_without_depth: int = 0):
     """Engine status + node counters -> ``lerf_ros/msg/TrainingStatus``.
@@ -177,6 +265,10 @@ def training_status_msg(status, state_name: str, header: Header, frames_received
     msg.gpu_memory_allocated_mb = float(status.gpu_mem_allocated_mb)
     msg.gpu_memory_peak_mb = float(status.gpu_mem_peak_mb)
     msg.last_error = str(status.last_error or last_error or "")
+    msg.clip_encoder = str(getattr(status, "clip_encoder", ""))
+    msg.dino_encoder = str(getattr(status, "dino_encoder", ""))
+    msg.demo_encoders = bool(getattr(status, "demo_encoders", False))
+    msg.scene_box_source = str(getattr(status, "scene_box_source", ""))
     conv = status.convergence
     msg.usable = bool(conv.usable)
     msg.progress = float(conv.progress)

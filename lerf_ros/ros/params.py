@@ -62,7 +62,12 @@ _ENCODER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _FRAME_RE = re.compile(r"^[A-Za-z0-9_/.\-]+$")
 
 PARAMETERS: tuple[ParamSpec, ...] = (
-    ParamSpec("preset", str, "tiny", "Core config preset: tiny (CPU tests), lite or default (GPU).",
+    # The default is the robot's configuration: OpenCLIP + DINO, which need their weights on this machine
+    # (start-up fails naming the paths searched). Only tests and the CPU demo ask for 'tiny' (demo encoders).
+    ParamSpec("preset", str, "default",
+              "Core config preset: default (GPU, OpenCLIP ViT-B/16 + DINO ViT-S/16; needs their weights), "
+              "lite (smaller GPU grids, same encoders), tiny (CPU tests and the demo: colour-name demo "
+              "encoders, not language).",
               choices=("tiny", "lite", "default")),
     ParamSpec("device", str, "auto", "Torch device: auto picks cuda when torch.cuda.is_available().",
               choices=("auto", "cuda", "cpu")),
@@ -111,7 +116,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               nodes=frozenset({TRAINER}), range=(0.0, 1.0e6), preset_field="keyframes.blur_threshold"),
     ParamSpec("clip_encoder", str, "", "Vision-language encoder 'package.module:factory'; '' = preset's."),
     ParamSpec("dino_encoder", str, "", "Dense encoder 'package.module:factory'; '' = preset's."),
-    ParamSpec("clip_checkpoint", str, "", "Local CLIP weights file for the OpenCLIP encoder; '' = none."),
+    ParamSpec("clip_checkpoint", str, "",
+              "Local CLIP weights file for the OpenCLIP encoder; '' = search the OpenCLIP / Hugging Face "
+              "caches."),
     ParamSpec("dino_checkpoint", str, "",
               "Local DINO weights file for the DINO encoder; '' = search the torch / Hugging Face caches."),
     ParamSpec("query_threshold", float, PRESET,
@@ -236,6 +243,10 @@ def _check_semantics(values: Mapping[str, Any]) -> None:
             raise ParameterError(name, values[name], "expected 'package.module:factory'")
     if not _FRAME_RE.match(values["world_frame"]):
         raise ParameterError("world_frame", values["world_frame"], "must be a non-empty frame id")
+    if values["world_frame"].startswith("/"):
+        # tf2 strips one '/' from published frame ids but rejects lookups of one (InvalidArgumentException).
+        raise ParameterError("world_frame", values["world_frame"],
+                             "must not start with '/': tf2 frame ids never do (e.g. 'map')")
     for name in ("image_topic", "camera_info_topic"):
         if not values[name]:
             raise ParameterError(name, values[name], "must not be empty")

@@ -3,18 +3,27 @@
 Live mode (same process as the trainer, ``lerf_node``): answers from the ``EngineSlot`` the trainer trains;
 the engine takes its lock inside ``query`` only briefly, so training goes on. Standalone mode
 (``map_path`` set, query node alone): loads ``LERFEngine.load(map_path)``, no trainer runs; a map that
-cannot be loaded is logged and every reply says why (found = false), the node stays up.
+cannot be loaded is logged and every reply says why (RESULT_ERROR), the node stays up.
 
 Each answer is also published for RViz in the world frame: ``lerf/relevancy_cloud`` (PointCloud2, transient
 local so a late RViz still gets it) and ``lerf/target_marker`` (sphere + text Markers, transient local).
-Requests never raise to the client: bad text, threshold or a failing model give found = false + message.
+Requests never raise to the client; every reply carries a ``result`` code:
+- RESULT_INVALID_REQUEST: the request is checked here, in full, before the engine sees it
+  (``parse_request``);
+- RESULT_NOT_READY / RESULT_FOUND / RESULT_NOT_FOUND: from the engine's answer
+  (``messages.query_result_code``);
+- RESULT_ERROR: no model and none coming (a map that failed to load), or an exception inside the query. A
+  ValueError from the engine counts here too: the engine also raises ValueError for internal faults (an
+  encoder returning bad embeddings), and everything a request can get wrong is refused before.
+``after_call`` (``lerf_node``: the trainer's ``publish_status``) runs after every reply.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -22,8 +31,9 @@ from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker
 
+from lerf_ros.core.language.query import MAX_RESULTS_LIMIT
 from lerf_ros.ros.engine_slot import EngineSlot
-from lerf_ros.ros.messages import cloud_to_msg, empty_cloud, target_marker
+from lerf_ros.ros.messages import RESULTS, fill_query_response, fill_refusal, target_marker
 from lerf_ros.ros.params import QUERY, QUERY_NODE_NAME, declare_and_resolve
 
 _LATCHED_CLOUD = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
@@ -32,6 +42,49 @@ _LATCHED_CLOUD = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL
 _LATCHED_MARKERS = QoSProfile(depth=2, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                               reliability=ReliabilityPolicy.RELIABLE)
 MAX_NEGATIVES = 32
+
+
+class InvalidRequest(ValueError):
+    """A Query request that is refused with RESULT_INVALID_REQUEST; the text names the field and value."""
+
+
+@dataclass(frozen=True)
+class QueryArgs:
+    """A checked request: stripped text and negatives, threshold (None = the node's query_threshold)."""
+
+    text: str
+    negatives: tuple[str, ...]
+    threshold: float | None
+    with_cloud: bool
+    max_results: int
+
+
+def parse_request(request, max_chars: int) -> QueryArgs:
+    """Check a ``Query.Request`` against everything the engine would refuse; InvalidRequest otherwise.
+
+    text: non-empty after stripping, at most ``max_chars``; negatives: blank ones dropped, at most
+    MAX_NEGATIVES of at most ``max_chars`` each; threshold: finite and <= 1 (<= 0: node default);
+    max_results: 1..MAX_RESULTS_LIMIT (the core's bound).
+    """
+    text = str(request.text).strip()
+    if not text:
+        raise InvalidRequest("text: empty query text")
+    if len(text) > max_chars:
+        raise InvalidRequest(f"text: query text has {len(text)} characters; the limit (max_query_chars) is "
+                             f"{max_chars}")
+    negatives = tuple(n for n in (str(v).strip() for v in request.negatives) if n)
+    if len(negatives) > MAX_NEGATIVES or any(len(n) > max_chars for n in negatives):
+        longest = max((len(n) for n in negatives), default=0)
+        raise InvalidRequest(f"negatives: at most {MAX_NEGATIVES} negatives of <= {max_chars} characters, "
+                             f"got {len(negatives)} of up to {longest}")
+    threshold = float(request.threshold)
+    if not math.isfinite(threshold) or threshold > 1.0:
+        raise InvalidRequest(f"threshold: {threshold} is not a confidence in [0, 1] (<= 0: node default)")
+    max_results = int(request.max_results)
+    if not 1 <= max_results <= MAX_RESULTS_LIMIT:
+        raise InvalidRequest(f"max_results: {max_results} is not in 1..{MAX_RESULTS_LIMIT}")
+    return QueryArgs(text, negatives, threshold if threshold > 0.0 else None, bool(request.with_cloud),
+                     max_results)
 
 
 def load_map(path: str, device: str) -> tuple[object | None, str]:
@@ -54,10 +107,13 @@ class QueryNode(Node):
     slot: the live engine shared with a trainer in this process. With ``map_path`` set the node loads the
     map into a slot of its own; ``lerf_node`` (``main.build_nodes``) then hands that map to the trainer and
     gives the node the shared slot back, so both keep working on one model.
+    after_call: called after every reply (``lerf_node`` publishes the TrainingStatus there).
     """
 
-    def __init__(self, slot: EngineSlot | None = None, *, node_name: str = QUERY_NODE_NAME, **node_kwargs):
+    def __init__(self, slot: EngineSlot | None = None, *, node_name: str = QUERY_NODE_NAME,
+                 after_call: Callable[[], None] | None = None, **node_kwargs):
         super().__init__(node_name, **node_kwargs)
+        self.after_call = after_call
         self.params = declare_and_resolve(self, QUERY)
         self.settings = self.params.query
         map_path = self.settings.map_path
@@ -65,7 +121,7 @@ class QueryNode(Node):
             engine, error = load_map(map_path, self.params.device)
             self.slot = EngineSlot(engine, error)
             if error:
-                self.get_logger().error(error + "; the node stays up and answers found=false")
+                self.get_logger().error(error + "; the node stays up and answers RESULT_ERROR")
             else:
                 self.get_logger().info(f"loaded the map at {map_path}")
         elif slot is not None:
@@ -85,59 +141,46 @@ class QueryNode(Node):
         # Read live: query_threshold is the one dynamic parameter.
         return float(self.get_parameter("query_threshold").value)
 
-    def _refuse(self, response, header: Header, message: str):
-        response.found = False
-        response.message = message
-        response.location.header = header
-        response.cloud = empty_cloud(header)
-        self.get_logger().warning(f"query refused: {message}", throttle_duration_sec=2.0)
+    def _refuse(self, response, header: Header, code: int, message: str):
+        fill_refusal(response, header, code, message)
+        # rclpy throttles per call site and allows one severity per site: one call each.
+        if code == RESULTS["error"]:
+            self.get_logger().error(f"query error: {message}", throttle_duration_sec=2.0)
+        else:
+            self.get_logger().warning(f"query refused: {message}", throttle_duration_sec=2.0)
         return response
 
     def _on_query(self, request, response):
+        try:
+            return self._answer_request(request, response)
+        finally:
+            if self.after_call is not None:
+                try:
+                    self.after_call()
+                except Exception as exc:  # the reply is made; a failing status publish must not lose it
+                    self.get_logger().error(f"after query: {type(exc).__name__}: {exc}",
+                                            throttle_duration_sec=2.0)
+
+    def _answer_request(self, request, response):
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings.world_frame)
-        text = str(request.text).strip()
-        limit = self.settings.max_query_chars
-        if not text:
-            return self._refuse(response, header, "empty query text")
-        if len(text) > limit:
-            return self._refuse(response, header, f"query text has {len(text)} characters; the limit "
-                                                  f"(max_query_chars) is {limit}")
-        negatives = [str(n).strip() for n in request.negatives if str(n).strip()]
-        if len(negatives) > MAX_NEGATIVES or any(len(n) > limit for n in negatives):
-            return self._refuse(response, header,
-                                f"at most {MAX_NEGATIVES} negatives of <= {limit} characters")
-        threshold = float(request.threshold)
-        if not math.isfinite(threshold) or threshold > 1.0:
-            return self._refuse(response, header,
-                                f"threshold {threshold} is not a confidence in [0, 1] (<= 0: node default)")
-        if threshold <= 0.0:
-            threshold = self._threshold()
+        try:
+            args = parse_request(request, self.settings.max_query_chars)
+        except InvalidRequest as exc:
+            return self._refuse(response, header, RESULTS["invalid_request"], str(exc))
         engine = self.slot.get()
         if engine is None:
-            return self._refuse(response, header, self.slot.error or "no model loaded")
+            return self._refuse(response, header, RESULTS["error"], self.slot.error or "no model loaded")
+        threshold = self._threshold() if args.threshold is None else args.threshold
         try:
             # The engine lock lets a query in ahead of the trainer's next step.
-            result = engine.query(text, negatives=negatives, threshold=threshold,
-                                  with_cloud=bool(request.with_cloud))
-        except (ValueError, RuntimeError) as exc:
-            self.get_logger().error(f"query {text[:60]!r} failed: {exc}")
-            return self._refuse(response, header, f"query failed: {exc}")
-        return self._answer(response, header, text, result)
-
-    def _answer(self, response, header: Header, text: str, result):
-        response.found = bool(result.found)
-        response.message = str(result.message)
-        response.relevancy = float(result.relevancy)
-        response.confidence = float(result.confidence)
-        response.scale = float(result.scale_m)
-        response.model_step = int(result.model_step)
-        response.location.header = header
-        if result.location_world is not None:
-            x, y, z = (float(v) for v in np.asarray(result.location_world).reshape(3))
-            response.location.point.x, response.location.point.y, response.location.point.z = x, y, z
-        response.cloud = cloud_to_msg(result.cloud_xyz, result.cloud_relevancy, result.cloud_rgb, header)
+            result = engine.query(args.text, negatives=list(args.negatives), threshold=threshold,
+                                  with_cloud=args.with_cloud, max_results=args.max_results)
+        except Exception as exc:  # answered with RESULT_ERROR: the service never raises to the client
+            return self._refuse(response, header, RESULTS["error"],
+                                f"query {args.text[:60]!r} failed: {type(exc).__name__}: {exc}")
+        fill_query_response(response, result, header)
         self.cloud_pub.publish(response.cloud)
-        for marker in target_marker(result.location_world, text, response.relevancy, response.scale, header,
-                                    response.found):
+        for marker in target_marker(result.location_world if response.found else None, args.text,
+                                    response.relevancy, response.scale, header, response.found):
             self.marker_pub.publish(marker)
         return response

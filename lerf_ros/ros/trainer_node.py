@@ -10,7 +10,13 @@ Threads (nothing slow runs in an executor callback):
   in TrainingStatus.frames_without_depth, not a drop); then ``engine.add_frame``.
 - training worker (``core.training.worker.TrainingWorker``, owned): ``engine.step`` in a loop; the engine
   computes keyframe features first and trains once ``min_keyframes`` keyframes have them.
-- ``control`` group: pause / reset / save_map / load_map services; ``status`` group: the status timer.
+- ``control`` group: pause / reset / save_map / load_map services; ``status`` group: the status timer and
+  the state watch.
+
+``lerf/status`` is published every ``1 / status_rate_hz`` s, after every pause / reset / save_map / load_map
+reply (and, in ``lerf_node``, every query reply: ``QueryNode.after_call``), and within ``_STATE_WATCH_S`` of a
+change of state (waiting / training / paused / ready / error) that no service caused, e.g. training starting
+once enough keyframes have arrived. The worker has no state-change callback, so the state is polled.
 
 Names are relative (``lerf/status`` ...), so pushing the node into a namespace moves all of them.
 """
@@ -47,6 +53,8 @@ _LOG_THROTTLE_S = 5.0
 _DEPTH_SLACK = 8
 #: Per-thread bound on joining the worker / ingest thread at shutdown, s.
 _SHUTDOWN_TIMEOUT_S = 5.0
+#: Period of the state watch (publishes TrainingStatus when the state changed since the last one), s.
+_STATE_WATCH_S = 0.1
 
 
 def make_engine(resolved):
@@ -91,6 +99,9 @@ class TrainerNode(Node):
         self._paused = False
         self._worker = self._new_worker()
         self._stop = threading.Event()
+        # Serialises publish_status (timer, state watch and service threads) and guards _published_state.
+        self._status_lock = threading.Lock()
+        self._published_state = ""
 
         self.tf_buffer, self.tf_listener, self.tf_is_real = compat_tf.make_tf_buffer(self)
 
@@ -118,6 +129,7 @@ class TrainerNode(Node):
         self.create_service(MapPath, "lerf/save_map", self._on_save, callback_group=control)
         self.create_service(MapPath, "lerf/load_map", self._on_load, callback_group=control)
         self.create_timer(1.0 / s.status_rate_hz, self.publish_status, callback_group=status)
+        self.create_timer(_STATE_WATCH_S, self.publish_status_if_state_changed, callback_group=status)
 
         self._box_reported = None
         self._ingest_thread = threading.Thread(target=self._ingest_loop, name="lerf-ingest", daemon=True)
@@ -275,6 +287,7 @@ class TrainerNode(Node):
             self.depths.clear()
             self._last_error = ""
         self.counters.reset()
+        self.tf_buffer.clear()  # as after a time jump: transforms of the old run must not pose new frames
         response.success, response.message = True, "map cleared; waiting for keyframes"
         self.publish_status()
         return response
@@ -295,10 +308,9 @@ class TrainerNode(Node):
 
     def _on_save(self, request, response):
         path = request.path
-        if not path.startswith("/"):
-            response.success, response.message = False, f"path must be absolute, got {path!r}"
-            return response
         try:
+            if not path.startswith("/"):
+                raise ValueError(f"path must be absolute, got {path!r}")
             engine = self.slot.get()
             engine.save(path)
             st = engine.status()
@@ -307,6 +319,7 @@ class TrainerNode(Node):
         except (OSError, ValueError, RuntimeError) as exc:
             response.success, response.message = False, f"save to {path!r} failed: {exc}"
         self.get_logger().info(response.message)
+        self.publish_status()
         return response
 
     def _on_load(self, request, response):
@@ -321,9 +334,10 @@ class TrainerNode(Node):
             response.success = False
             response.message = f"load of {path!r} failed, kept the running map: {exc}"
             self.get_logger().error(response.message)
-            return response
-        response.success = True
-        response.message = self.install_engine(engine, path)
+        else:
+            response.success = True
+            response.message = self.install_engine(engine, path)
+        self.publish_status()
         return response
 
     def install_engine(self, engine, source: str) -> str:
@@ -342,7 +356,17 @@ class TrainerNode(Node):
             return _STATE_NAMES[self._worker.state]
 
     def publish_status(self) -> None:
-        self.status_pub.publish(self.status_msg())
+        with self._status_lock:
+            msg = self.status_msg()
+            self._published_state = msg.state_name
+            self.status_pub.publish(msg)
+
+    def publish_status_if_state_changed(self) -> None:
+        """Publish now when the state differs from the last published one (the state watch timer)."""
+        with self._status_lock:
+            published = self._published_state
+        if self.state_name() != published:
+            self.publish_status()
 
     def status_msg(self):
         """The current ``TrainingStatus`` (engine status + this node's counters and state)."""

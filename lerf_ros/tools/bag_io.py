@@ -24,6 +24,7 @@ import numpy as np
 from ..compat.image import compressed_to_rgb, depth_to_metres, image_to_rgb
 from ..compat.tf_buffer import (
     ConnectivityException,
+    InvalidArgumentException,
     LookupException,
     TfBuffer,
     TransformException,
@@ -241,6 +242,9 @@ class BagFrameReader:
         """Raise BagError when the TF tree never links ``world_frame`` and ``camera_frame``."""
         try:
             self.tf.lookup(self.world_frame, camera_frame, 0)
+        except InvalidArgumentException as exc:  # e.g. "/camera": tf2 (and so the node) rejects it too
+            raise BagError(f"camera frame {camera_frame!r} cannot be looked up in TF: {exc}; pass "
+                           f"--camera-frame {camera_frame.lstrip('/')!r}") from exc
         except (LookupException, ConnectivityException) as exc:
             frames = self.tf.frame_names()
             roots = sorted({f for f in frames if self.tf.parent_of(f) is None})

@@ -21,6 +21,8 @@ DEPTH_TOPIC = DEMO_TOPICS["depth"]
 STATUS_TOPIC = "/lerf/status"
 QUERY_SERVICE = "/lerf/query"
 SAVE_SERVICE = "/lerf/save_map"
+#: Targets asked for per query (Query.srv max_results): the table scores the best one, results.json lists all.
+MAX_RESULTS = 3
 
 
 def map_keyframes(map_dir: Path) -> list:
@@ -131,7 +133,7 @@ class PlannerClient:
                       f"({st['pending']} pending)", flush=True)
             time.sleep(0.2)  # status arrives at 2 Hz; this only bounds the polling
 
-    def query(self, text: str, negatives=(), timeout_s: float = 120.0):
+    def query(self, text: str, negatives=(), max_results: int = MAX_RESULTS, timeout_s: float = 120.0):
         if not self.query_client.wait_for_service(timeout_sec=30.0):
             raise TimeoutError(f"service {QUERY_SERVICE} not available")
         req = self._Query.Request()
@@ -139,6 +141,7 @@ class PlannerClient:
         req.negatives = list(negatives)
         req.threshold = 0.0  # the query node's threshold parameter
         req.with_cloud = True
+        req.max_results = max_results
         return self._call(self.query_client, req, timeout_s)
 
     def save_map(self, path: Path) -> str:
@@ -151,7 +154,7 @@ class PlannerClient:
 
     def ask_all(self, bag, out: Path, map_dir: Path) -> list[dict]:
         """Query every object and the absent ones; write PLY + PNG per query; rows for the table."""
-        from ..ros.messages import msg_to_cloud
+        from ..ros.messages import RESULTS, msg_to_cloud
         from .demo_report import ground_truth_rows, score
         from .pictures import KeyframeView, query_picture, save_png
         from .ply import write_ply
@@ -162,27 +165,41 @@ class PlannerClient:
                 views = [KeyframeView(f.image, f.intrinsics, f.T_world_cam, f.depth_m)
                          for i, f in enumerate(reader) if i % 3 == 0]
         boxes = [(o.name, o.box_min, o.box_max) for o in bag.room.objects]
+        result_names = {code: name for name, code in RESULTS.items()}
         rows = []
         for text, obj in ground_truth_rows(bag.room):
             res = self.query(text)
+            result = result_names.get(res.result, f"unknown {res.result}")
+            if result == "invalid_request":  # the demo's own request is wrong: a bug, not an answer
+                raise RuntimeError(f"query {text!r} refused: {res.message}")
             xyz, rel, rgb = msg_to_cloud(res.cloud)
             p = res.location.point
-            # Query.srv: a zero point means "no candidate"; any other point is the best candidate.
-            has_loc = res.found or (p.x, p.y, p.z) != (0.0, 0.0, 0.0)
-            location = np.array([p.x, p.y, p.z]) if has_loc else None
+            # Query.srv: location (= targets[0].location) is valid only when found; NaN otherwise.
+            location = np.array([p.x, p.y, p.z]) if res.found else None
             slug = text.replace(" ", "_")
             frame_id = res.location.header.frame_id or "map"
             write_ply(out / f"{slug}.ply", xyz, rel, rgb, frame_id)
             title = f"{text!r}: " + ("found" if res.found else "not found") + f", rel {res.relevancy:.2f}"
             save_png(query_picture(views, xyz, rel, rgb, location if res.found else None, title, boxes),
                      out / f"{slug}.png")
-            row = {"query": text, "found": bool(res.found), "message": res.message,
+            row = {"query": text, "result": result, "found": bool(res.found), "message": res.message,
                    "location": None if location is None else {"x": float(p.x), "y": float(p.y),
                                                                "z": float(p.z), "frame_id": frame_id},
+                   "targets": [_target_row(t) for t in res.targets],
                    "relevancy": float(res.relevancy), "scale": float(res.scale),
                    "model_step": int(res.model_step), "cloud_points": len(xyz)}
             row.update(score(obj, bool(res.found), location))
             rows.append(row)
-            print(f"[demo] query {text!r}: found={row['found']} relevancy={row['relevancy']:.3f} "
-                  f"correct={row['correct']}", flush=True)
+            print(f"[demo] query {text!r}: {result}, {len(res.targets)} target(s), relevancy "
+                  f"{row['relevancy']:.3f}, correct={row['correct']}", flush=True)
         return rows
+
+
+def _target_row(target) -> dict:
+    """lerf_ros/msg/Target -> a JSON row (metres, the reply's frame)."""
+    def xyz(v):
+        return [round(float(v.x), 4), round(float(v.y), 4), round(float(v.z), 4)]
+
+    return {"location": xyz(target.location), "box_center": xyz(target.box_center),
+            "extent": xyz(target.extent), "relevancy": round(float(target.relevancy), 4),
+            "confidence": round(float(target.confidence), 4), "point_count": int(target.point_count)}

@@ -30,8 +30,9 @@ def score(obj, found: bool, location) -> dict:
 
 
 def markdown_table(rows: list[dict], encoder_note: str) -> str:
+    # targets: how many instances the reply listed (Query.srv max_results; the location is the best one).
     head = ("| query | in room | found | location x, y, z (m, map) | error to centre (m) | inside box+5cm "
-            "| relevancy | correct |\n|---|---|---|---|---|---|---|---|")
+            "| relevancy | correct | targets |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         loc = r["location"]
@@ -39,8 +40,9 @@ def markdown_table(rows: list[dict], encoder_note: str) -> str:
         err = "-" if r["error_m"] is None else f"{r['error_m']:.3f}"
         inside = "-" if r["in_box"] is None else ("yes" if r["in_box"] else "no")
         yes = {True: "yes", False: "no"}
+        targets = len(r.get("targets", []))
         lines.append(f"| {r['query']} | {yes[r['present']]} | {yes[r['found']]} | {where} | {err} | {inside} "
-                     f"| {r['relevancy']:.3f} | {'yes' if r['correct'] else 'NO'} |")
+                     f"| {r['relevancy']:.3f} | {'yes' if r['correct'] else 'NO'} | {targets} |")
     present = [r for r in rows if r["present"]]
     absent = [r for r in rows if not r["present"]]
     lines += ["", f"present objects localised: {sum(r['correct'] for r in present)}/{len(present)}; "

@@ -9,6 +9,7 @@ Tree (T_parent_child, translations in metres, stamps in seconds):
 
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -221,16 +222,117 @@ def test_wait_for_matrix_wakes_on_new_data_and_times_out():
     assert b.can_transform("a", "b", 2 * S)
 
 
-def test_reparenting_restarts_history_and_loops_are_reported():
+def test_static_reparenting_newest_wins_frames_are_kept_and_loops_are_reported():
     b = TfBuffer()
     b.set_transform("a", "b", (1, 0, 0), (0, 0, 0, 1), 0, static=True)
     b.set_transform("c", "b", (0, 1, 0), (0, 0, 0, 1), 0, static=True)
     assert b.parent_of("b") == "c"
     np.testing.assert_allclose(b.lookup_matrix("c", "b")[:3, 3], [0, 1, 0])
+    assert b.counters()["parent_changes"] == 1 and b.several_parents() == {"b": ["a", "c"]}
     b.set_transform("b", "c", (0, 0, 1), (0, 0, 0, 1), 0, static=True)  # b -> c -> b
-    assert b.frame_names() == ["b", "c"]  # "a" was only b's old parent
+    assert b.frame_names() == ["a", "b", "c"]  # tf2 never forgets a frame name
     with pytest.raises(TransformException, match="loop"):
         b.lookup_matrix("c", "b")
+
+
+@pytest.fixture
+def two_parents():
+    """base's parent is odom for its samples at 1 s and 2 s, map for those at 3 s and 5 s; odom is
+    static at (100, 0, 0) in map. All translations along x, no rotation."""
+    b = TfBuffer()
+    b.set_transform("map", "odom", (100, 0, 0), (0, 0, 0, 1), 0, static=True)
+    b.set_transform("odom", "base", (1, 0, 0), (0, 0, 0, 1), 1 * S)
+    b.set_transform("odom", "base", (3, 0, 0), (0, 0, 0, 1), 2 * S)
+    b.set_transform("map", "base", (10, 0, 0), (0, 0, 0, 1), 3 * S)
+    b.set_transform("map", "base", (14, 0, 0), (0, 0, 0, 1), 5 * S)
+    return b
+
+
+@pytest.mark.parametrize(
+    ("stamp_s", "x_map", "why"),
+    [(1.5, 102.0, "odom's samples interpolated: 2 in odom"),
+     (2.5, 103.0, "between an odom and a map sample: the older (3 in odom), not interpolated"),
+     (4.0, 12.0, "map's samples interpolated"),
+     (5.0, 14.0, "the newest sample")],
+)
+def test_a_frame_with_two_parents_follows_the_parent_at_each_time(two_parents, stamp_s, x_map, why):
+    T = two_parents.lookup_matrix("map", "base", int(stamp_s * S))
+    np.testing.assert_allclose(T[:3, 3], [x_map, 0, 0], atol=1e-9, err_msg=why)
+
+
+def test_two_parents_are_counted_reported_and_the_newest_answers_latest(two_parents):
+    T, stamp = two_parents.lookup("map", "base", 0)
+    assert stamp == 5 * S
+    np.testing.assert_allclose(T[:3, 3], [14, 0, 0])
+    # Through map (the parent at 4 s) and back down to odom: 12 - 100.
+    np.testing.assert_allclose(two_parents.lookup_matrix("odom", "base", 4 * S)[:3, 3], [-88, 0, 0])
+    assert two_parents.parent_of("base") == "map"
+    assert two_parents.counters() == {"parent_changes": 1, "jumps_back": 0, "old_data": 0}
+    assert two_parents.several_parents() == {"base": ["map", "odom"]}
+    notices = two_parents.take_notices()
+    assert [kind for kind, _ in notices] == ["parent_change"]
+    assert "[base]" in notices[0][1] and "[odom]" in notices[0][1] and "[map]" in notices[0][1]
+    assert two_parents.take_notices() == []  # drained
+    two_parents.set_transform("odom", "base", (4, 0, 0), (0, 0, 0, 1), 6 * S)  # and back to odom
+    assert two_parents.counters()["parent_changes"] == 2
+
+
+def test_leading_slash_is_stripped_on_insert_and_rejected_on_lookup_as_tf2_does():
+    b = TfBuffer()
+    assert b.set_transform("/map", "/odom", (1, 2, 3), (0, 0, 0, 1), 0, static=True)
+    assert b.frame_names() == ["map", "odom"]
+    np.testing.assert_allclose(b.lookup_matrix("map", "odom")[:3, 3], [1, 2, 3])
+    for target, source, arg in (("/map", "odom", "target_frame"), ("map", "/odom", "source_frame")):
+        with pytest.raises(InvalidArgumentException, match=f"{arg} - in tf2 frame_ids cannot start with"):
+            b.lookup_matrix(target, source)
+        assert not b.can_transform(target, source)
+    t0 = time.monotonic()
+    with pytest.raises(InvalidArgumentException):  # never waits: no data can make it valid
+        b.wait_for_matrix("/map", "odom", 0, timeout_s=5.0)
+    assert time.monotonic() - t0 < 1.0
+    np.testing.assert_array_equal(b.lookup_matrix("/map", "/map"), np.eye(4))  # identity comes first in tf2
+    with pytest.raises(ValueError, match="parent_frame"):
+        b.set_transform("/", "a", (0, 0, 0), (0, 0, 0, 1), 0)
+
+
+def test_clear_keeps_static_transforms_and_frame_names(buf):
+    frames = buf.frame_names()
+    buf.clear()
+    assert buf.frame_names() == frames
+    np.testing.assert_allclose(buf.lookup_matrix("base_link", OPT)[:3, 3], [0.1, 0, 0.5])
+    with pytest.raises(ExtrapolationException, match="no data for frame"):
+        buf.lookup_matrix("map", OPT, 0)
+    buf.set_transform("odom", "base_link", (5, 0, 0), yaw_q(0), 9 * S)
+    np.testing.assert_allclose(buf.lookup_matrix("odom", "camera_link", 0)[:3, 3], [5.1, 0, 0.5])
+
+
+def test_jump_back_in_time_clears_dynamic_transforms_only_when_enabled():
+    def fill(b):
+        b.set_transform("base", "cam", (0, 0, 1), (0, 0, 0, 1), 0, static=True)
+        for stamp_s, x in ((100.0, 1.0), (101.0, 2.0), (100.5, 1.5)):  # 0.5 s out of order: no jump
+            assert b.set_transform("odom", "base", (x, 0, 0), (0, 0, 0, 1), int(stamp_s * S))
+        b.set_transform("odom", "base", (7, 0, 0), (0, 0, 0, 1), int(99.5 * S))  # 1.5 s back
+
+    looped = TfBuffer(cache_time_s=10.0, jump_back_tolerance_s=1.0)
+    fill(looped)
+    assert not looped.set_transform("odom", "base", (0, 0, 0), (0, 0, 0, 1), 0)  # unset stamp: old, no jump
+    assert looped.counters()["jumps_back"] == 1
+    [(kind, text)] = looped.take_notices()
+    assert kind == "jump_back" and "99.500000000 s" in text and "101.000000000 s" in text
+    with pytest.raises(ExtrapolationException, match=r"only time 99\.500000000 s"):  # 100, 101 s gone
+        looped.lookup_matrix("odom", "base", 101 * S)
+    T, stamp = looped.lookup("odom", "cam", 0)
+    assert stamp == int(99.5 * S)
+    np.testing.assert_allclose(T[:3, 3], [7, 0, 1])  # the static link survived the clear
+
+    plain = TfBuffer(cache_time_s=10.0)  # tf2's behaviour: an older sample is just history
+    fill(plain)
+    assert plain.counters()["jumps_back"] == 0
+    np.testing.assert_allclose(plain.lookup_matrix("odom", "base", int(100.25 * S))[:3, 3], [1.25, 0, 0])
+    assert not plain.set_transform("odom", "base", (0, 0, 0), (0, 0, 0, 1), 80 * S)  # older than the cache
+    assert plain.counters()["old_data"] == 1
+    with pytest.raises(ValueError, match="jump_back_tolerance_s"):
+        TfBuffer(jump_back_tolerance_s=-1.0)
 
 
 def test_constructor_and_insert_argument_errors():

@@ -192,6 +192,31 @@ def test_listener_receives_latched_static_and_dynamic_then_looks_up(ros):
     assert listener.executor is None and listener.tf_sub is None
 
 
+def test_listener_warns_when_a_frame_changes_parent_or_stamps_jump_back(ros, capfd):
+    pub_node = ros("tf_pub3")
+    qos_dynamic, _ = tf_qos_profiles()
+    dyn_pub = pub_node.create_publisher(TFMessage, "/tf", qos_dynamic)
+    node = ros("tf_user3")
+    buffer, listener, _ = make_tf_buffer(node, spin_thread=True, prefer_real=False)
+    try:
+        assert wait_until(lambda: dyn_pub.get_subscription_count() >= 1)
+        dyn_pub.publish(TFMessage(transforms=[tf_msg("odom", "base_link", (0, 0, 0), yaw_q(0), 10 * S)]))
+        dyn_pub.publish(TFMessage(transforms=[tf_msg("map", "base_link", (1, 0, 0), yaw_q(0), 11 * S)]))
+        assert wait_until(lambda: buffer.core.counters()["parent_changes"] == 1)
+        assert buffer.core.several_parents() == {"base_link": ["map", "odom"]}
+        # The bag starts over: 9 s back on the same link clears the dynamic transforms first.
+        dyn_pub.publish(TFMessage(transforms=[tf_msg("map", "base_link", (2, 0, 0), yaw_q(0), 2 * S)]))
+        assert wait_until(lambda: buffer.clears == 1)
+        np.testing.assert_allclose(lookup_matrix(buffer, "map", "base_link", 0)[:3, 3], [2, 0, 0])
+        with pytest.raises(ExtrapolationException):
+            lookup_matrix(buffer, "map", "base_link", 11 * S)
+    finally:
+        close_tf_listener(listener)
+    err = capfd.readouterr().err
+    assert "TF: frame [base_link] has more than one parent (map, odom)" in err
+    assert "TF: stamps jumped back on [map] -> [base_link]: a sample at 2.000000000 s" in err
+
+
 def test_listener_on_callers_node_spun_by_caller(ros):
     from rclpy.executors import SingleThreadedExecutor
 

@@ -1,9 +1,9 @@
 """The generated interfaces carry the documented fields and constants; the package layout holds together.
 
-Checks the contract other programs rely on (field names and ROS types of Query, MapPath, TrainingStatus and
-tf2_msgs/TFMessage), that every field in msg/ and srv/ is documented, that the manifest parses with
-catkin_pkg, that setup.py and CMakeLists.txt install the same executables, and that the generated msg/srv
-part and the source tree resolve together as one `lerf_ros` package from any working directory.
+Checks the contract other programs rely on (field names, ROS types and constants of Query, Target, MapPath,
+TrainingStatus and tf2_msgs/TFMessage), that every field in msg/ and srv/ is documented, that the manifest
+parses with catkin_pkg, that setup.py and CMakeLists.txt install the same executables, and that the generated
+msg/srv part and the source tree resolve together as one `lerf_ros` package from any working directory.
 """
 
 import ast
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from catkin_pkg.package import parse_package
 from geometry_msgs.msg import TransformStamped
-from lerf_ros.msg import TrainingStatus
+from lerf_ros.msg import Target, TrainingStatus
 from lerf_ros.srv import MapPath, Query
 from rclpy.serialization import deserialize_message, serialize_message
 from tf2_msgs.msg import TFMessage
@@ -31,16 +31,43 @@ def test_query_fields_and_types():
         "negatives": "sequence<string>",
         "threshold": "float",
         "with_cloud": "boolean",
+        "max_results": "uint32",
     }
     assert Query.Response.get_fields_and_field_types() == {
+        "result": "uint8",
         "found": "boolean",
         "message": "string",
         "location": "geometry_msgs/PointStamped",
+        "targets": "sequence<lerf_ros/Target>",
         "relevancy": "float",
         "confidence": "float",
         "scale": "float",
         "cloud": "sensor_msgs/PointCloud2",
         "model_step": "uint64",
+    }
+
+
+def test_query_result_constants_match_the_nodes_table():
+    from lerf_ros.ros.messages import RESULTS
+
+    names = [name for name in dir(Query.Response) if name.startswith("RESULT_")]
+    constants = {name: getattr(Query.Response, name) for name in names}
+    assert constants == {"RESULT_FOUND": 1, "RESULT_NOT_FOUND": 2, "RESULT_NOT_READY": 3,
+                         "RESULT_INVALID_REQUEST": 4, "RESULT_ERROR": 5}
+    assert {f"RESULT_{name.upper()}": code for name, code in RESULTS.items()} == constants
+
+
+def test_target_fields_and_types():
+    assert Target.get_fields_and_field_types() == {
+        "location": "geometry_msgs/Point",
+        "box_center": "geometry_msgs/Point",
+        "extent": "geometry_msgs/Vector3",
+        "relevancy": "float",
+        "confidence": "float",
+        "point_count": "uint32",
+        "scale": "float",
+        "view_support": "float",
+        "competitor": "string",
     }
 
 
@@ -84,6 +111,10 @@ def test_training_status_constants_and_fields():
         "language_loss_slope": "float",
         "convergence_step": "uint64",
         "nonfinite_steps": "uint64",
+        "clip_encoder": "string",
+        "dino_encoder": "string",
+        "demo_encoders": "boolean",
+        "scene_box_source": "string",
     }
     msg = TrainingStatus(step=2**40, loss_names=["rgb"], loss_values=[0.25])
     assert msg.step == 2**40 and list(msg.loss_values) == [0.25]
@@ -110,12 +141,24 @@ def test_query_and_status_serialise_round_trip():
     back = deserialize_message(serialize_message(status), TrainingStatus)
     assert back.step == 2**33 + 7 and list(back.drop_counts) == [3, 2**40]
     assert list(back.loss_values) == [0.5, 0.125] and back.drop_reasons == ["blurry", "no_transform"]
-    request = Query.Request(text="red mug", negatives=["blue mug"], threshold=-1.0, with_cloud=True)
+    request = Query.Request(text="red mug", negatives=["blue mug"], threshold=-1.0, with_cloud=True,
+                            max_results=7)
     back = deserialize_message(serialize_message(request), Query.Request)
-    assert (back.text, back.negatives, back.threshold, back.with_cloud) == ("red mug", ["blue mug"], -1, True)
+    assert (back.text, back.negatives, back.threshold, back.with_cloud, back.max_results) == (
+        "red mug", ["blue mug"], -1, True, 7)
+    target = Target(point_count=2**31, competitor="blue", view_support=float("nan"))
+    target.location.x, target.extent.z = 1.25, 0.5
+    response = Query.Response(result=Query.Response.RESULT_FOUND, found=True, targets=[Target(), target])
+    back = deserialize_message(serialize_message(response), Query.Response)
+    assert back.result == Query.Response.RESULT_FOUND and len(back.targets) == 2
+    second = back.targets[1]
+    assert (second.point_count, second.competitor) == (2**31, "blue")
+    assert (second.location.x, second.extent.z) == (1.25, 0.5)
+    assert second.view_support != second.view_support  # NaN crosses the wire
 
 
-@pytest.mark.parametrize("relpath", ["msg/TrainingStatus.msg", "srv/Query.srv", "srv/MapPath.srv"])
+@pytest.mark.parametrize("relpath", ["msg/Target.msg", "msg/TrainingStatus.msg", "srv/Query.srv",
+                                     "srv/MapPath.srv"])
 def test_every_field_is_documented(relpath):
     lines = (REPO / relpath).read_text().splitlines()
     undocumented = []
@@ -140,10 +183,13 @@ def test_manifest_parses_and_declares_dependencies():
     assert pkg.name == "lerf_ros" and pkg.package_format == 3
     assert [g.name for g in pkg.member_of_groups] == ["rosidl_interface_packages"]
     declared = {d.name for d in pkg.build_depends + pkg.exec_depends + pkg.buildtool_depends}
-    for name in ("rclpy", "sensor_msgs", "geometry_msgs", "std_msgs", "std_srvs", "visualization_msgs",
-                 "tf2_ros", "tf2_msgs", "cv_bridge", "launch", "launch_ros", "rosidl_default_generators",
-                 "rosidl_default_runtime", "ament_cmake", "ament_cmake_python", "python3-numpy"):
+    for name in ("rclpy", "rcl_interfaces", "sensor_msgs", "geometry_msgs", "std_msgs", "std_srvs",
+                 "visualization_msgs", "tf2_ros_py", "tf2_msgs", "cv_bridge", "launch", "launch_ros",
+                 "ament_index_python", "rosidl_default_generators", "rosidl_default_runtime", "ament_cmake",
+                 "ament_cmake_python", "python3-numpy", "python3-torch", "python3-torchvision"):
         assert name in declared, name
+    # The Python module tf2_ros is in tf2_ros_py; the key tf2_ros is the C++ library only.
+    assert "tf2_ros" not in declared
     assert pkg.get_build_type() == "ament_cmake"
 
 

@@ -58,11 +58,17 @@ class Child:
         return self.proc.returncode
 
 
+#: What every launcher-based test sets first: the tiny preset (demo colour encoders, CPU-sized fields).
+#: config/lerf.yaml ships the robot's `default` preset, which needs OpenCLIP and DINO weights; a test's own
+#: "preset:=..." comes later and wins.
+TEST_SETS = ("preset:=tiny",)
+
+
 def launcher(log_path, *sets: str, mode: str = "both", namespace: str = "") -> Child:
     args = ["-m", "lerf_ros.compat.launcher", "--params", str(CONFIG), "--mode", mode]
     if namespace:
         args += ["--namespace", namespace]
-    for item in sets:
+    for item in (*TEST_SETS, *sets):
         args += ["--set", item]
     return Child(args, log_path)
 
@@ -120,12 +126,35 @@ class Client:
                              f"reply from {self.prefix + name}", child)
 
     def query(self, text: str, threshold: float = 0.0, with_cloud: bool = True, negatives=(),
-              timeout: float = 180.0, child: Child | None = None):
+              max_results: int = 1, timeout: float = 180.0, child: Child | None = None):
         from lerf_ros.srv import Query
 
         request = Query.Request(text=text, threshold=float(threshold), with_cloud=with_cloud,
-                                negatives=list(negatives))
+                                negatives=list(negatives), max_results=int(max_results))
         return self.call(Query, "/lerf/query", request, timeout, child)
+
+    def after_call_status(self, call, within: float = 3.0, child: Child | None = None):
+        """``call()``'s result and the TrainingStatus the node published while answering it.
+
+        The node publishes a status before it sends a service reply, so its stamp lies between the call's
+        start and the reply; a periodic status lands in that window only by chance (the shorter the call,
+        the rarer). Waits up to ``within`` s after the reply for the message to arrive.
+        """
+        count = len(self.statuses)
+        start_ns = time.time_ns()
+        result = call()
+        end_ns = time.time_ns()
+
+        def published_during_call():
+            for status in self.statuses[count:]:
+                stamp_ns = status.header.stamp.sec * 1_000_000_000 + status.header.stamp.nanosec
+                if start_ns <= stamp_ns <= end_ns:
+                    return status
+            return None
+
+        status = self.wait_for(published_during_call, within, "a TrainingStatus published during the call",
+                               child)
+        return result, status
 
     def close(self) -> None:
         self.executor.remove_node(self.node)

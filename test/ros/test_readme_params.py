@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from lerf_ros.ros.params import PARAMETERS, TRAINER
+from lerf_ros.ros.params import PARAMETERS, PRESET, TRAINER
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -30,3 +30,11 @@ def test_readme_rows_match_node_and_type():
     for spec in PARAMETERS:
         node = "both" if len(spec.nodes) == 2 else ("trainer" if TRAINER in spec.nodes else "query")
         assert rows[spec.name][1:3] == [node, spec.type.__name__], spec.name
+
+
+def test_readme_defaults_are_the_declared_defaults():
+    # The safe defaults (preset 'default': OpenCLIP + DINO) are what a robot user reads here first.
+    rows = _table_rows()
+    for spec in PARAMETERS:
+        want = {PRESET: "preset", None: "unset"}.get(spec.default, f"`{spec.default!r}`")
+        assert rows[spec.name][3] == want, spec.name

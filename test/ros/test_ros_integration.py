@@ -18,7 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ros_harness import ROOM_PUBLISHER, Child, Client, drops, launcher
 
 from lerf_ros.core.presets import make_preset
-from lerf_ros.ros.messages import msg_to_cloud
+from lerf_ros.ros.messages import RESULTS, msg_to_cloud
 from lerf_ros.sim.scene import SyntheticRoom
 
 pytestmark = pytest.mark.slow
@@ -79,6 +79,7 @@ def test_query_while_training_returns_and_training_continues(session):
     reply = client.query("red box", child=nodes)
     assert reply.model_step >= before.step
     assert reply.message
+    assert reply.result in (RESULTS["found"], RESULTS["not_found"]), reply.message
     after = client.wait_status(lambda s: s.step > reply.model_step + 2, 180.0,
                                "training to continue after the query", nodes)
     assert after.state_name == "training"
@@ -99,14 +100,25 @@ def test_queries_locate_the_objects(session):
     client, nodes = session["client"], session["nodes"]
     room = SyntheticRoom(0)
     inside = {}
+    targets = {}
     for name in room.names:
-        reply = client.query(name, child=nodes)
+        reply = client.query(name, max_results=3, child=nodes)
         session["answers"][name] = reply
         obj = room.object(name)
         p = np.array([reply.location.point.x, reply.location.point.y, reply.location.point.z])
         in_box = np.all(p >= obj.box_min - 0.05) and np.all(p <= obj.box_max + 0.05)
         inside[name] = bool(reply.found and in_box)
         assert reply.location.header.frame_id == "map"
+        assert reply.result == (RESULTS["found"] if reply.found else RESULTS["not_found"]), reply.message
+        targets[name] = len(reply.targets)
+        if reply.found:  # the best target is the location; at most max_results, best first
+            first = reply.targets[0].location
+            np.testing.assert_array_equal([first.x, first.y, first.z], p)
+            assert 1 <= len(reply.targets) <= 3
+            ranks = [(t.confidence, t.relevancy) for t in reply.targets]
+            assert ranks == sorted(ranks, reverse=True)
+        else:
+            assert np.isnan(p).all() and len(reply.targets) == 0
         xyz, relevancy, rgb = msg_to_cloud(reply.cloud)
         assert reply.cloud.header.frame_id == "map"
         if reply.found:
@@ -116,12 +128,13 @@ def test_queries_locate_the_objects(session):
             assert rgb.shape == (len(xyz), 3)
     summary = {n: (round(session["answers"][n].relevancy, 3), inside[n]) for n in room.names}
     step = session["answers"][room.names[0]].model_step
-    print(f"\nlocated {sum(inside.values())}/6 at step {step}: {summary}")
+    print(f"\nlocated {sum(inside.values())}/6 at step {step}: {summary}; targets (max 3) {targets}")
     assert sum(inside.values()) >= 5, inside
     for name in ABSENT:
         reply = client.query(name, child=nodes)
         session["answers"][name] = reply
         assert not reply.found, (name, reply.message)
+        assert reply.result == RESULTS["not_found"] and len(reply.targets) == 0
         assert reply.message and reply.relevancy < THRESHOLD
 
 
@@ -155,6 +168,7 @@ def test_bad_queries_are_answered_not_raised(session, text, threshold, needle):
     client, nodes = session["client"], session["nodes"]
     reply = client.query(text, threshold=threshold, child=nodes)
     assert not reply.found and needle in reply.message
+    assert reply.result == RESULTS["invalid_request"] and len(reply.targets) == 0
     assert reply.cloud.width == 0 and len(reply.cloud.fields) == 5
     assert nodes.alive
 
@@ -195,6 +209,7 @@ def test_saved_map_answers_the_same_standalone(session, tmp_path):
             live = live_answers[name]
             answer = saved.query(name, child=standalone)
             assert answer.found == live.found, (name, answer.message, live.message)
+            assert answer.result == live.result and len(answer.targets) == len(live.targets)
             assert answer.model_step == live.model_step
             got = [answer.location.point.x, answer.location.point.y, answer.location.point.z]
             want = [live.location.point.x, live.location.point.y, live.location.point.z]
@@ -212,7 +227,7 @@ def test_standalone_query_node_with_missing_map_stays_up(session):
     try:
         for _ in range(2):
             reply = client.query("red box", child=node)
-            assert not reply.found
+            assert not reply.found and reply.result == RESULTS["error"]
             assert "/nonexistent/lerf_map" in reply.message and "does not exist" in reply.message
         assert node.alive
     finally:
@@ -244,4 +259,5 @@ def test_reset_clears_the_map_and_queries_say_why(session):
     assert cleared.frames_dropped == 0 and cleared.state_name == "waiting"
     answer = client.query("red box", child=nodes)
     assert not answer.found and answer.model_step == 0
+    assert answer.result == RESULTS["not_ready"] and len(answer.targets) == 0
     assert "no model" in answer.message

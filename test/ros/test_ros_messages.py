@@ -144,3 +144,120 @@ def test_training_status_msg():
     assert math.isnan(empty.heldout_psnr_db) and empty.convergence == "not evaluated yet"
     with pytest.raises(ValueError, match="unknown training state"):
         messages.training_status_msg(status, "sleeping", _header(), 0, {})
+
+
+def test_training_status_names_the_encoders_and_says_when_one_is_a_demo():
+    import dataclasses
+
+    from lerf_ros.core.encoders import EncoderSpec, is_demo_encoder
+    from lerf_ros.core.engine import LERFEngine
+    from lerf_ros.core.presets import make_preset
+
+    engine = LERFEngine(make_preset("tiny"), "cpu")
+    msg = messages.training_status_msg(engine.status(), "waiting", _header(), 0, {})
+    assert (msg.clip_encoder, msg.dino_encoder) == (engine.clip_encoder.name, engine.dino_encoder.name)
+    assert msg.demo_encoders and msg.clip_encoder and msg.scene_box_source == ""
+    cfg = dataclasses.replace(make_preset("tiny"),
+                              clip_encoder=EncoderSpec("lerf_test_doubles.cliplike:cliplike_encoder"))
+    mixed = LERFEngine(cfg, "cpu")
+    assert not is_demo_encoder(mixed.clip_encoder) and is_demo_encoder(mixed.dino_encoder)
+    assert messages.training_status_msg(mixed.status(), "waiting", _header(), 0, {}).demo_encoders
+
+
+# --------------------------------------------------------------------------- Query replies
+
+def _target(centre, half, confidence, relevancy=0.9):
+    from lerf_ros.core.language.query import Target
+
+    centre = np.asarray(centre, dtype=np.float64)
+    return Target(location_world=centre + 0.01, box_min=centre - half, box_max=centre + half,
+                  relevancy=relevancy, confidence=confidence, point_count=40, scale_m=0.25,
+                  view_support=float("nan"), competitor="pink", competitor_relevancy=0.52, z_score=9.0)
+
+
+def _result(found, targets=(), source="field", model_step=300, relevancy=0.8, confidence=0.7):
+    from lerf_ros.core.language.query import QueryResult
+
+    xyz = np.array([[0.5, 0.5, 0.2], [0.6, 0.5, 0.2]], np.float32)
+    return QueryResult(found=found, message="summary", relevancy=relevancy, scale_m=0.25,
+                       location_world=targets[0].location_world if found else None, cloud_xyz=xyz,
+                       cloud_relevancy=np.array([0.7, 0.9], np.float32),
+                       cloud_rgb=np.full((2, 3), 200, np.uint8), model_step=model_step,
+                       confidence=confidence, targets=tuple(targets), source=source)
+
+
+def test_query_result_code_from_the_results_fields():
+    two = (_target([0.6, 0.4, 0.2], 0.1, 0.9), _target([-0.6, 0.4, 0.2], 0.15, 0.8))
+    assert messages.query_result_code(_result(True, two)) == messages.RESULTS["found"]
+    assert messages.query_result_code(_result(False)) == messages.RESULTS["not_found"]
+    # The engine's "no model yet" answer: from the field's side at step 0 (no scoring happened).
+    assert messages.query_result_code(_result(False, model_step=0)) == messages.RESULTS["not_ready"]
+    # Keyframe views answer at step 0 (measured depth, field not trained yet): a real answer.
+    assert messages.query_result_code(_result(False, source="views", model_step=0)) == \
+        messages.RESULTS["not_found"]
+    assert messages.query_result_code(_result(True, two, source="views", model_step=0)) == \
+        messages.RESULTS["found"]
+
+
+def test_query_result_code_of_a_real_engine_without_frames_is_not_ready():
+    from lerf_ros.core.engine import LERFEngine
+    from lerf_ros.core.presets import make_preset
+
+    result = LERFEngine(make_preset("tiny"), "cpu").query("red box", max_results=3)
+    assert messages.query_result_code(result) == messages.RESULTS["not_ready"]
+
+
+def test_found_reply_carries_targets_best_first():
+    from lerf_ros.srv import Query
+
+    two = (_target([0.6, 0.4, 0.2], 0.1, 0.9), _target([-0.6, 0.4, 0.2], np.array([0.15, 0.1, 0.2]), 0.8))
+    reply = messages.fill_query_response(Query.Response(), _result(True, two), _header())
+    assert reply.result == Query.Response.RESULT_FOUND and reply.found and reply.message == "summary"
+    assert reply.location.header.frame_id == "map"
+    assert len(reply.targets) == 2
+    first, second = reply.targets
+    p = reply.location.point
+    assert (p.x, p.y, p.z) == (first.location.x, first.location.y, first.location.z)
+    assert (p.x, p.y, p.z) == tuple(two[0].location_world)
+    assert (second.box_center.x, second.box_center.y, second.box_center.z) == pytest.approx((-0.6, 0.4, 0.2))
+    assert (second.extent.x, second.extent.y, second.extent.z) == pytest.approx((0.3, 0.2, 0.4))
+    assert (first.extent.x, first.extent.y, first.extent.z) == pytest.approx((0.2, 0.2, 0.2))
+    assert (first.confidence, second.confidence) == pytest.approx((0.9, 0.8))
+    assert first.point_count == 40 and first.scale == pytest.approx(0.25) and first.competitor == "pink"
+    assert math.isnan(first.view_support)
+    assert (reply.relevancy, reply.confidence, reply.scale) == pytest.approx((0.8, 0.7, 0.25))
+    assert reply.model_step == 300
+    assert reply.cloud.width == 2 and reply.cloud.header.frame_id == "map"
+
+
+def test_not_found_reply_has_no_location_and_no_targets():
+    from lerf_ros.srv import Query
+
+    reply = messages.fill_query_response(Query.Response(), _result(False, relevancy=0.55, confidence=0.3),
+                                         _header())
+    assert reply.result == Query.Response.RESULT_NOT_FOUND and not reply.found
+    p = reply.location.point
+    assert math.isnan(p.x) and math.isnan(p.y) and math.isnan(p.z)
+    assert reply.location.header.frame_id == "map" and len(reply.targets) == 0
+    # The best rejected candidate's scores are still reported.
+    assert (reply.relevancy, reply.confidence) == pytest.approx((0.55, 0.3))
+
+
+@pytest.mark.parametrize("code", ["not_ready", "invalid_request", "error"])
+def test_refusal_answers_nothing(code):
+    from lerf_ros.srv import Query
+
+    reply = Query.Response(found=True, relevancy=0.9, model_step=5)
+    reply.targets = [messages.target_to_msg(_target([0, 0, 0], 0.1, 0.9))]
+    messages.fill_refusal(reply, _header(), messages.RESULTS[code], "why")
+    assert reply.result == messages.RESULTS[code] and not reply.found and reply.message == "why"
+    assert np.isnan([reply.location.point.x, reply.location.point.y, reply.location.point.z]).all()
+    assert len(reply.targets) == 0 and reply.relevancy == 0.0 and reply.model_step == 0
+    assert reply.cloud.width == 0 and len(reply.cloud.fields) == 5
+
+
+def test_refusal_refuses_answer_codes():
+    from lerf_ros.srv import Query
+
+    with pytest.raises(ValueError, match="refusal"):
+        messages.fill_refusal(Query.Response(), _header(), messages.RESULTS["found"], "no")

@@ -23,7 +23,22 @@ def test_defaults_reproduce_the_preset_exactly():
     assert resolved.trainer.world_frame == "map"
     assert resolved.trainer.image_topic == "/camera/color/image_raw"
     assert resolved.trainer.camera_info_topic == "/camera/color/camera_info"
-    assert resolved.query.threshold == make_preset("tiny").query.threshold
+    assert resolved.query.threshold == make_preset("default").query.threshold
+
+
+def test_the_default_is_the_robot_preset_with_openclip_and_dino():
+    # With no parameters at all (ros2 launch without arguments, lerf-ros train without --preset) the
+    # engine uses the real encoders; only an explicit preset=tiny selects the demo colour encoders.
+    from lerf_ros.core.encoders import DEFAULT_CLIP, DEFAULT_DINO, DEMO_CLIP, DEMO_DENSE
+
+    resolved = resolve()
+    assert resolved.values["preset"] == "default" and params.SPECS["preset"].default == "default"
+    assert resolved.engine == make_preset("default")
+    engine = resolved.engine
+    assert (engine.clip_encoder.target, engine.dino_encoder.target) == (DEFAULT_CLIP, DEFAULT_DINO)
+    tiny = resolve({"preset": "tiny"}).engine
+    assert (tiny.clip_encoder.target, tiny.dino_encoder.target) == (DEMO_CLIP, DEMO_DENSE)
+    assert "demo" in params.SPECS["preset"].description
 
 
 def test_every_spec_is_well_formed():
@@ -40,6 +55,7 @@ def test_every_spec_is_well_formed():
 
 def test_overrides_land_in_the_core_configs():
     r = resolve({
+        "preset": "tiny",
         "keyframe_min_translation_m": 0.3, "keyframe_min_rotation_deg": 20,  # int accepted for a double
         "keyframe_max_interval_s": 2.5, "keyframe_blur_threshold": 0.0, "max_keyframes": 17,
         "min_keyframes": 4, "max_image_side": 128, "query_threshold": 0.61, "device": "cpu",
@@ -103,6 +119,7 @@ def test_preset_changes_the_preset_backed_defaults():
         ("clip_encoder", "open_clip", "package.module:factory"),
         ("dino_encoder", "a.b:c d", "package.module:factory"),
         ("world_frame", "", "frame id"),
+        ("world_frame", "/map", "must not start with '/'"),  # tf2 rejects such lookups
         ("image_topic", "", "must not be empty"),
         ("map_path", "maps/lab", "absolute"),
         ("clip_checkpoint", "clip.bin", "absolute"),

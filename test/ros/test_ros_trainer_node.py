@@ -332,3 +332,47 @@ def test_node_process_exits_promptly_with_status_0_on_a_signal_while_training(tm
     assert elapsed < EXIT_BOUND_S
     print(f"{signal.Signals(signum).name}: exit status 0 after {elapsed:.2f} s")
     assert "Traceback" not in node.log(200_000), node.log()
+
+
+class _Recorder:
+    """Stands in for the status publisher: keeps what would have been published."""
+
+    def __init__(self):
+        self.messages = []
+
+    def publish(self, msg):
+        self.messages.append(msg)
+
+
+def _wait_state(node, name, timeout=5.0):
+    end = time.monotonic() + timeout
+    while node.state_name() != name and time.monotonic() < end:
+        time.sleep(0.01)
+    assert node.state_name() == name
+
+
+def test_state_watch_publishes_each_change_once(trainer):
+    node, _ = trainer
+    node.status_pub = sent = _Recorder()
+    node.publish_status()
+    assert [m.state_name for m in sent.messages] == ["waiting"]
+    node.publish_status_if_state_changed()
+    assert len(sent.messages) == 1  # no change, nothing new
+    # A change no service made (here: the worker paused directly) is published by the watch, once.
+    node._worker.pause()
+    _wait_state(node, "paused")
+    node.publish_status_if_state_changed()
+    node.publish_status_if_state_changed()
+    assert [m.state_name for m in sent.messages] == ["waiting", "paused"]
+
+
+def test_save_and_load_replies_are_followed_by_a_status(trainer, tmp_path):
+    from lerf_ros.srv import MapPath
+
+    node, _ = trainer
+    node.status_pub = sent = _Recorder()
+    # The fake engine cannot save: the failure is answered and still followed by a status.
+    reply = node._on_save(MapPath.Request(path="relative/map"), MapPath.Response())
+    assert not reply.success and len(sent.messages) == 1
+    reply = node._on_load(MapPath.Request(path=str(tmp_path / "missing")), MapPath.Response())
+    assert not reply.success and len(sent.messages) == 2

@@ -62,6 +62,13 @@ def test_wrong_world_frame_is_a_disconnected_tree(bags):
         list(reader)
 
 
+def test_camera_frame_with_a_leading_slash_is_refused_as_tf2_refuses_it(bags):
+    # tf2 strips one '/' from published frame ids but rejects lookups of one; so does the node.
+    with BagFrameReader(bags["mcap"].path, camera_frame="/camera_color_optical_frame") as reader, \
+            pytest.raises(BagError, match=r"cannot start with a '/'.*--camera-frame 'camera_color_optical"):
+        list(reader)
+
+
 def test_tree_without_localisation_never_connects(tmp_path):
     bag = write_demo_bag(tmp_path / "noloc", config=DemoBagConfig(frames=3, localisation=False))
     with BagFrameReader(bag.path) as reader, pytest.raises(BagError, match=r"roots: \['map', 'odom'\]|roots"):

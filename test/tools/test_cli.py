@@ -32,8 +32,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     bag, out = root / "bag", root / "map"
     assert main(["demo-bag", str(bag), "--frames", str(FRAMES)]) == 0
-    assert main(["train", str(bag), "--out", str(out), "--depth-topic", DEPTH, "--steps", str(STEPS),
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert main(["train", str(bag), "--out", str(out), "--preset", "tiny", "--depth-topic", DEPTH,
+                 "--steps", str(STEPS), "--device", "cpu", "--no-progress"]) == 0
     return root, bag, out
 
 
@@ -120,8 +120,8 @@ def test_steps_n_means_exactly_n_and_the_reason_is_recorded(trained):
 @pytest.mark.slow
 def test_without_steps_training_stops_when_the_map_is_usable(trained, capsys, tmp_path):
     _, bag, _ = trained
-    rc, out, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--depth-topic", DEPTH,
-                           "--device", "cpu", "--no-progress")
+    rc, out, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--preset", "tiny",
+                           "--depth-topic", DEPTH, "--device", "cpu", "--no-progress")
     assert rc == 0, err
     info = json.loads((tmp_path / "m" / "training_info.json").read_text())
     assert info["stop_reason"] == "usable" and info["convergence"]["usable"] is True
@@ -134,12 +134,12 @@ def test_missing_topic_exits_nonzero_with_message(tmp_path, capsys):
     bag = tmp_path / "bag"
     assert main(["demo-bag", str(bag), "--frames", "3", "--no-depth"]) == 0
     capsys.readouterr()
-    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--depth-topic", DEPTH,
-                         "--no-progress")
+    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--preset", "tiny",
+                         "--depth-topic", DEPTH, "--no-progress")
     assert rc == 1 and "depth topic '/camera/depth/image_rect_raw' not in the bag" in err
     assert "/camera/color/image_raw" in err and "Traceback" not in err
-    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--world-frame", "world",
-                         "--no-progress")
+    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--preset", "tiny",
+                         "--world-frame", "world", "--no-progress")
     assert rc == 1 and "never connects world frame 'world'" in err
 
 
@@ -150,7 +150,8 @@ def test_truncated_bag_exits_nonzero(tmp_path, capsys):
         data = next(p for p in bag.iterdir() if p.suffix in (".mcap", ".db3"))
         data.write_bytes(data.read_bytes()[: data.stat().st_size * 2 // 3])
         capsys.readouterr()
-        rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / f"m_{fmt}", "--no-progress")
+        rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / f"m_{fmt}", "--preset", "tiny",
+                             "--no-progress")
         assert rc == 1 and "corrupt or truncated" in err
 
 
@@ -171,9 +172,9 @@ def test_train_option_image_transport_compressed(tmp_path, capsys):
     assert main(["demo-bag", str(bag), "--frames", "3", "--compressed", "png"]) == 0
     capsys.readouterr()
     # Without image_transport=compressed the raw topic is missing: a clear error naming what exists.
-    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--no-progress")
+    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--preset", "tiny", "--no-progress")
     assert rc == 1 and "/camera/color/image_raw/compressed" in err
-    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--no-progress",
+    rc, _, err = run_cli(capsys, "train", bag, "--out", tmp_path / "m", "--preset", "tiny", "--no-progress",
                          "--image-transport", "compressed", "--steps", "1", "--device", "cpu")
     # 3 frames spread over one loop of the room: each is a keyframe, so one step trains a map.
     assert rc == 0, err
@@ -194,3 +195,16 @@ def test_weight_files_become_absolute_encoder_checkpoints(tmp_path, monkeypatch)
     engine = resolve(values).engine
     assert dict(engine.dino_encoder.kwargs)["checkpoint_path"] == str(tmp_path / "w" / "dino.pth")
     assert dict(engine.clip_encoder.kwargs)["checkpoint_path"] == str(tmp_path / "clip.bin")
+
+
+def test_train_without_preset_uses_openclip_and_dino_and_names_missing_weights(tmp_path, capsys, monkeypatch):
+    # The default preset is the robot's; with no weights on the machine it stops, listing the paths searched,
+    # and never trains with the demo colour encoder.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("OPENCLIP_CACHE_DIR", "HF_HUB_CACHE", "HF_HOME", "TORCH_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    rc, _, err = run_cli(capsys, "train", tmp_path / "bag", "--out", tmp_path / "m", "--no-progress")
+    assert rc == 1 and "Traceback" not in err
+    assert "OpenCLIP weights for ViT-B-16 (laion2b_s34b_b88k) not found; looked for:" in err
+    assert str(tmp_path / "home" / ".cache" / "clip" / "laion2b_s34b_b88k.pth") in err
+    assert not (tmp_path / "m").exists()

@@ -31,13 +31,13 @@ def test_score_against_ground_truth_boxes():
 def test_markdown_table_counts():
     rows = [
         {"query": "red box", "present": True, "found": True, "location": {"x": 0.6, "y": 0.4, "z": 0.2},
-         "error_m": 0.05, "in_box": True, "relevancy": 0.9, "correct": True},
+         "error_m": 0.05, "in_box": True, "relevancy": 0.9, "correct": True, "targets": [{}, {}]},
         {"query": "orange cone", "present": False, "found": True, "location": {"x": 1, "y": 1, "z": 0},
          "error_m": None, "in_box": None, "relevancy": 0.6, "correct": False},
     ]
     table = markdown_table(rows, "demo encoder")
-    assert "| red box | yes | yes | 0.60, 0.40, 0.20 | 0.050 | yes | 0.900 | yes |" in table
-    assert "| orange cone | no | yes | 1.00, 1.00, 0.00 | - | - | 0.600 | NO |" in table
+    assert "| red box | yes | yes | 0.60, 0.40, 0.20 | 0.050 | yes | 0.900 | yes | 2 |" in table
+    assert "| orange cone | no | yes | 1.00, 1.00, 0.00 | - | - | 0.600 | NO | 0 |" in table
     assert "localised: 1/1; absent objects correctly not found: 0/1" in table
 
 
@@ -74,6 +74,11 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert [r["query"] for r in result["queries"]] == [t for t, _ in ground_truth_rows(SyntheticRoom(0))]
     assert all(r["model_step"] == 20 for r in result["queries"])
     for r in result["queries"]:
+        # The planner's view of each reply: a result code, and targets (best first, the location first).
+        assert r["result"] == ("found" if r["found"] else "not_found"), r
+        assert len(r["targets"]) <= 3 and (len(r["targets"]) > 0) == r["found"]
+        if r["found"]:
+            assert r["targets"][0]["location"] == pytest.approx([r["location"][k] for k in "xyz"], abs=1e-4)
         slug = r["query"].replace(" ", "_")
         assert read_ply(out / f"{slug}.ply").xyz.shape == (r["cloud_points"], 3)
         with Image.open(out / f"{slug}.png") as im:

@@ -50,8 +50,8 @@ def frustum_ends(frame: Frame, max_range_m: float, ground_z: float | None) -> np
 def derive_box(frames: Sequence[Frame], margin_m: float, max_range_m: float,
                ground_z: float | None) -> SceneBox:
     """Bounds of the camera positions and what they see, grown by margin_m: measured depth where any
-    keyframe has it (1st-99th percentile), else the frusta (`frustum_ends`); never more than
-    BELOW_GROUND_M under the ground plane when one is given."""
+    keyframe has it (1st-99th percentile), else the frusta (`frustum_ends`); when a ground plane is given,
+    never more than BELOW_GROUND_M under it (or under the lowest point seen, if that is lower)."""
     if not frames:
         raise ValueError("no keyframes to derive a scene box from")
     pts = [np.stack([f.T_world_cam[:3, 3] for f in frames])]
@@ -62,8 +62,8 @@ def derive_box(frames: Sequence[Frame], margin_m: float, max_range_m: float,
         pts.extend(frustum_ends(f, max_range_m, ground_z) for f in frames)
     p = np.vstack([np.atleast_2d(x) for x in pts])
     lo, hi = p.min(0) - margin_m, p.max(0) + margin_m
-    if ground_z is not None and bounds is None:
-        lo[2] = max(lo[2], ground_z - BELOW_GROUND_M)
+    if ground_z is not None:  # measured floor points too: the margin below the floor is wasted resolution
+        lo[2] = max(lo[2], min(ground_z, p[:, 2].min()) - BELOW_GROUND_M)
         hi[2] = max(hi[2], lo[2] + 0.5)
     return SceneBox(tuple(lo), tuple(hi))
 

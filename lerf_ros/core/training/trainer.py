@@ -27,9 +27,8 @@ import torch
 from .convergence import ConvergenceConfig, ConvergenceMonitor, ConvergenceSignals
 from .holdout import training_pixels
 from .recovery import NonFiniteStep, Snapshot
-from .salience import SalienceConfig
-from .salience import resample as salience_resample
-from .salience import salience as salience_scores
+from .salience import CellTable, SalienceConfig
+from .salience import draw as salience_draw
 
 
 @dataclass(frozen=True)
@@ -158,8 +157,8 @@ class KeyframeTensors:
     T_world_cam: (K, 4, 4) float32 camera poses, ROS optical convention, metres
     intrinsics:  (K, 4) float32 fx, fy, cx, cy in pixels (pixel centres at integer coordinates)
     sizes:       (K, 2) int64 (w_k, h_k)
-    clip_mean:   (K, D) float32 unit mean of each keyframe's smallest crop embeddings, or None (set by the
-                 engine once the pyramids exist; the reference of salient ray sampling, `salience.py`)
+    salience:    the keyframes' smallest crop cells and how salient each is (`salience.CellTable`), or
+                 None (set by the engine once the pyramids exist; for salient ray sampling)
     """
 
     kf_ids: torch.Tensor
@@ -168,7 +167,7 @@ class KeyframeTensors:
     T_world_cam: torch.Tensor
     intrinsics: torch.Tensor
     sizes: torch.Tensor
-    clip_mean: torch.Tensor | None = None
+    salience: CellTable | None = None
 
     @property
     def count(self) -> int:
@@ -227,21 +226,18 @@ def _uniform_pixels(kf: KeyframeTensors, n: int, generator: torch.Generator):
     return rows, training_pixels(kf.kf_ids[rows], ui, vi, kf.sizes[rows, 0]), vi
 
 
-def _draw_pixels(kf: KeyframeTensors, n_rays: int, generator: torch.Generator, pyramid,
-                 config: SalienceConfig | None):
-    """Uniform pixels, plus a salient share (`salience.py`) when a config, a pyramid and the keyframes'
-    mean embeddings (``kf.clip_mean``) are all there."""
-    if config is None or pyramid is None or kf.clip_mean is None or config.frac <= 0:
+def _draw_pixels(kf: KeyframeTensors, n_rays: int, generator: torch.Generator, config: SalienceConfig | None):
+    """Uniform pixels, plus a salient share (`salience.py`) when a config and the keyframes' salience
+    table (``kf.salience``) are there."""
+    if config is None or kf.salience is None or config.frac <= 0:
         return _uniform_pixels(kf, n_rays, generator)
     n_uni, n_sal = config.counts(n_rays)
-    rows, ui, vi = _uniform_pixels(kf, n_uni + n_sal * config.pool, generator)
-    pr, pu, pv = rows[n_uni:], ui[n_uni:], vi[n_uni:]
-    uv = torch.stack([pu, pv], dim=-1).to(torch.float32)
-    smallest = torch.full((pr.shape[0],), pyramid.config.tile_fracs[0], device=uv.device)
-    embeds = pyramid.sample(kf.kf_ids[pr], uv, smallest).to(kf.clip_mean.device)
-    keep = salience_resample(salience_scores(embeds, kf.clip_mean[pr]), n_sal, config, generator)
-    return (torch.cat([rows[:n_uni], pr[keep]]), torch.cat([ui[:n_uni], pu[keep]]),
-            torch.cat([vi[:n_uni], pv[keep]]))
+    if kf.salience.cdf is None:
+        kf.salience.weights(config)
+    rows, ui, vi = _uniform_pixels(kf, n_uni, generator)
+    sr, su, sv = salience_draw(kf.salience, n_sal, kf.sizes, generator)
+    su = training_pixels(kf.kf_ids[sr], su, sv, kf.sizes[sr, 0]).minimum(kf.sizes[sr, 0] - 1)
+    return torch.cat([rows, sr]), torch.cat([ui, su]), torch.cat([vi, sv])
 
 
 def sample_ray_batch(kf: KeyframeTensors, n_rays: int, generator: torch.Generator, pyramid=None,
@@ -249,14 +245,14 @@ def sample_ray_batch(kf: KeyframeTensors, n_rays: int, generator: torch.Generato
                      targets: bool = True) -> dict[str, torch.Tensor]:
     """Draw ``n_rays`` training pixels (never a held-out one) and their targets.
 
-    Pixels: keyframes uniformly, then pixels uniformly; with ``salience`` (and ``pyramid``) a share of
+    Pixels: keyframes uniformly, then pixels uniformly; with ``salience`` (and ``kf.salience``) a share of
     them where the keyframe's content stands out (`salience.py`). Returns origins (N, 3), directions (N, 3)
     unit, rgb (N, 3) float in [0, 1], depth (N,) ray distance in metres (NaN unknown), kf_ids (N,), uv (N, 2)
     pixel coordinates, and, with ``targets``: when ``pyramid`` is given, clip (N, clip_dim) targets at a
     random tile size per ray with clip_scale_factor (N,) = tile_frac * H / fy (the CLIP scale in metres per
     metre of depth); when ``dense`` is given, dino (N, dino_dim).
     """
-    rows, ui, vi = _draw_pixels(kf, n_rays, generator, pyramid, salience)
+    rows, ui, vi = _draw_pixels(kf, n_rays, generator, salience)
     u, v = ui.to(torch.float32), vi.to(torch.float32)
     origins, directions, ray_per_z = pixel_rays_batched(kf, rows, u, v)
     z = kf.depth[rows, vi, ui]

@@ -51,6 +51,14 @@ def test_measured_depth_still_bounds_the_box_and_no_ground_plane_is_allowed():
     frames = [_robot_frame(0.0, depth=2.0), _robot_frame(0.5, 90.0, depth=2.0)]
     box = derive_box(frames, margin_m=0.1, max_range_m=50.0, ground_z=0.0)
     assert max(box.max_xyz) < 5.0  # from the 2 m depth, not from the 50 m range
+    # the 0.1 m margin is not spent below the floor: at most BELOW_GROUND_M under the lowest point seen
+    from lerf_ros.core.language.candidates import lift_depth
+
+    lowest = min(float(lift_depth(f, 1)[:, 2].min()) for f in frames)
+    assert min(0.0, lowest) - BELOW_GROUND_M - 1e-9 <= box.min_xyz[2] <= lowest
+    high = [_robot_frame(0.0, pitch_down_deg=0.0, height=3.0, depth=2.0)]  # everything seen is above 2 m
+    # the clamp only ever raises the bottom: here it stays 1 m (the margin) under what was seen
+    assert derive_box(high, margin_m=1.0, max_range_m=50.0, ground_z=0.0).min_xyz[2] > 1.0
     free = derive_box([_robot_frame(0.0)], margin_m=0.1, max_range_m=3.0, ground_z=None)
     assert free.min_xyz[2] < -0.5  # no ground plane: the frustum continues below z = 0
 

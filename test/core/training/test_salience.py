@@ -43,7 +43,7 @@ def setup():
     for i, f in zip(ids, frames, strict=True):
         pyr.add(i, f.image)
     kf = KeyframeTensors.from_frames(ids, frames, torch.device("cpu"))
-    kf.clip_mean = salience.keyframe_means(pyr, ids, "cpu")
+    kf.salience = salience.cell_table(pyr, ids, "cpu")
     return kf, pyr, masks
 
 
@@ -58,11 +58,11 @@ def test_salient_share_puts_many_more_rays_on_the_small_object(setup):
     uniform = sample_ray_batch(kf, 4000, torch.Generator().manual_seed(0), pyr, None,
                                salience=SalienceConfig(frac=0.0))
     salient = sample_ray_batch(kf, 4000, torch.Generator().manual_seed(0), pyr, None,
-                               salience=SalienceConfig(frac=0.5, pool=8))
+                               salience=SalienceConfig(frac=0.5))
     expected = masks.mean()
     assert _object_share(uniform, masks) == pytest.approx(expected, abs=0.004)
-    # half the batch resampled 1-in-8 by salience: the object's share grows several times over
-    assert _object_share(salient, masks) > 4 * expected
+    # half the batch drawn by salience: the 0.5 % object gets a large share of it
+    assert _object_share(salient, masks) > 20 * expected
     # the other half stays uniform: every part of every keyframe is still drawn
     assert set(salient["kf_ids"].tolist()) == {3, 4, 5}
     assert salient["clip"].shape == (4000, pyr.dim) and torch.isfinite(salient["clip"]).all()
@@ -76,7 +76,7 @@ def test_no_targets_before_the_language_phase_but_salience_still_applies(setup):
     assert _object_share(b, masks) > 4 * masks.mean()
 
 
-def test_without_keyframe_means_sampling_is_uniform(setup):
+def test_without_a_salience_table_sampling_is_uniform(setup):
     kf, pyr, masks = setup
     plain = KeyframeTensors(kf.kf_ids, kf.images, kf.depth, kf.T_world_cam, kf.intrinsics, kf.sizes)
     b = sample_ray_batch(plain, 4000, torch.Generator().manual_seed(0), pyr, None,
@@ -84,18 +84,25 @@ def test_without_keyframe_means_sampling_is_uniform(setup):
     assert _object_share(b, masks) == pytest.approx(masks.mean(), abs=0.004)
 
 
-def test_resample_prefers_high_scores_and_never_excludes_any():
-    scores = torch.tensor([0.0] * 90 + [1.0] * 10)
-    cfg = SalienceConfig(frac=0.5, pool=10, power=2.0, floor=1e-3)
-    picks = torch.cat([salience.resample(scores, 10, cfg, torch.Generator().manual_seed(s))
-                       for s in range(50)])
-    assert float((picks >= 90).float().mean()) > 0.95
-    nan_scores = torch.tensor([math.nan, 0.5, 0.0, 0.2])
-    picked = salience.resample(nan_scores, 4, cfg, torch.Generator().manual_seed(0))
-    assert set(picked.tolist()) == {0, 1, 2, 3}
+def test_cells_are_drawn_by_weight_and_none_is_excluded(setup):
+    kf = setup[0]
+    table = kf.salience
+    assert table.rows.shape[0] == table.score.shape[0] == table.centre.shape[0] > 0
+    assert float(table.score.max()) > 10 * float(table.score.median())  # the red patch's cells stand out
+    flat = salience.CellTable(table.rows, table.centre, table.half, torch.zeros_like(table.score))
+    flat.weights(SalienceConfig())
+    rows, u, v = salience.draw(flat, 20000, kf.sizes, torch.Generator().manual_seed(0))
+    # all scores equal: every keyframe in proportion to its cells, pixels spread over the whole image
+    share = torch.bincount(rows, minlength=3).double() / 20000
+    cells = torch.bincount(table.rows, minlength=3).double() / table.rows.shape[0]
+    torch.testing.assert_close(share, cells, atol=0.02, rtol=0)
+    assert int(u.min()) <= 2 and int(u.max()) >= W - 3 and int(v.min()) <= 2 and int(v.max()) >= H - 3
+    nan = salience.CellTable(table.rows, table.centre, table.half, torch.full_like(table.score, math.nan))
+    nan.weights(SalienceConfig())
+    assert torch.isfinite(nan.cdf).all() and float(nan.cdf[-1]) > 0
 
 
-@pytest.mark.parametrize("kwargs", [{"frac": 1.5}, {"frac": -0.1}, {"pool": 0}, {"power": 0.0},
+@pytest.mark.parametrize("kwargs", [{"frac": 1.5}, {"frac": -0.1}, {"power": 0.0},
                                     {"floor": 0.0}, {"power": math.inf}])
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
