@@ -338,10 +338,18 @@ def main(argv=None) -> int:
     p.add_argument("--stream-cap-s", type=float, default=45.0,
                    help="streaming clock cap, s (drives last 20-40 s; 0 = no streaming run)")
     p.add_argument("--query-every-s", type=float, default=5.0, help="streaming query interval, s")
+    p.add_argument("--stream-conditions", default="",
+                   help="comma-separated conditions that also get the streaming run (default: all)")
+    p.add_argument("--merge", default="",
+                   help="comma-separated JSON files of earlier runs (e.g. two halves of the rooms run in "
+                        "parallel): print and write their combined tables instead of running")
     p.add_argument("--workdir", type=Path, default=None, help="keep bags and maps here (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="JSON path")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge_runs([Path(f) for f in args.merge.split(",") if f.strip()], args.out)
     conditions = parse_conditions(args.conditions)
+    streamed = set(args.stream_conditions.split(",")) if args.stream_conditions else {c.name for c in conditions}
     for cond in conditions:
         require_encoder(cond.encoder)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else list(range(args.rooms))
@@ -361,13 +369,19 @@ def main(argv=None) -> int:
                   f"{info['images']} images at {info['image_rate_hz']} Hz", file=sys.stderr, flush=True)
             for cond in conditions:
                 r = {"room": info, **train_and_query(room, bags[cond.depth], cond, workdir, args)}
-                if args.stream_cap_s > 0 and "error" not in r:
+                if args.stream_cap_s > 0 and "error" not in r and cond.name in streamed:
                     r["stream"] = stream(room, bags[cond.depth], cond, args)
                 s = summarise(r["rows"])
                 print(f"  {cond.name}: located {s['located']}/{s['objects']}, rejected {s['rejected']}/"
                       f"{s['absent']}, t90 {r.get('stream', {}).get('t90_s')}", file=sys.stderr, flush=True)
                 results[cond.name].append(r)
         wall = time.monotonic() - t_start
+    report(conditions, results, {k: str(v) for k, v in vars(args).items()}, wall, out)
+    return 0
+
+
+def report(conditions, results: dict[str, list[dict]], args: dict, wall: float, out: Path) -> None:
+    """Print the tables and histograms of every condition and write the JSON."""
     hists = {c: histograms([row for r in rs for row in r["rows"]]) for c, rs in results.items()}
     for cond in conditions:
         print(table(cond, results[cond.name]) + "\n")
@@ -375,9 +389,21 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {c: {"summary": summarise([row for r in rs for row in r["rows"]]), "histograms": hists[c],
                    "rooms": rs} for c, rs in results.items()}
-    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "wall_s": round(wall, 1),
-                               "conditions": summary}, indent=1))
+    out.write_text(json.dumps({"args": args, "wall_s": round(wall, 1), "conditions": summary}, indent=1))
     print(f"wrote {out} ({wall:.0f} s)")
+
+
+def merge_runs(files: list[Path], out: Path | None) -> int:
+    """Combine the rooms of several runs' JSON (same conditions) into one report."""
+    runs = [json.loads(f.read_text()) for f in files]
+    names = list(runs[0]["conditions"])
+    if any(list(r["conditions"]) != names for r in runs):
+        raise SystemExit(f"the runs have different conditions: {[list(r['conditions']) for r in runs]}")
+    results = {c: sorted((room for r in runs for room in r["conditions"][c]["rooms"]),
+                         key=lambda room: room["room"]["seed"]) for c in names}
+    out = out or ROOT / "bench" / "out" / "quality_merged.json"
+    report(parse_conditions(",".join(names)), results, {"merged": [str(f) for f in files]},
+           sum(r["wall_s"] for r in runs), out)
     return 0
 
 

@@ -160,13 +160,17 @@ class LERFModel(nn.Module):
         return near, split, far
 
     def forward(
-        self, origins: torch.Tensor, directions: torch.Tensor, clip_scale_factor: torch.Tensor | None = None
+        self, origins: torch.Tensor, directions: torch.Tensor, clip_scale_factor: torch.Tensor | None = None,
+        surface_depth: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | list]:
         """Render R rays (world frame, unit directions).
 
         Returns 'rgb' (R, 3) [0, 1], 'depth' (R,) metres along the ray, 'accumulation' (R,), and when
         ``clip_scale_factor`` (R,) (tile size in pixels / focal length) is given: 'clip' (R, clip_dim)
         unit, 'dino' (R, dino_dim), 'clip_scale_m' (R,) = factor * rendered depth (detached).
+        ``surface_depth`` (R,): measured distance along each ray (NaN / beyond max_depth_m = unknown); where
+        known, the language heads are read at that surface point (and the scale taken at that distance)
+        instead of at the heaviest rendered samples (see `_render_language`).
         Also 'weights' (R, S), 'samples' (final RaySamples), 'proposal_samples', 'proposal_weights'.
         """
         if origins.ndim != 2 or origins.shape[1] != 3 or directions.shape != origins.shape:
@@ -193,12 +197,26 @@ class LERFModel(nn.Module):
             "proposal_weights": prop_weights,
         }
         if clip_scale_factor is not None:
-            scale_m = clip_scale_factor.to(depth).reshape(-1) * depth.detach()
-            out.update(self._render_language(positions.detach(), weights.detach(), scale_m))
+            at = depth.detach()
+            if surface_depth is not None:
+                measured = surface_depth.to(depth).reshape(-1)
+                known = torch.isfinite(measured) & (measured > 0) & (measured <= self.config.max_depth_m)
+                at = torch.where(known, measured, at)
+            else:
+                known = None
+            scale_m = clip_scale_factor.to(depth).reshape(-1) * at
+            out.update(self._render_language(positions.detach(), weights.detach(), scale_m,
+                                             origins + directions * at[:, None], known))
         return out
 
-    def _render_language(self, positions: torch.Tensor, weights: torch.Tensor, scale_m: torch.Tensor):
-        """positions (R, S, 3) and weights (R, S), both detached; scale_m (R,)."""
+    def _render_language(self, positions: torch.Tensor, weights: torch.Tensor, scale_m: torch.Tensor,
+                         surface: torch.Tensor | None = None, known: torch.Tensor | None = None):
+        """positions (R, S, 3) and weights (R, S), both detached; scale_m (R,).
+
+        surface (R, 3) / known (R,) bool: rays with a measured surface point read the language heads there
+        alone (weight 1). LERF reads them at the rendered samples; where depth is measured that is the same
+        place once the density has converged, but a 9 cm cup seen by a few dozen rays may not have formed in
+        the density yet, and its language targets would then train the wall behind it."""
         r, s = weights.shape
         k = self.config.language_samples_per_ray
         if 0 < k < s:
@@ -208,6 +226,10 @@ class LERFModel(nn.Module):
             # Keep each ray's total mass so the DINO sum is not biased low by the dropped tail.
             weights = top_w * (total / top_w.sum(dim=-1, keepdim=True).clamp_min(1e-10))
             s = k
+        if surface is not None and known is not None and bool(known.any()):
+            at_surface = surface.detach()[:, None, :].expand(r, s, 3)
+            positions = torch.where(known[:, None, None], at_surface, positions)
+            weights = torch.where(known[:, None], torch.full_like(weights, 1.0 / s), weights)
         feats = self.language.features(positions.reshape(-1, 3))
         residual = self.language.clip_residual(feats, scale_m[:, None].expand(r, s).reshape(-1))
         residual = render_embedding(weights, residual.view(r, s, -1), normalize=False)

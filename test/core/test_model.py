@@ -232,3 +232,31 @@ def test_config_roundtrip_dict():
     d["sampler"]["bogus"] = 1
     with pytest.raises(ValueError, match="bogus"):
         type(cfg).from_dict(d)
+
+
+def test_language_is_read_at_the_measured_surface_where_depth_is_known():
+    """A ray with measured depth trains the language heads at that surface point (and at that distance's
+    scale), not at the rendered samples of a density that may not have formed there yet."""
+    torch.manual_seed(0)
+    model = LERFModel(tiny_config("torch"), SceneBox((-2.0, -2.0, -2.0), (2.0, 2.0, 2.0)), 16, 8)
+    seen = []
+    features = model.language.features
+
+    def spy(positions):
+        seen.append(positions.detach().clone())
+        return features(positions)
+
+    model.language.features = spy
+    o = torch.zeros(3, 3)
+    d = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=1)
+    factor = torch.full((3,), 0.1)
+    out = model(o, d, clip_scale_factor=factor, surface_depth=torch.tensor([1.5, float("nan"), 1e6]))
+    k = model.config.language_samples_per_ray
+    pos = seen[-1].reshape(3, k, 3)
+    torch.testing.assert_close(pos[0], torch.tensor([1.5, 0.0, 0.0]).expand(k, 3))
+    assert out["clip_scale_m"][0] == pytest.approx(0.15)
+    # unknown (NaN) and out-of-range depth: the rendered samples, spread along the ray, rendered-depth scale
+    for r in (1, 2):
+        assert float(pos[r].std(dim=0).norm()) > 0.0 or k == 1
+        assert out["clip_scale_m"][r] == pytest.approx(0.1 * float(out["depth"][r]), rel=1e-5)
+    assert out["clip"].shape == (3, 16) and torch.isfinite(out["clip"]).all()

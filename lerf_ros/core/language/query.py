@@ -283,6 +283,7 @@ class _Candidate:
     members: Tensor  # (M,) long indices into the points
     score: float
     peak: int
+    level: float = 0.0  # the relevancy its members were grown above
 
 
 def _allowed_scales(scales: Tensor, scale_range: Tensor | None, slack: float, n: int) -> Tensor:
@@ -506,7 +507,12 @@ def _competitors(embeds, names, query_text: str, d: int, dev) -> tuple[Tensor | 
 def _clusters(pts: Tensor, rel: Tensor, med: float, spread: float, point_scale_m: Tensor, link: float,
               cfg: QueryConfig, max_results: int) -> list[_Candidate]:
     """Clusters grown from the strongest peaks that stand out of the scene (> median + 3 spread), each
-    within grow_scale_factor times its peak's scale (point_scale_m (N,) metres) of the peak."""
+    within grow_scale_factor times its peak's scale (point_scale_m (N,) metres) of the peak.
+
+    One object, one target: a weaker peak connected to an earlier cluster's peak through points above that
+    cluster's growth level (an object larger than the growth radius, reached from another peak) or within
+    half its own scale of it (a halo: its crop held the earlier object) is spent without a target of its
+    own; the earlier cluster keeps its own members, so its location is not pulled off the object."""
     free = torch.ones_like(rel, dtype=torch.bool)
     out: list[_Candidate] = []
     budget = max_results + 11  # extra: look-alikes and noisy peaks may come before the real target
@@ -525,8 +531,26 @@ def _clusters(pts: Tensor, rel: Tensor, med: float, spread: float, point_scale_m
             fringe = torch.cdist(pts[near], pts[members]).min(dim=1).values <= 2.0 * link
             free[near[fringe]] = False
         free[members] = False
-        out.append(_Candidate(members, _padded_top_k_mean(rel[members], cfg.top_k), seed))
+        if not any(_same_object(pts, rel, c, seed, link) or _halo(pts, c, seed, float(point_scale_m[seed]))
+                   for c in out):
+            out.append(_Candidate(members, _padded_top_k_mean(rel[members], cfg.top_k), seed, level))
     return out
+
+
+def _same_object(pts: Tensor, rel: Tensor, c: _Candidate, seed: int, link: float) -> bool:
+    """``seed`` lies in the blob of points above ``c``'s own growth level that holds c's peak: the same
+    object reached from another peak (it is larger than c's growth radius)."""
+    if float(rel[seed]) < c.level:
+        return False
+    above = (rel >= c.level).nonzero().squeeze(1)
+    labels = cluster_labels(pts[above], link)
+    where = {int(i): j for j, i in enumerate(above.tolist()) if int(i) in (seed, c.peak)}
+    return bool(labels[where[seed]] == labels[where[c.peak]])
+
+
+def _halo(pts: Tensor, c: _Candidate, seed: int, seed_scale_m: float) -> bool:
+    """A weaker peak within half its own scale of ``c``: its crop held c's object."""
+    return float((pts[c.members] - pts[seed]).norm(dim=1).min()) <= 0.5 * seed_scale_m
 
 
 def _embed_members(embed_at, pts: Tensor, members: Tensor, read: Tensor, scales: Tensor) -> Tensor:

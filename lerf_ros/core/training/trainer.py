@@ -349,7 +349,8 @@ class Trainer:
             batch = {k: v for k, v in batch.items() if k not in ("clip", "dino")}
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             outputs = self.model(batch["origins"], batch["directions"],
-                                 clip_scale_factor=batch.get("clip_scale_factor"))
+                                 clip_scale_factor=batch.get("clip_scale_factor"),
+                                 surface_depth=batch.get("depth"))
             losses = self.model.compute_losses(outputs, batch)
         total = sum(v for v in losses.values())
         for opt in self.optimizers.values():

@@ -291,3 +291,39 @@ def test_views_that_do_not_support_a_field_peak_lower_its_confidence():
     assert yes.targets[0].view_support == 1.0 and yes.found
     assert no.confidence < 0.6 * yes.confidence
     assert not math.isfinite(_like_locate("red").targets[0].view_support)  # no view_fn: no view evidence
+
+
+def test_one_object_larger_than_the_growth_radius_gives_one_target_and_its_halo_none():
+    """A 1.2 m red bench (far longer than 1.5 x its scale) with two relevancy peaks along it, and a weak red
+    halo on the floor just beside it: "all the red things" must be the bench once, not three targets."""
+    x = torch.linspace(-0.6, 0.6, 121)
+    bench = torch.stack([x, torch.zeros_like(x), torch.full_like(x, 0.4)], dim=1)
+    bench = torch.cat([bench + torch.tensor([0.0, dy, 0.0]) for dy in (-0.02, 0.0, 0.02)])
+    u = torch.linspace(-1.0, 1.0, 41)
+    floor = torch.stack(torch.meshgrid(u, u, indexing="ij"), dim=-1).reshape(-1, 2)
+    floor = torch.cat([floor, torch.zeros(floor.shape[0], 1)], dim=1)
+    pts = torch.cat([bench, floor])
+    rgb = torch.full((pts.shape[0], 3), 100, dtype=torch.uint8)
+    views = torch.full((pts.shape[0],), 5)
+    halo_c = torch.tensor([0.05, 0.0, 0.0])  # on the floor, 0.4 m under the bench's middle
+
+    def field(p, s):
+        on_bench = (p[:, 2] > 0.3).float()
+        # two peaks along the bench (at x = -0.4 and +0.4), a sag in the middle that stays well above the floor
+        w = 1.2 + 0.8 * torch.exp(-((p[:, 0].abs() - 0.4) / 0.1) ** 2)
+        halo = 0.9 * ((p - halo_c).norm(dim=1) < 0.1).float()
+        e = GENERIC + (on_bench * w + halo).unsqueeze(1) * RED
+        return F.normalize(e, dim=1)
+
+    cfg = QueryConfig(voxel_m=0.0, cluster_radius_m=0.05, scales_m=(0.1, 0.2))
+    r = locate(pts, rgb, views, field, RED, NEGS, cfg, max_results=5)
+    assert r.found and len(r.targets) == 1, [t.location_world for t in r.targets]
+    t = r.targets[0]
+    assert t.location_world[2] == pytest.approx(0.4, abs=1e-4) and abs(t.location_world[0]) > 0.2
+    # a second bench 1 m away is another instance, still reported
+    twin = bench + torch.tensor([0.0, 0.9, 0.0])
+    pts2 = torch.cat([pts, twin])
+    r2 = locate(pts2, torch.full((pts2.shape[0], 3), 100, dtype=torch.uint8),
+                torch.full((pts2.shape[0],), 5), field, RED, NEGS, cfg, max_results=5)
+    assert len(r2.targets) == 2
+    assert sorted(round(float(t.location_world[1]), 1) for t in r2.targets) == [0.0, 0.9]

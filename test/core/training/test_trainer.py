@@ -128,7 +128,7 @@ class _ToyModel(torch.nn.Module):
         self.c = torch.nn.Parameter(torch.zeros(2))
         self.seen_batches = []
 
-    def forward(self, origins, directions, clip_scale_factor=None):
+    def forward(self, origins, directions, clip_scale_factor=None, surface_depth=None):
         out = {"rgb": torch.sigmoid(self.a + directions @ self.b)}
         if clip_scale_factor is not None:
             out["clip"] = self.c.expand(origins.shape[0], 2)
