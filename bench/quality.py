@@ -349,7 +349,8 @@ def main(argv=None) -> int:
     if args.merge:
         return merge_runs([Path(f) for f in args.merge.split(",") if f.strip()], args.out)
     conditions = parse_conditions(args.conditions)
-    streamed = set(args.stream_conditions.split(",")) if args.stream_conditions else {c.name for c in conditions}
+    streamed = ({c.strip() for c in args.stream_conditions.split(",")} if args.stream_conditions
+                else {c.name for c in conditions})
     for cond in conditions:
         require_encoder(cond.encoder)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else list(range(args.rooms))

@@ -248,7 +248,7 @@ def test_language_is_read_at_the_measured_surface_where_depth_is_known():
 
     model.language.features = spy
     o = torch.zeros(3, 3)
-    d = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=1)
+    d = torch.eye(3)
     factor = torch.full((3,), 0.1)
     out = model(o, d, clip_scale_factor=factor, surface_depth=torch.tensor([1.5, float("nan"), 1e6]))
     k = model.config.language_samples_per_ray

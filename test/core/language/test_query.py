@@ -309,7 +309,7 @@ def test_one_object_larger_than_the_growth_radius_gives_one_target_and_its_halo_
 
     def field(p, s):
         on_bench = (p[:, 2] > 0.3).float()
-        # two peaks along the bench (at x = -0.4 and +0.4), a sag in the middle that stays well above the floor
+        # two peaks along the bench (at x = -0.4 and +0.4), a sag between them well above the floor
         w = 1.2 + 0.8 * torch.exp(-((p[:, 0].abs() - 0.4) / 0.1) ** 2)
         halo = 0.9 * ((p - halo_c).norm(dim=1) < 0.1).float()
         e = GENERIC + (on_bench * w + halo).unsqueeze(1) * RED
