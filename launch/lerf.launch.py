@@ -1,60 +1,63 @@
-"""Start lerf_node (trainer + query node in one process, sharing the model) with config/lerf.yaml.
+"""Start lerf_node (trainer + query node in one process, sharing the model), nav2-style.
 
-    ros2 launch lerf_ros lerf.launch.py image_topic:=/rgb/image_raw device:=cuda \
+    ros2 launch lerf_ros lerf.launch.py namespace:=robot1 use_sim_time:=true \
+        params_file:=/robot/config/lerf.yaml log_level:=info device:=cuda \
         clip_checkpoint:=/models/open_clip_pytorch_model.bin \
         dino_checkpoint:=/models/dino_deitsmall16_pretrain.pth
 
-Every launch argument is a node parameter; its default is the value in config/lerf.yaml, so leaving an
-argument out keeps the YAML's value: the `default` preset (OpenCLIP + DINO from local weights; without
-them start-up fails and names the paths searched, it never falls back to the demo colour encoder).
-Without ros2 launch, the same configuration starts with
-``python -m lerf_ros.compat.launcher --params config/lerf.yaml --set name:=value``.
+Arguments (``ros2 launch lerf_ros lerf.launch.py --show-args``): ``namespace`` (pushes both nodes and
+their relative topics and services; TF stays on /tf and /tf_static), ``use_sim_time`` (true: stamps and
+timers follow /clock), ``params_file`` (default: the package's config/lerf.yaml, whose `default` preset
+needs OpenCLIP and DINO weights), ``log_level``, and the node parameters in
+``lerf_ros.compat.launcher.LAUNCH_ARGUMENTS`` (not given: the params file's value stays).
+
+Every argument is checked before the node starts (``lerf_ros.compat.launcher.plan_launch``): an unknown
+argument, ``use_sim_time`` that is not true / false, an unknown ``log_level``, a ``params_file`` that
+does not exist or is not a params YAML, or a parameter value the nodes would refuse ends ``ros2 launch``
+with an error naming it. Without ros2 launch, the same arguments start the same process with
+``python -m lerf_ros.compat.launcher name:=value ...``.
 """
 
 import os
+import sys
+import tempfile
 
-import yaml
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
 
 from launch import LaunchDescription
-
-#: Same names as lerf_ros.compat.launcher.LAUNCH_ARGUMENTS (a test keeps them equal).
-LAUNCH_ARGUMENTS = ("image_topic", "camera_info_topic", "depth_topic", "world_frame", "preset", "device",
-                    "clip_encoder", "dino_encoder", "clip_checkpoint", "dino_checkpoint",
-                    "map_path")
-
-
-def _yaml_defaults(path):
-    """Parameter values in the params YAML: the /** entry, then each node's own (both nodes together)."""
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    values = {}
-    for key in sorted(data, key=lambda k: k != "/**"):
-        values.update((data[key] or {}).get("ros__parameters", {}) or {})
-    return values
+from lerf_ros.compat import launcher
 
 
 def generate_launch_description():
-    params_file = os.path.join(get_package_share_directory("lerf_ros"), "config", "lerf.yaml")
-    defaults = _yaml_defaults(params_file)
-    arguments = [
-        DeclareLaunchArgument(name, default_value=str(defaults.get(name, "")),
-                              description=f"node parameter '{name}' (default from config/lerf.yaml)")
-        for name in LAUNCH_ARGUMENTS
-    ]
-    # Launch arguments come after the YAML, so they override it; no `name=` here because it would rename
-    # both nodes of the process to one name.
-    # All of them are string parameters: value_type=str keeps "" and "0" from being re-typed by YAML.
-    overrides = {name: ParameterValue(LaunchConfiguration(name), value_type=str) for name in LAUNCH_ARGUMENTS}
-    node = Node(
+    default_params = os.path.join(get_package_share_directory("lerf_ros"), "config", "lerf.yaml")
+    defaults = launcher.launch_defaults(default_params)
+    arguments = [DeclareLaunchArgument(name, default_value=defaults[name],
+                                       description=launcher.describe(name))
+                 for name in launcher.ALL_LAUNCH_ARGUMENTS]
+    return LaunchDescription([*arguments, OpaqueFunction(function=_launch_setup)])
+
+
+def _launch_setup(context, *args, **kwargs):
+    # ros2 launch ignores arguments nobody declared (a typo would go unnoticed): refuse them when this file
+    # is the one on the command line.
+    launcher.parse_launch_arguments(launcher.launch_file_arguments(sys.argv, os.path.basename(__file__)))
+    values = {name: LaunchConfiguration(name).perform(context) for name in launcher.ALL_LAUNCH_ARGUMENTS}
+    # Raises LaunchArgumentError / ParameterError naming the argument; ros2 launch prints it, exits non-zero.
+    plan = launcher.plan_launch(values, ("trainer", "query"))
+    # The overrides as a second params file under every key form that addresses the nodes (see
+    # lerf_ros/compat/launcher.py: a plain parameter dict would lose to node sections in params_file).
+    with tempfile.NamedTemporaryFile("w", prefix="lerf_launch_", suffix=".yaml", delete=False) as f:
+        f.write(launcher.overrides_yaml(plan.parameters, plan.namespace))
+    # No `name=` here: it would rename both nodes of the process to one name.
+    return [Node(
         package="lerf_ros",
         executable="lerf_node",
+        namespace=plan.namespace,
         output="screen",
         emulate_tty=True,
-        parameters=[params_file, overrides],
-    )
-    return LaunchDescription([*arguments, node])
+        parameters=[plan.params_file, f.name],
+        ros_arguments=["--log-level", plan.log_level],
+    )]

@@ -84,8 +84,9 @@ def build_nodes(mode: str) -> list:
             if mode == "both" and query.slot is not slot:
                 # map_path given to lerf_node: the map becomes the shared model, and training continues
                 # from it; a map that failed to load leaves the fresh model (the error was logged).
-                if query.slot.get() is not None:
-                    nodes[0].install_engine(query.slot.get(), query.settings.map_path)
+                engine, frame = query.slot.get_with_frame("")
+                if engine is not None:
+                    nodes[0].install_engine(engine, query.settings.map_path, frame)
                 query.slot = slot
     except BaseException:
         destroy_nodes(nodes)

@@ -1,4 +1,5 @@
-"""Core results -> ROS messages, and back where tests and tools need it.
+"""Core results -> ROS messages (replies, status, the RViz cloud and markers), and back where tests and
+tools need it.
 
 Query replies (``lerf_ros/srv/Query``): ``query_result_code`` maps the engine's ``QueryResult`` to the
 reply's ``result`` constant from the result's fields (never from its message text); ``fill_query_response``
@@ -20,7 +21,7 @@ from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Point, Vector3
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import Header
-from visualization_msgs.msg import Marker
+from visualization_msgs.msg import Marker, MarkerArray
 
 CLOUD_FIELDS = ("x", "y", "z", "relevancy", "rgb")
 POINT_STEP = 4 * len(CLOUD_FIELDS)
@@ -116,38 +117,40 @@ def msg_to_cloud(msg: PointCloud2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xyz, points["relevancy"].astype(np.float32), unpack_rgb(rgb_bits)
 
 
-def target_marker(location_world: np.ndarray | None, text: str, relevancy: float, scale_m: float,
-                  header: Header, found: bool) -> list[Marker]:
-    """Markers for the last answer: a sphere at the target and a text label above it.
+#: Namespace of the answer markers (sphere + label per target).
+MARKER_NS = "lerf_target"
 
-    Returns [sphere, text] with ids 0 and 1 in namespace "lerf_target"; when there is no location both
-    are DELETE actions so RViz clears the previous target. Sphere diameter = the language scale
-    (clamped to 5 cm .. 1 m) so a large object's target looks large.
+
+def answer_markers(text: str, targets, header: Header) -> MarkerArray:
+    """One answer for RViz: a DELETEALL (clears the previous answer's markers), then per target (best
+    first; ``lerf_ros/msg/Target`` messages, none when nothing was found) a sphere (id 2 i) at its location
+    and a text label (id 2 i + 1) above it, all in namespace ``MARKER_NS`` and ``header``'s frame.
+
+    Sphere diameter = the target's language scale clamped to 5 cm .. 1 m, so a large object's target looks
+    large; the best target is opaque green, the others paler.
     """
-    sphere, label = Marker(), Marker()
-    for i, marker in enumerate((sphere, label)):
-        marker.header = header
-        marker.ns = "lerf_target"
-        marker.id = i
-        marker.action = Marker.DELETE if location_world is None else Marker.ADD
-    if location_world is None:
-        return [sphere, label]
-    x, y, z = (float(v) for v in np.asarray(location_world, dtype=np.float64).reshape(3))
-    diameter = float(np.clip(scale_m if np.isfinite(scale_m) else 0.1, 0.05, 1.0))
-    sphere.type = Marker.SPHERE
-    sphere.pose.position = Point(x=x, y=y, z=z)
-    sphere.pose.orientation.w = 1.0
-    sphere.scale.x = sphere.scale.y = sphere.scale.z = diameter
-    # Green when the target passed the threshold, orange for the best candidate that did not.
-    sphere.color.r, sphere.color.g, sphere.color.b, sphere.color.a = (
-        (0.1, 0.9, 0.2, 0.6) if found else (1.0, 0.5, 0.0, 0.6))
-    label.type = Marker.TEXT_VIEW_FACING
-    label.pose.position = Point(x=x, y=y, z=z + diameter / 2 + 0.1)
-    label.pose.orientation.w = 1.0
-    label.scale.z = 0.1
-    label.color.r = label.color.g = label.color.b = label.color.a = 1.0
-    label.text = f"{text[:60]} ({relevancy:.2f})"
-    return [sphere, label]
+    clear = Marker(header=header, ns=MARKER_NS, id=0, action=Marker.DELETEALL)
+    markers = [clear]
+    for i, target in enumerate(targets):
+        p = target.location
+        scale = float(target.scale)
+        diameter = float(np.clip(scale if math.isfinite(scale) else 0.1, 0.05, 1.0))
+        sphere = Marker(header=header, ns=MARKER_NS, id=2 * i, type=Marker.SPHERE, action=Marker.ADD)
+        sphere.pose.position = Point(x=float(p.x), y=float(p.y), z=float(p.z))
+        sphere.pose.orientation.w = 1.0
+        sphere.scale.x = sphere.scale.y = sphere.scale.z = diameter
+        sphere.color.r, sphere.color.g, sphere.color.b, sphere.color.a = (
+            (0.1, 0.9, 0.2, 0.7) if i == 0 else (0.5, 0.9, 0.6, 0.4))
+        label = Marker(header=header, ns=MARKER_NS, id=2 * i + 1, type=Marker.TEXT_VIEW_FACING,
+                       action=Marker.ADD)
+        label.pose.position = Point(x=float(p.x), y=float(p.y), z=float(p.z) + diameter / 2 + 0.1)
+        label.pose.orientation.w = 1.0
+        label.scale.z = 0.1
+        label.color.r = label.color.g = label.color.b = label.color.a = 1.0
+        rank = "" if i == 0 else f" #{i + 1}"
+        label.text = f"{text[:60]}{rank} ({float(target.relevancy):.2f})"
+        markers += [sphere, label]
+    return MarkerArray(markers=markers)
 
 
 def query_result_code(result) -> int:

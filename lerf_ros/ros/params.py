@@ -71,11 +71,14 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               choices=("tiny", "lite", "default")),
     ParamSpec("device", str, "auto", "Torch device: auto picks cuda when torch.cuda.is_available().",
               choices=("auto", "cuda", "cpu")),
-    ParamSpec("world_frame", str, "map", "Fixed frame of poses, the map, the cloud and the marker."),
-    ParamSpec("image_topic", str, "/camera/color/image_raw",
+    ParamSpec("world_frame", str, "map",
+              "Fixed frame of poses, the map, the cloud and the markers (a loaded map answers in the frame "
+              "it recorded)."),
+    # Relative names: a pushed namespace (launch argument `namespace`) moves them with the node's own.
+    ParamSpec("image_topic", str, "camera/color/image_raw",
               "RGB image topic (base name; '/compressed' is appended for image_transport=compressed).",
               nodes=frozenset({TRAINER})),
-    ParamSpec("camera_info_topic", str, "/camera/color/camera_info", "CameraInfo of the RGB image.",
+    ParamSpec("camera_info_topic", str, "camera/color/camera_info", "CameraInfo of the RGB image.",
               nodes=frozenset({TRAINER})),
     ParamSpec("image_transport", str, "raw", "raw: sensor_msgs/Image; compressed: CompressedImage.",
               nodes=frozenset({TRAINER}), choices=("raw", "compressed")),
@@ -144,14 +147,19 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               nodes=frozenset({TRAINER}), range=(0.1, 1000.0), preset_field="scene.max_range_m"),
     ParamSpec("max_query_chars", int, 1000, "Longer query texts are refused (found=false).",
               nodes=frozenset({QUERY}), range=(1, 100000)),
-    ParamSpec("status_rate_hz", float, 2.0, "Rate of TrainingStatus on /lerf/status, Hz.",
+    ParamSpec("status_rate_hz", float, 2.0, "Rate of TrainingStatus on lerf/status, Hz.",
               nodes=frozenset({TRAINER}), range=(0.1, 100.0)),
     ParamSpec("map_path", str, "",
-              "Query node: absolute map directory to answer from with no trainer ('' = live model).",
+              "Query node: absolute map directory to answer from with no trainer ('' = live model); its "
+              "answers are in the frame the map recorded.",
               nodes=frozenset({QUERY})),
 )
 
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMETERS}
+
+#: Parameters every rclpy node declares itself (name -> type): a params file may set them, and the
+#: start-up check types them instead of calling them unknown.
+ROS_PARAMETERS: dict[str, type] = {"use_sim_time": bool, "start_type_description_service": bool}
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,16 @@ the engine takes its lock inside ``query`` only briefly, so training goes on. St
 (``map_path`` set, query node alone): loads ``LERFEngine.load(map_path)``, no trainer runs; a map that
 cannot be loaded is logged and every reply says why (RESULT_ERROR), the node stays up.
 
-Each answer is also published for RViz in the world frame: ``lerf/relevancy_cloud`` (PointCloud2, transient
-local so a late RViz still gets it) and ``lerf/target_marker`` (sphere + text Markers, transient local).
+Answers are in the frame of the map's data (``EngineSlot.get_with_frame``): a loaded map's recorded world
+frame (``map_io``; a mismatch with ``world_frame`` is logged as a warning at load), else ``world_frame``.
+Header stamps are the node clock's (``/clock`` with ``use_sim_time``).
+
+Every answer the engine gives also goes to RViz: ``lerf/relevancy_cloud`` (PointCloud2, transient local so
+a late RViz still gets it) always carries the answer's relevancy cloud, whatever the request's
+``with_cloud`` (which only decides whether the reply carries it too); ``lerf/target_markers`` (one
+MarkerArray, transient local) starts with a DELETEALL that clears the previous answer, then a sphere and a
+label per target. Refused requests (invalid, no model) publish nothing.
+
 Requests never raise to the client; every reply carries a ``result`` code:
 - RESULT_INVALID_REQUEST: the request is checked here, in full, before the engine sees it
   (``parse_request``);
@@ -29,17 +37,18 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
-from visualization_msgs.msg import Marker
+from visualization_msgs.msg import MarkerArray
 
 from lerf_ros.core.language.query import MAX_RESULTS_LIMIT
+from lerf_ros.ros import map_io
 from lerf_ros.ros.engine_slot import EngineSlot
-from lerf_ros.ros.messages import RESULTS, fill_query_response, fill_refusal, target_marker
+from lerf_ros.ros.messages import RESULTS, answer_markers, empty_cloud, fill_query_response, fill_refusal
 from lerf_ros.ros.params import QUERY, QUERY_NODE_NAME, declare_and_resolve
 
 _LATCHED_CLOUD = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                             reliability=ReliabilityPolicy.RELIABLE)
-# Two markers (sphere + text) make up one answer; a late subscriber must get both.
-_LATCHED_MARKERS = QoSProfile(depth=2, durability=DurabilityPolicy.TRANSIENT_LOCAL,
+# One MarkerArray is one whole answer (DELETEALL first), so the last one is all a late subscriber needs.
+_LATCHED_MARKERS = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                               reliability=ReliabilityPolicy.RELIABLE)
 MAX_NEGATIVES = 32
 
@@ -88,7 +97,7 @@ def parse_request(request, max_chars: int) -> QueryArgs:
 
 
 def load_map(path: str, device: str) -> tuple[object | None, str]:
-    """(engine, '') or (None, why) for a map directory."""
+    """(engine, '') or (None, why) for a map directory (its world frame: ``map_io.read_world_frame``)."""
     import os
 
     from lerf_ros.core.engine import LERFEngine
@@ -119,11 +128,14 @@ class QueryNode(Node):
         map_path = self.settings.map_path
         if map_path:
             engine, error = load_map(map_path, self.params.device)
-            self.slot = EngineSlot(engine, error)
+            frame, warning = map_io.answer_frame(map_io.read_world_frame(map_path), self.settings.world_frame)
+            self.slot = EngineSlot(engine, error, frame if engine is not None else "")
             if error:
                 self.get_logger().error(error + "; the node stays up and answers RESULT_ERROR")
             else:
-                self.get_logger().info(f"loaded the map at {map_path}")
+                self.get_logger().info(f"loaded the map at {map_path} (frame '{frame}')")
+                if warning:
+                    self.get_logger().warning(f"{map_path}: {warning}")
         elif slot is not None:
             self.slot = slot
         else:
@@ -134,7 +146,7 @@ class QueryNode(Node):
 
         group = MutuallyExclusiveCallbackGroup()
         self.cloud_pub = self.create_publisher(PointCloud2, "lerf/relevancy_cloud", _LATCHED_CLOUD)
-        self.marker_pub = self.create_publisher(Marker, "lerf/target_marker", _LATCHED_MARKERS)
+        self.marker_pub = self.create_publisher(MarkerArray, "lerf/target_markers", _LATCHED_MARKERS)
         self.create_service(Query, "lerf/query", self._on_query, callback_group=group)
 
     def _threshold(self) -> float:
@@ -162,25 +174,26 @@ class QueryNode(Node):
                                             throttle_duration_sec=2.0)
 
     def _answer_request(self, request, response):
-        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings.world_frame)
+        engine, frame = self.slot.get_with_frame(self.settings.world_frame)
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=frame)
         try:
             args = parse_request(request, self.settings.max_query_chars)
         except InvalidRequest as exc:
             return self._refuse(response, header, RESULTS["invalid_request"], str(exc))
-        engine = self.slot.get()
         if engine is None:
             return self._refuse(response, header, RESULTS["error"], self.slot.error or "no model loaded")
         threshold = self._threshold() if args.threshold is None else args.threshold
         try:
-            # The engine lock lets a query in ahead of the trainer's next step.
+            # The engine lock lets a query in ahead of the trainer's next step. The cloud is always
+            # computed: RViz gets it whatever the request's with_cloud (it costs a capped point copy).
             result = engine.query(args.text, negatives=list(args.negatives), threshold=threshold,
-                                  with_cloud=args.with_cloud, max_results=args.max_results)
+                                  with_cloud=True, max_results=args.max_results)
         except Exception as exc:  # answered with RESULT_ERROR: the service never raises to the client
             return self._refuse(response, header, RESULTS["error"],
                                 f"query {args.text[:60]!r} failed: {type(exc).__name__}: {exc}")
         fill_query_response(response, result, header)
         self.cloud_pub.publish(response.cloud)
-        for marker in target_marker(result.location_world if response.found else None, args.text,
-                                    response.relevancy, response.scale, header, response.found):
-            self.marker_pub.publish(marker)
+        self.marker_pub.publish(answer_markers(args.text, response.targets, header))
+        if not args.with_cloud:
+            response.cloud = empty_cloud(header)
         return response

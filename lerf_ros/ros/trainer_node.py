@@ -18,7 +18,14 @@ reply (and, in ``lerf_node``, every query reply: ``QueryNode.after_call``), and 
 change of state (waiting / training / paused / ready / error) that no service caused, e.g. training starting
 once enough keyframes have arrived. The worker has no state-change callback, so the state is polled.
 
-Names are relative (``lerf/status`` ...), so pushing the node into a namespace moves all of them.
+Names are relative (``lerf/status``, ``camera/color/image_raw`` ...), so pushing the node into a namespace
+moves all of them; TF stays on /tf and /tf_static. Stamps and timers use the node clock (``/clock`` with
+``use_sim_time``).
+
+Maps: ``save_map`` copies the model under the engine lock and writes it to disk after releasing it
+(``map_io.save_map_dir``), so queries, ingest and status go on during the write; the map records the world
+frame it is in. ``load_map`` uses a map in its recorded frame (TF lookups, status and answers), warning when
+that is not ``world_frame``; a reset returns to ``world_frame``.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from lerf_ros.compat import tf as compat_tf
 from lerf_ros.core.frames import scene_region
 from lerf_ros.core.frames.frame import Frame
 from lerf_ros.core.training.worker import TrainingWorker
-from lerf_ros.ros import ingest
+from lerf_ros.ros import ingest, map_io
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_to_ns, training_status_msg
 from lerf_ros.ros.params import TRAINER, TRAINER_NODE_NAME, ParameterError, declare_and_resolve
@@ -109,6 +116,7 @@ class TrainerNode(Node):
         control = MutuallyExclusiveCallbackGroup()
         status = MutuallyExclusiveCallbackGroup()
         s = self.settings
+        self._camera_info_name = self.resolve_topic_name(s.camera_info_topic)  # namespace included, for logs
         if s.image_transport == "compressed":
             self.create_subscription(CompressedImage, s.image_topic.rstrip("/") + "/compressed",
                                      self._on_image, qos_profile_sensor_data, callback_group=sensor)
@@ -137,7 +145,7 @@ class TrainerNode(Node):
         self._worker.start()
         self.get_logger().info(
             f"training preset '{self.params.values['preset']}' on {self.params.device}; camera "
-            f"{s.image_topic} ({s.image_transport}), world frame '{s.world_frame}', "
+            f"{self.resolve_topic_name(s.image_topic)} ({s.image_transport}), world frame '{s.world_frame}', "
             f"TF {'tf2_ros' if self.tf_is_real else 'compat buffer'}")
 
     # ------------------------------------------------------------------ helpers
@@ -186,7 +194,7 @@ class TrainerNode(Node):
         with self._lock:
             info = self._camera_info
         if info is None:
-            self._drop(ingest.NO_CAMERA_INFO, f"no CameraInfo yet on {self.settings.camera_info_topic}")
+            self._drop(ingest.NO_CAMERA_INFO, f"no CameraInfo yet on {self._camera_info_name}")
             return
         intrinsics, info_error = info
         if intrinsics is None:
@@ -236,7 +244,9 @@ class TrainerNode(Node):
 
     def _ingest(self, item: ingest.PendingFrame) -> None:
         s = self.settings
-        T_world_cam, reason, detail = ingest.lookup_pose(self._lookup, s.world_frame, item.frame_id,
+        # The engine and its frame together: a frame posed in the old map's frame never reaches a new map.
+        engine, world_frame = self.slot.get_with_frame(s.world_frame)
+        T_world_cam, reason, detail = ingest.lookup_pose(self._lookup, world_frame, item.frame_id,
                                                          item.stamp_ns, s.tf_timeout_s, compat_tf)
         if self._stop.is_set():  # shutting down: a TF wait cut short by it is not a dropped frame
             return
@@ -256,7 +266,8 @@ class TrainerNode(Node):
         if depth is not None and depth.shape != item.image.shape[:2]:
             self._drop(ingest.BAD_DEPTH, f"depth {depth.shape} does not match image {item.image.shape[:2]}")
             depth = None
-        engine = self.slot.get()
+        if self.slot.get_with_frame(s.world_frame) != (engine, world_frame):
+            return  # a map was loaded (or reset) while this frame waited for TF / depth: not for the new one
         try:
             frame = Frame(item.image, item.intrinsics, T_world_cam, item.stamp_ns, depth)
             result = engine.add_frame(frame)
@@ -283,7 +294,7 @@ class TrainerNode(Node):
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         self.queue.clear()
         with self._lock:
-            self._swap_worker(lambda: self.slot.get().reset())
+            self._swap_worker(self._reset_engine)
             self.depths.clear()
             self._last_error = ""
         self.counters.reset()
@@ -306,16 +317,22 @@ class TrainerNode(Node):
         if self._paused:
             self._worker.pause()
 
+    def _reset_engine(self) -> None:
+        engine = self.slot.get()
+        engine.reset()
+        self.slot.set(engine)  # an empty model: back in the world_frame parameter's frame
+
     def _on_save(self, request, response):
         path = request.path
         try:
             if not path.startswith("/"):
                 raise ValueError(f"path must be absolute, got {path!r}")
-            engine = self.slot.get()
-            engine.save(path)
-            st = engine.status()
+            engine, frame = self.slot.get_with_frame(self.settings.world_frame)
+            # Snapshot under the engine lock, disk write off it: queries, ingest and status go on meanwhile.
+            saved = map_io.save_map_dir(engine, path, frame)
             response.success = True
-            response.message = f"saved {st.keyframes} keyframes, step {st.step} to {path}"
+            response.message = (f"saved {saved.keyframes} keyframes, step {saved.step} to {path} "
+                                f"(frame '{saved.world_frame}')")
         except (OSError, ValueError, RuntimeError) as exc:
             response.success, response.message = False, f"save to {path!r} failed: {exc}"
         self.get_logger().info(response.message)
@@ -335,18 +352,23 @@ class TrainerNode(Node):
             response.message = f"load of {path!r} failed, kept the running map: {exc}"
             self.get_logger().error(response.message)
         else:
+            frame, warning = map_io.answer_frame(map_io.read_world_frame(path), self.settings.world_frame)
+            if warning:
+                self.get_logger().warning(f"{path}: {warning}")
             response.success = True
-            response.message = self.install_engine(engine, path)
+            response.message = self.install_engine(engine, path, frame)
         self.publish_status()
         return response
 
-    def install_engine(self, engine, source: str) -> str:
-        """Make ``engine`` (e.g. a loaded map) the one trained and queried; training goes on from it."""
+    def install_engine(self, engine, source: str, frame: str = "") -> str:
+        """Make ``engine`` (e.g. a loaded map) the one trained and queried; training goes on from it.
+        ``frame``: the world frame of its data ("" = the world_frame parameter)."""
         self.queue.clear()
         with self._lock:
-            self._swap_worker(lambda: self.slot.set(engine))
+            self._swap_worker(lambda: self.slot.set(engine, frame=frame))
         st = engine.status()
-        message = f"loaded {st.keyframes} keyframes, step {st.step} from {source}"
+        message = (f"loaded {st.keyframes} keyframes, step {st.step} from {source} "
+                   f"(frame '{frame or self.settings.world_frame}')")
         self.get_logger().info(message)
         return message
 
@@ -370,20 +392,20 @@ class TrainerNode(Node):
 
     def status_msg(self):
         """The current ``TrainingStatus`` (engine status + this node's counters and state)."""
-        engine = self.slot.get()
+        engine, world_frame = self.slot.get_with_frame(self.settings.world_frame)
         received, drops = self.counters.snapshot()
         notes = self.counters.notes()
         with self._lock:
             node_error = self._last_error
             worker_error = self._worker.last_error
-        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings.world_frame)
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=world_frame)
         engine_status = engine.status()  # the engine lock lets status() in ahead of training steps
         if engine_status.scene_box is not None and engine_status.scene_box != self._box_reported:
             self._box_reported = engine_status.scene_box
             lo, hi = (tuple(round(v, 2) for v in c) for c in engine_status.scene_box)
             source = scene_region.describe_source(engine_status.scene_box_source)
             self.get_logger().info(f"scene box ({source}): "
-                                   f"min {lo} max {hi} m in '{self.settings.world_frame}'")
+                                   f"min {lo} max {hi} m in '{world_frame}'")
         return training_status_msg(engine_status, self.state_name(), header, received, drops,
                                    worker_error or node_error,
                                    frames_without_depth=notes.get(ingest.NO_DEPTH_MATCH, 0))

@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from ..core.frames import scene_region
+from ..ros.map_io import MAP_INFO, read_world_frame
 from ..ros.params import SPECS, ParameterError, read_vocabulary, resolve
 from .bag_io import BagError
 
-#: Sidecar the CLI writes next to a map: the world frame and where the map came from.
-TRAINING_INFO = "training_info.json"
+#: Sidecar the CLI writes next to a map: the world frame and where the map came from (the nodes read the
+#: world frame from it and write it on save_map: ``lerf_ros/ros/map_io.py``).
+TRAINING_INFO = MAP_INFO
 #: Without --steps, training stops when the map is usable (`core/training/convergence.py`) or, at the
 #: latest, after this many steps per preset (the demo room is usable after ~1000-1500 tiny steps on a CPU).
 STEP_CAP = {"tiny": 3000, "lite": 15000, "default": 30000}
@@ -113,6 +115,12 @@ def _train_params(args) -> dict:
     return values
 
 
+def bag_topic(name: str) -> str:
+    """A node topic name as a bag records it: a relative name (the nodes' defaults, so that a namespace
+    moves them) resolves in the root namespace, as for a node with none; '' stays '' (no topic)."""
+    return name if not name or name.startswith("/") else "/" + name
+
+
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
@@ -134,7 +142,8 @@ def cmd_train(args) -> int:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise UserError(f"output map directory {args.out} exists and is not an empty directory")
     image_topic = s.image_topic + ("/compressed" if s.image_transport == "compressed" else "")
-    topics = BagTopics(image=image_topic, camera_info=s.camera_info_topic, depth=s.depth_topic)
+    topics = BagTopics(image=bag_topic(image_topic), camera_info=bag_topic(s.camera_info_topic),
+                       depth=bag_topic(s.depth_topic))
     quiet = args.no_progress
     engine = LERFEngine(params.engine, params.device)
     added = keyframes = rejected = 0
@@ -237,11 +246,9 @@ def _json_number(value):
 
 # ---------------------------------------------------------------------------------------------- query
 def map_world_frame(map_dir: Path) -> str:
-    """The world frame a map was trained in (CLI sidecar), else the node default."""
-    try:
-        return json.loads((map_dir / TRAINING_INFO).read_text())["world_frame"]
-    except (OSError, ValueError, KeyError):
-        return SPECS["world_frame"].default
+    """The world frame a map was trained in (sidecar of `lerf-ros train` or a node's save_map), else the
+    node default."""
+    return read_world_frame(map_dir) or SPECS["world_frame"].default
 
 
 def load_engine(map_dir: Path, device: str = "auto"):

@@ -64,8 +64,9 @@ class Child:
 TEST_SETS = ("preset:=tiny",)
 
 
-def launcher(log_path, *sets: str, mode: str = "both", namespace: str = "") -> Child:
-    args = ["-m", "lerf_ros.compat.launcher", "--params", str(CONFIG), "--mode", mode]
+def launcher(log_path, *sets: str, mode: str = "both", namespace: str = "", arguments=()) -> Child:
+    """The nodes' process via the launcher; ``arguments``: launch arguments (``"use_sim_time:=true"``)."""
+    args = ["-m", "lerf_ros.compat.launcher", *arguments, "--params", str(CONFIG), "--mode", mode]
     if namespace:
         args += ["--namespace", namespace]
     for item in (*TEST_SETS, *sets):

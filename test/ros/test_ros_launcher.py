@@ -1,7 +1,8 @@
-"""The no-`ros2 launch` starter: params YAML parsing, overrides, validation; the launch file's arguments."""
+"""The no-`ros2 launch` starter: params YAML parsing, overrides, validation; the launch arguments (nav2-style:
+namespace, use_sim_time, params_file, log_level) of both it and launch/lerf.launch.py, good and bad."""
 
-import ast
 import pathlib
+import sys
 import textwrap
 
 import pytest
@@ -99,7 +100,7 @@ def test_set_beats_every_kind_of_yaml_entry_in_rcl(tmp_path, namespace):
 def test_effective_params_of_the_shipped_config(tmp_path):
     trainer = launcher.effective_params(str(CONFIG), ["preset:=lite"], params.TRAINER_NODE_NAME)
     assert trainer["preset"] == "lite"  # --set wins over the YAML
-    assert trainer["image_topic"] == "/camera/color/image_raw"
+    assert trainer["image_topic"] == "camera/color/image_raw"  # relative: a namespace moves it
     query = launcher.effective_params(str(CONFIG), [], params.QUERY_NODE_NAME)
     assert query["map_path"] == "" and query["world_frame"] == "map"
     # Every name in the shipped YAML is a parameter, and its value passes validation.
@@ -120,46 +121,149 @@ def test_check_mode_accepts_the_shipped_config_and_rejects_bad_values(capsys):
     assert launcher.main(["--params", "/nonexistent/lerf.yaml", "--check"]) == 2
 
 
-def _launch_tree():
-    return ast.parse(LAUNCH.read_text(), filename=str(LAUNCH))
+class _Stub:
+    """Records its constructor's arguments (stands in for launch / launch_ros classes)."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
 
 
-def test_launch_file_parses_and_declares_the_launchers_arguments():
-    tree = _launch_tree()
-    funcs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-    assert "generate_launch_description" in funcs
-    names = None
-    for node in tree.body:
-        targets = [getattr(t, "id", "") for t in getattr(node, "targets", [])]
-        if isinstance(node, ast.Assign) and "LAUNCH_ARGUMENTS" in targets:
-            names = ast.literal_eval(node.value)
-    assert names == launcher.LAUNCH_ARGUMENTS
-    yaml_names = set()
-    for body in launcher.parse_params_yaml(CONFIG.read_text()).values():
-        yaml_names |= set(body)
-    for name in names:
-        assert name in params.SPECS, name  # every launch argument is a node parameter ...
-        assert name in yaml_names, name  # ... whose default lives in config/lerf.yaml
-        assert params.SPECS[name].type is str  # (the launch file passes them as strings)
-    # It starts the combined executable with the YAML.
-    src = LAUNCH.read_text()
-    assert 'executable="lerf_node"' in src and '"lerf.yaml"' in src
+class _LaunchConfiguration(_Stub):
+    def perform(self, context):
+        return context[self.args[0]]
 
 
-def test_launch_defaults_come_from_the_yaml():
-    # Run the launch file's own YAML reader (it needs no `launch` package) on the shipped config.
-    tree = _launch_tree()
-    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_yaml_defaults")
-    namespace = {}
-    module = ast.fix_missing_locations(
-        ast.Module(body=[ast.Import(names=[ast.alias("yaml")]), func], type_ignores=[]))
-    exec(compile(module, str(LAUNCH), "exec"), namespace)
-    defaults = namespace["_yaml_defaults"](str(CONFIG))
-    trainer = launcher.effective_params(str(CONFIG), [], params.TRAINER_NODE_NAME)
-    query = launcher.effective_params(str(CONFIG), [], params.QUERY_NODE_NAME)
+def _load_launch_file(monkeypatch):
+    """launch/lerf.launch.py imported with stand-ins for launch, launch_ros and ament_index_python (not
+    installable here): what it declares and the Node it builds are checked, not ros2 launch itself."""
+    import importlib.util
+    import types
+
+    stubs = {
+        "launch": {"LaunchDescription": _Stub},
+        "launch.actions": {"DeclareLaunchArgument": _Stub, "OpaqueFunction": _Stub},
+        "launch.substitutions": {"LaunchConfiguration": _LaunchConfiguration},
+        "launch_ros": {},
+        "launch_ros.actions": {"Node": _Stub},
+        "ament_index_python": {},
+        "ament_index_python.packages": {"get_package_share_directory": lambda package: str(ROOT)},
+    }
+    for name, attrs in stubs.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("lerf_launch_under_test", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_launch(monkeypatch, *cli):
+    """``ros2 launch lerf_ros lerf.launch.py *cli`` with the stand-ins: (declared defaults, Node kwargs)."""
+    module = _load_launch_file(monkeypatch)
+    description = module.generate_launch_description()
+    *declared, setup = description.args[0]
+    defaults = {d.args[0]: d.kwargs["default_value"] for d in declared}
+    monkeypatch.setattr(sys, "argv", ["/opt/ros/jazzy/bin/ros2", "launch", "lerf_ros", "lerf.launch.py",
+                                      *cli])
+    given = dict(item.split(":=", 1) for item in cli)
+    context = {**defaults, **{k: v for k, v in given.items() if k in defaults}}
+    [node] = setup.kwargs["function"](context)
+    return defaults, node.kwargs
+
+
+def test_launch_file_declares_the_launchers_arguments_with_their_defaults(monkeypatch):
+    defaults, node = _run_launch(monkeypatch)
+    assert tuple(defaults) == launcher.ALL_LAUNCH_ARGUMENTS
+    assert defaults["params_file"] == str(CONFIG) and defaults["use_sim_time"] == "false"
+    assert (defaults["namespace"], defaults["log_level"]) == ("", "info")
     for name in launcher.LAUNCH_ARGUMENTS:
-        expected = trainer.get(name, query.get(name))
-        assert defaults[name] == expected, name
+        assert defaults[name] == launcher.FROM_PARAMS_FILE, name
+        assert name in params.SPECS and params.SPECS[name].type is str, name  # passed as strings
+    # Nothing given: the shipped YAML's values reach the nodes; only use_sim_time (false) is overridden.
+    assert node["executable"] == "lerf_node" and node["namespace"] == ""
+    assert node["ros_arguments"] == ["--log-level", "info"]
+    params_file, overrides = node["parameters"]
+    assert params_file == str(CONFIG)
+    parsed = launcher.parse_params_yaml(pathlib.Path(overrides).read_text())
+    assert all(body == {"use_sim_time": False} for body in parsed.values())
+    trainer = launcher.effective_params(params_file, parsed["/**"], params.TRAINER_NODE_NAME)
+    assert trainer["preset"] == "default" and trainer["image_topic"] == "camera/color/image_raw"
+
+
+def test_launch_file_arguments_reach_the_node(monkeypatch, tmp_path):
+    user = tmp_path / "robot.yaml"
+    user.write_text("/**/lerf_trainer:\n  ros__parameters: {image_topic: head/image, preset: tiny}\n")
+    _, node = _run_launch(monkeypatch, "namespace:=robot1", "use_sim_time:=True", "log_level:=DEBUG",
+                          f"params_file:={user}", "image_topic:=front/image", "depth_topic:=")
+    assert node["namespace"] == "/robot1" and node["ros_arguments"] == ["--log-level", "debug"]
+    params_file, overrides = node["parameters"]
+    assert params_file == str(user)
+    parsed = launcher.parse_params_yaml(pathlib.Path(overrides).read_text())
+    assert parsed["/robot1/lerf_trainer"] == {"image_topic": "front/image", "depth_topic": "",
+                                              "use_sim_time": True}
+    # What rcl gives the trainer from both files (merged per key, keys in order of first appearance): the
+    # arguments beat the user's node section, the rest of it stays.
+    merged = {key: dict(body) for key, body in launcher.parse_params_yaml(user.read_text()).items()}
+    for key, body in parsed.items():
+        merged.setdefault(key, {}).update(body)
+    trainer = launcher.params_for_node(merged, "/robot1/lerf_trainer")
+    assert trainer["image_topic"] == "front/image" and trainer["preset"] == "tiny"
+    assert trainer["use_sim_time"] is True
+
+
+@pytest.mark.parametrize(
+    ("cli", "needle"),
+    [(["use_sim_time:=maybe"], "'use_sim_time' = 'maybe': expected true or false"),
+     (["bogus:=1"], "'bogus' = '1': unknown launch argument"),
+     (["params_file:=/nonexistent/lerf.yaml"], "'params_file' = '/nonexistent/lerf.yaml': no such file"),
+     (["log_level:=loud"], "'log_level' = 'loud'"),
+     (["namespace:=1robot"], "'namespace' = '1robot'"),
+     (["device:=tpu"], "parameter 'device' = 'tpu'")],
+    ids=["sim-time-not-bool", "unknown", "params-file-missing", "log-level", "namespace", "parameter"])
+def test_launch_file_refuses_bad_arguments_naming_them(monkeypatch, cli, needle):
+    with pytest.raises(ValueError) as info:
+        _run_launch(monkeypatch, *cli)
+    assert needle in str(info.value)
+
+
+def test_an_included_launch_file_leaves_its_callers_arguments_alone():
+    argv = ["ros2", "launch", "robot_bringup", "bringup.launch.py", "map:=x", "use_sim_time:=true"]
+    assert launcher.launch_file_arguments(argv, "lerf.launch.py") == []
+    argv = ["ros2", "launch", "/ws/install/share/lerf_ros/launch/lerf.launch.py", "--debug", "a:=1"]
+    assert launcher.launch_file_arguments(argv, "lerf.launch.py") == ["a:=1"]
+
+
+def test_launcher_takes_the_launch_files_arguments(capsys, tmp_path):
+    plan = launcher.plan_launch(
+        launcher.parse_launch_arguments(["namespace:=/robot1/", "use_sim_time:=true", "log_level:=warn",
+                                         "image_topic:=front/image"]),
+        (params.TRAINER, params.QUERY), default_params=str(CONFIG))
+    assert (plan.namespace, plan.use_sim_time, plan.log_level) == ("/robot1", True, "warn")
+    assert plan.parameters == {"image_topic": "front/image", "use_sim_time": True}
+    assert launcher.ros_args(plan.params_file, "/tmp/o.yaml", plan.namespace, plan.log_level)[-4:] == [
+        "-r", "__ns:=/robot1", "--log-level", "warn"]
+    assert launcher.main(["namespace:=robot1", "use_sim_time:=false", "--check"]) == 0
+    not_yaml = tmp_path / "not.yaml"
+    not_yaml.write_text("- a\n- b\n")
+    for argv, needle in [(["use_sim_time:=maybe"], "'use_sim_time' = 'maybe'"),
+                         (["bogus_argument:=1"], "unknown launch argument"),
+                         ([f"params_file:={not_yaml}"], f"'params_file' = '{not_yaml}': not a ros2 params"),
+                         (["params_file:=/nonexistent/x.yaml"], "'/nonexistent/x.yaml': no such file"),
+                         (["use_sim_time"], "expected name:=value"),
+                         (["--params", str(CONFIG), f"params_file:={not_yaml}"], "given twice"),
+                         (["--set", "use_sim_time:=1"], "parameter 'use_sim_time' = 1: expected bool")]:
+        assert launcher.main([*argv, "--check"]) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+
+
+def test_a_bad_launch_argument_stops_the_process_with_status_2():
+    import subprocess
+
+    cmd = [sys.executable, "-m", "lerf_ros.compat.launcher", "use_sim_time:=maybe"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "launch argument 'use_sim_time' = 'maybe'" in out.stderr
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""numpy <-> PointCloud2 / Marker / TrainingStatus conversions, on hand-built messages (no rclpy.init)."""
+"""numpy <-> PointCloud2 / MarkerArray / TrainingStatus conversions, on hand-built messages (no
+rclpy.init)."""
 
 import math
 import struct
@@ -88,25 +89,42 @@ def test_empty_cloud_has_fields_and_no_points():
     assert xyz.shape == (0, 3) and rel.shape == (0,) and rgb.shape == (0, 3)
 
 
-def test_target_marker_sphere_and_text():
-    sphere, label = messages.target_marker(np.array([1.0, -2.0, 0.5]), "red box", 0.8, 0.3, _header(), True)
+def _target_msg(xyz, scale, relevancy):
+    from geometry_msgs.msg import Point
+    from lerf_ros.msg import Target
+
+    return Target(location=Point(x=xyz[0], y=xyz[1], z=xyz[2]), scale=scale, relevancy=relevancy)
+
+
+def test_answer_markers_clear_the_last_answer_then_show_each_target():
+    targets = [_target_msg((1.0, -2.0, 0.5), 0.3, 0.8), _target_msg((0.0, 1.0, 0.2), 0.2, 0.7)]
+    array = messages.answer_markers("red box", targets, _header())
+    clear, sphere, label, sphere2, label2 = array.markers
+    # DELETEALL first: RViz drops every marker of the previous answer (it may have had more targets).
+    assert clear.action == Marker.DELETEALL and clear.ns == messages.MARKER_NS
+    assert all(m.header.frame_id == "map" and m.ns == messages.MARKER_NS for m in array.markers)
     assert sphere.type == Marker.SPHERE and sphere.action == Marker.ADD
     assert (sphere.pose.position.x, sphere.pose.position.y, sphere.pose.position.z) == (1.0, -2.0, 0.5)
     assert sphere.scale.x == pytest.approx(0.3)
-    assert sphere.header.frame_id == "map" and (sphere.id, label.id) == (0, 1)
+    assert [m.id for m in array.markers[1:]] == [0, 1, 2, 3]
     assert label.type == Marker.TEXT_VIEW_FACING and label.text == "red box (0.80)"
     assert label.pose.position.z == pytest.approx(0.5 + 0.15 + 0.1)
+    assert label2.text == "red box #2 (0.70)" and sphere2.pose.position.y == 1.0
+    assert sphere.color.a > sphere2.color.a  # the best target stands out
+
     # Tiny and huge scales are clamped so the marker stays visible and does not swallow the room.
     def diameter(scale_m):
-        return messages.target_marker(np.zeros(3), "x", 0.1, scale_m, _header(), False)[0].scale.x
+        return messages.answer_markers("x", [_target_msg((0.0, 0.0, 0.0), scale_m, 0.1)],
+                                       _header()).markers[1].scale.x
 
     assert diameter(1e-4) == pytest.approx(0.05)
     assert diameter(7.0) == pytest.approx(1.0)
+    assert diameter(float("nan")) == pytest.approx(0.1)
 
 
-def test_target_marker_without_location_deletes():
-    markers = messages.target_marker(None, "nothing", 0.0, 0.0, _header(), False)
-    assert [m.action for m in markers] == [Marker.DELETE, Marker.DELETE]
+def test_answer_markers_without_targets_only_clear():
+    array = messages.answer_markers("nothing", [], _header())
+    assert [m.action for m in array.markers] == [Marker.DELETEALL]
 
 
 def test_stamp_conversion():

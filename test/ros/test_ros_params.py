@@ -21,8 +21,9 @@ def test_defaults_reproduce_the_preset_exactly():
     resolved = resolve()
     assert resolved.device == "auto"
     assert resolved.trainer.world_frame == "map"
-    assert resolved.trainer.image_topic == "/camera/color/image_raw"
-    assert resolved.trainer.camera_info_topic == "/camera/color/camera_info"
+    # Relative, so a pushed namespace moves them (/robot1/camera/color/image_raw).
+    assert resolved.trainer.image_topic == "camera/color/image_raw"
+    assert resolved.trainer.camera_info_topic == "camera/color/camera_info"
     assert resolved.query.threshold == make_preset("default").query.threshold
 
 

@@ -98,8 +98,9 @@ def test_each_outcome_has_its_code_and_every_reply_is_followed_by_after_call(que
     node.slot.set(engine)
     reply = _ask(node, threshold=0.0, max_results=7)
     assert reply.result == Query.Response.RESULT_NOT_READY and not reply.found
-    # The node's query_threshold replaced the request's 0; max_results went through unchanged.
-    assert engine.calls == [("red box", (), pytest.approx(node._threshold()), False, 7)]
+    # The node's query_threshold replaced the request's 0; max_results went through unchanged; the cloud is
+    # always computed (RViz gets it), though this request has with_cloud false.
+    assert engine.calls == [("red box", (), pytest.approx(node._threshold()), True, 7)]
     reply = _ask(node, max_results=0)
     assert reply.result == Query.Response.RESULT_INVALID_REQUEST and len(engine.calls) == 1
     for error in (RuntimeError("CUDA out of memory"), ValueError("encode_texts returned non-unit rows"),
@@ -120,3 +121,79 @@ def test_a_failing_after_call_does_not_lose_the_reply(query_node):
     node.after_call = broken
     node.slot.set(_Engine(answer=_not_ready()))
     assert _ask(node).result == Query.Response.RESULT_NOT_READY
+
+
+class _Recorder:
+    """Stands in for a publisher: keeps what would have been published."""
+
+    def __init__(self):
+        self.messages = []
+
+    def publish(self, msg):
+        self.messages.append(msg)
+
+
+def _found(n_points=5):
+    from lerf_ros.core.language.query import Target
+
+    def target(centre, confidence):
+        centre = np.asarray(centre, dtype=np.float64)
+        return Target(location_world=centre, box_min=centre - 0.1, box_max=centre + 0.1, relevancy=0.9,
+                      confidence=confidence, point_count=40, scale_m=0.25, view_support=float("nan"),
+                      competitor="pink", competitor_relevancy=0.5, z_score=9.0)
+
+    targets = (target([0.6, 0.4, 0.2], 0.9), target([-0.6, 0.4, 0.2], 0.8))
+    rng = np.random.default_rng(0)
+    return QueryResult(found=True, message="found", location_world=targets[0].location_world, relevancy=0.9,
+                       scale_m=0.25, cloud_xyz=rng.normal(size=(n_points, 3)).astype(np.float32),
+                       cloud_relevancy=np.linspace(0.6, 0.9, n_points, dtype=np.float32),
+                       cloud_rgb=np.full((n_points, 3), 200, np.uint8), model_step=300, confidence=0.9,
+                       targets=targets)
+
+
+def test_every_answer_goes_to_rviz_whatever_the_requests_with_cloud(query_node):
+    from visualization_msgs.msg import Marker
+
+    from lerf_ros.ros.messages import msg_to_cloud
+
+    node, _ = query_node
+    node.cloud_pub, node.marker_pub = clouds, markers = _Recorder(), _Recorder()
+    answer = _found()
+    engine = _Engine(answer=answer)
+    node.slot.set(engine)
+    reply = _ask(node, with_cloud=False, max_results=2)
+    assert reply.result == Query.Response.RESULT_FOUND and len(reply.targets) == 2
+    # The reply leaves the cloud out as asked (an empty cloud that still declares its fields) ...
+    assert reply.cloud.width == 0 and len(reply.cloud.fields) == 5
+    # ... RViz gets it all the same, with the answer's points.
+    [cloud] = clouds.messages
+    np.testing.assert_array_equal(msg_to_cloud(cloud)[0], answer.cloud_xyz)
+    # One MarkerArray per answer: clear the previous one, then sphere + label per target, best first.
+    [array] = markers.messages
+    assert [m.action for m in array.markers] == [Marker.DELETEALL] + [Marker.ADD] * 4
+    assert [m.type for m in array.markers[1:]] == [Marker.SPHERE, Marker.TEXT_VIEW_FACING] * 2
+    spheres = [m for m in array.markers if m.type == Marker.SPHERE]
+    assert [s.pose.position.x for s in spheres] == [t.location.x for t in reply.targets] == [0.6, -0.6]
+    reply = _ask(node, with_cloud=True, max_results=2)
+    assert reply.cloud.width == 5 and [c.width for c in clouds.messages] == [5, 5]
+    # An answer without targets clears RViz's markers; a refused request publishes nothing.
+    engine.answer = _not_ready()
+    _ask(node)
+    assert [m.action for m in markers.messages[-1].markers] == [Marker.DELETEALL]
+    assert clouds.messages[-1].width == 0
+    count = (len(clouds.messages), len(markers.messages))
+    assert _ask(node, text=" ").result == Query.Response.RESULT_INVALID_REQUEST
+    assert (len(clouds.messages), len(markers.messages)) == count
+
+
+def test_answers_are_in_the_frame_of_the_maps_data(query_node):
+    node, _ = query_node
+    node.cloud_pub, node.marker_pub = clouds, markers = _Recorder(), _Recorder()
+    # A loaded map recorded 'odom' while the parameter says 'map': the map's frame labels the answer.
+    node.slot.set(_Engine(answer=_found()), frame="odom")
+    reply = _ask(node, with_cloud=True)
+    assert reply.location.header.frame_id == reply.cloud.header.frame_id == "odom"
+    assert clouds.messages[-1].header.frame_id == "odom"
+    assert {m.header.frame_id for m in markers.messages[-1].markers} == {"odom"}
+    node.slot.set(_Engine(answer=_found()))  # a fresh model: the world_frame parameter
+    assert _ask(node).location.header.frame_id == node.settings.world_frame == "map"

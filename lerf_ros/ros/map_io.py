@@ -1,0 +1,136 @@
+"""Maps saved and loaded by the nodes: a snapshot under the engine lock written off it, and the world frame.
+
+ROS-free (no rclpy), so it is tested without ``rclpy.init()`` and the CLI can share the sidecar reader.
+
+Saving (``save_map_dir``): ``LERFEngine.save`` holds the engine lock for the whole write (serialising
+the weights, hashing, fsync), which stalls queries, frame ingest and status for as long as the disk takes.
+Here only ``snapshot_map`` runs under the lock: the candidate set is brought up to date (as
+``checkpoint.save_engine`` does) and every tensor and array the map holds is copied to host memory. The
+keyframe content hashes, serialisation and writing (``checkpoint.save_map``) run after the lock is
+released, on the copies, so training steps taken meanwhile cannot tear the map.
+``snapshot_map`` mirrors ``checkpoint.save_engine``'s ``MapData`` (a test compares the two maps); once the
+core has ``checkpoint.snapshot_engine(engine) -> MapData`` (caller holds the lock, tensors copied), it is
+that call under the lock.
+
+World frame: a map's poses, scene box and answers are in the frame the trainer looked TF up in. The map
+directory records it in the sidecar ``training_info.json`` (``MAP_INFO``), the file ``lerf-ros train``
+writes too; ``checkpoint.load_map`` reads only the files its manifest lists, so the sidecar does not
+disturb validation. A node that loads a map answers in the recorded frame (``answer_frame``); a map without
+a record (saved by ``LERFEngine.save`` directly) is taken to be in ``world_frame``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lerf_ros.core import checkpoint
+
+#: Sidecar beside the map files: {"world_frame": ..., ...}; shared with ``lerf-ros train``.
+MAP_INFO = "training_info.json"
+_FRAME_RE = re.compile(r"^[A-Za-z0-9_.\-][A-Za-z0-9_/.\-]*$")  # a tf2 frame id: no leading '/'
+
+
+def _copy(obj: Any) -> Any:
+    """A deep copy of nested dicts / lists / tuples of tensors (to host memory) and arrays."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, Mapping):
+        return {k: _copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_copy(v) for v in obj)
+    return obj  # numbers, strings, None: immutable
+
+
+def snapshot_map(engine) -> checkpoint.MapData:
+    """The ``checkpoint.MapData`` that ``checkpoint.save_engine`` would write, as copies that training
+    cannot change. Holds ``engine.lock`` only while copying; keyframe hashes are computed after."""
+    with engine.lock:
+        candidates = None
+        if engine.model is not None and len(engine.store):
+            engine._candidate_points()  # as save_engine: a loaded map's first query need not render them
+            candidates = _copy(engine.candidates.current.to_arrays())
+        keyframes = engine.store.to_arrays()  # new arrays (np.array over the stored frames)
+        box = engine.scene_box
+        data = checkpoint.MapData(
+            config=engine.config.to_dict(),
+            encoders={"clip": engine.clip_encoder.name, "dino": engine.dino_encoder.name},
+            step=int(engine.train_step),
+            scene_box=None if box is None else np.array([box.min_xyz, box.max_xyz], dtype=np.float64),
+            model_state={} if engine.model is None else _copy(engine.model.state_dict()),
+            trainer_state=None if engine.trainer is None else _copy(engine.trainer.state_dict()),
+            keyframes=keyframes,
+            features={"hashes": {}, "caches": {"clip": _copy(engine.pyramid.state_dict()),
+                                               "dino": _copy(engine.dense.state_dict())}},
+            candidates=candidates,
+        )
+    ids = keyframes["ids"].tolist()
+    data.features["hashes"] = {int(i): checkpoint.frame_hash(image)
+                               for i, image in zip(ids, keyframes["images"], strict=True)}
+    return data
+
+
+@dataclass(frozen=True)
+class SavedMap:
+    path: str
+    keyframes: int
+    step: int
+    world_frame: str
+
+
+def write_map_info(path: str | os.PathLike, info: Mapping[str, Any]) -> None:
+    """Write the sidecar (atomically: a reader sees the old file or the new one)."""
+    file = Path(path) / MAP_INFO
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(json.dumps(dict(info), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, file)
+
+
+def save_map_dir(engine, path: str | os.PathLike, world_frame: str, saved_by: str = "lerf_node") -> SavedMap:
+    """Snapshot ``engine`` under its lock, write the map directory off it, record ``world_frame``.
+
+    An older sidecar is removed first, so a save that fails half-way leaves a map without a frame record
+    (answered in ``world_frame``), never one labelled with another map's frame. Raises OSError /
+    ValueError from ``checkpoint.save_map``.
+    """
+    data = snapshot_map(engine)
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MAP_INFO).unlink(missing_ok=True)
+    checkpoint.save_map(root, data)  # the slow part: no lock held
+    keyframes = len(data.keyframes["ids"])
+    write_map_info(root, {"world_frame": world_frame, "saved_by": saved_by, "steps": data.step,
+                          "keyframes": keyframes})
+    return SavedMap(str(root), keyframes, data.step, world_frame)
+
+
+def read_world_frame(path: str | os.PathLike) -> str | None:
+    """The world frame a map directory records, or None (no sidecar, unreadable, or not a frame id)."""
+    try:
+        frame = json.loads((Path(path) / MAP_INFO).read_text(encoding="utf-8")).get("world_frame")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return frame if isinstance(frame, str) and _FRAME_RE.match(frame) else None
+
+
+def answer_frame(recorded: str | None, world_frame: str) -> tuple[str, str]:
+    """(the frame a loaded map is used in, a warning or ''): the recorded frame wins over the parameter."""
+    if recorded is None:
+        return world_frame, (f"the map does not record its world frame; using world_frame "
+                             f"'{world_frame}'")
+    if recorded != world_frame:
+        return recorded, (f"the map was built in frame '{recorded}' but world_frame is '{world_frame}': its "
+                          f"answers (and any further training on it) use '{recorded}'")
+    return recorded, ""
