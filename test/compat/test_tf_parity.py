@@ -11,7 +11,6 @@ Numbers are hand-computed on the chain of test_tf_buffer.py: at 1.5 s the optica
 """
 
 import importlib.util
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -21,24 +20,13 @@ import numpy as np
 import pytest
 import rclpy
 from geometry_msgs.msg import TransformStamped
+from lerf_test_doubles.tf_scene import EXPECTED_MAP_OPT, OPT, S, yaw_q
 from rclpy.node import Node
 from rclpy.time import Time
 from tf2_msgs.msg import TFMessage
 
 import lerf_ros.compat.tf as compat_tf
 from lerf_ros.ros import ingest
-
-S = 1_000_000_000
-OPT = "camera_color_optical_frame"
-C45 = math.sqrt(0.5)
-EXPECTED_MAP_OPT = np.array(
-    [[C45, 0, C45, 11 + 0.1 * C45], [-C45, 0, C45, 2 + 0.1 * C45], [0, -1, 0, 0.5], [0, 0, 0, 1]]
-)
-
-
-def yaw_q(deg):
-    h = math.radians(deg) / 2
-    return (0.0, 0.0, math.sin(h), math.cos(h))
 
 
 def tf_msg(parent, child, xyz, q=(0, 0, 0, 1), stamp_s=0.0):

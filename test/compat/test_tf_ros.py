@@ -4,7 +4,6 @@ Same chain and numbers as test_tf_buffer.py (hand-computed there): at 1.5 s the 
 at (11 + 0.1 c, 2 + 0.1 s, 0.5) in map with rotation [[s, 0, c], [-c, 0, s], [0, -1, 0]], c = s = cos 45.
 """
 
-import math
 import threading
 import time
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import rclpy
 from geometry_msgs.msg import TransformStamped
+from lerf_test_doubles.tf_scene import C45, EXPECTED_MAP_OPT, OPT, S, yaw_q
 from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.time import Time
@@ -32,18 +32,6 @@ from lerf_ros.compat.tf import (
     tf_qos_profiles,
     transform_to_matrix,
 )
-
-S = 1_000_000_000
-OPT = "camera_color_optical_frame"
-C45 = math.sqrt(0.5)
-EXPECTED_MAP_OPT = np.array(
-    [[C45, 0, C45, 11 + 0.1 * C45], [-C45, 0, C45, 2 + 0.1 * C45], [0, -1, 0, 0.5], [0, 0, 0, 1]]
-)
-
-
-def yaw_q(deg):
-    h = math.radians(deg) / 2
-    return (0.0, 0.0, math.sin(h), math.cos(h))
 
 
 def tf_msg(parent, child, xyz, q, stamp_ns):
