@@ -475,6 +475,7 @@ class LERFEngine:
                     self._last_error = f"NonFiniteStep: {exc}"
                     continue
                 done += 1
+                self._last_train_time = time.perf_counter()  # a query during a long step(n) sees "training"
                 if self.trainer.convergence.due(self.train_step):
                     self.trainer.evaluate(kf, self._tensors_version)
         if done:
