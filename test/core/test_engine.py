@@ -690,3 +690,24 @@ def test_a_query_before_the_map_is_usable_says_it_is_still_converging(room_frame
     res = engine.query("red box")
     assert "map still converging" in res.message and res.source == "field"
 
+
+
+def test_engine_counts_as_training_from_its_first_step_not_from_the_end_of_the_call(room_frames):
+    """A query that arrives while the worker's first long ``step(n)`` call runs must see "training" (and so
+    never render every keyframe's candidate grid itself: a 6 s first query was measured before)."""
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    for f in room_frames[:3]:
+        engine.add_frame(f)
+    while engine.status().keyframes_pending:
+        engine.step(0)
+    engine._ensure_model()
+    seen = []
+    step = engine.trainer.step
+
+    def spy(batch):
+        seen.append(time.perf_counter() - engine._last_train_time < engine_mod.TRAINING_ACTIVE_S)
+        return step(batch)
+
+    engine.trainer.step = spy
+    engine.step(3)
+    assert seen == [False, True, True]  # from the second step of the very first call on
