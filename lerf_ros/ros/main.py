@@ -168,10 +168,13 @@ def run(mode: str = "both", args: Sequence[str] | None = None) -> int:
         if nodes:
             logger.info("stopping")
         stop_nodes(nodes)
-        if executor is not None:
-            executor.shutdown(timeout_sec=EXECUTOR_SHUTDOWN_S)
-        for node in nodes:
-            node.destroy_node()
+        idle = executor is None or executor.shutdown(timeout_sec=EXECUTOR_SHUTDOWN_S)
+        if idle:
+            for node in nodes:
+                node.destroy_node()
+        else:  # destroying a service or publisher under a running callback can crash rcl: leave them
+            logger.warning(f"callbacks still running after {EXECUTOR_SHUTDOWN_S:.0f} s; exiting without "
+                           "destroying the nodes")
         if nodes:
             logger.info(f"stopped in {time.monotonic() - start:.1f} s")
         rclpy.try_shutdown()
