@@ -197,16 +197,14 @@ class LERFModel(nn.Module):
             "proposal_weights": prop_weights,
         }
         if clip_scale_factor is not None:
-            at = depth.detach()
+            at, surface, known = depth.detach(), None, None
             if surface_depth is not None:
                 measured = surface_depth.to(depth).reshape(-1)
                 known = torch.isfinite(measured) & (measured > 0) & (measured <= self.config.max_depth_m)
                 at = torch.where(known, measured, at)
-            else:
-                known = None
+                surface = origins + directions * at[:, None]
             scale_m = clip_scale_factor.to(depth).reshape(-1) * at
-            out.update(self._render_language(positions.detach(), weights.detach(), scale_m,
-                                             origins + directions * at[:, None], known))
+            out.update(self._render_language(positions.detach(), weights.detach(), scale_m, surface, known))
         return out
 
     def _render_language(self, positions: torch.Tensor, weights: torch.Tensor, scale_m: torch.Tensor,

@@ -544,8 +544,9 @@ def _same_object(pts: Tensor, rel: Tensor, c: _Candidate, seed: int, link: float
         return False
     above = (rel >= c.level).nonzero().squeeze(1)
     labels = cluster_labels(pts[above], link)
-    where = {int(i): j for j, i in enumerate(above.tolist()) if int(i) in (seed, c.peak)}
-    return bool(labels[where[seed]] == labels[where[c.peak]])
+    # ``above`` is sorted (nonzero) and holds both: their positions by binary search, not a Python scan
+    pos = torch.searchsorted(above, torch.tensor([seed, c.peak], device=above.device))
+    return bool(labels[pos[0]] == labels[pos[1]])
 
 
 def _halo(pts: Tensor, c: _Candidate, seed: int, seed_scale_m: float) -> bool:
