@@ -313,11 +313,11 @@ class LERFEngine:
         return scene_region.derive_box(frames, sc.margin_m, sc.max_range_m, sc.ground_z_m)
 
     def _rendered_seen(self, min_step: int = 0, every: int = 1) -> dict[int, np.ndarray]:
-        """Keyframe id -> world points (N, 3) of its rendered depth grid (every ``every``-th point), for
-        keyframes without measured depth whose grid was rendered at ``min_step`` or later."""
+        """Keyframe id -> world points (N, 3) of its rendered depth grid (every ``every``-th grid row and
+        column), for keyframes without measured depth whose grid was rendered at ``min_step`` or later."""
         stride = self.config.candidates.pixel_stride
         grids = self.candidates.rendered_grids(min_step)
-        return {i: candidates.lift_depth(self.store.get(i), stride, g)[::every]
+        return {i: candidates.lift_depth(self.store.get(i), stride * every, g[::every, ::every])
                 for i, g in grids.items() if i in self.store and self.store.get(i).depth_m is None}
 
     def keyframes_outside_box(self) -> int:
@@ -326,10 +326,12 @@ class LERFEngine:
         with self.lock:
             if self.scene_box is None:
                 return 0
-            key = (self._kf_version, self.scene_box, self.candidates.grids_version)
+            # Judged once per keyframe set and box (this runs on the status path, under the lock), not
+            # again at every refreshed grid.
+            key = (self._kf_version, self.scene_box)
             if self._outside_key != key:
                 sc = self.config.scene
-                seen = self._rendered_seen(every=4)
+                seen = self._rendered_seen(every=4) if self.box_source == "rendered" else {}
                 # A box fitted to rendered surfaces is judged by them only: a frustum reaches max_range_m
                 # whatever the room, so it would call every keyframe "outside" a tight box.
                 judged = [(i, f) for i, f in zip(self.store.ids(), self.store.frames(), strict=True)
