@@ -605,6 +605,8 @@ class LERFEngine:
                             competitor_embeds=embeds[1 + n_neg:], competitor_names=competitors,
                             canonical_count=len(CANONICAL_NEGATIVES),
                             view_fn=view_evidence.view_fn(cset, kfs, self.pyramid, self.config.candidates),
+                            refine_fn=self._refine_fn(cset, kfs, embeds[0],
+                                                      embeds[1:1 + len(CANONICAL_NEGATIVES)]),
                             max_results=max_results)
             message = result.message
             if views_only:
@@ -616,6 +618,18 @@ class LERFEngine:
                                 f"{self.train_step}]")
             return dataclasses.replace(result, model_step=self.train_step, message=message,
                                        source="views" if views_only else "field")
+
+    def _refine_fn(self, cset, kfs, text: torch.Tensor, canon: torch.Tensor):
+        """`view_evidence.refine_fn` within the scene box; None when switched off or when every keyframe has
+        measured depth (the cluster's measured surface then places the target better than the views' cones:
+        on the randomised rooms refining RGB-D answers located fewer objects, bench/RESULTS.md)."""
+        qcfg = self.config.query
+        if qcfg.refine_radius_m <= 0 or not candidates.needs_rendered_depth([kf for _, kf in kfs]):
+            return None
+        box = None if self.scene_box is None else (np.asarray(self.scene_box.min_xyz, dtype=np.float64),
+                                                   np.asarray(self.scene_box.max_xyz, dtype=np.float64))
+        return view_evidence.refine_fn(cset, kfs, self.pyramid, self.config.candidates, text, canon,
+                                       qcfg.temperature, qcfg.refine_radius_m, qcfg.refine_step_m, box=box)
 
     def _candidate_points(self, render_missing: bool = True) -> tuple[torch.Tensor, ...]:
         """Query candidates (`core.language.candidates`): points (P, 3) float32 world, rgb (P, 3) uint8,

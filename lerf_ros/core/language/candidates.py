@@ -191,10 +191,9 @@ def voxel_merge(pts: np.ndarray, rgb: np.ndarray, voxel_m: float) -> tuple[np.nd
     return centres, np.clip(np.rint(colours / counts[:, None]), 0, 255).astype(np.uint8)
 
 
-def visible(points: np.ndarray, kf: Frame, grid: np.ndarray, stride: int, cfg: CandidateConfig):
-    """Which points (P,) bool keyframe ``kf`` sees: they project inside it and their camera z agrees with
-    its depth grid there within ``depth_tol_rel * depth + voxel_m`` (occlusion); also their pixel
-    coordinates (P, 2) (u, v) and ray distances (P,) metres."""
+def _project(points: np.ndarray, kf: Frame, grid: np.ndarray, stride: int):
+    """Camera z (P,), pixel coordinates (P, 2) (u, v), ray distances (P,) and the depth grid there (P,)
+    (NaN outside the image or behind the camera)."""
     R, t = kf.T_world_cam[:3, :3], kf.T_world_cam[:3, 3]
     p_cam = (points - t) @ R  # R^T (p - t) for row vectors
     z = p_cam[:, 2]
@@ -205,9 +204,27 @@ def visible(points: np.ndarray, kf: Frame, grid: np.ndarray, stride: int, cfg: C
     ok = (z > 1e-6) & (gi >= 0) & (gi < grid.shape[0]) & (gj >= 0) & (gj < grid.shape[1])
     d = np.full_like(z, np.nan)
     d[ok] = grid[gi[ok].astype(np.int64), gj[ok].astype(np.int64)]
+    return z, np.stack([u, v], axis=1), np.linalg.norm(p_cam, axis=1), d
+
+
+def visible(points: np.ndarray, kf: Frame, grid: np.ndarray, stride: int, cfg: CandidateConfig):
+    """Which points (P,) bool keyframe ``kf`` sees: they project inside it and their camera z agrees with
+    its depth grid there within ``depth_tol_rel * depth + voxel_m`` (occlusion); also their pixel
+    coordinates (P, 2) (u, v) and ray distances (P,) metres."""
+    z, uv, dist, d = _project(points, kf, grid, stride)
     with np.errstate(invalid="ignore"):
-        seen = ok & (np.abs(z - d) <= cfg.depth_tol_rel * d + cfg.voxel_m)
-    return seen, np.stack([u, v], axis=1), np.linalg.norm(p_cam, axis=1)
+        seen = np.abs(z - d) <= cfg.depth_tol_rel * d + cfg.voxel_m
+    return seen, uv, dist
+
+
+def in_view(points: np.ndarray, kf: Frame, grid: np.ndarray, stride: int, behind_rel: float, behind_m: float):
+    """Like `visible`, for points anywhere along the rays up to the surface: they project inside ``kf``
+    and lie in front of its depth grid d there, or behind it by at most ``behind_rel * d + behind_m``
+    (free space and surfaces, not what a surface clearly hides)."""
+    z, uv, dist, d = _project(points, kf, grid, stride)
+    with np.errstate(invalid="ignore"):
+        seen = z <= d * (1.0 + behind_rel) + behind_m
+    return seen, uv, dist
 
 
 def view_stats(points: np.ndarray, kfs: Sequence[Frame], grids: Sequence[np.ndarray], stride: int,

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -291,13 +292,32 @@ class ClipPyramid:
         lo, hi = self.config.tile_fracs[0], self.config.tile_fracs[-1]
         return lo * (hi / lo) ** t
 
-    def _sample_level(self, geo, level: Tensor, uv: Tensor, lay: tuple, slots: Tensor) -> Tensor:
+    def _corners(self, geo, level: Tensor, uv: Tensor) -> tuple[Tensor, Tensor]:
+        """Flat cell indices (R, 4) into a keyframe's grid (all levels) and bilinear weights (R, 4)."""
         stride = geo["stride"][level]
         gx = (uv[:, 0] - geo["u0"][level]) / stride
         gy = (uv[:, 1] - geo["v0"][level]) / stride
         idx, w = bilinear_corners(gx, gy, geo["nx"][level], geo["ny"][level])
-        cells = idx + geo["offset"][level].unsqueeze(1)
-        return (self.store.gather(lay, slots, cells) * w.unsqueeze(2)).sum(dim=1)
+        return idx + geo["offset"][level].unsqueeze(1), w
+
+    def _level_pair(self, tile_frac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The two pyramid levels around each tile fraction (clamped to the range) and the blend t (R,)."""
+        f = tile_frac.to(self.device, torch.float32).reshape(-1).clamp(self.config.tile_fracs[0],
+                                                                        self.config.tile_fracs[-1])
+        n_lv = self.fracs.numel()
+        lo = (torch.searchsorted(self.fracs, f, right=True) - 1).clamp(0, max(n_lv - 2, 0))
+        hi = (lo + 1).clamp(max=n_lv - 1)
+        span = self.fracs[hi] - self.fracs[lo]
+        t = torch.where(span > 0, (f - self.fracs[lo]) / torch.where(span > 0, span, 1.0), 0.0)
+        return lo, hi, t
+
+    def _check_rows(self, kf_ids: Tensor, uv: Tensor, tile_frac: Tensor) -> int:
+        r = kf_ids.reshape(-1).shape[0]
+        if uv.shape != (r, 2) or tile_frac.reshape(-1).shape[0] != r:
+            raise ValueError(
+                f"uv must be ({r}, 2) and tile_frac ({r},), got {tuple(uv.shape)}, {tuple(tile_frac.shape)}"
+            )
+        return r
 
     def sample(self, kf_ids: Tensor, uv: Tensor, tile_frac: Tensor) -> Tensor:
         """Target embeddings for rays.
@@ -305,22 +325,9 @@ class ClipPyramid:
         kf_ids (R,) long; uv (R, 2) pixels (column, row); tile_frac (R,) (clamped to the config range)
         Returns (R, D) float32 unit vectors.
         """
-        r = kf_ids.reshape(-1).shape[0]
-        if uv.shape != (r, 2) or tile_frac.reshape(-1).shape[0] != r:
-            raise ValueError(
-                f"uv must be ({r}, 2) and tile_frac ({r},), got {tuple(uv.shape)}, {tuple(tile_frac.shape)}"
-            )
+        r = self._check_rows(kf_ids, uv, tile_frac)
         uv = uv.to(self.device, torch.float32)
-        f = (
-            tile_frac.to(self.device, torch.float32)
-            .reshape(-1)
-            .clamp(self.config.tile_fracs[0], self.config.tile_fracs[-1])
-        )
-        n_lv = self.fracs.numel()
-        lo = (torch.searchsorted(self.fracs, f, right=True) - 1).clamp(0, max(n_lv - 2, 0))
-        hi = (lo + 1).clamp(max=n_lv - 1)
-        span = self.fracs[hi] - self.fracs[lo]
-        t = torch.where(span > 0, (f - self.fracs[lo]) / torch.where(span > 0, span, 1.0), 0.0)
+        lo, hi, t = self._level_pair(tile_frac)
         out = torch.zeros(r, self.dim, device=self.device)
         with self.store.lock:
             lay_idx, slots, layouts = self.store.lookup(kf_ids)
@@ -331,12 +338,39 @@ class ClipPyramid:
                 _, geo = self._layout(*lay)
                 # both levels in one gather: rows [0, n) at level lo, [n, 2n) at level hi
                 n = int(m.sum())
-                both = self._sample_level(
-                    geo, torch.cat([lo[m], hi[m]]), uv[m].repeat(2, 1), lay, slots[m].repeat(2)
-                )
+                cells, w = self._corners(geo, torch.cat([lo[m], hi[m]]), uv[m].repeat(2, 1))
+                both = (self.store.gather(lay, slots[m].repeat(2), cells) * w.unsqueeze(2)).sum(dim=1)
                 tm = t[m].unsqueeze(1)
                 out[m] = (1 - tm) * both[:n] + tm * both[n:]
         return F.normalize(out, dim=1)
+
+    def sample_values(self, kf_ids: Tensor, uv: Tensor, tile_frac: Tensor,
+                      cell_fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """A scalar per crop, interpolated like `sample` interpolates embeddings: ``cell_fn`` maps the
+        stored crop embeddings of whole keyframes (S, cells, D) float32 to (S, cells) values (e.g. their
+        relevancy to a query), which are then blended bilinearly and across the two nearest levels.
+        Cheaper than `sample` for many rows of few keyframes: D-dimensional rows are never gathered.
+        Returns (R,) float32.
+        """
+        r = self._check_rows(kf_ids, uv, tile_frac)
+        uv = uv.to(self.device, torch.float32)
+        lo, hi, t = self._level_pair(tile_frac)
+        out = torch.zeros(r, device=self.device)
+        with self.store.lock:
+            lay_idx, slots, layouts = self.store.lookup(kf_ids)
+            for li, lay in enumerate(layouts):
+                m = lay_idx == li
+                if not bool(m.any()):
+                    continue
+                _, geo = self._layout(*lay)
+                used, row = torch.unique(slots[m], return_inverse=True)
+                values = self.store.map_cells(lay, used, cell_fn)  # (S, cells)
+                n = int(m.sum())
+                cells, w = self._corners(geo, torch.cat([lo[m], hi[m]]), uv[m].repeat(2, 1))
+                both = (values[row.repeat(2).unsqueeze(1), cells] * w).sum(dim=1)
+                tm = t[m]
+                out[m] = (1 - tm) * both[:n] + tm * both[n:]
+        return out
 
     # ---- persistence ----------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -104,6 +104,9 @@ class QueryConfig:
                         so a cluster of fewer than top_k points (an isolated noisy voxel) scores low
     scales_m:           language scales searched, metres
     scale_slack:        a point is read at scales within [lo / slack, hi * slack] of its trained range
+    refine_radius_m:    a found target is moved to where the keyframes' views agree within this distance of
+                        its cluster's centre (`view_evidence.refine_fn`; 0 = off), metres
+    refine_step_m:      grid step of that search, metres
     max_cloud_points:   the returned cloud keeps at most this many points (the most relevant)
     temperature:        relevancy temperature τ
     vocabulary:         competing phrases (see `ExistenceConfig`)
@@ -118,6 +121,8 @@ class QueryConfig:
     top_k: int = 5
     scales_m: tuple[float, ...] = field(default_factory=_default_scales)
     scale_slack: float = 1.25
+    refine_radius_m: float = 0.4
+    refine_step_m: float = 0.03
     max_cloud_points: int = 20000
     temperature: float = 10.0
     vocabulary: tuple[str, ...] = DEFAULT_VOCABULARY
@@ -139,6 +144,13 @@ class QueryConfig:
         if not (self.grow_scale_factor > 0 and self.scale_slack >= 1.0):
             raise ValueError(f"grow_scale_factor > 0 and scale_slack >= 1 required, got "
                              f"{self.grow_scale_factor}, {self.scale_slack}")
+        if not (math.isfinite(self.refine_radius_m) and self.refine_radius_m >= 0
+                and math.isfinite(self.refine_step_m) and self.refine_step_m > 0):
+            raise ValueError(f"refine_radius_m >= 0 and refine_step_m > 0 required, got "
+                             f"{self.refine_radius_m}, {self.refine_step_m}")
+        if self.refine_radius_m / self.refine_step_m > 40:
+            raise ValueError(f"refine_radius_m / refine_step_m must be <= 40 (at most 81^3 grid points), "
+                             f"got {self.refine_radius_m} / {self.refine_step_m}")
         if len(self.scales_m) < 1 or any(not (np.isfinite(s) and s > 0) for s in self.scales_m):
             raise ValueError(f"scales_m must be non-empty, finite and > 0, got {self.scales_m}")
         if any(not isinstance(v, str) or not v.strip() for v in self.vocabulary):
@@ -149,8 +161,9 @@ class QueryConfig:
 
 @dataclass(frozen=True, eq=False)
 class Target:
-    """One located instance. location_world (3,) float64: relevancy-weighted centre of its surface points,
-    world metres; box_min / box_max (3,) its axis-aligned extent (extent_m = box_max - box_min);
+    """One located instance. location_world (3,) float64 world metres: relevancy-weighted centre of its
+    surface points, or where the keyframes' views agree around it when `locate` has a ``refine_fn``;
+    box_min / box_max (3,) its axis-aligned extent (extent_m = box_max - box_min);
     relevancy: cluster score (top-k mean); confidence in [0, 1]; point_count: surface points in the
     cluster; view_support: fraction of keyframes seeing it whose crop embeddings support the query (NaN
     when no keyframe evidence was available); competitor / competitor_relevancy: the phrase that competes
@@ -332,6 +345,7 @@ def locate(
     competitor_names: Sequence[str] = (),
     canonical_count: int | None = None,
     view_fn: Callable[[Tensor, float], tuple[Tensor, Tensor]] | None = None,
+    refine_fn: Callable[[np.ndarray, float], np.ndarray | None] | None = None,
     max_results: int = 1,
 ) -> QueryResult:
     """Locate a query among candidate surface points (module docstring).
@@ -344,6 +358,8 @@ def locate(
     competitor_embeds (C, D) with competitor_names (C,): phrases that may explain a peak better.
     view_fn(points (M, 3), scale_m) -> (embeds (O, D), view (O,) long): the keyframes' own crop embeddings
     of those points at that scale, one row per observation (keyframe that sees a point).
+    refine_fn(location (3,), scale_m) -> (3,) or None: where the views place a found target near its
+    cluster's centre (`view_evidence.refine_fn`); the target (and its box) moves there.
     max_results: 1..100 targets at most.
     """
     cfg = (config or QueryConfig()).validate()
@@ -475,6 +491,8 @@ def locate(
     # 5. best first; the found ones up to max_results.
     targets.sort(key=lambda t: (t.confidence, t.relevancy), reverse=True)
     found = tuple(t for t in targets if t.confidence >= thr)[: int(max_results)]
+    if refine_fn is not None:
+        found = tuple(_refined(t, refine_fn) for t in found)
     top = found[0] if found else targets[0]
     why = _explain(top, med, ex)
     if not found:
@@ -579,6 +597,16 @@ def _view_support(view_fn, member_pts: Tensor, member_rel: Tensor, scale_m: floa
     votes = [float(q[view == v].mean()) > floor + cfg.existence.min_excess
              for v in torch.unique(view).tolist()]
     return float(np.mean(votes))
+
+
+def _refined(t: Target, refine_fn) -> Target:
+    """The target moved to where the views place it (box shifted with it, size kept)."""
+    where = refine_fn(np.asarray(t.location_world, dtype=np.float64), t.scale_m)
+    if where is None or not np.all(np.isfinite(where)):
+        return t
+    shift = np.asarray(where, dtype=np.float64) - t.location_world
+    return replace(t, location_world=t.location_world + shift, box_min=t.box_min + shift,
+                               box_max=t.box_max + shift)
 
 
 def _explain(t: Target, med: float, ex: ExistenceConfig) -> str:

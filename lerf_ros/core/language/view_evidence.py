@@ -6,10 +6,17 @@ pyramid embedding at (u, v) and that tile fraction gives what the encoder itself
 that scale, from that view. ``view_fn`` returns those observations (for `core.language.query.locate`'s
 existence check); ``views_embed_fn`` averages them per point into an ``embed_fn``, which answers queries
 before the language field has trained.
+
+``refine_fn`` places an answer where the views agree, independently of the surface depth: every point of a
+small grid around it is scored by the mean relevancy, over the keyframes whose view reaches it, of their
+crops there. The views' high-relevancy cones intersect at the object (a visual hull of the query), so the
+centre of the best-scored region does not inherit the rendered depth's errors along each ray, which is
+what misplaces RGB-only answers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,13 +26,18 @@ from torch import Tensor
 
 from ..frames.frame import Frame
 from ..presets import CandidateConfig
-from .candidates import CandidateSet, visible
+from .candidates import CandidateSet, in_view, visible
 from .pyramid import ClipPyramid
+from .relevancy import relevancy
 
 #: Observations whose tile fraction falls outside the pyramid's range by more than this factor are
 #: out of the scales that view supervised; `views_embed_fn` still uses them with a tiny weight.
 FRAC_SLACK = 1.25
 _OUT_OF_RANGE_WEIGHT = 1e-3
+#: `refine_fn` counts a view for grid points up to this far behind its rendered depth there (relative,
+#: metres): rendered depth without a depth sensor is often short by a few centimetres to a decimetre.
+#: Behind measured depth, the candidates' own tolerance applies.
+BEHIND_REL, BEHIND_M = 0.1, 0.1
 
 
 def observations(points: Tensor, scale_m: float, cset: CandidateSet, frames: dict[int, Frame],
@@ -96,3 +108,80 @@ def views_embed_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         return F.normalize(out, dim=1).to(points.device)
 
     return fn
+
+
+def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
+              cfg: CandidateConfig, text: Tensor, canon: Tensor, temperature: float, radius_m: float,
+              step_m: float, min_views: int = 3, box: tuple[np.ndarray, np.ndarray] | None = None):
+    """``fn(location (3,), scale_m) -> (3,) | None`` for `locate`: the centre of the region around
+    ``location`` (a cube of half-size radius_m, grid step step_m, clipped to ``box``) where the keyframes'
+    crops at scale_m agree most on ``text`` (module docstring). Views farther than their smallest crop
+    covers scale_m read that smallest crop: its cone is still narrow, and far views are what pin the
+    depth. A grid point counts when at least
+    ``max(min_views, half the best-covered point's)`` keyframes reach it (`in_view`); the region is the
+    points scoring within 20 % of the best above the median, weighted by their excess. None when no point
+    is reached by enough views or none scores above 0.5 (no view favours the query there)."""
+    by_id = dict(frames)
+    ax = np.arange(-radius_m, radius_m + 0.5 * step_m, step_m)
+    cube = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3)
+
+    def cell_relevancy(grids: Tensor) -> Tensor:
+        s, c, d = grids.shape
+        return relevancy(F.normalize(grids.reshape(s * c, d), dim=1), text, canon, temperature).reshape(s, c)
+
+    reach = radius_m * math.sqrt(3.0)
+
+    def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:
+        pts = cube + np.asarray(location, dtype=np.float64)
+        if box is not None:
+            pts = pts[np.all((pts >= box[0]) & (pts <= box[1]), axis=1)]
+        total = np.zeros(pts.shape[0])
+        count = np.zeros(pts.shape[0])
+        for kf_id in ([] if cset.grid_ids is None else cset.grid_ids.tolist()):
+            kf = by_id.get(int(kf_id))
+            grid = cset.grid_of(kf_id)
+            if (kf is None or grid is None or not pyramid.ready(int(kf_id))
+                    or not _may_see(kf, location, reach)):
+                continue
+            measured = kf.depth_m is not None  # a depth sensor's surface: what lies behind it is hidden
+            seen, uv, dist = in_view(pts, kf, grid, cfg.pixel_stride,
+                                     cfg.depth_tol_rel if measured else BEHIND_REL,
+                                     cfg.voxel_m if measured else BEHIND_M)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                frac = scale_m * kf.intrinsics.fy / (kf.intrinsics.height * dist)
+            idx = np.nonzero(seen)[0]
+            if idx.size == 0:
+                continue
+            r = pyramid.sample_values(torch.full((idx.size,), int(kf_id), dtype=torch.long),
+                                      torch.from_numpy(uv[idx]).float(), torch.from_numpy(frac[idx]).float(),
+                                      cell_relevancy)
+            total[idx] += r.double().cpu().numpy()
+            count[idx] += 1
+        if count.size == 0 or count.max() < min_views:
+            return None
+        enough = count >= max(min_views, 0.5 * count.max())
+        score = np.where(enough, total / np.maximum(count, 1), -np.inf)
+        best = score.max()
+        if best <= 0.5:  # the views do not favour the query anywhere here: they cannot place it
+            return None
+        med = float(np.median(score[enough]))
+        level = med + 0.8 * (best - med)
+        top = score >= level
+        w = score[top] - level + 1e-3
+        return (pts[top] * w[:, None]).sum(axis=0) / w.sum()
+
+    return fn
+
+
+def _may_see(kf: Frame, centre: np.ndarray, reach: float) -> bool:
+    """Whether any point within ``reach`` metres of ``centre`` can project into ``kf`` (a cheap bound)."""
+    R, t = kf.T_world_cam[:3, :3], kf.T_world_cam[:3, 3]
+    x, y, z = (np.asarray(centre, dtype=np.float64) - t) @ R
+    if z + reach <= 1e-6:
+        return False
+    if z <= reach:
+        return True
+    k = kf.intrinsics
+    mu, mv = k.fx * reach / (z - reach), k.fy * reach / (z - reach)
+    u, v = k.fx * x / z + k.cx, k.fy * y / z + k.cy
+    return -mu <= u <= k.width + mu and -mv <= v <= k.height + mv

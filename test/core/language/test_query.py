@@ -327,3 +327,28 @@ def test_one_object_larger_than_the_growth_radius_gives_one_target_and_its_halo_
                 torch.full((pts2.shape[0],), 5), field, RED, NEGS, cfg, max_results=5)
     assert len(r2.targets) == 2
     assert sorted(round(float(t.location_world[1]), 1) for t in r2.targets) == [0.0, 0.9]
+
+
+def test_refine_fn_moves_found_targets_and_their_boxes_but_not_rejected_ones():
+    pts, rgb, views = _scene()
+    calls = []
+
+    def refine(location, scale_m):
+        calls.append((location.copy(), scale_m))
+        return location + np.array([0.0, 0.0, 0.1])
+
+    base = locate(pts, rgb, views, toy_field, RED, NEGS, CFG)
+    res = locate(pts, rgb, views, toy_field, RED, NEGS, CFG, refine_fn=refine)
+    (t0,), (t,) = base.targets, res.targets
+    up = np.array([0.0, 0.0, 0.1])
+    np.testing.assert_allclose(res.location_world, t0.location_world + up)
+    np.testing.assert_allclose(t.location_world, res.location_world)
+    np.testing.assert_allclose([t.box_min, t.box_max], [t0.box_min + up, t0.box_max + up])
+    np.testing.assert_allclose(t.extent_m, t0.extent_m)
+    assert len(calls) == 1 and calls[0][1] == t0.scale_m
+    # None (the views cannot place it) keeps the cluster's centre; a rejected query is never refined
+    kept = locate(pts, rgb, views, toy_field, RED, NEGS, CFG, refine_fn=lambda p, s: None)
+    np.testing.assert_allclose(kept.location_world, t0.location_world)
+    calls.clear()
+    absent = locate(pts, rgb, views, toy_field, GREEN, NEGS, CFG, refine_fn=refine)
+    assert not absent.found and calls == []

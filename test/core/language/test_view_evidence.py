@@ -1,0 +1,103 @@
+"""Multi-view placement of an answer (`view_evidence.refine_fn`): keyframes of the demo room with the
+demo colour encoder; the depth grids are the rendered truth, the starting guess is wrong along a ray."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from lerf_ros.core.encoders import DEMO_CLIP, load_encoder
+from lerf_ros.core.language import view_evidence
+from lerf_ros.core.language.candidates import CandidateSet
+from lerf_ros.core.language.pyramid import ClipPyramid
+from lerf_ros.core.language.relevancy import CANONICAL_NEGATIVES, relevancy
+from lerf_ros.core.presets import make_preset
+from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, look_at_pose, make_frames
+
+CFG = make_preset("tiny")
+GROW = 0.05
+
+
+@pytest.fixture(scope="module")
+def scene():
+    room = SyntheticRoom(0)
+    obj = next(o for o in room.objects if o.name == "red box")
+    eyes = [obj.center + np.array([1.4 * np.cos(a), 1.4 * np.sin(a), 0.9])
+            for a in np.radians([120, 150, 180, 210, 240, 270])]
+    frames = make_frames(room, [look_at_pose(e, obj.center) for e in eyes], default_intrinsics(96, 72))
+    enc = load_encoder(DEMO_CLIP)
+    pyr = ClipPyramid(enc, CFG.pyramid, "cpu")
+    for i, f in enumerate(frames):
+        pyr.add(i, f.image)
+    stride = CFG.candidates.pixel_stride
+    cset = CandidateSet(np.zeros((0, 3)), np.zeros((0, 3), np.uint8), np.zeros(0, np.int64), "test",
+                        grid_ids=np.arange(len(frames)),
+                        grids=np.stack([f.depth_m[::stride, ::stride] for f in frames]))
+    # RGB-only keyframes: the grids stand for rendered depth (here the truth).
+    rgb_only = [(i, dataclasses.replace(f, depth_m=None)) for i, f in enumerate(frames)]
+    return room, obj, eyes, enc, pyr, cset, rgb_only
+
+
+def _fn(scene, text, radius=0.4):
+    _, _, _, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts([text, *CANONICAL_NEGATIVES]).float()
+    return view_evidence.refine_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
+                                   radius, 0.03)
+
+
+def _inside(obj, p):
+    return bool(np.all(p >= obj.box_min - GROW) and np.all(p <= obj.box_max + GROW))
+
+
+def test_an_answer_placed_too_deep_along_a_ray_moves_back_into_the_object(scene):
+    _, obj, eyes, *_ = scene
+    ray = obj.center - eyes[2]
+    start = obj.center + 0.3 * ray / np.linalg.norm(ray)  # 30 cm behind the box centre along one view
+    assert not _inside(obj, start)
+    out = _fn(scene, "red box")(start, 0.1)
+    assert out is not None
+    assert _inside(obj, out), (out, obj.center)
+    assert np.linalg.norm(out - obj.center) < 0.5 * np.linalg.norm(start - obj.center)
+
+
+def test_a_concept_no_view_supports_is_not_moved(scene):
+    _, obj, *_ = scene
+    assert _fn(scene, "purple torus")(obj.center + 0.2, 0.1) is None
+
+
+def test_no_views_reach_the_region(scene):
+    _, obj, *_ = scene
+    far = obj.center + np.array([0.0, 0.0, 30.0])  # far above every camera's field of view
+    assert _fn(scene, "red box")(far, 0.1) is None
+
+
+def test_the_box_clips_the_search(scene):
+    _, obj, _, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    lo = obj.box_max + 0.1  # a box that holds none of the object
+    fn = view_evidence.refine_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
+                                 0.4, 0.03, box=(lo, lo + 1.0))
+    out = fn(obj.center + 0.2, 0.1)
+    assert out is None or np.all(out >= lo - 1e-9)
+
+
+def test_pyramid_values_match_the_relevancy_of_sampled_embeddings_at_crop_centres(scene):
+    """`sample_values` of relevancy == relevancy of `sample` where a crop centre and a level are hit."""
+    _, _, _, enc, pyr, *_ = scene
+
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    lv = pyr.levels(72, 96)[1]
+    frac = torch.tensor([CFG.pyramid.tile_fracs[1]] * 3)
+    uv = torch.tensor([[lv.centre0[0] + j * lv.stride_px, lv.centre0[1] + i * lv.stride_px]
+                       for i, j in ((0, 0), (1, 2), (lv.ny - 1, lv.nx - 1))], dtype=torch.float32)
+    ids = torch.tensor([0, 1, 2])
+
+    def cell_fn(g):
+        s, c, d = g.shape
+        unit = torch.nn.functional.normalize(g.reshape(s * c, d), dim=1)
+        return relevancy(unit, emb[0], emb[1:]).reshape(s, c)
+
+    got = pyr.sample_values(ids, uv, frac, cell_fn)
+    want = relevancy(pyr.sample(ids, uv, frac), emb[0], emb[1:])
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
