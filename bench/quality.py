@@ -75,6 +75,17 @@ def parse_conditions(text: str) -> list[Condition]:
     return out
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """"WIDTHxHEIGHT" -> (width, height); SystemExit with the reason otherwise."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--image-size must be WIDTHxHEIGHT, got {text!r}") from None
+    if w < 8 or h < 8:
+        raise SystemExit(f"--image-size must be at least 8x8, got {text!r}")
+    return w, h
+
+
 def require_encoder(encoder: str) -> None:
     """Make the test doubles importable; fail clearly when the CLIP-like encoder is not there."""
     if encoder != "cliplike":
@@ -165,16 +176,19 @@ def summarise(rows: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def write_bags(seed: int, workdir: Path, depths=(True, False)) -> tuple[object, dict[bool, Path], dict]:
-    """random_room(seed), one drive through it, written with (True) and / or without (False) depth."""
-    from lerf_ros.sim.drive import drive_through
+def write_bags(seed: int, workdir: Path, depths=(True, False),
+               image_size: tuple[int, int] = (160, 120)) -> tuple[object, dict[bool, Path], dict]:
+    """random_room(seed), one drive through it (images of ``image_size`` (width, height)), written with
+    (True) and / or without (False) depth."""
+    from lerf_ros.sim.drive import DriveConfig, drive_through
     from lerf_ros.tools.demo_bag import write_recording_bag
 
     room = random_room(seed)
-    drive = drive_through(room)
+    drive = drive_through(room, config=DriveConfig(width=image_size[0], height=image_size[1]))
+    size_tag = "" if tuple(image_size) == (160, 120) else f"_{image_size[0]}x{image_size[1]}"
     bags = {}
     for depth in depths:
-        path = workdir / f"room{seed}_{'rgbd' if depth else 'rgb'}"
+        path = workdir / f"room{seed}{size_tag}_{'rgbd' if depth else 'rgb'}"
         if not path.exists():
             write_recording_bag(path, room, drive.recording, with_depth=depth)
         bags[depth] = path
@@ -184,7 +198,8 @@ def write_bags(seed: int, workdir: Path, depths=(True, False)) -> tuple[object, 
                          "center": o.center.round(3).tolist(), "views": drive.views[o.name]}
                         for o in room.objects],
             "absent": list(room.absent_names), "lookalike_pairs": [list(p) for p in room.lookalike_pairs],
-            "images": len(drive.T_world_cam), "image_rate_hz": drive.image_rate_hz,
+            "images": len(drive.T_world_cam), "image_size": list(image_size),
+            "image_rate_hz": drive.image_rate_hz,
             "duration_s": round(drive.duration_s, 1), "camera_height_m": round(drive.camera_height_m, 2),
             "tilt_down_deg": round(drive.tilt_down_deg, 1)}
     return room, bags, info
@@ -199,15 +214,19 @@ def train_and_query(room, bag: Path, cond: Condition, workdir: Path, args) -> di
             "--no-progress"]
     if args.steps is not None:
         argv += ["--steps", str(args.steps)]
-    _seed_torch(args)
-    t0 = time.monotonic()
-    with contextlib.redirect_stdout(sys.stderr):  # the tables alone go to stdout
-        rc = cli.main(argv)
-    train_s = time.monotonic() - t0
-    if rc != 0:
-        return {"error": f"lerf-ros train exited {rc}", "train_s": train_s, "rows": []}
+    reuse = getattr(args, "reuse_maps", False) and (map_dir / cli.TRAINING_INFO).is_file()
+    if reuse:  # a map trained by an earlier run with this workdir: only the queries run again
+        print(f"reusing {map_dir}", file=sys.stderr, flush=True)
+    else:
+        _seed_torch(args)
+        t0 = time.monotonic()
+        with contextlib.redirect_stdout(sys.stderr):  # the tables alone go to stdout
+            rc = cli.main(argv)
+        if rc != 0:
+            return {"error": f"lerf-ros train exited {rc}", "train_s": time.monotonic() - t0, "rows": []}
     engine = cli.load_engine(map_dir, args.device)
     info = json.loads((map_dir / cli.TRAINING_INFO).read_text())
+    train_s = info.get("train_seconds", float("nan")) if reuse else time.monotonic() - t0
     t0 = time.monotonic()
     rows = query_room(engine, room)
     return {"train_s": round(train_s, 1), "steps": info.get("steps"), "keyframes": info.get("keyframes"),
@@ -331,6 +350,7 @@ def main(argv=None) -> int:
     p.add_argument("--conditions", default="rgbd-colour,rgb-colour,rgbd-cliplike,rgb-cliplike")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: lerf-ros train's)")
     p.add_argument("--preset", default="tiny")
+    p.add_argument("--image-size", default="160x120", help="camera images WIDTHxHEIGHT")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
     p.add_argument("--torch-seed", type=int, default=0,
@@ -344,6 +364,9 @@ def main(argv=None) -> int:
                    help="comma-separated JSON files of earlier runs (e.g. two halves of the rooms run in "
                         "parallel): print and write their combined tables instead of running")
     p.add_argument("--workdir", type=Path, default=None, help="keep bags and maps here (default: a temp dir)")
+    p.add_argument("--reuse-maps", action="store_true",
+                   help="query the maps an earlier run left in --workdir instead of training them again "
+                        "(for query-side changes; train (s) is then the earlier run's)")
     p.add_argument("--out", type=Path, default=None, help="JSON path")
     args = p.parse_args(argv)
     if args.merge:
@@ -354,6 +377,7 @@ def main(argv=None) -> int:
     for cond in conditions:
         require_encoder(cond.encoder)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else list(range(args.rooms))
+    image_size = parse_size(args.image_size)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
@@ -365,7 +389,7 @@ def main(argv=None) -> int:
         results: dict[str, list[dict]] = {c.name: [] for c in conditions}
         t_start = time.monotonic()
         for seed in seeds:
-            room, bags, info = write_bags(seed, workdir, sorted({c.depth for c in conditions}))
+            room, bags, info = write_bags(seed, workdir, sorted({c.depth for c in conditions}), image_size)
             print(f"room {seed}: {info['size_m'][0]} x {info['size_m'][1]} m, {len(room.objects)} objects, "
                   f"{info['images']} images at {info['image_rate_hz']} Hz", file=sys.stderr, flush=True)
             for cond in conditions:

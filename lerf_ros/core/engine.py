@@ -594,30 +594,45 @@ class LERFEngine:
                 inside = ((points >= lo) & (points <= hi)).all(dim=1)
                 views = torch.where(inside, views, torch.zeros_like(views))
             kfs = [(i, self.store.get(i)) for i in ready_ids]
-            if views_only:
-                embed_fn = view_evidence.views_embed_fn(cset, kfs, self.pyramid, self.config.candidates)
-            else:
-                self.model.eval()
-                embed_fn = multiscale_embed_fn(self.model, qcfg.scales_m)
-            n_neg = len(negs)
-            result = locate(points, rgb, views, embed_fn, embeds[0], embeds[1:1 + n_neg], qcfg, threshold,
-                            with_cloud, scale_range=scale_range, query_text=text,
-                            competitor_embeds=embeds[1 + n_neg:], competitor_names=competitors,
-                            canonical_count=len(CANONICAL_NEGATIVES),
-                            view_fn=view_evidence.view_fn(cset, kfs, self.pyramid, self.config.candidates),
-                            refine_fn=self._refine_fn(cset, kfs, embeds[0],
-                                                      embeds[1:1 + len(CANONICAL_NEGATIVES)]),
-                            max_results=max_results)
+            n_neg, ccfg = len(negs), self.config.candidates
+
+            def run(from_views: bool) -> QueryResult:
+                if from_views:
+                    embed_fn = view_evidence.views_embed_fn(cset, kfs, self.pyramid, ccfg)
+                    rel_fn = view_evidence.views_relevancy_fn(cset, kfs, self.pyramid, ccfg, embeds[0],
+                                                              embeds[1:1 + n_neg], qcfg.temperature)
+                else:
+                    self.model.eval()
+                    embed_fn, rel_fn = multiscale_embed_fn(self.model, qcfg.scales_m), None
+                return locate(points, rgb, views, embed_fn, embeds[0], embeds[1:1 + n_neg], qcfg, threshold,
+                              with_cloud, scale_range=scale_range, query_text=text,
+                              competitor_embeds=embeds[1 + n_neg:], competitor_names=competitors,
+                              canonical_count=len(CANONICAL_NEGATIVES),
+                              view_fn=view_evidence.view_fn(cset, kfs, self.pyramid, ccfg),
+                              refine_fn=self._refine_fn(cset, kfs, embeds[0],
+                                                        embeds[1:1 + len(CANONICAL_NEGATIVES)]),
+                              relevancy_fn=rel_fn, max_results=max_results)
+
+            result = run(views_only)
+            from_views = views_only
+            if not result.found and not views_only and qcfg.views_fallback:
+                # The field may not have learnt an object its keyframes' crops show (few rays on a small
+                # or dark object): the views are searched on their own, with the same existence tests.
+                alt = run(True)
+                if alt.found:
+                    result, from_views = alt, True
             message = result.message
             if views_only:
                 message += " [from keyframe views only: the language field has not trained yet]"
             else:
+                if from_views:
+                    message += " [from keyframe views: the language field does not show it]"
                 conv = self.convergence()
                 if not conv.usable:
                     message += (f" [map still converging: progress {100 * conv.progress:.0f} %, step "
                                 f"{self.train_step}]")
             return dataclasses.replace(result, model_step=self.train_step, message=message,
-                                       source="views" if views_only else "field")
+                                       source="views" if from_views else "field")
 
     def _refine_fn(self, cset, kfs, text: torch.Tensor, canon: torch.Tensor):
         """`view_evidence.refine_fn` within the scene box; None when switched off or when every keyframe has

@@ -656,6 +656,28 @@ def test_query_before_training_answers_from_keyframe_views():
     assert bare.query("red box").message.startswith("no model yet")
 
 
+def test_objects_the_field_has_not_learnt_are_found_from_the_keyframe_views():
+    """A field trained two steps knows nothing: the field's answer is "not found", and the views fallback
+    (QueryConfig.views_fallback) finds the object from the keyframes' own crops, marked as such."""
+    room = SyntheticRoom(0)
+    frames = make_frames(room, orbit_trajectory(room, 12), default_intrinsics(96, 72))
+    cfg = _tiny()
+    engine = LERFEngine(cfg, "cpu")
+    _train_a_little(engine, frames)
+    assert engine.ready()
+    obj = next(o for o in room.objects if o.name == "red box")
+    engine.config = dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, views_fallback=False))
+    field = engine.query(obj.name)
+    assert not field.found and field.source == "field", field.message  # precondition: the field misses it
+    engine.config = cfg
+    res = engine.query(obj.name)
+    assert res.found and res.source == "views" and "language field does not show it" in res.message
+    p = res.location_world
+    assert np.all(p >= obj.box_min - 0.05) and np.all(p <= obj.box_max + 0.05)
+    absent = engine.query(room.absent_names[0])
+    assert not absent.found
+
+
 def test_pyramid_crops_come_from_the_full_resolution_frame(room_frames):
     """Ingest downsizes keyframes, but their CLIP crops are cut from the frame as it arrived."""
     big = [dataclasses.replace(f, image=np.repeat(np.repeat(f.image, 2, 0), 2, 1),

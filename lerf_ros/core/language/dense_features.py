@@ -181,12 +181,6 @@ class KeyframeFeatureStore:
             storage = self._banks[layout].storage
             return storage[slots.unsqueeze(1), cells].float()
 
-    def map_cells(self, layout: tuple, slots: Tensor, fn) -> Tensor:
-        """``fn`` applied to whole grids: slots (S,) -> fn((S, cells, D) float32) -> (S, cells)."""
-        with self.lock:
-            grids = self._banks[layout].storage[slots].float()
-        return fn(grids)
-
 
 class DenseFeatureCache:
     """Dense encoder feature maps per keyframe (stored fp16) and their bilinear interpolation."""

@@ -344,33 +344,36 @@ class ClipPyramid:
                 out[m] = (1 - tm) * both[:n] + tm * both[n:]
         return F.normalize(out, dim=1)
 
-    def sample_values(self, kf_ids: Tensor, uv: Tensor, tile_frac: Tensor,
-                      cell_fn: Callable[[Tensor], Tensor]) -> Tensor:
-        """A scalar per crop, interpolated like `sample` interpolates embeddings: ``cell_fn`` maps the
-        stored crop embeddings of whole keyframes (S, cells, D) float32 to (S, cells) values (e.g. their
-        relevancy to a query), which are then blended bilinearly and across the two nearest levels.
-        Cheaper than `sample` for many rows of few keyframes: D-dimensional rows are never gathered.
-        Returns (R,) float32.
-        """
-        r = self._check_rows(kf_ids, uv, tile_frac)
-        uv = uv.to(self.device, torch.float32)
-        lo, hi, t = self._level_pair(tile_frac)
-        out = torch.zeros(r, device=self.device)
+    def cell_values(self, kf_id: int, cell_fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """A scalar per stored crop of one keyframe (all levels): ``cell_fn`` maps its crop embeddings
+        (cells, D) float32 to (cells,) values (e.g. their relevancy to a query)."""
         with self.store.lock:
-            lay_idx, slots, layouts = self.store.lookup(kf_ids)
-            for li, lay in enumerate(layouts):
-                m = lay_idx == li
-                if not bool(m.any()):
-                    continue
-                _, geo = self._layout(*lay)
-                used, row = torch.unique(slots[m], return_inverse=True)
-                values = self.store.map_cells(lay, used, cell_fn)  # (S, cells)
-                n = int(m.sum())
-                cells, w = self._corners(geo, torch.cat([lo[m], hi[m]]), uv[m].repeat(2, 1))
-                both = (values[row.repeat(2).unsqueeze(1), cells] * w).sum(dim=1)
-                tm = t[m]
-                out[m] = (1 - tm) * both[:n] + tm * both[n:]
-        return out
+            grid = self.store.grid(int(kf_id))
+        return cell_fn(grid.float())
+
+    def cell_levels(self, kf_id: int, values: Tensor, uv: Tensor) -> Tensor:
+        """Per-crop scalars of one keyframe (`cell_values`) interpolated bilinearly between crop centres at
+        pixels uv (R, 2), on every level: (n_levels, R) float32 (`blend_levels` then picks the scale)."""
+        with self.store.lock:
+            size = self.store.layout(int(kf_id))
+        _, geo = self._layout(*size)
+        n_lv, r = self.fracs.numel(), uv.shape[0]
+        level = torch.arange(n_lv, device=self.device).repeat_interleave(r)
+        cells, w = self._corners(geo, level, uv.to(self.device, torch.float32).repeat(n_lv, 1))
+        return (values.to(self.device, torch.float32)[cells] * w).sum(dim=1).reshape(n_lv, r)
+
+    def blend_levels(self, per_level: Tensor, tile_frac: Tensor) -> Tensor:
+        """(n_levels, R) values (`cell_levels`) at tile fractions (R,) (clamped to the range), linear between
+        the two nearest levels as `sample` blends embeddings -> (R,)."""
+        lo, hi, t = self._level_pair(tile_frac)
+        cols = torch.arange(per_level.shape[1], device=per_level.device)
+        return (1 - t) * per_level[lo, cols] + t * per_level[hi, cols]
+
+    def sample_cells(self, kf_id: int, values: Tensor, uv: Tensor, tile_frac: Tensor) -> Tensor:
+        """`cell_levels` blended at tile_frac (R,): per-crop scalars interpolated as `sample` interpolates
+        embeddings, without gathering any D-dimensional row. Returns (R,) float32."""
+        self._check_rows(torch.empty(uv.shape[0]), uv, tile_frac)
+        return self.blend_levels(self.cell_levels(kf_id, values, uv), tile_frac)
 
     # ---- persistence ----------------------------------------------------------------------------
 

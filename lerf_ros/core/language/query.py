@@ -107,6 +107,8 @@ class QueryConfig:
     refine_radius_m:    a found target is moved to where the keyframes' views agree within this distance of
                         its cluster's centre (`view_evidence.refine_fn`; 0 = off), metres
     refine_step_m:      grid step of that search, metres
+    views_fallback:     when the language field finds nothing, the engine searches the keyframes' own crop
+                        embeddings (`view_evidence`) with the same existence tests (answer source "views")
     max_cloud_points:   the returned cloud keeps at most this many points (the most relevant)
     temperature:        relevancy temperature τ
     vocabulary:         competing phrases (see `ExistenceConfig`)
@@ -123,6 +125,7 @@ class QueryConfig:
     scale_slack: float = 1.25
     refine_radius_m: float = 0.4
     refine_step_m: float = 0.03
+    views_fallback: bool = True
     max_cloud_points: int = 20000
     temperature: float = 10.0
     vocabulary: tuple[str, ...] = DEFAULT_VOCABULARY
@@ -346,6 +349,7 @@ def locate(
     canonical_count: int | None = None,
     view_fn: Callable[[Tensor, float], tuple[Tensor, Tensor]] | None = None,
     refine_fn: Callable[[np.ndarray, float], np.ndarray | None] | None = None,
+    relevancy_fn: Callable[[Tensor, float], Tensor] | None = None,
     max_results: int = 1,
 ) -> QueryResult:
     """Locate a query among candidate surface points (module docstring).
@@ -360,6 +364,9 @@ def locate(
     of those points at that scale, one row per observation (keyframe that sees a point).
     refine_fn(location (3,), scale_m) -> (3,) or None: where the views place a found target near its
     cluster's centre (`view_evidence.refine_fn`); the target (and its box) moves there.
+    relevancy_fn(points (M, 3), scale_m) -> (M,): the query's relevancy (against all negatives) at every
+    point, for the scale search, when that is cheaper than embedding every point (`embed_fn` is then asked
+    only for cluster members and a sample); called with the same points tensor for every scale.
     max_results: 1..100 targets at most.
     """
     cfg = (config or QueryConfig()).validate()
@@ -417,8 +424,12 @@ def locate(
 
     # 1-2. relevancy at every scale, read only where trained; best scale by its robust top-k score.
     scales = torch.tensor(cfg.scales_m, dtype=torch.float32, device=dev)
-    _, _, table = scale_search(lambda s: embed_at(pts, s), text_embed, negative_embeds, scales,
-                               cfg.temperature, cfg.top_k)
+    if relevancy_fn is None:
+        _, _, table = scale_search(lambda s: embed_at(pts, s), text_embed, negative_embeds, scales,
+                                   cfg.temperature, cfg.top_k)
+    else:
+        table = torch.stack([_checked_relevancy(relevancy_fn(pts, float(s)), pts.shape[0])
+                             for s in cfg.scales_m]).to(dev)
     allowed = _allowed_scales(scales, rng, cfg.scale_slack, pts.shape[0])
     masked = torch.where(allowed, table, torch.zeros_like(table))
     k = max(1, min(cfg.top_k, pts.shape[0]))
@@ -597,6 +608,13 @@ def _view_support(view_fn, member_pts: Tensor, member_rel: Tensor, scale_m: floa
     votes = [float(q[view == v].mean()) > floor + cfg.existence.min_excess
              for v in torch.unique(view).tolist()]
     return float(np.mean(votes))
+
+
+def _checked_relevancy(r, n: int) -> Tensor:
+    if not isinstance(r, Tensor) or tuple(r.shape) != (n,) or not torch.isfinite(r).all():
+        shape = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+        raise ValueError(f"relevancy_fn returned {shape} (or non-finite values), expected ({n},)")
+    return r.float()
 
 
 def _refined(t: Target, refine_fn) -> Target:

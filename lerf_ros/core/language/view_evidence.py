@@ -4,8 +4,10 @@ A candidate point seen by keyframe k at pixel (u, v) and ray distance d is cover
 scale s metres, by a crop of tile fraction ``s * fy / (H * d)`` of the image height. Reading the stored
 pyramid embedding at (u, v) and that tile fraction gives what the encoder itself said about the place at
 that scale, from that view. ``view_fn`` returns those observations (for `core.language.query.locate`'s
-existence check); ``views_embed_fn`` averages them per point into an ``embed_fn``, which answers queries
-before the language field has trained.
+existence check); ``views_embed_fn`` averages them per point into an ``embed_fn``, and
+``views_relevancy_fn`` averages the views' relevancy per point (the cheap form `locate`'s scale search
+needs): together they answer queries from the views alone, before the language field has trained or where
+it has not learnt an object.
 
 ``refine_fn`` places an answer where the views agree, independently of the surface depth: every point of a
 small grid around it is scored by the mean relevancy, over the keyframes whose view reaches it, of their
@@ -110,6 +112,82 @@ def views_embed_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     return fn
 
 
+class _CellRelevancy:
+    """Relevancy of every stored crop of a keyframe to one query, computed once per keyframe, and its
+    interpolation at pixels and tile fractions (`ClipPyramid.sample_cells`)."""
+
+    def __init__(self, pyramid: ClipPyramid, text: Tensor, negatives: Tensor, temperature: float):
+        self.pyramid = pyramid
+        self._fn = lambda grid: relevancy(F.normalize(grid, dim=1), text, negatives, temperature)
+        self._cells: dict[int, Tensor] = {}
+
+    def _values(self, kf_id: int) -> Tensor:
+        if kf_id not in self._cells:
+            self._cells[kf_id] = self.pyramid.cell_values(kf_id, self._fn)
+        return self._cells[kf_id]
+
+    def sample(self, kf_id: int, uv: np.ndarray, frac: np.ndarray) -> Tensor:
+        return self.pyramid.sample_cells(kf_id, self._values(kf_id), torch.from_numpy(uv).float(),
+                                         torch.from_numpy(frac).float())
+
+    def levels(self, kf_id: int, uv: np.ndarray) -> Tensor:
+        """(n_levels, R): the relevancy at pixels uv on every pyramid level."""
+        return self.pyramid.cell_levels(kf_id, self._values(kf_id), torch.from_numpy(uv).float())
+
+
+def views_relevancy_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
+                       cfg: CandidateConfig, text: Tensor, negatives: Tensor, temperature: float):
+    """``relevancy_fn(points (M, 3), scale_m) -> (M,)`` for `locate`'s scale search: per point the mean,
+    over the keyframes that see it (`visible`), of the relevancy of their crops there at that scale
+    (views out of their tile range count 1e-3, as in `views_embed_fn`). Which keyframe sees which point
+    is worked out once per points tensor and each keyframe's crop relevancies once, so the scales cost
+    one scalar interpolation each. Points no keyframe sees get the median of the others."""
+    by_id = dict(frames)
+    cells = _CellRelevancy(pyramid, text, negatives, temperature)
+    lo, hi = pyramid.config.tile_fracs[0] / FRAC_SLACK, pyramid.config.tile_fracs[-1] * FRAC_SLACK
+    seen_by: dict = {"points": None}
+
+    def observe(points: Tensor) -> dict:
+        """Every (point, keyframe that sees it) pair: point index, image extent there and the relevancy
+        on every level, all keyframes concatenated (scale-independent, so worked out once)."""
+        if seen_by["points"] is not points:
+            pts = points.detach().double().cpu().numpy()
+            idx, extent, levels = [], [], []
+            for kf_id in ([] if cset.grid_ids is None else cset.grid_ids.tolist()):
+                kf = by_id.get(int(kf_id))
+                if kf is None or not pyramid.ready(int(kf_id)):
+                    continue
+                seen, uv, dist = visible(pts, kf, cset.grid_of(kf_id), cfg.pixel_stride, cfg)
+                hit = np.nonzero(seen)[0]
+                if hit.size:
+                    idx.append(torch.from_numpy(hit))
+                    extent.append(torch.from_numpy(kf.intrinsics.height * dist[hit] / kf.intrinsics.fy))
+                    levels.append(cells.levels(int(kf_id), uv[hit]).cpu())
+            seen_by.update(points=points, idx=torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long),
+                           extent=torch.cat(extent) if extent else torch.zeros(0, dtype=torch.float64),
+                           levels=torch.cat(levels, dim=1) if levels else None)
+        return seen_by
+
+    def fn(points: Tensor, scale_m: float) -> Tensor:
+        m = points.shape[0]
+        obs = observe(points)
+        total = torch.zeros(m, dtype=torch.float64)
+        weight = torch.zeros(m, dtype=torch.float64)
+        if obs["levels"] is not None:
+            frac = scale_m / obs["extent"]
+            w = torch.where((frac >= lo) & (frac <= hi), 1.0, _OUT_OF_RANGE_WEIGHT).double()
+            r = pyramid.blend_levels(obs["levels"], frac.float()).double().cpu()
+            total.index_add_(0, obs["idx"], r * w)
+            weight.index_add_(0, obs["idx"], w)
+        seen = weight > 0
+        out = torch.where(seen, total / weight.clamp_min(1e-12), torch.zeros_like(total))
+        if bool(seen.any()) and not bool(seen.all()):
+            out[~seen] = out[seen].median()
+        return out.float().to(points.device)
+
+    return fn
+
+
 def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
               cfg: CandidateConfig, text: Tensor, canon: Tensor, temperature: float, radius_m: float,
               step_m: float, min_views: int = 3, box: tuple[np.ndarray, np.ndarray] | None = None):
@@ -125,10 +203,7 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
     ax = np.arange(-radius_m, radius_m + 0.5 * step_m, step_m)
     cube = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3)
 
-    def cell_relevancy(grids: Tensor) -> Tensor:
-        s, c, d = grids.shape
-        return relevancy(F.normalize(grids.reshape(s * c, d), dim=1), text, canon, temperature).reshape(s, c)
-
+    cells = _CellRelevancy(pyramid, text, canon, temperature)
     reach = radius_m * math.sqrt(3.0)
 
     def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:
@@ -152,9 +227,7 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
             idx = np.nonzero(seen)[0]
             if idx.size == 0:
                 continue
-            r = pyramid.sample_values(torch.full((idx.size,), int(kf_id), dtype=torch.long),
-                                      torch.from_numpy(uv[idx]).float(), torch.from_numpy(frac[idx]).float(),
-                                      cell_relevancy)
+            r = cells.sample(int(kf_id), uv[idx], frac[idx])
             total[idx] += r.double().cpu().numpy()
             count[idx] += 1
         if count.size == 0 or count.max() < min_views:

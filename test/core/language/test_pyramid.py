@@ -98,21 +98,23 @@ def test_halfway_between_two_centres(pyr):
     assert torch.allclose(_sample(pyr, 0.0, 0.0, 0.25), _sample(pyr, 4.5, 4.5, 0.25), atol=1e-6)
 
 
-def test_scalar_values_blend_like_embeddings(pyr):
-    """sample_values: a per-crop scalar (here the crop centre's u), bilinear between centres and linear
-    between levels; u is linear in the image, so every interior point reads its own u exactly."""
-    def centre_u(g):
-        return g[..., 0] / g[..., 2] * (W - 1)
-
+def test_per_crop_scalars_blend_like_embeddings(pyr):
+    """cell_values / sample_cells: a per-crop scalar (here the crop centre's u), bilinear between centres
+    and linear between levels; u is linear in the image, so every interior point reads its own u exactly."""
+    values = pyr.cell_values(3, lambda g: g[:, 0] / g[:, 2] * (W - 1))
+    assert values.shape == (6 * 4 + 5 * 3,)
     uv = torch.tensor([[14.5, 24.5], [17.0, 24.5], [12.3, 11.1], [30.0, 20.0]])
     for frac in (0.25, 0.3, 0.5):
-        got = pyr.sample_values(torch.full((4,), 3), uv, torch.full((4,), frac), centre_u)
+        got = pyr.sample_cells(3, values, uv, torch.full((4,), frac))
         torch.testing.assert_close(got, uv[:, 0], atol=1e-3, rtol=0)
+    levels = pyr.cell_levels(3, values, uv)
+    assert levels.shape == (2, 4)
+    torch.testing.assert_close(pyr.blend_levels(levels, torch.full((4,), 0.3)), uv[:, 0], atol=1e-3, rtol=0)
     # beyond the outermost centre: the edge crop's value, as `sample` clamps
-    edge = pyr.sample_values(torch.tensor([3]), torch.tensor([[0.0, 0.0]]), torch.tensor([0.25]), centre_u)
+    edge = pyr.sample_cells(3, values, torch.tensor([[0.0, 0.0]]), torch.tensor([0.25]))
     assert float(edge) == pytest.approx(4.5, abs=1e-3)
     with pytest.raises(ValueError):
-        pyr.sample_values(torch.tensor([3, 3]), torch.zeros(1, 2), torch.tensor([0.25]), centre_u)
+        pyr.sample_cells(3, values, torch.zeros(2, 2), torch.tensor([0.25]))
 
 
 def test_between_scales(pyr):

@@ -82,22 +82,37 @@ def test_the_box_clips_the_search(scene):
     assert out is None or np.all(out >= lo - 1e-9)
 
 
-def test_pyramid_values_match_the_relevancy_of_sampled_embeddings_at_crop_centres(scene):
-    """`sample_values` of relevancy == relevancy of `sample` where a crop centre and a level are hit."""
+def test_pyramid_cell_relevancy_matches_the_relevancy_of_sampled_embeddings_at_crop_centres(scene):
+    """`sample_cells` of crop relevancies == relevancy of `sample` where a crop centre and a level are hit."""
     _, _, _, enc, pyr, *_ = scene
-
     emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
     lv = pyr.levels(72, 96)[1]
     frac = torch.tensor([CFG.pyramid.tile_fracs[1]] * 3)
     uv = torch.tensor([[lv.centre0[0] + j * lv.stride_px, lv.centre0[1] + i * lv.stride_px]
                        for i, j in ((0, 0), (1, 2), (lv.ny - 1, lv.nx - 1))], dtype=torch.float32)
-    ids = torch.tensor([0, 1, 2])
-
     def cell_fn(g):
-        s, c, d = g.shape
-        unit = torch.nn.functional.normalize(g.reshape(s * c, d), dim=1)
-        return relevancy(unit, emb[0], emb[1:]).reshape(s, c)
+        return relevancy(torch.nn.functional.normalize(g, dim=1), emb[0], emb[1:])
 
-    got = pyr.sample_values(ids, uv, frac, cell_fn)
-    want = relevancy(pyr.sample(ids, uv, frac), emb[0], emb[1:])
-    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    for kf in (0, 2):
+        values = pyr.cell_values(kf, cell_fn)
+        got = pyr.sample_cells(kf, values, uv, frac)
+        want = relevancy(pyr.sample(torch.full((3,), kf), uv, frac), emb[0], emb[1:])
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+
+
+def test_views_relevancy_is_high_on_the_named_object_and_low_elsewhere(scene):
+    room, obj, _, enc, pyr, cset, kfs = scene
+    other = next(o for o in room.objects if o.name == "magenta cylinder")
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    fn = view_evidence.views_relevancy_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:],
+                                          CFG.query.temperature)
+    up = np.array([0.0, 0.0, 1.0])  # the top faces every camera looks down on
+    points = torch.tensor(np.stack([obj.center + up * obj.size[2] / 2, other.center + up * other.size[2] / 2,
+                                    [0.0, 0.0, 30.0]]), dtype=torch.float32)
+    for scale in (0.1, 0.3):
+        r = fn(points, scale)
+        assert r.shape == (3,) and torch.isfinite(r).all()
+        assert r[0] > 0.8 and r[1] < 0.5, (scale, r)
+        assert r[2] == r[:2].median()  # seen by no keyframe: the median of the others
+    # the same points tensor for every scale: visibility is worked out once
+    assert fn(points, 0.2).shape == (3,)
