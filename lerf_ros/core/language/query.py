@@ -300,6 +300,7 @@ class _Candidate:
     score: float
     peak: int
     level: float = 0.0  # the relevancy its members were grown above
+    blobs: tuple[Tensor, Tensor] | None = None  # points above ``level`` and their blob labels, once needed
 
 
 def _allowed_scales(scales: Tensor, scale_range: Tensor | None, slack: float, n: int) -> Tensor:
@@ -465,8 +466,7 @@ def locate(
         emb_s = _embed_members(embed_at, pts, sample, read, scales)
         comp_median = _phrase_relevancy(emb_s, comp_emb, canon, cfg.temperature).median(dim=1).values
         q_median = float(relevancy(emb_s, text_embed, canon, cfg.temperature).median())
-    targets = []
-    for c in cands:
+    def evidence(c: _Candidate, conf: float, z: float) -> Target:
         members = c.members
         comp, comp_score, gap = "", 0.0, 0.0
         if comp_emb is not None:
@@ -478,10 +478,6 @@ def locate(
             j = int(excess.argmax())
             comp, comp_score = comp_names[j], float(top[j])
             gap = float(excess[j]) - (q_score - q_median)
-        z = (c.score - med) / spread
-        conf = (_sigmoid((c.score - 0.5 - ex.min_excess) / ex.excess_width)
-                * _sigmoid((z - ex.z0) / ex.z_width))
-        if comp:
             conf *= _sigmoid((ex.competitor_margin - gap) / ex.competitor_width)
         support = float("nan")
         if view_fn is not None:
@@ -492,12 +488,27 @@ def locate(
                 conf *= 1.0 - ex.view_weight * (1.0 - support)
         w = (rel[members] - rel[members].min() + 1e-3).double()
         p = pts[members].double()
-        targets.append(Target(
+        return Target(
             location_world=((p * w[:, None]).sum(0) / w.sum()).cpu().numpy(),
             box_min=p.min(0).values.cpu().numpy(), box_max=p.max(0).values.cpu().numpy(),
             relevancy=c.score, confidence=float(conf), point_count=int(members.numel()),
             scale_m=float(cfg.scales_m[int(read[c.peak])]),
-            view_support=support, competitor=comp, competitor_relevancy=comp_score, z_score=float(z)))
+            view_support=support, competitor=comp, competitor_relevancy=comp_score, z_score=float(z))
+
+    # The competing-phrase and view factors only lower a confidence (each <= 1), so the clusters are weighed
+    # in order of their confidence without them, and the rest are skipped once none can change the answer.
+    bounds = []
+    for c in cands:
+        z = (c.score - med) / spread
+        bound = (_sigmoid((c.score - 0.5 - ex.min_excess) / ex.excess_width)
+                 * _sigmoid((z - ex.z0) / ex.z_width))
+        bounds.append((bound, z, c))
+    bounds.sort(key=lambda b: b[0], reverse=True)
+    targets: list[Target] = []
+    for bound, z, c in bounds:
+        if targets and not _may_matter(bound, targets, thr, int(max_results)):
+            break
+        targets.append(evidence(c, bound, z))
 
     # 5. best first; the found ones up to max_results.
     targets.sort(key=lambda t: (t.confidence, t.relevancy), reverse=True)
@@ -571,8 +582,10 @@ def _same_object(pts: Tensor, rel: Tensor, c: _Candidate, seed: int, link: float
     object reached from another peak (it is larger than c's growth radius)."""
     if float(rel[seed]) < c.level:
         return False
-    above = (rel >= c.level).nonzero().squeeze(1)
-    labels = cluster_labels(pts[above], link)
+    if c.blobs is None:  # the same for every later seed: labelled once per cluster
+        above = (rel >= c.level).nonzero().squeeze(1)
+        c.blobs = (above, cluster_labels(pts[above], link))
+    above, labels = c.blobs
     # ``above`` is sorted (nonzero) and holds both: their positions by binary search, not a Python scan
     pos = torch.searchsorted(above, torch.tensor([seed, c.peak], device=above.device))
     return bool(labels[pos[0]] == labels[pos[1]])
@@ -608,6 +621,15 @@ def _view_support(view_fn, member_pts: Tensor, member_rel: Tensor, scale_m: floa
     votes = [float(q[view == v].mean()) > floor + cfg.existence.min_excess
              for v in torch.unique(view).tolist()]
     return float(np.mean(votes))
+
+
+def _may_matter(bound: float, targets: list[Target], thr: float, k: int) -> bool:
+    """Whether a cluster whose confidence is at most ``bound`` could still be among the k found targets or,
+    when nothing is found, be the best rejected one (ties count: relevancy breaks them)."""
+    found = sorted((t.confidence for t in targets if t.confidence >= thr), reverse=True)
+    if bound >= thr:
+        return len(found) < k or bound >= found[k - 1]
+    return not found and bound >= max(t.confidence for t in targets)
 
 
 def _checked_relevancy(r, n: int) -> Tensor:

@@ -278,6 +278,45 @@ def test_several_instances_best_first():
     assert np.allclose(one.location_world, first.location_world)
 
 
+def test_evidence_is_weighed_only_for_clusters_that_can_change_the_answer():
+    """Two red blobs, both found: for one result the view evidence of the weaker one cannot change the
+    answer and is not computed; for two results it is."""
+    pts, rgb, views = _scene()
+    twin_c = torch.tensor([0.0, -0.8, 0.2])
+    pts2 = torch.cat([pts, _sphere(twin_c, 0.1, 400, 5)])
+    rgb2 = torch.cat([rgb, torch.full((400, 3), 200, dtype=torch.uint8)])
+    views2 = torch.cat([views, torch.full((400,), 5)])
+    calls = []
+
+    def two_reds(p, s):  # the twin is weakly red: confidence 0.9995 against the first one's 1.0
+        e = toy_field(p, s)
+        in_twin = ((p - twin_c).norm(dim=1) < 0.12).unsqueeze(1)
+        return torch.where(in_twin, F.normalize(GENERIC + 1.05 * RED, dim=0).expand_as(e), e)
+
+    def view_fn(p, s):  # the views agree with the field
+        calls.append(p.shape[0])
+        return two_reds(p, s), torch.arange(p.shape[0]) % 3
+
+    both = locate(pts2, rgb2, views2, two_reds, RED, NEGS, CFG, view_fn=view_fn, max_results=2)
+    assert len(both.targets) == 2 and len(calls) == 2
+    calls.clear()
+    one = locate(pts2, rgb2, views2, two_reds, RED, NEGS, CFG, view_fn=view_fn)
+    assert len(one.targets) == 1 and len(calls) == 1
+    np.testing.assert_allclose(one.location_world, both.targets[0].location_world)
+    # nothing found (the views halve both confidences, below a 0.6 threshold): the twin's bound (0.9995)
+    # beats the first one's weighed confidence (0.5), so it is weighed too, and the best rejected is reported
+    calls.clear()
+
+    def disagree(p, s):
+        calls.append(p.shape[0])
+        return GENERIC.expand(p.shape[0], 4), torch.arange(p.shape[0]) % 3
+
+    none = locate(pts2, rgb2, views2, two_reds, RED, NEGS, CFG, threshold=0.6, view_fn=disagree)
+    assert not none.found and len(calls) == 2
+    assert none.confidence == pytest.approx(0.5, abs=1e-3)
+    assert none.relevancy == pytest.approx(0.989, abs=1e-3)
+
+
 def test_views_that_do_not_support_a_field_peak_lower_its_confidence():
     def agree(p, s):
         return like_field(p, s), torch.arange(p.shape[0]) % 3
