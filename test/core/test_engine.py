@@ -710,7 +710,8 @@ def test_a_query_before_the_map_is_usable_says_it_is_still_converging(room_frame
     _train_a_little(engine, room_frames[:3], steps=2)
     assert engine.ready() and not engine.usable()
     res = engine.query("red box")
-    assert "map still converging" in res.message and res.source == "field"
+    assert "map still converging" in res.message  # from the field or, where it shows nothing, the views
+    assert res.source in ("field", "views") and res.model_step == 2
 
 
 

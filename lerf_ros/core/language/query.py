@@ -357,8 +357,10 @@ def locate(
 
     points_world: (N, 3) float32 world metres; rgb: (N, 3) uint8; view_counts: (N,) int keyframes that
     saw each point (numpy or torch); embed_fn(points (M, 3), scale_m) -> (M, D) unit language
-    embeddings; text_embed (D,) unit; negative_embeds (K, D) unit, the first ``canonical_count`` of them
-    the canonical ones (default: all); threshold (confidence, [0, 1]) overrides config.threshold.
+    embeddings (an embed_fn with a true ``per_point_scale`` attribute also takes scale_m as an (M,) tensor,
+    one scale per point, which saves a call per scale); text_embed (D,) unit; negative_embeds (K, D) unit,
+    the first ``canonical_count`` of them the canonical ones (default: all); threshold (confidence, [0, 1])
+    overrides config.threshold.
     scale_range: (N, 2) metres, the language scales each point was supervised at (NaN = unknown).
     competitor_embeds (C, D) with competitor_names (C,): phrases that may explain a peak better.
     view_fn(points (M, 3), scale_m) -> (embeds (O, D), view (O,) long): the keyframes' own crop embeddings
@@ -414,7 +416,9 @@ def locate(
             rng = _merge_ranges(pts, rng, cfg.voxel_m)
         pts, col = _voxel_merge(pts, col, cfg.voxel_m)
 
-    def embed_at(points: Tensor, scale_m: float) -> Tensor:
+    per_point = bool(getattr(embed_fn, "per_point_scale", False))
+
+    def embed_at(points: Tensor, scale_m: float | Tensor) -> Tensor:
         e = embed_fn(points, scale_m)
         if not isinstance(e, Tensor) or tuple(e.shape) != (points.shape[0], d) or not torch.isfinite(e).all():
             shape = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
@@ -463,14 +467,14 @@ def locate(
     if comp_emb is not None:
         g = torch.Generator(device="cpu").manual_seed(0)
         sample = torch.randperm(pts.shape[0], generator=g)[:_MEDIAN_SAMPLE].to(dev)
-        emb_s = _embed_members(embed_at, pts, sample, read, scales)
+        emb_s = _embed_members(embed_at, pts, sample, read, scales, per_point)
         comp_median = _phrase_relevancy(emb_s, comp_emb, canon, cfg.temperature).median(dim=1).values
         q_median = float(relevancy(emb_s, text_embed, canon, cfg.temperature).median())
     def evidence(c: _Candidate, conf: float, z: float) -> Target:
         members = c.members
         comp, comp_score, gap = "", 0.0, 0.0
         if comp_emb is not None:
-            emb = _embed_members(embed_at, pts, members, read, scales)
+            emb = _embed_members(embed_at, pts, members, read, scales, per_point)
             q_score = _padded_top_k_mean(relevancy(emb, text_embed, canon, cfg.temperature), cfg.top_k)
             scores = _phrase_relevancy(emb, comp_emb, canon, cfg.temperature)  # (C, M)
             top = scores.topk(min(cfg.top_k, scores.shape[1]), dim=1).values.sum(dim=1) / cfg.top_k
@@ -596,9 +600,13 @@ def _halo(pts: Tensor, c: _Candidate, seed: int, seed_scale_m: float) -> bool:
     return float((pts[c.members] - pts[seed]).norm(dim=1).min()) <= 0.5 * seed_scale_m
 
 
-def _embed_members(embed_at, pts: Tensor, members: Tensor, read: Tensor, scales: Tensor) -> Tensor:
-    """(M, D) embeddings of the members, each at its read scale."""
+def _embed_members(embed_at, pts: Tensor, members: Tensor, read: Tensor, scales: Tensor,
+                   per_point: bool = False) -> Tensor:
+    """(M, D) embeddings of the members, each at its read scale: one call with a (M,) scale tensor when the
+    embed_fn takes one (``per_point``), else one call per scale."""
     idx = read[members]
+    if per_point:
+        return embed_at(pts[members], scales[idx])
     out = None
     for s in torch.unique(idx).tolist():
         m = idx == s

@@ -21,11 +21,17 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
     """``embed_fn(points (N, 3), scale_m) -> (N, D)`` for `locate`: at the first of ``scales_m`` asked
     for, evaluates the language hash grids once for a block of the following scales
     (``model.clip_multiscale``, (S_block, N, D) float32 bounded by ``budget_bytes``) and answers the
-    next calls from it; a scale not in ``scales_m`` is evaluated alone (``clip_at_points``)."""
+    next calls from it; a scale not in ``scales_m``, or an (N,) tensor of one scale per point, is evaluated
+    alone (``clip_at_points``)."""
     index = {float(np.float32(s)): i for i, s in enumerate(scales_m)}  # locate passes float32 values
     block: dict = {"pts": None, "start": 0, "emb": None}
 
-    def embed_fn(pts: torch.Tensor, scale_m: float) -> torch.Tensor:
+    def embed_fn(pts: torch.Tensor, scale_m: float | torch.Tensor) -> torch.Tensor:
+        if isinstance(scale_m, torch.Tensor):  # one scale per point
+            if scale_m.numel() != 1:
+                with torch.no_grad():
+                    return model.clip_at_points(pts, scale_m)
+            scale_m = float(scale_m.reshape(-1)[0])
         i = index.get(float(np.float32(scale_m)))
         if i is None:
             with torch.no_grad():
@@ -36,4 +42,5 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
             block.update(pts=pts, start=i, emb=model.clip_multiscale(pts, scales))
         return block["emb"][i - block["start"]]
 
+    embed_fn.per_point_scale = True
     return embed_fn

@@ -42,9 +42,10 @@ _OUT_OF_RANGE_WEIGHT = 1e-3
 BEHIND_REL, BEHIND_M = 0.1, 0.1
 
 
-def observations(points: Tensor, scale_m: float, cset: CandidateSet, frames: dict[int, Frame],
+def observations(points: Tensor, scale_m: float | Tensor, cset: CandidateSet, frames: dict[int, Frame],
                  pyramid: ClipPyramid, cfg: CandidateConfig, in_range_only: bool = True):
-    """Crop embeddings of ``points`` (M, 3) world metres at ``scale_m`` from every keyframe that sees them.
+    """Crop embeddings of ``points`` (M, 3) world metres at ``scale_m`` (metres, or (M,): one per point)
+    from every keyframe that sees them.
 
     Returns embeds (O, D) float32 unit, point (O,) long index into points, view (O,) long keyframe id,
     in_range (O,) bool (the tile fraction lies within the pyramid's, up to FRAC_SLACK); with
@@ -52,6 +53,8 @@ def observations(points: Tensor, scale_m: float, cset: CandidateSet, frames: dic
     """
     dev = pyramid.device
     pts = points.detach().double().cpu().numpy()
+    scale = (scale_m.detach().double().cpu().numpy().reshape(-1) if isinstance(scale_m, Tensor)
+             else np.full(pts.shape[0], float(scale_m)))
     lo, hi = pyramid.config.tile_fracs[0] / FRAC_SLACK, pyramid.config.tile_fracs[-1] * FRAC_SLACK
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
     for kf_id in ([] if cset.grid_ids is None else cset.grid_ids.tolist()):
@@ -60,7 +63,7 @@ def observations(points: Tensor, scale_m: float, cset: CandidateSet, frames: dic
             continue
         seen, uv, dist = visible(pts, kf, cset.grid_of(kf_id), cfg.pixel_stride, cfg)
         with np.errstate(divide="ignore", invalid="ignore"):
-            frac = scale_m * kf.intrinsics.fy / (kf.intrinsics.height * dist)
+            frac = scale * kf.intrinsics.fy / (kf.intrinsics.height * dist)
         ok = seen & (frac >= lo) & (frac <= hi) if in_range_only else seen
         idx = np.nonzero(ok)[0]
         if idx.size:
@@ -96,7 +99,7 @@ def views_embed_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     sees gets the mean over all observations, so the output is always defined)."""
     by_id = dict(frames)
 
-    def fn(points: Tensor, scale_m: float) -> Tensor:
+    def fn(points: Tensor, scale_m: float | Tensor) -> Tensor:
         emb, idx, _, in_range = observations(points, scale_m, cset, by_id, pyramid, cfg, in_range_only=False)
         m = points.shape[0]
         out = torch.zeros(m, pyramid.dim, device=emb.device)
@@ -109,6 +112,7 @@ def views_embed_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         out[empty] = emb.mean(dim=0)
         return F.normalize(out, dim=1).to(points.device)
 
+    fn.per_point_scale = True
     return fn
 
 
