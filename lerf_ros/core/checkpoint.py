@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,35 +71,66 @@ def frame_hash(image: np.ndarray, depth: np.ndarray | None = None) -> str:
     return h.hexdigest()
 
 
-def _sha256(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader (or a process killed mid-write) sees the old file or the
+    new one, never a part: written to ``<name>.tmp``, flushed and fsync'ed, renamed over ``path``, and the
+    directory fsync'ed so the rename itself survives a power cut. ``core/journal.py`` uses the two halves
+    (``write_synced`` + its own rename) to decide under its lock whether the file is still wanted."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    write_synced(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it (the first half of `write_atomic`)."""
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def _torch_bytes(obj) -> bytes:
+def fsync_dir(path: Path) -> None:
+    """Make renames / unlinks in directory ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def torch_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 
-def _npz_bytes(arrays: dict) -> bytes:
+def npz_bytes(arrays: dict) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
     return buf.getvalue()
 
 
-def _read_npz(blob: bytes, file: Path) -> dict[str, np.ndarray]:
+def read_npz(blob: bytes, file: Path) -> dict[str, np.ndarray]:
+    """The arrays of an npz file's bytes; ValueError naming ``file`` when they cannot be read. Arrays of
+    Python objects (which only a pickle can hold) are refused as foreign: no lerf_ros file has them."""
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):  # numpy's advice to allow pickles is the wrong one for a map
+            raise ValueError(f"{file}: holds Python object arrays, not plain arrays: not a lerf_ros "
+                             f"file (corrupted or replaced)") from None
+        raise ValueError(f"{file}: cannot be read as npz: {exc}") from exc
     except Exception as exc:  # zip / format errors of a foreign file
         raise ValueError(f"{file}: cannot be read as npz: {exc}") from exc
 
@@ -111,16 +143,16 @@ def save_map(path: str | os.PathLike, data: MapData) -> None:
     if missing:
         raise ValueError(f"keyframes lack arrays {missing}")
     blobs = {
-        WEIGHTS: _torch_bytes({"model": data.model_state, "trainer": data.trainer_state}),
-        KEYFRAMES: _npz_bytes(data.keyframes),
-        FEATURES: _torch_bytes(data.features),
+        WEIGHTS: torch_bytes({"model": data.model_state, "trainer": data.trainer_state}),
+        KEYFRAMES: npz_bytes(data.keyframes),
+        FEATURES: torch_bytes(data.features),
     }
     if data.candidates is not None:
-        blobs[CANDIDATES] = _npz_bytes(data.candidates)
+        blobs[CANDIDATES] = npz_bytes(data.candidates)
     elif (root / CANDIDATES).exists():
         (root / CANDIDATES).unlink()  # an older save's set, not valid for this one
     for name, blob in blobs.items():
-        _write_atomic(root / name, blob)
+        write_atomic(root / name, blob)
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -128,9 +160,9 @@ def save_map(path: str | os.PathLike, data: MapData) -> None:
         "encoders": dict(data.encoders),
         "step": int(data.step),
         "scene_box": None if data.scene_box is None else np.asarray(data.scene_box, np.float64).tolist(),
-        "files": {name: {"sha256": _sha256(b), "bytes": len(b)} for name, b in blobs.items()},
+        "files": {name: {"sha256": sha256_hex(b), "bytes": len(b)} for name, b in blobs.items()},
     }
-    _write_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    write_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
 def _read_manifest(root: Path) -> dict:
@@ -169,12 +201,14 @@ def _read_checked(root: Path, manifest: dict, name: str) -> bytes:
     blob = file.read_bytes()
     if len(blob) != entry["bytes"]:
         raise ValueError(f"{file}: {len(blob)} bytes, manifest says {entry['bytes']} (truncated?)")
-    if _sha256(blob) != entry["sha256"]:
+    if sha256_hex(blob) != entry["sha256"]:
         raise ValueError(f"{file}: checksum mismatch (corrupted or replaced)")
     return blob
 
 
-def _torch_load(blob: bytes, file: Path):
+def torch_load(blob: bytes, file: Path):
+    """``torch.load`` of a file's bytes with ``weights_only`` (tensors and plain containers, no code);
+    ValueError naming ``file`` when they cannot be read."""
     try:
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors of a foreign file all mean the same to the caller
@@ -211,16 +245,16 @@ def load_map(path: str | os.PathLike) -> MapData:
     """Read and fully validate a map directory; raise ValueError naming the offending file."""
     root = Path(path)
     manifest = _read_manifest(root)
-    weights = _torch_load(_read_checked(root, manifest, WEIGHTS), root / WEIGHTS)
+    weights = torch_load(_read_checked(root, manifest, WEIGHTS), root / WEIGHTS)
     if not isinstance(weights, dict) or not isinstance(weights.get("model"), dict):
         raise ValueError(f"{root / WEIGHTS}: no model state dict")
-    keyframes = _read_npz(_read_checked(root, manifest, KEYFRAMES), root / KEYFRAMES)
+    keyframes = read_npz(_read_checked(root, manifest, KEYFRAMES), root / KEYFRAMES)
     _check_keyframes(keyframes, root / KEYFRAMES)
-    features = _torch_load(_read_checked(root, manifest, FEATURES), root / FEATURES)
+    features = torch_load(_read_checked(root, manifest, FEATURES), root / FEATURES)
     _check_features(features, keyframes, root / FEATURES)
     cands = None
     if CANDIDATES in manifest["files"]:
-        cands = _read_npz(_read_checked(root, manifest, CANDIDATES), root / CANDIDATES)
+        cands = read_npz(_read_checked(root, manifest, CANDIDATES), root / CANDIDATES)
         try:
             CandidateSet.from_arrays(cands)
         except ValueError as exc:
@@ -253,6 +287,22 @@ def check_state_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], f
 
 
 # ---------------------------------------------------------------------- engine <-> map directory
+def detached_copy(obj):
+    """A deep copy of nested dicts / lists / tuples of tensors (to host memory) and arrays: a snapshot
+    taken under the engine lock that later training steps cannot change (``ros/map_io.py``, the journal)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, Mapping):
+        return {k: detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [detached_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(detached_copy(v) for v in obj)
+    return obj  # numbers, strings, None: immutable
+
+
 def save_engine(engine, path: str | os.PathLike) -> None:
     """Snapshot an `LERFEngine` (caller holds ``engine.lock``) into a map directory.
 
@@ -285,48 +335,70 @@ def save_engine(engine, path: str | os.PathLike) -> None:
 def load_engine(cls, path: str | os.PathLike, device: str = "auto"):
     """Build ``cls`` (an `LERFEngine`) from a map directory; every piece is validated on the new engine
     before it is returned, so a bad map raises ValueError naming the file and nothing is half-loaded."""
-    from .fields.scene_box import SceneBox
-    from .frames.keyframes import KeyframeStore
-    from .presets import EngineConfig
-
     root = Path(path)
     data = load_map(root)
+    engine = engine_for_config(cls, data.config, device, root / MANIFEST)
+    check_encoders(engine, data.encoders, root / MANIFEST)
+    fill_engine(engine, data, {"manifest": root / MANIFEST, "weights": root / WEIGHTS,
+                               "keyframes": root / KEYFRAMES, "features": root / FEATURES})
+    return engine
+
+
+def engine_for_config(cls, config_dict: dict, device: str, file) -> object:
+    """``cls(EngineConfig.from_dict(config_dict), device)``; a bad config is a ValueError naming ``file``."""
+    from .presets import EngineConfig
+
     try:
-        config = EngineConfig.from_dict(data.config)
+        config = EngineConfig.from_dict(config_dict)
     except ValueError as exc:
-        raise ValueError(f"{root / MANIFEST}: bad engine config: {exc}") from exc
-    engine = cls(config, device)
+        raise ValueError(f"{file}: bad engine config: {exc}") from exc
+    return cls(config, device)
+
+
+def check_encoders(engine, encoders: dict, file) -> None:
+    """Features made by other encoders than ``engine``'s mean nothing to it: ValueError naming ``file``."""
     for key, enc in (("clip", engine.clip_encoder), ("dino", engine.dino_encoder)):
-        if data.encoders.get(key) != enc.name:
-            raise ValueError(f"{root / MANIFEST}: map was built with {key} encoder "
-                             f"{data.encoders.get(key)!r}, the configured one is {enc.name!r}")
+        if encoders.get(key) != enc.name:
+            raise ValueError(f"{file}: map was built with {key} encoder "
+                             f"{encoders.get(key)!r}, the configured one is {enc.name!r}")
+
+
+def fill_engine(engine, data: MapData, files: dict) -> None:
+    """Give a freshly built ``engine`` the keyframes, features and model of ``data`` (validated ``MapData``:
+    from a map directory, or assembled by ``core/journal.py``). ``files`` names what each piece came from
+    ("manifest", "weights", "keyframes", "features") for the errors. A ValueError can leave the engine
+    partly filled: the caller discards it (``load_engine``) or resets it (``Journal.resume``)."""
+    from .fields.scene_box import SceneBox
+    from .frames.keyframes import KeyframeStore
+
+    config = engine.config
     try:
         store = KeyframeStore.from_arrays(config.keyframes, data.keyframes)
     except ValueError as exc:
-        raise ValueError(f"{root / KEYFRAMES}: {exc}") from exc
+        raise ValueError(f"{files['keyframes']}: {exc}") from exc
     caches = data.features["caches"]
     for key, cache in (("clip", engine.pyramid), ("dino", engine.dense)):
         if key not in caches:
-            raise ValueError(f"{root / FEATURES}: no {key} features")
+            raise ValueError(f"{files['features']}: no {key} features")
         try:
             cache.load_state_dict(caches[key])
         except ValueError as exc:
-            raise ValueError(f"{root / FEATURES}: {exc}") from exc
+            raise ValueError(f"{files['features']}: {exc}") from exc
         stray = sorted(set(cache.store.ids()) - set(store.ids()))
         if stray:
-            raise ValueError(f"{root / FEATURES}: {key} features for unknown keyframes {stray[:5]}")
+            raise ValueError(f"{files['features']}: {key} features for unknown keyframes {stray[:5]}")
     if data.model_state:
         if data.scene_box is None:
-            raise ValueError(f"{root / MANIFEST}: weights present but no scene_box")
+            raise ValueError(f"{files['manifest']}: weights present but no scene_box")
         engine.scene_box = SceneBox(tuple(data.scene_box[0]), tuple(data.scene_box[1]))
         engine._build_model()
-        check_state_shapes(engine.model, data.model_state, str(root / WEIGHTS))
+        check_state_shapes(engine.model, data.model_state, str(files["weights"]))
         engine.model.load_state_dict(data.model_state)
         if data.trainer_state is not None:
             try:
                 engine.trainer.load_state_dict(data.trainer_state)
             except (ValueError, KeyError, RuntimeError) as exc:
-                raise ValueError(f"{root / WEIGHTS}: optimiser state does not fit: {exc}") from exc
+                raise ValueError(f"{files['weights']}: optimiser state does not fit: {exc}") from exc
     engine.store = store
     engine._pending.extend(i for i in store.ids() if not (engine.pyramid.ready(i) and engine.dense.ready(i)))
     engine._kf_version += 1
@@ -334,4 +406,3 @@ def load_engine(cls, path: str | os.PathLike, device: str = "auto"):
         # Ignored (recomputed on the first query) unless the key matches these keyframes at this step.
         engine.candidates.adopt(CandidateSet.from_arrays(data.candidates), engine._kf_version, store.ids(),
                                 store.frames(), engine.train_step)
-    return engine

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from . import journal as journal_mod
 from .encoders import checked_encode_texts, is_demo_encoder, load_encoder
 from .fields.scene_box import SceneBox
 from .frames import scene_region
@@ -77,7 +78,8 @@ class EngineStatus:
     clip_encoder / dino_encoder: the encoders' names; demo_encoders: either is a DEMO encoder (colours);
     convergence: the last `ConvergenceSignals` (usable, progress, held-out PSNR, depth agreement, language
     slope, note); nonfinite_steps: training steps skipped for a non-finite loss / gradient; restores: roll-
-    backs to the last good weights (see `trainer.NonFiniteStep`)."""
+    backs to the last good weights (see `trainer.NonFiniteStep`); journal_bytes: disk bytes of the attached
+    journal (0 = none, `core/journal.py`); journal_skipped: its entries skipped as damaged on resume."""
 
     step: int
     keyframes: int
@@ -97,6 +99,8 @@ class EngineStatus:
     convergence: ConvergenceSignals = field(default_factory=ConvergenceSignals)
     nonfinite_steps: int = 0
     restores: int = 0
+    journal_bytes: int = 0
+    journal_skipped: int = 0
 
     @property
     def usable(self) -> bool:
@@ -160,6 +164,7 @@ class LERFEngine:
         self.clip_encoder = load_encoder(config.clip_encoder, self.device)
         self.dino_encoder = load_encoder(config.dino_encoder, self.device, dense=True)
         self._text_cache: dict[str, torch.Tensor] = {}
+        self.journal = None  # core/journal.Journal recording this engine (attach_journal); kept over reset
         self._reset_state()
 
     # ------------------------------------------------------------------ state
@@ -192,9 +197,12 @@ class LERFEngine:
         self.candidates = candidates.CandidateCache(cfg.candidates, self.device)
 
     def reset(self) -> None:
-        """Forget all frames, features and the model (encoders and config are kept)."""
+        """Forget all frames, features and the model (encoders and config are kept); an attached journal is
+        emptied too (under the lock: keyframe ids start again at 0, so the old entries must go first)."""
         with self.lock:
             self._reset_state()
+            if self.journal is not None:
+                self._journal_call(self.journal.clear)
         self._bump_data()
 
     # ------------------------------------------------------------------ data notifications
@@ -242,6 +250,13 @@ class LERFEngine:
             if source is not None:  # kept only until the keyframe's pyramid is cut from it
                 self._sources[kf_id] = source
             self._kf_version += 1
+            journal = self.journal
+            if journal is not None:
+                gen, stored = journal.generation, self.store.get(kf_id)
+        if journal is not None:  # on disk before add_frame returns; written off the lock
+            self._journal_call(journal.remove, gen, evicted)
+            self._journal_call(journal.write_keyframe, gen, kf_id, stored)
+            self._enforce_journal_budget()
         self._bump_data()
         return AddResult(True, decision.reason, kf_id)
 
@@ -287,14 +302,25 @@ class LERFEngine:
                     self.store.remove(kf_id)
                     self._evict(kf_id)
                 self._last_error = f"ValueError: keyframe {kf_id} dropped, its features failed: {exc}"
+                journal = self.journal
+                gen = None if journal is None else journal.generation
+            if journal is not None:
+                self._journal_call(journal.remove, gen, [kf_id])
             return True
+        feats = None
         with self.lock.background():
             if kf_id in self.store:
                 self.pyramid.insert(kf_id, size, grid, key)
                 self._sources.pop(kf_id, None)
                 self._kf_version += 1
+                journal = self.journal
+                if journal is not None:
+                    gen, feats = journal.generation, journal.features_of(self, kf_id)
             else:
                 self.dense.remove(kf_id)
+        if feats is not None:
+            self._journal_call(journal.write_features, gen, feats)
+            self._enforce_journal_budget()
         return True
 
     def _derive_box(self) -> SceneBox:
@@ -436,10 +462,12 @@ class LERFEngine:
         """Compute pending keyframe features (bounded), then up to ``max_steps`` training steps."""
         t0 = time.perf_counter()
         try:
-            return self._step(max_steps, t0)
+            stats = self._step(max_steps, t0)
         except Exception as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
             raise
+        self.checkpoint_journal()
+        return stats
 
     def _step(self, max_steps: int, t0: float) -> StepStats:
         n_features = 0
@@ -653,6 +681,63 @@ class LERFEngine:
         return self.candidates.get(self._kf_version, self.store.ids(), self.store.frames(), self.train_step,
                                    self.model, render_missing)
 
+    # ------------------------------------------------------------------ journal (core/journal.py)
+    def attach_journal(self, journal) -> None:
+        """Record into ``journal`` from now on (None: stop recording). What the engine holds already is
+        written first (keyframes, features, model), except what ``journal.resume`` put into this engine."""
+        if journal is None:
+            with self.lock:
+                self.journal = None
+            return
+        journal.begin(self)
+        with self.lock:
+            self.journal = journal
+            snap = journal.snapshot(self)
+        self._journal_call(journal.write_snapshot, snap)
+        self._enforce_journal_budget()
+
+    def checkpoint_journal(self, force: bool = False) -> bool:
+        """Checkpoint the model into the attached journal when ``interval_s`` has passed since the last one
+        (or now, ``force``): copied under the lock, written off it. True when one was written."""
+        journal = self.journal
+        if journal is None or self.trainer is None or not (force or journal.checkpoint_due()):
+            return False
+        with self.lock:
+            if self.journal is not journal or self.model is None:
+                return False
+            gen, state = journal.generation, journal.model_state_of(self)
+            journal.mark_checkpoint_time()
+        ok = self._journal_call(journal.write_checkpoint, gen, state)
+        self._enforce_journal_budget()
+        return ok
+
+    def _journal_call(self, fn, *args) -> bool:
+        """A journal write; a failing disk is reported (last_error), never fatal to ingest or training."""
+        try:
+            fn(*args)
+            return True
+        except OSError as exc:
+            self._last_error = f"journal: {type(exc).__name__}: {exc}"
+            return False
+
+    def _enforce_journal_budget(self) -> None:
+        """Evict keyframes (the store's own rule) while the journal exceeds ``max_mb``; never below
+        ``min_keyframes``, which would stop training (reported in last_error instead)."""
+        journal = self.journal
+        while journal is not None and journal.over_budget():
+            with self.lock:
+                if self.journal is not journal:
+                    return
+                if len(self.store) <= max(1, self.config.ingest.min_keyframes):
+                    self._last_error = (f"journal: {journal.bytes_used} bytes exceed journal_max_mb "
+                                        f"({journal.config.max_mb} MiB) with {len(self.store)} keyframes "
+                                        f"left; raise journal_max_mb")
+                    return
+                victim = self.store.evict_redundant()
+                self._evict(victim)
+                # Under the lock (rare; two unlinks): budget checks from two threads must not both evict.
+                self._journal_call(journal.remove, journal.generation, [victim])
+
     # ------------------------------------------------------------------ maps on disk
     def save(self, path) -> None:
         """Write a map directory (``core/checkpoint.py``), a consistent snapshot taken under the lock."""
@@ -661,7 +746,10 @@ class LERFEngine:
 
     @classmethod
     def load(cls, path, device: str = "auto") -> LERFEngine:
-        """A new engine from a map directory; ValueError naming the file, nothing half-loaded."""
+        """A new engine from a map directory or a journal (`core/journal.py`: only its valid entries);
+        ValueError naming the file, nothing half-loaded."""
+        if journal_mod.is_journal(path):
+            return journal_mod.load_engine(cls, path, device)[0]
         return checkpoint.load_engine(cls, path, device)
 
     # ------------------------------------------------------------------ status
@@ -683,7 +771,9 @@ class LERFEngine:
                 demo_encoders=is_demo_encoder(self.clip_encoder) or is_demo_encoder(self.dino_encoder),
                 convergence=self.convergence(),
                 nonfinite_steps=0 if self.trainer is None else self.trainer.nonfinite_steps,
-                restores=0 if self.trainer is None else self.trainer.restores)
+                restores=0 if self.trainer is None else self.trainer.restores,
+                journal_bytes=0 if self.journal is None else self.journal.bytes_used,
+                journal_skipped=0 if self.journal is None else self.journal.skipped)
 
 
 def _empty_result(message: str, step: int) -> QueryResult:

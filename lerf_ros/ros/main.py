@@ -85,7 +85,16 @@ def build_nodes(mode: str) -> list:
                 # map_path given to lerf_node: the map becomes the shared model, and training continues
                 # from it; a map that failed to load leaves the fresh model (the error was logged).
                 engine, frame = query.slot.get_with_frame("")
-                if engine is not None:
+                resumed = nodes[0].resumed
+                if engine is not None and (resumed.keyframes or resumed.step):
+                    # The journal is the later state (it began from the map and carried on): a restart
+                    # after a crash must not throw away what was recorded since.
+                    nodes[0].get_logger().warning(
+                        f"map_path {query.settings.map_path} not loaded: journal_dir "
+                        f"{nodes[0].journal.root} holds a recording ({resumed.keyframes} keyframes, step "
+                        f"{resumed.step}), which was resumed instead; empty it (or /lerf/reset) to start "
+                        f"from the map again")
+                elif engine is not None:
                     nodes[0].install_engine(engine, query.settings.map_path, frame)
                 query.slot = slot
     except BaseException:

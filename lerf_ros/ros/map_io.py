@@ -17,6 +17,10 @@ directory records it in the sidecar ``training_info.json`` (``MAP_INFO``), the f
 writes too; ``checkpoint.load_map`` reads only the files its manifest lists, so the sidecar does not
 disturb validation. A node that loads a map answers in the recorded frame (``answer_frame``); a map without
 a record (saved by ``LERFEngine.save`` directly) is taken to be in ``world_frame``.
+
+Journals (``core/journal.py``): ``start_journal`` resumes a node's engine from its ``journal_dir`` and
+records into it, with the world frame in the same sidecar; ``load_map_or_journal`` loads either kind of
+directory for ``load_map``.
 """
 
 from __future__ import annotations
@@ -30,28 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from lerf_ros.core import checkpoint
+from lerf_ros.core import checkpoint, journal
+from lerf_ros.core.journal import ResumeReport
 
 #: Sidecar beside the map files: {"world_frame": ..., ...}; shared with ``lerf-ros train``.
 MAP_INFO = "training_info.json"
 _FRAME_RE = re.compile(r"^[A-Za-z0-9_.\-][A-Za-z0-9_/.\-]*$")  # a tf2 frame id: no leading '/'
 
 
-def _copy(obj: Any) -> Any:
-    """A deep copy of nested dicts / lists / tuples of tensors (to host memory) and arrays."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, np.ndarray):
-        return obj.copy()
-    if isinstance(obj, Mapping):
-        return {k: _copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_copy(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_copy(v) for v in obj)
-    return obj  # numbers, strings, None: immutable
+_copy = checkpoint.detached_copy
 
 
 def snapshot_map(engine) -> checkpoint.MapData:
@@ -114,6 +106,33 @@ def save_map_dir(engine, path: str | os.PathLike, world_frame: str, saved_by: st
     write_map_info(root, {"world_frame": world_frame, "saved_by": saved_by, "steps": data.step,
                           "keyframes": keyframes})
     return SavedMap(str(root), keyframes, data.step, world_frame)
+
+
+def start_journal(engine, config, world_frame: str) -> tuple[journal.Journal, ResumeReport, str, str]:
+    """Resume ``engine`` from the journal ``config.dir`` (when the engine is fresh) and make it record there:
+    (the journal, what it resumed, the world frame of the engine's data, a warning or ''). The frame is the
+    journal's recorded one when it resumed keyframes, else ``world_frame``. ValueError when the journal
+    holds what the engine cannot continue (left empty), OSError when the directory cannot be used."""
+    j = journal.Journal(config)
+    report = ResumeReport()
+    if len(engine.store) == 0 and engine.model is None:
+        report = j.resume(engine)
+    frame, warning = world_frame, ""
+    if report.keyframes:
+        frame, warning = answer_frame(read_world_frame(config.dir), world_frame)
+    engine.attach_journal(j)
+    write_map_info(config.dir, {"world_frame": frame, "saved_by": "journal"})
+    return j, report, frame, warning
+
+
+def load_map_or_journal(cls, path: str | os.PathLike, device: str = "auto") -> tuple[Any, str]:
+    """(an engine from the map directory or journal at ``path``, a note on the journal entries it skipped as
+    damaged or ''); ValueError naming the file as ``cls.load``."""
+    if journal.is_journal(path):
+        engine, report = journal.load_engine(cls, path, device)
+        skipped = "; ".join(report.skipped[:5])
+        return engine, f"journal entries skipped as damaged: {skipped}" if skipped else ""
+    return cls.load(path, device), ""
 
 
 def read_world_frame(path: str | os.PathLike) -> str | None:

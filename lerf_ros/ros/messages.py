@@ -239,7 +239,7 @@ def training_status_msg(status, state_name: str, header: Header, frames_received
 
     ``status`` is the core's ``EngineStatus`` (step, keyframes, keyframes_pending, losses: name -> value,
     rays_per_s, gpu_mem_allocated_mb, gpu_mem_peak_mb, last_error, convergence: `ConvergenceSignals`,
-    nonfinite_steps). ``drops`` maps a drop
+    nonfinite_steps, journal_bytes, journal_skipped). ``drops`` maps a drop
     reason to its count (``frames_dropped`` is their sum); ``frames_without_depth`` counts frames
     ingested without a matching depth image (not drops); ``last_error`` (the node's, e.g. a
     frame-handling error) is used when the engine's is empty.
@@ -282,4 +282,6 @@ def training_status_msg(status, state_name: str, header: Header, frames_received
     msg.language_loss_slope = float(conv.language_slope)
     msg.convergence_step = max(int(conv.step), 0)
     msg.nonfinite_steps = int(status.nonfinite_steps)
+    msg.journal_bytes = int(getattr(status, "journal_bytes", 0))
+    msg.journal_skipped = int(getattr(status, "journal_skipped", 0))
     return msg

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -149,6 +150,19 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               nodes=frozenset({QUERY}), range=(1, 100000)),
     ParamSpec("status_rate_hz", float, 2.0, "Rate of TrainingStatus on lerf/status, Hz.",
               nodes=frozenset({TRAINER}), range=(0.1, 100.0)),
+    ParamSpec("journal_dir", str, "",
+              "Crash-safe recording: directory (absolute, or '~/...' for the node user's home) where every "
+              "accepted keyframe, its features and a periodic model checkpoint are written as they happen; "
+              "on start the node resumes what it holds ('' = off).",
+              nodes=frozenset({TRAINER})),
+    ParamSpec("journal_interval_s", float, 30.0,
+              "Training time between model + optimiser checkpoints in journal_dir, s: at most this much "
+              "training is lost in a crash (keyframes are never lost).",
+              nodes=frozenset({TRAINER}), range=(0.1, 86400.0)),
+    ParamSpec("journal_max_mb", float, 2048.0,
+              "Disk bound of journal_dir, MiB: beyond it the most redundant keyframes are evicted, as for "
+              "max_keyframes (the status reports the bytes used).",
+              nodes=frozenset({TRAINER}), range=(1.0, 1.0e7)),
     ParamSpec("map_path", str, "",
               "Query node: absolute map directory to answer from with no trainer ('' = live model); its "
               "answers are in the frame the map recorded.",
@@ -197,6 +211,7 @@ class ResolvedParams:
     trainer: TrainerSettings
     query: QuerySettings
     values: Mapping[str, Any]  # every parameter's effective value, by name
+    journal: Any = None  # lerf_ros.core.journal.JournalConfig (journal_dir expanded), None = off
 
 
 def _get_path(obj: Any, dotted: str) -> Any:
@@ -268,6 +283,17 @@ def _check_semantics(values: Mapping[str, Any]) -> None:
         if values[name] and not values[name].startswith("/"):
             # Relative paths would depend on the working directory of whoever started the node.
             raise ParameterError(name, values[name], "must be an absolute path")
+    journal = values["journal_dir"]
+    if journal and not journal.startswith(("/", "~/")):
+        raise ParameterError("journal_dir", journal, "must be an absolute path or start with '~/'")
+    if journal and values["map_path"] and Path(journal_path(journal)) == Path(values["map_path"]):
+        raise ParameterError("journal_dir", journal, "must not be the map_path directory")
+
+
+def journal_path(value: str) -> str:
+    """``journal_dir`` as an absolute path: a leading '~' is the home of the user running the node (the
+    robot config writes ``~/.ros/lerf_journal``, beside ROS's own logs)."""
+    return os.path.expanduser(value)
 
 
 def read_vocabulary(path: str) -> tuple[str, ...]:
@@ -340,7 +366,13 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> ResolvedParams:
     trainer = TrainerSettings(**{f.name: values[f.name] for f in dataclasses.fields(TrainerSettings)})
     query = QuerySettings(values["world_frame"], values["map_path"], values["query_threshold"],
                           values["max_query_chars"])
-    return ResolvedParams(engine, values["device"], trainer, query, dict(values))
+    journal = None
+    if values["journal_dir"]:
+        from lerf_ros.core.journal import JournalConfig
+
+        journal = JournalConfig(journal_path(values["journal_dir"]), values["journal_interval_s"],
+                                values["journal_max_mb"])
+    return ResolvedParams(engine, values["device"], trainer, query, dict(values), journal)
 
 
 # --- rclpy side -------------------------------------------------------------------------------------

@@ -25,7 +25,13 @@ moves all of them; TF stays on /tf and /tf_static. Stamps and timers use the nod
 Maps: ``save_map`` copies the model under the engine lock and writes it to disk after releasing it
 (``map_io.save_map_dir``), so queries, ingest and status go on during the write; the map records the world
 frame it is in. ``load_map`` uses a map in its recorded frame (TF lookups, status and answers), warning when
-that is not ``world_frame``; a reset returns to ``world_frame``.
+that is not ``world_frame``; a reset returns to ``world_frame``. ``load_map`` accepts a journal too.
+
+Journal (``journal_dir``, ``core/journal.py``): on start the engine resumes what the directory holds
+(keyframes, features, the last model checkpoint; damaged entries skipped, counted in the status and logged),
+in the world frame the journal records, then records into it: every keyframe before ``add_frame`` returns,
+features when computed, the model every ``journal_interval_s``, and once more on a clean shutdown. A reset
+empties it; a loaded map replaces its content.
 """
 
 from __future__ import annotations
@@ -96,6 +102,10 @@ class TrainerNode(Node):
         self.slot = slot if slot is not None else EngineSlot()
         if self.slot.get() is None:
             self.slot.set(make_engine(self.params))
+        self.journal = None
+        self.resumed = map_io.ResumeReport()  # what the journal gave the engine at start
+        if self.params.journal is not None:
+            self._start_journal(self.params.journal)
         self.counters = ingest.DropCounter()
         self.queue = ingest.BoundedQueue(self.settings.queue_size)
         self.depths = ingest.DepthBuffer(self.settings.queue_size + _DEPTH_SLACK)
@@ -152,6 +162,38 @@ class TrainerNode(Node):
     @property
     def engine(self):
         return self.slot.get()
+
+    def _start_journal(self, config) -> None:
+        """Resume from ``journal_dir`` and record into it (``map_io.start_journal``); ParameterError naming
+        journal_dir when the directory cannot be used or holds what this configuration cannot continue."""
+        value = self.params.values["journal_dir"]
+        try:
+            self.journal, self.resumed, frame, warning = map_io.start_journal(
+                self.slot.get(), config, self.settings.world_frame)
+        except ValueError as exc:
+            raise ParameterError("journal_dir", value, f"holds a recording this configuration cannot "
+                                 f"continue ({exc}); move it away or set another journal_dir") from exc
+        except OSError as exc:
+            raise ParameterError("journal_dir", value, f"cannot be used: {exc}") from exc
+        self.slot.set(self.slot.get(), frame="" if frame == self.settings.world_frame else frame)
+        log = self.get_logger()
+        if warning:
+            log.warning(f"journal {config.dir}: {warning}")
+        r = self.resumed
+        log.info(f"journal {config.dir}: " + (f"resumed {r.summary()}" if r.keyframes or r.step or r.skipped
+                                              else f"recording (checkpoint every {config.interval_s} s, at "
+                                                   f"most {config.max_mb} MiB)"))
+        if r.skipped:
+            log.warning(f"journal {config.dir}: {len(r.skipped)} damaged entries skipped (not used): "
+                        + "; ".join(r.skipped[:10]))
+
+    def _record_frame(self, frame: str) -> None:
+        """The journal records the world frame its map is in (read back on resume and by load_map)."""
+        if self.journal is not None:
+            try:
+                map_io.write_map_info(self.journal.root, {"world_frame": frame, "saved_by": "journal"})
+            except OSError as exc:
+                self.get_logger().error(f"journal {self.journal.root}: cannot record the world frame: {exc}")
 
     def _new_worker(self) -> TrainingWorker:
         s = self.settings
@@ -319,8 +361,9 @@ class TrainerNode(Node):
 
     def _reset_engine(self) -> None:
         engine = self.slot.get()
-        engine.reset()
+        engine.reset()  # empties the journal too
         self.slot.set(engine)  # an empty model: back in the world_frame parameter's frame
+        self._record_frame(self.settings.world_frame)
 
     def _on_save(self, request, response):
         path = request.path
@@ -346,7 +389,7 @@ class TrainerNode(Node):
         try:
             if not path.startswith("/"):
                 raise ValueError(f"path must be absolute, got {path!r}")
-            engine = LERFEngine.load(path, device=self.params.device)
+            engine, skipped = map_io.load_map_or_journal(LERFEngine, path, self.params.device)
         except (OSError, ValueError, RuntimeError) as exc:
             response.success = False
             response.message = f"load of {path!r} failed, kept the running map: {exc}"
@@ -356,7 +399,7 @@ class TrainerNode(Node):
             if warning:
                 self.get_logger().warning(f"{path}: {warning}")
             response.success = True
-            response.message = self.install_engine(engine, path, frame)
+            response.message = self.install_engine(engine, path, frame) + (f"; {skipped}" if skipped else "")
         self.publish_status()
         return response
 
@@ -365,7 +408,17 @@ class TrainerNode(Node):
         ``frame``: the world frame of its data ("" = the world_frame parameter)."""
         self.queue.clear()
         with self._lock:
+            old = self.slot.get()
             self._swap_worker(lambda: self.slot.set(engine, frame=frame))
+        if self.journal is not None and old is not engine:
+            # The old engine stops recording before the journal is emptied for the new one; the new one's
+            # keyframes added meanwhile are in the snapshot attach_journal writes (off the node lock).
+            old.attach_journal(None)
+            try:
+                engine.attach_journal(self.journal)
+            except OSError as exc:
+                self.get_logger().error(f"journal {self.journal.root}: cannot record the loaded map: {exc}")
+            self._record_frame(frame or self.settings.world_frame)
         st = engine.status()
         message = (f"loaded {st.keyframes} keyframes, step {st.step} from {source} "
                    f"(frame '{frame or self.settings.world_frame}')")
@@ -428,6 +481,9 @@ class TrainerNode(Node):
             except RuntimeError as exc:
                 self.get_logger().error(f"shutdown: {exc}")
                 clean = False
+        engine = self.slot.get()
+        if self.journal is not None and clean and engine is not None:
+            engine.checkpoint_journal(force=True)  # a clean stop loses no training
         self._ingest_thread.join(timeout=timeout_s)
         if self._ingest_thread.is_alive():
             self.get_logger().error(f"shutdown: ingest thread did not stop within {timeout_s} s")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.frames import scene_region
-from ..ros.map_io import MAP_INFO, read_world_frame
+from ..ros.map_io import MAP_INFO, load_map_or_journal, read_world_frame
 from ..ros.params import SPECS, ParameterError, read_vocabulary, resolve
 from .bag_io import BagError
 
@@ -252,14 +252,19 @@ def map_world_frame(map_dir: Path) -> str:
 
 
 def load_engine(map_dir: Path, device: str = "auto"):
+    """The engine of a map directory or of a node's journal (`core/journal.py`: its valid entries; the
+    damaged ones are named on stderr)."""
     from ..core.engine import LERFEngine
 
     if not map_dir.is_dir():
         raise UserError(f"map directory not found: {map_dir}")
     try:
-        return LERFEngine.load(map_dir, device)
+        engine, skipped = load_map_or_journal(LERFEngine, map_dir, device)
     except ValueError as exc:
         raise UserError(f"cannot load map {map_dir}: {exc}") from exc
+    if skipped:
+        print(f"warning: {map_dir}: {skipped}", file=sys.stderr)
+    return engine
 
 
 def _xyz(v, frame_id: str | None = None) -> dict:

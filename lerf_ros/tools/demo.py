@@ -59,11 +59,12 @@ def params_file() -> Path:
 
 
 def demo_overrides(opts: DemoOptions) -> dict:
-    """The parameters the demo changes from config/lerf.yaml (tiny preset on the CPU, depth, budget)."""
+    """The parameters the demo changes from config/lerf.yaml (tiny preset on the CPU, depth, budget; no
+    journal: each demo run starts from an empty map instead of resuming the robot's recording)."""
     from ..core.encoders import DEFAULT_CLIP
 
     values = {"preset": "tiny", "device": "cpu", "world_frame": "map", "depth_topic": DEPTH_TOPIC,
-              "max_steps": int(opts.steps)}
+              "max_steps": int(opts.steps), "journal_dir": ""}
     if opts.clip_checkpoint:
         values.update(clip_encoder=DEFAULT_CLIP, clip_checkpoint=opts.clip_checkpoint)
     return values

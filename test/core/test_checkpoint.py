@@ -103,7 +103,7 @@ def test_foreign_file_with_matching_checksum(tmp_path):
     junk = b"this is not a torch file" * 10
     (root / ck.WEIGHTS).write_bytes(junk)
     manifest = json.loads((root / "config.json").read_text())
-    manifest["files"][ck.WEIGHTS] = {"sha256": ck._sha256(junk), "bytes": len(junk)}
+    manifest["files"][ck.WEIGHTS] = {"sha256": ck.sha256_hex(junk), "bytes": len(junk)}
     (root / "config.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"weights\.pt: cannot be read"):
         ck.load_map(root)
@@ -143,7 +143,7 @@ def _rewrite_entry(root, name):
     """Re-list ``name`` in the manifest with its current checksum (simulates a consistent older save)."""
     manifest = json.loads((root / ck.MANIFEST).read_text())
     blob = (root / name).read_bytes()
-    manifest["files"][name] = {"sha256": ck._sha256(blob), "bytes": len(blob)}
+    manifest["files"][name] = {"sha256": ck.sha256_hex(blob), "bytes": len(blob)}
     (root / ck.MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -115,6 +115,8 @@ def test_training_status_constants_and_fields():
         "dino_encoder": "string",
         "demo_encoders": "boolean",
         "scene_box_source": "string",
+        "journal_bytes": "uint64",
+        "journal_skipped": "uint64",
     }
     msg = TrainingStatus(step=2**40, loss_names=["rgb"], loss_values=[0.25])
     assert msg.step == 2**40 and list(msg.loss_values) == [0.25]

@@ -60,8 +60,9 @@ class Child:
 
 #: What every launcher-based test sets first: the tiny preset (demo colour encoders, CPU-sized fields).
 #: config/lerf.yaml ships the robot's `default` preset, which needs OpenCLIP and DINO weights; a test's own
-#: "preset:=..." comes later and wins.
-TEST_SETS = ("preset:=tiny",)
+#: "preset:=..." comes later and wins. It also ships the robot's journal (~/.ros/lerf_journal): off here, or
+#: every test's node would resume the previous test's recording; a test that wants one sets journal_dir.
+TEST_SETS = ("preset:=tiny", "journal_dir:=")
 
 
 def launcher(log_path, *sets: str, mode: str = "both", namespace: str = "", arguments=()) -> Child:

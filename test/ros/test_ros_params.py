@@ -5,6 +5,7 @@ own range check and ours agree and that the error names the parameter.
 """
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -125,6 +126,13 @@ def test_preset_changes_the_preset_backed_defaults():
         ("map_path", "maps/lab", "absolute"),
         ("clip_checkpoint", "clip.bin", "absolute"),
         ("dino_checkpoint", "dino.pth", "absolute"),
+        ("journal_dir", "journal", "absolute path or start with '~/'"),
+        ("journal_dir", "~robot/journal", "absolute path or start with '~/'"),
+        ("journal_interval_s", 0.0, "out of range"),
+        ("journal_interval_s", -5.0, "out of range"),
+        ("journal_interval_s", math.nan, "finite"),
+        ("journal_max_mb", 0.0, "out of range"),
+        ("journal_max_mb", "big", "expected float"),
         ("no_such_parameter", 1, "unknown parameter"),
     ],
 )
@@ -241,3 +249,27 @@ def test_vocabulary_file_replaces_the_competing_phrases_and_a_bad_one_names_its_
                       ("vocab.txt", "absolute")):
         with pytest.raises(ParameterError, match=f"'vocabulary_file'.*{why}"):
             resolve({"vocabulary_file": path})
+
+
+def test_journal_parameters_make_the_core_journal_config(monkeypatch):
+    from lerf_ros.core.journal import JournalConfig
+
+    assert resolve().journal is None  # off unless journal_dir is set
+    assert params.SPECS["journal_dir"].nodes == {params.TRAINER}
+    monkeypatch.setenv("HOME", "/home/robot")
+    r = resolve({"journal_dir": "~/.ros/lerf_journal", "journal_interval_s": 5, "journal_max_mb": 100.0})
+    assert r.journal == JournalConfig("/home/robot/.ros/lerf_journal", 5.0, 100.0)
+    assert resolve({"journal_dir": "/data/j"}).journal == JournalConfig("/data/j", 30.0, 2048.0)
+    with pytest.raises(ParameterError, match="must not be the map_path directory") as info:
+        resolve({"journal_dir": "/data/j/", "map_path": "/data/j"})
+    assert info.value.name == "journal_dir"
+
+
+def test_the_robot_config_records_a_journal():
+    from lerf_ros.compat import launcher
+
+    config = Path(__file__).resolve().parents[2] / "config" / "lerf.yaml"
+    trainer = launcher.effective_params(str(config), [], params.TRAINER_NODE_NAME)
+    assert trainer["journal_dir"] == "~/.ros/lerf_journal"
+    journal = resolve({"journal_dir": trainer["journal_dir"]}).journal
+    assert journal.dir == str(Path.home() / ".ros" / "lerf_journal")

@@ -208,3 +208,28 @@ def test_train_without_preset_uses_openclip_and_dino_and_names_missing_weights(t
     assert "OpenCLIP weights for ViT-B-16 (laion2b_s34b_b88k) not found; looked for:" in err
     assert str(tmp_path / "home" / ".cache" / "clip" / "laion2b_s34b_b88k.pth") in err
     assert not (tmp_path / "m").exists()
+
+
+def test_query_accepts_a_journal_and_names_its_damaged_entries(tmp_path, capsys):
+    # A node's journal (core/journal.py) is a map: the query answers from its model checkpoint.
+    from lerf_ros.core.engine import LERFEngine
+    from lerf_ros.core.journal import Journal, JournalConfig, kf_name
+    from lerf_ros.core.presets import make_preset
+    from lerf_ros.sim.scene import default_intrinsics, make_frames, orbit_trajectory
+
+    room, root = SyntheticRoom(0), tmp_path / "journal"
+    engine = LERFEngine(make_preset("tiny"), "cpu")
+    engine.attach_journal(Journal(JournalConfig(str(root))))
+    for frame in make_frames(room, orbit_trajectory(room, 8), default_intrinsics(48, 36))[:5]:
+        engine.add_frame(frame)
+    while engine.train_step < 3:
+        engine.step(1)
+    assert engine.checkpoint_journal(force=True)
+    ans = query_json(capsys, root, "red box")
+    assert ans["model_step"] == engine.train_step
+    blob = bytearray((root / kf_name(1)).read_bytes())
+    blob[-5] ^= 0xFF
+    (root / kf_name(1)).write_bytes(bytes(blob))
+    rc, out, err = run_cli(capsys, "query", root, "red box", "--json")
+    assert rc == 0 and json.loads(out)["model_step"] == engine.train_step
+    assert f"{kf_name(1)}: checksum mismatch (corrupted)" in err and err.startswith("warning: ")

@@ -50,6 +50,7 @@ def test_params_file_puts_overrides_where_rcl_uses_them(tmp_path):
     trainer = effective_params(str(path), [], "lerf_trainer")
     assert trainer["depth_topic"] == "/camera/depth/image_rect_raw" and trainer["max_steps"] == 42
     assert trainer["preset"] == "tiny" and trainer["device"] == "cpu"
+    assert trainer["journal_dir"] == ""  # each demo starts from an empty map, not the robot's recording
     # Every section that sets depth_topic carries the demo's value (a node's own section would beat
     # a /** or -p value in rcl).
     data = yaml.safe_load(path.read_text())

@@ -221,6 +221,17 @@ class KeyframeStore:
                 raise KeyError(f"no keyframe with id {kf_id}; held: {len(self._frames)} keyframes")
             del self._frames[kf_id]
 
+    def evict_redundant(self) -> int:
+        """Evict the keyframe ``add`` would evict when full (the most redundant, never the newest), to meet a
+        bound other than ``max_keyframes`` (the journal's disk limit); return its id. ValueError when fewer
+        than 2 keyframes are held."""
+        with self._lock:
+            if len(self._frames) < 2:
+                raise ValueError(f"cannot evict from {len(self._frames)} keyframes: the newest is kept")
+            victim = self._most_redundant()
+            del self._frames[victim]
+            return victim
+
     def redundancy_distances(self) -> np.ndarray:
         """(N, N) pose distances between held keyframes (ids() order), diagonal inf."""
         with self._lock:
