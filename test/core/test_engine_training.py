@@ -4,6 +4,7 @@ a reason when it cannot come (all-black images end at the cap)."""
 
 import dataclasses
 import math
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -135,3 +136,103 @@ def test_fixed_steps_mean_exactly_n(room_frames):
     engine = _engine(room_frames)
     assert _train(engine, 37, fixed=True, seconds=None, bar=_bar()) == "steps"
     assert engine.train_step == 37 and engine.status().keyframes_pending == 0
+
+
+def _oom_first(k: int, real):
+    """``real`` that raises torch.cuda.OutOfMemoryError on its first ``k`` calls (k=None: always)."""
+    calls = []
+
+    def fn(*args, **kwargs):
+        calls.append(1)
+        if k is None or len(calls) <= k:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB (injected)")
+        return real(*args, **kwargs)
+
+    fn.calls = calls
+    return fn
+
+
+def _weights_and_moments(engine):
+    params = [p.detach().clone() for p in engine.model.parameters()]
+    moments = [v.clone() for o in engine.trainer.optimizers.values() for st in o.state.values()
+               for v in st.values() if torch.is_tensor(v)]
+    return params, moments
+
+
+def _unchanged(a, b) -> bool:
+    return all(len(x) == len(y) and all(torch.equal(p, q) for p, q in zip(x, y, strict=True))
+               for x, y in zip(a, b, strict=True))
+
+
+def test_out_of_memory_halves_the_rays_and_training_goes_on(room_frames):
+    engine = _engine(room_frames)  # tiny: 256 rays per step, floor 64
+    while engine.train_step < 5:
+        engine.step(5 - engine.train_step)
+    assert (engine.status().rays_per_step, engine.status().oom_events) == (256, 0)
+    sizes, real_losses = [], engine.model.compute_losses
+    engine.model.compute_losses = lambda out, batch: sizes.append(len(batch["origins"])) or real_losses(out,
+                                                                                                     batch)
+    engine.model.forward = _oom_first(2, engine.model.forward)
+    before = _weights_and_moments(engine)
+    assert engine.step(1).train_steps == 0
+    st = engine.status()
+    assert _unchanged(_weights_and_moments(engine), before) and st.step == 5
+    assert (st.oom_events, st.rays_per_step) == (1, 128)
+    assert st.last_error.startswith("OutOfMemoryStep: out of memory at step 5 with 256 rays per step")
+    assert "rays per step halved to 128" in st.last_error and "Tried to allocate" in st.last_error
+    stats = engine.step(4)  # fails at 128 -> 64 (the floor), then trains on at 64
+    st = engine.status()
+    assert stats.train_steps == 3 and st.step == 8 and sizes == [64] * 3 and _finite_losses(engine)
+    assert st.rays_per_step == 64 and st.oom_events == 2 and "halved to 64 (floor 64" in st.last_error
+    engine.step(20)
+    assert engine.status().rays_per_step == 64 and sizes == [64] * 23  # kept: no growing back
+    assert 0 < st.rays_per_s
+
+
+def test_out_of_memory_at_the_floor_is_an_error_not_a_loop(room_frames):
+    from lerf_ros.core.training.worker import TrainingWorker
+
+    engine = _engine(room_frames, _tiny(rays_per_step=128, min_rays_per_step=64))
+    while engine.train_step < 3:
+        engine.step(3 - engine.train_step)
+    healthy = engine.model.forward
+    engine.model.forward = failing = _oom_first(None, healthy)
+    with pytest.raises(RuntimeError, match="already at the floor of 64 rays per step"):
+        engine.step(10)  # 128 fails -> 64 fails -> error, within the one call
+    st = engine.status()
+    assert len(failing.calls) == 2 and (st.oom_events, st.rays_per_step, st.step) == (2, 64, 3)
+    assert st.last_error.startswith("RuntimeError: training stopped: out of memory at step 3 with 64 rays")
+    # In the worker: state "error" with the reason, and no further attempts until resume.
+    worker = TrainingWorker(engine, steps_per_tick=5, idle_poll_s=0.05)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while worker.state != "error" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert worker.state == "error" and "floor of 64 rays" in worker.last_error
+        attempts = len(failing.calls)
+        time.sleep(0.5)
+        assert len(failing.calls) == attempts == 3 and worker.state == "error"
+        engine.model.forward = healthy  # memory was freed: resume trains on at the floor
+        worker.resume()
+        while engine.train_step < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.train_step >= 6 and engine.status().rays_per_step == 64
+    finally:
+        worker.stop()
+
+
+def test_out_of_memory_computing_features_keeps_the_keyframe(room_frames):
+    engine = LERFEngine(_tiny(), "cpu")
+    for f in room_frames[:3]:
+        engine.add_frame(f)
+    pending = engine.status().keyframes_pending
+    engine.dino_encoder.encode_dense = _oom_first(1, engine.dino_encoder.encode_dense)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine.step(0)
+    st = engine.status()
+    assert st.keyframes_pending == pending and st.keyframes == pending
+    assert st.last_error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 1.50 GiB (injected)"
+    while engine.status().keyframes_pending:
+        engine.step(0)  # the retry computes it
+    assert len(engine._ready_ids()) == pending == 3

@@ -1,14 +1,69 @@
-"""Surviving a non-finite training step: the exception that reports it and the snapshot rolled back to.
+"""Surviving a failed training step: non-finite losses, running out of GPU memory, and the snapshot
+rolled back to.
 
 `trainer.Trainer` applies nothing of a step whose loss or gradients are not finite and raises
 `NonFiniteStep`; from the second such step in a row on (or at once when the weights themselves are no
 longer finite) it restores the last `Snapshot` of the weights and optimiser state. The engine counts the
 events and gives up only after ``TrainerConfig.max_nonfinite_in_row`` in a row.
+
+A step that raises ``torch.cuda.OutOfMemoryError`` applies nothing either (an update cut short inside the
+optimiser is rolled back to the snapshot), releases CUDA's cached blocks and raises `OutOfMemoryStep`; the
+engine then halves its rays per step (`halved_rays`, down to ``TrainerConfig.min_rays_per_step``) and
+trains on. An out-of-memory step at the floor is an error. The smaller batch holds until the engine is reset
+or restarted: growing back would run into the same limit again, and a fixed size keeps steps comparable.
 """
 
 from __future__ import annotations
 
+import traceback
+
 import torch
+
+
+class OutOfMemoryStep(RuntimeError):
+    """A training step that ran out of GPU memory; nothing of it was applied.
+
+    step: the trainer's step count (the step that failed); rays: rays in its batch; restored: it failed
+    inside the optimiser update and the weights and optimiser state were rolled back to the last snapshot
+    (taken at step ``snapshot_step``); partial: it failed inside the update and there was no snapshot to
+    undo it with (``snapshot_every = 0``), so part of it may have been applied.
+    """
+
+    def __init__(self, step: int, rays: int, reason: str, restored: bool = False, partial: bool = False,
+                 snapshot_step: int = -1):
+        where = f"; rolled back to the snapshot of step {snapshot_step}" if restored else ""
+        if partial:
+            where = "; the optimiser update was cut short and there is no snapshot to undo it"
+        super().__init__(f"out of memory at step {step} with {rays} rays per step{where} ({reason})")
+        self.step, self.rays, self.restored, self.partial = step, rays, restored, partial
+
+
+def halved_rays(rays: int, floor: int) -> int | None:
+    """Rays per step after an out-of-memory step with ``rays``: half, not below ``floor``; None when
+    ``rays`` is at the floor already (another halving would not be allowed)."""
+    if rays <= floor:
+        return None
+    return max(floor, rays // 2)
+
+
+def oom_reason(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an out-of-memory message (torch's goes on about the allocator), at most
+    ``limit`` characters."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def release_cuda_cache(exc: BaseException | None = None) -> None:
+    """Hand CUDA's cached blocks back after running out of memory (a no-op where CUDA is not in use).
+
+    exc: the out-of-memory error still being handled; the finished frames in its traceback hold the failed
+    step's tensors (activations, the autograd graph), so their locals are cleared first, or the blocks
+    would stay in use. The traceback itself keeps its file and line information.
+    """
+    if exc is not None and exc.__traceback__ is not None:
+        traceback.clear_frames(exc.__traceback__)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class NonFiniteStep(RuntimeError):

@@ -14,6 +14,10 @@ A step whose loss or gradients are not finite applies nothing and raises `NonFin
 second such step in a row on, the weights and optimiser state go back to the last snapshot (taken every
 ``snapshot_every`` clean steps), so training goes on from a good state. The caller decides when
 ``in_row`` failures mean the run has failed (`TrainerConfig.max_nonfinite_in_row`).
+
+A step that runs out of GPU memory (``torch.cuda.OutOfMemoryError``) applies nothing either and raises
+`OutOfMemoryStep` once its tensors are freed and CUDA's cache is released (`recovery.py`); the caller picks
+a smaller batch (`recovery.halved_rays`, floor ``min_rays_per_step``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from .convergence import ConvergenceConfig, ConvergenceMonitor, ConvergenceSignals
 from .holdout import training_pixels
-from .recovery import NonFiniteStep, Snapshot
+from .recovery import NonFiniteStep, OutOfMemoryStep, Snapshot, oom_reason, release_cuda_cache
 from .salience import CellTable, SalienceConfig
 from .salience import draw as salience_draw
 
@@ -69,6 +73,9 @@ class TrainerConfig:
     """Optimisation settings.
 
     rays_per_step:        rays per training step.
+    min_rays_per_step:    the floor when running out of GPU memory halves the rays per step
+                          (`recovery.halved_rays`; the smaller of this and ``rays_per_step``): 64 rays still
+                          give every loss a few samples per keyframe; out of memory at the floor is an error.
     lr:                   Adam learning rate of any group not named in ``lr_by_group``.
     lr_by_group:          ((group name, lr), ...) overrides, names as in ``model.param_groups()``.
     warmup_steps:         linear warm-up from 1 % of the lr over this many steps (0 = none).
@@ -93,6 +100,7 @@ class TrainerConfig:
     """
 
     rays_per_step: int = 4096
+    min_rays_per_step: int = 64
     lr: float = 1e-2
     lr_by_group: tuple[tuple[str, float], ...] = ()
     warmup_steps: int = 0
@@ -112,6 +120,8 @@ class TrainerConfig:
     def validate(self) -> TrainerConfig:
         if self.rays_per_step < 1:
             raise ValueError(f"rays_per_step must be >= 1, got {self.rays_per_step}")
+        if self.min_rays_per_step < 1:
+            raise ValueError(f"min_rays_per_step must be >= 1, got {self.min_rays_per_step}")
         for name, lr in (("lr", self.lr), *self.lr_by_group):
             if not (math.isfinite(lr) and lr > 0):
                 raise ValueError(f"learning rate of {name!r} must be finite and > 0, got {lr}")
@@ -134,6 +144,11 @@ class TrainerConfig:
         if self.language is not None:
             self.language.validate()
         return self
+
+    @property
+    def rays_floor(self) -> int:
+        """The fewest rays per step halving may reach (``min_rays_per_step``, at most ``rays_per_step``)."""
+        return min(self.min_rays_per_step, self.rays_per_step)
 
     def group_lr(self, name: str) -> float:
         return dict(self.lr_by_group).get(name, self.lr)
@@ -317,6 +332,7 @@ class Trainer:
         self.restores = 0  # roll-backs to the snapshot
         self._snapshot = Snapshot(self.optimizers) if config.snapshot_every else None
         self._last_bad_step = -1
+        self._updating = False  # inside the optimiser update: a failure there has applied part of the step
         self.convergence = ConvergenceMonitor(config.convergence, pixel_rays_batched)
 
     @property
@@ -338,11 +354,22 @@ class Trainer:
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One forward / backward / update on ``batch`` (see `sample_ray_batch`); returns float losses.
 
-        A non-finite loss or gradient applies nothing and raises `NonFiniteStep` (module docstring).
+        A non-finite loss or gradient applies nothing and raises `NonFiniteStep`; running out of GPU memory
+        applies nothing and raises `OutOfMemoryStep` (module docstring).
         One host sync per step: the loss values and the finiteness check come back together.
         """
         if self._snapshot is not None and self._snapshot.step < 0:
             self._snapshot.take(self.step_count)  # the initial weights: always something to go back to
+        try:
+            return self._step(batch)
+        except torch.cuda.OutOfMemoryError as exc:
+            reason = oom_reason(exc)
+        # Out of the except block the failed step's frames (activations, autograd graph) are gone with the
+        # exception's traceback, so the cache release below can give their memory back.
+        raise self.out_of_memory(reason, int(batch["origins"].shape[0]))
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        self._updating = False
         self.model.train()
         self._set_lr()
         if not self.language_active:
@@ -368,13 +395,18 @@ class Trainer:
         bad += [f"grad:{g}" for g, x in zip(grad_sums, grad_host, strict=True) if not math.isfinite(x)]
         if bad or not math.isfinite(out["total"]):
             self._reject(tuple(bad))
-        for opt in self.optimizers.values():
-            if self.config.max_grad_norm is not None:
+        if self.config.max_grad_norm is not None:
+            for opt in self.optimizers.values():
                 self.scaler.unscale_(opt)
                 params = [p for g in opt.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        # Every group's update after all clipping: an out-of-memory error can cut only this loop short
+        # (Adam allocates its moments on a group's first step), and then the snapshot undoes it.
+        self._updating = True
+        for opt in self.optimizers.values():
             self.scaler.step(opt)
         self.scaler.update()
+        self._updating = False
         self.step_count += 1
         self.nonfinite_in_row = 0
         self.convergence.observe_losses(out)
@@ -397,6 +429,29 @@ class Trainer:
             if grads:
                 sums[name] = torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()
         return sums
+
+    def out_of_memory(self, reason: str, rays: int) -> OutOfMemoryStep:
+        """Clean up after a step (or its batch) that ran out of GPU memory; returns the `OutOfMemoryStep` to
+        raise. Gradients are dropped; an optimiser update cut short is rolled back to the snapshot; the loss
+        scaler forgets the failed step (its scale is kept); CUDA's cached blocks are released."""
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        partial, self._updating = self._updating, False
+        snap = self._snapshot
+        restored = partial and snap is not None and snap.step >= 0
+        if restored:
+            snap.restore()
+            self.restores += 1
+        if self.scaler.is_enabled():
+            # unscale_ / step of the failed step left per-optimiser records that the next step would trip
+            # over ("unscale_() has already been called"); a fresh scaler with the same scale has none.
+            state = self.scaler.state_dict()
+            self.scaler = torch.amp.GradScaler("cuda", enabled=True)
+            self.scaler.load_state_dict(state)
+        release_cuda_cache()
+        return OutOfMemoryStep(self.step_count, rays, reason, restored=restored,
+                               partial=partial and not restored,
+                               snapshot_step=snap.step if snap is not None else -1)
 
     def _reject(self, terms: tuple[str, ...]) -> None:
         """Apply nothing of this step, roll back from the second in a row on, raise `NonFiniteStep`."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lerf_ros.core.frames.camera import CameraIntrinsics, pixel_rays, z_to_ray_distance
+from lerf_ros.core.training.recovery import OutOfMemoryStep, halved_rays
 from lerf_ros.core.training.trainer import (
     KeyframeTensors,
     NonFiniteStep,
@@ -287,3 +288,74 @@ def test_language_field_has_lerfs_own_optimiser_and_schedule():
     assert isinstance(plain.optimizers["language"], torch.optim.Adam)
     with pytest.raises(ValueError, match="optimizer"):
         GroupSchedule(optimizer="sgd").validate()
+
+
+def _oom(*args, **kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+
+def _state(tr, model):
+    """Copies of the weights and of every optimiser state tensor."""
+    params = [p.detach().clone() for p in model.parameters()]
+    adam = {(n, i, k): v.clone() for n, o in tr.optimizers.items() for i, st in enumerate(o.state.values())
+            for k, v in st.items()}
+    return params, adam
+
+
+def _same_state(tr, model, saved) -> bool:
+    params, adam = _state(tr, model)
+    return (all(torch.equal(p, q) for p, q in zip(params, saved[0], strict=True))
+            and adam.keys() == saved[1].keys() and all(torch.equal(adam[k], saved[1][k]) for k in adam))
+
+
+def test_out_of_memory_in_backward_applies_nothing():
+    model = _ToyModel()
+    tr = Trainer(model, TrainerConfig(lr=0.1), "cpu")
+    tr.step(_toy_batch())
+    saved = _state(tr, model)
+    hook = model.b.register_hook(_oom)  # during backward, after some gradients may exist
+    with pytest.raises(OutOfMemoryStep, match="out of memory at step 1 with 64 rays per step") as info:
+        tr.step(_toy_batch())
+    hook.remove()
+    assert not info.value.restored and not info.value.partial and info.value.rays == 64
+    assert "Tried to allocate" in str(info.value) and "\n" not in str(info.value)
+    assert _same_state(tr, model, saved) and tr.step_count == 1
+    assert all(p.grad is None for p in model.parameters())
+    tr.step(_toy_batch(16))  # training goes on with a smaller batch
+    assert tr.step_count == 2 and not _same_state(tr, model, saved)
+
+
+def test_out_of_memory_inside_the_update_is_rolled_back():
+    """Adam allocates its moments on a group's first step: running out of memory there leaves one group
+    updated and the other not; the snapshot of the initial weights undoes it."""
+    model = _ToyModel()
+    tr = Trainer(model, TrainerConfig(lr=0.1, language=None), "cpu")
+    saved = _state(tr, model)
+    assert list(tr.optimizers) == ["radiance", "language"]  # radiance steps first
+    tr.optimizers["language"].step = _oom
+    with pytest.raises(OutOfMemoryStep, match="rolled back to the snapshot of step 0") as info:
+        tr.step(_toy_batch())
+    assert info.value.restored and not info.value.partial and tr.restores == 1
+    assert _same_state(tr, model, saved) and tr.step_count == 0
+    assert not tr.optimizers["radiance"].state  # the moments of the undone step are gone too
+    del tr.optimizers["language"].step
+    tr.step(_toy_batch())
+    assert tr.step_count == 1 and float(model.a.detach().abs().max()) > 0
+
+
+def test_out_of_memory_inside_the_update_without_snapshot_is_partial():
+    model = _ToyModel()
+    tr = Trainer(model, TrainerConfig(lr=0.1, language=None, snapshot_every=0), "cpu")
+    tr.optimizers["language"].step = _oom
+    with pytest.raises(OutOfMemoryStep, match="no snapshot to undo it") as info:
+        tr.step(_toy_batch())
+    assert info.value.partial and not info.value.restored
+
+
+def test_halved_rays_and_floor():
+    assert [halved_rays(r, 64) for r in (4096, 256, 128, 100, 65, 64, 8)] == [2048, 128, 64, 64, 64, None,
+                                                                             None]
+    assert TrainerConfig().rays_floor == 64
+    assert TrainerConfig(rays_per_step=32).rays_floor == 32  # never above the configured size
+    with pytest.raises(ValueError, match="min_rays_per_step"):
+        TrainerConfig(min_rays_per_step=0).validate()
