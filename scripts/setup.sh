@@ -209,6 +209,7 @@ import pathlib
 import sys
 
 import rclpy  # noqa: F401
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: F401  (/diagnostics; the wheel from requirements.txt)
 from lerf_ros.msg import Target, TrainingStatus
 from lerf_ros.srv import MapPath, Query  # noqa: F401
 from tf2_msgs.msg import TFMessage

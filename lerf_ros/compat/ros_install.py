@@ -1,10 +1,12 @@
-"""Is ROS 2 installed on this machine? Then tf2_ros and cv_bridge are required, not substituted.
+"""Is ROS 2 installed on this machine? Then tf2_ros, cv_bridge and diagnostic_updater are required, not
+substituted.
 
-The substitutes in ``lerf_ros.compat`` (the TF buffer + listener of ``tf``, the numpy image
-conversions of ``image``) exist for machines without a ROS install: CI, a laptop, the PyPI-wheel venv
-that ``scripts/setup.sh`` builds. On a robot with ROS 2, a tf2_ros or cv_bridge that does not import
-is an installation mistake (``rosdep install`` resolves both from package.xml), and a substitute would
-hide it; so start-up stops with a message that says what to install (``MissingRosDependency``).
+The substitutes in ``lerf_ros.compat`` (the TF buffer + listener of ``tf``, the numpy image conversions of
+``image``, the /diagnostics timer of ``diagnostics``) exist for machines without a ROS install: CI, a
+laptop, the PyPI-wheel venv that ``scripts/setup.sh`` builds. On a robot with ROS 2, a tf2_ros, cv_bridge or
+diagnostic_updater that does not import is an installation mistake (``rosdep install`` resolves them from
+package.xml), and a substitute would hide it; so start-up stops with a message that says what to install
+(``MissingRosDependency``).
 
 A ROS 2 install is recognised by what its setup file leaves in the environment:
 - an ``AMENT_PREFIX_PATH`` entry whose ament index registers ``ros_environment`` (every ROS 2 install,
@@ -41,6 +43,7 @@ class RosPiece:
 PIECES = (
     RosPiece("tf2_ros", "tf2_ros_py", "lerf_ros.compat.tf (TfBufferSubstitute + TfListenerSubstitute)"),
     RosPiece("cv_bridge", "cv_bridge", "lerf_ros.compat.image (numpy conversions)"),
+    RosPiece("diagnostic_updater", "diagnostic_updater", "lerf_ros.compat.diagnostics (UpdaterSubstitute)"),
 )
 
 
@@ -74,7 +77,7 @@ class RosPiecesDecision:
         """One line for the start-up log."""
         real = [p.module for p in PIECES if p not in self.substitutes]
         if not self.substitutes:
-            return f"using the installed {' and '.join(real)}" + (
+            return f"using the installed {', '.join(real)}" + (
                 f" (ROS 2: {self.ros_install})" if self.ros_install else "")
         used = "; ".join(f"{p.module} -> {p.substitute}" for p in self.substitutes)
         return ("no ROS 2 install detected (no ROS_DISTRO / ROS_VERSION, no ros_environment on "
@@ -103,12 +106,15 @@ def decide(unavailable: Mapping[str, str], environ: Mapping[str, str] | None = N
 
 
 def unavailable_pieces() -> dict[str, str]:
-    """module -> why it does not import, probing tf2_ros (already tried by ``compat.tf``) and cv_bridge."""
-    from lerf_ros.compat import image, tf
+    """module -> why it does not import, probing tf2_ros and diagnostic_updater (already tried by
+    ``compat.tf`` / ``compat.diagnostics``) and cv_bridge."""
+    from lerf_ros.compat import diagnostics, image, tf
 
     out = {}
     if not tf.HAVE_TF2_ROS:
         out["tf2_ros"] = tf.TF2_ROS_IMPORT_ERROR or "not imported"
+    if not diagnostics.HAVE_DIAGNOSTIC_UPDATER:
+        out["diagnostic_updater"] = diagnostics.DIAGNOSTIC_UPDATER_IMPORT_ERROR or "not imported"
     reason = image.cv_bridge_unavailable_reason()
     if reason is not None:
         out["cv_bridge"] = reason

@@ -40,6 +40,7 @@ from .presets import EngineConfig
 from .training import salience
 from .training.convergence import ConvergenceSignals
 from .training.engine_lock import PriorityLock
+from .training.recovery import OutOfMemoryStep, halved_rays, oom_reason, release_cuda_cache
 from .training.trainer import KeyframeTensors, NonFiniteStep, Trainer, sample_ray_batch
 
 
@@ -78,8 +79,12 @@ class EngineStatus:
     clip_encoder / dino_encoder: the encoders' names; demo_encoders: either is a DEMO encoder (colours);
     convergence: the last `ConvergenceSignals` (usable, progress, held-out PSNR, depth agreement, language
     slope, note); nonfinite_steps: training steps skipped for a non-finite loss / gradient; restores: roll-
-    backs to the last good weights (see `trainer.NonFiniteStep`); journal_bytes: disk bytes of the attached
-    journal (0 = none, `core/journal.py`); journal_skipped: its entries skipped as damaged on resume."""
+    backs to the last good weights (see `trainer.NonFiniteStep`); oom_events: training steps that ran out of
+    GPU memory (each halved the rays per step, `recovery.OutOfMemoryStep`); rays_per_step: rays per training
+    step now (the config's until memory ran out; kept until reset); journal_bytes: disk bytes of the attached
+    journal (0 = none, `core/journal.py`); journal_skipped: its entries skipped as damaged on resume;
+    gpu_mem_reserved_mb: torch.cuda's caching allocator reserve (0 on the CPU); device: the torch device the
+    engine runs on ("cpu", "cuda:0")."""
 
     step: int
     keyframes: int
@@ -99,8 +104,12 @@ class EngineStatus:
     convergence: ConvergenceSignals = field(default_factory=ConvergenceSignals)
     nonfinite_steps: int = 0
     restores: int = 0
+    oom_events: int = 0
+    rays_per_step: int = 0
     journal_bytes: int = 0
     journal_skipped: int = 0
+    gpu_mem_reserved_mb: float = 0.0
+    device: str = ""
 
     @property
     def usable(self) -> bool:
@@ -194,6 +203,10 @@ class LERFEngine:
         self._losses: dict[str, float] = {}
         self._rays_per_s = 0.0
         self._last_error: str | None = None
+        # Halved on each out-of-memory step (`_out_of_memory`); kept over box refits (new fields, same GPU)
+        # until reset.
+        self._rays_per_step = cfg.trainer.rays_per_step
+        self._oom_events = 0
         self.candidates = candidates.CandidateCache(cfg.candidates, self.device)
 
     def reset(self) -> None:
@@ -289,8 +302,10 @@ class LERFEngine:
         try:
             size, grid = self.pyramid.compute(image, self.cancel_event, source)
             self.dense.add(kf_id, image, self.cancel_event)  # the dense cache's own store is thread-safe
-        except Cancelled:
-            with self.lock.background():  # nothing was stored: the keyframe waits for the next step
+        except (Cancelled, torch.cuda.OutOfMemoryError):
+            # Nothing was stored: the keyframe waits for the next step (after out of memory: for the
+            # worker's resume; the error reaches the status through ``step``).
+            with self.lock.background():
                 if kf_id in self.store:
                     self._pending.appendleft(kf_id)
             raise
@@ -465,6 +480,9 @@ class LERFEngine:
             stats = self._step(max_steps, t0)
         except Exception as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, torch.cuda.OutOfMemoryError):  # features, candidate grids, evaluation
+                self._last_error = f"{type(exc).__name__}: {oom_reason(exc)}"
+                release_cuda_cache(exc)
             raise
         self.checkpoint_journal()
         return stats
@@ -482,8 +500,7 @@ class LERFEngine:
             with self.lock.background():
                 self._maybe_refit_box()  # before training, so this call trains the new fields at once
         losses: dict[str, float] = {}
-        done = 0
-        rays = self.config.trainer.rays_per_step
+        done = rays_done = 0
         t_train = time.perf_counter()
         for _ in range(max_steps):
             if self.cancel_event.is_set():
@@ -494,28 +511,59 @@ class LERFEngine:
                     break
                 self._ensure_model()
                 kf = self._keyframe_tensors(ids)
-                lang = self.trainer.language_active
-                batch = sample_ray_batch(kf, rays, self._generator, self.pyramid, self.dense,
-                                         salience=self.config.trainer.salience, targets=lang)
+                rays = self._rays_per_step
                 try:
-                    losses = self.trainer.step(batch)
+                    losses = self._train_step(kf, rays)
                 except NonFiniteStep as exc:  # nothing applied; rolled back from the 2nd in a row on
                     if exc.in_row >= self.config.trainer.max_nonfinite_in_row:
                         raise RuntimeError(f"training diverged: {exc}") from exc
                     self._last_error = f"NonFiniteStep: {exc}"
                     continue
+                except OutOfMemoryStep as exc:  # nothing applied; fewer rays from the next step on
+                    self._out_of_memory(exc)
+                    continue
                 done += 1
+                rays_done += rays
                 self._last_train_time = time.perf_counter()  # a query during a long step(n) sees "training"
                 if self.trainer.convergence.due(self.train_step):
                     self.trainer.evaluate(kf, self._tensors_version)
         if done:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self._rays_per_s = done * rays / max(time.perf_counter() - t_train, 1e-9)
+            self._rays_per_s = rays_done / max(time.perf_counter() - t_train, 1e-9)
             self._losses = losses
             self._last_train_time = time.perf_counter()
             self._refresh_candidates()
         return StepStats(done, n_features, losses, time.perf_counter() - t0)
+
+    def _train_step(self, kf: KeyframeTensors, rays: int) -> dict[str, float]:
+        """Sample ``rays`` rays and take one optimisation step; running out of GPU memory in either raises
+        `OutOfMemoryStep` (`Trainer.step`). Caller holds the lock."""
+        lang = self.trainer.language_active
+        try:
+            batch = sample_ray_batch(kf, rays, self._generator, self.pyramid, self.dense,
+                                     salience=self.config.trainer.salience, targets=lang)
+        except torch.cuda.OutOfMemoryError as exc:
+            reason = oom_reason(exc)
+        else:
+            return self.trainer.step(batch)
+        raise self.trainer.out_of_memory(reason, rays)  # outside the except: the batch's tensors are freed
+
+    def _out_of_memory(self, exc: OutOfMemoryStep) -> None:
+        """Halve the rays per step after a step that ran out of GPU memory, and say so in ``last_error``.
+        At the floor (``min_rays_per_step``), or when the step could not be undone, it is an error
+        (RuntimeError): the worker stops in state "error" instead of failing step after step."""
+        self._oom_events += 1
+        floor = self.config.trainer.rays_floor
+        smaller = halved_rays(exc.rays, floor)
+        if exc.partial:
+            raise RuntimeError(f"training stopped: {exc}") from exc
+        if smaller is None:
+            raise RuntimeError(f"training stopped: {exc}; already at the floor of {floor} rays per step "
+                               f"(min_rays_per_step): free GPU memory or use a smaller preset") from exc
+        self._rays_per_step = min(self._rays_per_step, smaller)
+        self._last_error = (f"OutOfMemoryStep: {exc}; rays per step halved to {self._rays_per_step} "
+                            f"(floor {floor}; kept until reset)")
 
     def evaluate_convergence(self) -> ConvergenceSignals:
         """Judge convergence now (normally every ``trainer.convergence.eval_every`` steps), e.g. at the end
@@ -755,10 +803,11 @@ class LERFEngine:
     # ------------------------------------------------------------------ status
     def status(self) -> EngineStatus:
         with self.lock:
-            alloc = peak = 0.0
+            alloc = peak = reserved = 0.0
             if self.device.type == "cuda":
                 alloc = torch.cuda.memory_allocated(self.device) / 2**20
                 peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+                reserved = torch.cuda.memory_reserved(self.device) / 2**20
             return EngineStatus(
                 step=self.train_step, keyframes=len(self.store), keyframes_pending=len(self._pending),
                 losses=dict(self._losses), rays_per_s=self._rays_per_s, gpu_mem_allocated_mb=alloc,
@@ -772,8 +821,10 @@ class LERFEngine:
                 convergence=self.convergence(),
                 nonfinite_steps=0 if self.trainer is None else self.trainer.nonfinite_steps,
                 restores=0 if self.trainer is None else self.trainer.restores,
+                oom_events=self._oom_events, rays_per_step=self._rays_per_step,
                 journal_bytes=0 if self.journal is None else self.journal.bytes_used,
-                journal_skipped=0 if self.journal is None else self.journal.skipped)
+                journal_skipped=0 if self.journal is None else self.journal.skipped,
+                gpu_mem_reserved_mb=reserved, device=str(self.device))
 
 
 def _empty_result(message: str, step: int) -> QueryResult:

@@ -18,7 +18,9 @@ import numpy as np
 
 from lerf_ros.core.frames.camera import CameraIntrinsics
 
-#: Drop reasons the node itself counts (the engine adds its keyframe rejections, e.g. "blurred").
+#: Drop reasons the node itself counts: the frame never reached the engine (or the engine refused it as
+#: invalid, BAD_FRAME). A frame the engine took but did not keep as a keyframe ("redundant", "blurred") is
+#: not a drop: ``DropCounter.not_keyframe`` counts it apart.
 NO_CAMERA_INFO = "no_camera_info"
 BAD_IMAGE = "bad_image"
 BAD_DEPTH = "bad_depth"
@@ -36,14 +38,26 @@ NO_DEPTH_MATCH = "no_depth_match"
 
 
 class DropCounter:
-    """Thread-safe counts of dropped frames by reason, frames received, and notes (events on frames
-    that were still ingested, e.g. ``NO_DEPTH_MATCH``; kept apart so they never count as drops)."""
+    """Thread-safe counts of dropped frames by reason, frames received, frames the keyframe selector did
+    not keep (by its reason: processed, just not new enough or too blurred to keep; not drops), and notes
+    (events on frames that were still ingested, e.g. ``NO_DEPTH_MATCH``; never drops either)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._drops: collections.Counter[str] = collections.Counter()
         self._notes: collections.Counter[str] = collections.Counter()
+        self._not_keyframe: collections.Counter[str] = collections.Counter()
         self._received = 0
+
+    def not_keyframe(self, reason: str) -> None:
+        """A frame the engine ingested but did not keep as a keyframe (its selector's ``reason``)."""
+        with self._lock:
+            self._not_keyframe[reason] += 1
+
+    def not_keyframes(self) -> dict[str, int]:
+        """{keyframe selector reason: frames not kept for it}."""
+        with self._lock:
+            return dict(self._not_keyframe)
 
     def note(self, name: str) -> None:
         with self._lock:
@@ -71,6 +85,7 @@ class DropCounter:
         with self._lock:
             self._drops.clear()
             self._notes.clear()
+            self._not_keyframe.clear()
             self._received = 0
 
 

@@ -39,8 +39,9 @@ EXECUTOR_SHUTDOWN_S = 3.0
 
 
 def check_ros_pieces(logger) -> None:
-    """Stop start-up (MissingRosDependency, a ValueError) on a ROS 2 machine that lacks tf2_ros or
-    cv_bridge; elsewhere log which substitutes serve (a warning: a robot should not run on them)."""
+    """Stop start-up (MissingRosDependency, a ValueError) on a ROS 2 machine that lacks tf2_ros, cv_bridge
+    or diagnostic_updater; elsewhere log which substitutes serve (a warning: a robot should not run on
+    them)."""
     decision = ros_install.check_ros_pieces()
     (logger.warning if decision.substitutes else logger.info)(decision.message())
 

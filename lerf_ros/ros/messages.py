@@ -234,14 +234,17 @@ def fill_query_response(response, result, header: Header):
 
 
 def training_status_msg(status, state_name: str, header: Header, frames_received: int,
-                        drops: Mapping[str, int], last_error: str = "", frames_without_depth: int = 0):
+                        drops: Mapping[str, int], last_error: str = "", frames_without_depth: int = 0,
+                        not_keyframe: Mapping[str, int] | None = None):
     """Engine status + node counters -> ``lerf_ros/msg/TrainingStatus``.
 
     ``status`` is the core's ``EngineStatus`` (step, keyframes, keyframes_pending, losses: name -> value,
     rays_per_s, gpu_mem_allocated_mb, gpu_mem_peak_mb, last_error, convergence: `ConvergenceSignals`,
-    nonfinite_steps, journal_bytes, journal_skipped). ``drops`` maps a drop
+    nonfinite_steps, oom_events, rays_per_step, journal_bytes, journal_skipped). ``drops`` maps a drop
     reason to its count (``frames_dropped`` is their sum); ``frames_without_depth`` counts frames
-    ingested without a matching depth image (not drops); ``last_error`` (the node's, e.g. a
+    ingested without a matching depth image (not drops); ``not_keyframe`` maps a keyframe selector reason
+    ("redundant", "blurred") to the frames it did not keep (``frames_not_keyframe`` is their sum; not drops
+    either); ``last_error`` (the node's, e.g. a
     frame-handling error) is used when the engine's is empty.
     """
     from lerf_ros.msg import TrainingStatus
@@ -261,6 +264,10 @@ def training_status_msg(status, state_name: str, header: Header, frames_received
     msg.drop_counts = [int(drops[r]) for r in reasons]
     msg.frames_dropped = int(sum(msg.drop_counts))
     msg.frames_without_depth = int(frames_without_depth)
+    not_kept = dict(not_keyframe or {})
+    msg.not_keyframe_reasons = sorted(not_kept)
+    msg.not_keyframe_counts = [int(not_kept[r]) for r in msg.not_keyframe_reasons]
+    msg.frames_not_keyframe = int(sum(msg.not_keyframe_counts))
     losses = dict(status.losses)
     msg.loss_names = list(losses)
     msg.loss_values = [float(v) for v in losses.values()]
@@ -282,6 +289,8 @@ def training_status_msg(status, state_name: str, header: Header, frames_received
     msg.language_loss_slope = float(conv.language_slope)
     msg.convergence_step = max(int(conv.step), 0)
     msg.nonfinite_steps = int(status.nonfinite_steps)
+    msg.oom_events = int(getattr(status, "oom_events", 0))
+    msg.rays_per_step = int(getattr(status, "rays_per_step", 0))
     msg.journal_bytes = int(getattr(status, "journal_bytes", 0))
     msg.journal_skipped = int(getattr(status, "journal_skipped", 0))
     return msg

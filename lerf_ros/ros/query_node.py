@@ -24,6 +24,9 @@ Requests never raise to the client; every reply carries a ``result`` code:
   ValueError from the engine counts here too: the engine also raises ValueError for internal faults (an
   encoder returning bad embeddings), and everything a request can get wrong is refused before.
 ``after_call`` (``lerf_node``: the trainer's ``publish_status``) runs after every reply.
+
+``/diagnostics`` (1 Hz, ``compat.diagnostics``): task "model", ERROR while there is no model (a map that
+failed to load), WARN while a demo encoder answers (``ros/diagnostics.model_diagnostic``).
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
+from lerf_ros.compat import diagnostics as compat_diagnostics
 from lerf_ros.core.language.query import MAX_RESULTS_LIMIT
-from lerf_ros.ros import map_io
+from lerf_ros.ros import diagnostics, map_io
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import RESULTS, answer_markers, empty_cloud, fill_query_response, fill_refusal
 from lerf_ros.ros.params import QUERY, QUERY_NODE_NAME, declare_and_resolve
@@ -148,6 +152,19 @@ class QueryNode(Node):
         self.cloud_pub = self.create_publisher(PointCloud2, "lerf/relevancy_cloud", _LATCHED_CLOUD)
         self.marker_pub = self.create_publisher(MarkerArray, "lerf/target_markers", _LATCHED_MARKERS)
         self.create_service(Query, "lerf/query", self._on_query, callback_group=group)
+        self._model_source = map_path or "live (the trainer in this process)"
+        self.diagnostics, diagnostics_real = compat_diagnostics.make_updater(self)
+        self.diagnostics.setHardwareID(self.params.device)  # the task names the engine's device itself
+        self.diagnostics.add(diagnostics.MODEL_TASK,
+                             compat_diagnostics.guarded(self._diagnose_model, self.get_logger()))
+        self.get_logger().info(f"/diagnostics: {compat_diagnostics.describe(diagnostics_real)}")
+
+    def _diagnose_model(self, stat):
+        """diagnostic_updater task "model": the model answered from (or why there is none), encoders."""
+        engine = self.slot.get()
+        diagnostic = diagnostics.model_diagnostic(None if engine is None else engine.status(),
+                                                  self._model_source, self.slot.error)
+        return compat_diagnostics.fill_stat(stat, diagnostic)
 
     def _threshold(self) -> float:
         # Read live: query_threshold is the one dynamic parameter.

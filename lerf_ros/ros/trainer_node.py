@@ -7,11 +7,13 @@ Threads (nothing slow runs in an executor callback):
   interpolated by the TF buffer); with a depth topic, the depth image of the same stamp (within
   ``depth_stamp_tolerance_s``) from a bounded buffer the depth callback fills, waiting up to
   ``depth_wait_s`` because depth may arrive after colour (no match: ingested without depth, counted as
-  in TrainingStatus.frames_without_depth, not a drop); then ``engine.add_frame``.
+  in TrainingStatus.frames_without_depth, not a drop); then ``engine.add_frame`` (a frame it does not keep
+  as a keyframe is counted in frames_not_keyframe, not as a drop).
 - training worker (``core.training.worker.TrainingWorker``, owned): ``engine.step`` in a loop; the engine
   computes keyframe features first and trains once ``min_keyframes`` keyframes have them.
 - ``control`` group: pause / reset / save_map / load_map services; ``status`` group: the status timer and
-  the state watch.
+  the state watch; the default group: the 1 Hz ``/diagnostics`` update (``compat.diagnostics``: tasks
+  "camera input" and "training", mapped by ``ros/diagnostics.py`` from the same counters and engine status).
 
 ``lerf/status`` is published every ``1 / status_rate_hz`` s, after every pause / reset / save_map / load_map
 reply (and, in ``lerf_node``, every query reply: ``QueryNode.after_call``), and within ``_STATE_WATCH_S`` of a
@@ -47,12 +49,13 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 from std_srvs.srv import SetBool, Trigger
 
+from lerf_ros.compat import diagnostics as compat_diagnostics
 from lerf_ros.compat import image as image_conv
 from lerf_ros.compat import tf as compat_tf
 from lerf_ros.core.frames import scene_region
 from lerf_ros.core.frames.frame import Frame
 from lerf_ros.core.training.worker import TrainingWorker
-from lerf_ros.ros import ingest, map_io
+from lerf_ros.ros import diagnostics, ingest, map_io
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_to_ns, training_status_msg
 from lerf_ros.ros.params import TRAINER, TRAINER_NODE_NAME, ParameterError, declare_and_resolve
@@ -149,6 +152,13 @@ class TrainerNode(Node):
         self.create_timer(1.0 / s.status_rate_hz, self.publish_status, callback_group=status)
         self.create_timer(_STATE_WATCH_S, self.publish_status_if_state_changed, callback_group=status)
 
+        self._ingest_rate = diagnostics.IngestRate(time.monotonic())
+        self.diagnostics, diagnostics_real = compat_diagnostics.make_updater(self)
+        self.diagnostics.setHardwareID(self.params.device)  # each task names the engine's device itself
+        for task, fn in ((diagnostics.INPUT_TASK, self._diagnose_input),
+                         (diagnostics.TRAINING_TASK, self._diagnose_training)):
+            self.diagnostics.add(task, compat_diagnostics.guarded(fn, self.get_logger()))
+
         self._box_reported = None
         self._ingest_thread = threading.Thread(target=self._ingest_loop, name="lerf-ingest", daemon=True)
         self._ingest_thread.start()
@@ -156,7 +166,8 @@ class TrainerNode(Node):
         self.get_logger().info(
             f"training preset '{self.params.values['preset']}' on {self.params.device}; camera "
             f"{self.resolve_topic_name(s.image_topic)} ({s.image_transport}), world frame '{s.world_frame}', "
-            f"TF {'tf2_ros' if self.tf_is_real else 'compat buffer'}")
+            f"TF {'tf2_ros' if self.tf_is_real else 'compat buffer'}; /diagnostics "
+            f"{compat_diagnostics.describe(diagnostics_real)}")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -317,8 +328,8 @@ class TrainerNode(Node):
             self._drop(ingest.BAD_FRAME, str(exc))
             return
         if not result.keyframe:
-            # Keyframe filter rejections ("blurred", "redundant", ...) count as drops, by the engine's reason.
-            self.counters.drop(result.reason)
+            # Not a drop: the frame was fine, the keyframe selector did not keep it ("redundant", "blurred").
+            self.counters.not_keyframe(result.reason)
 
     # ------------------------------------------------------------------ services
     def _on_pause(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
@@ -461,7 +472,25 @@ class TrainerNode(Node):
                                    f"min {lo} max {hi} m in '{world_frame}'")
         return training_status_msg(engine_status, self.state_name(), header, received, drops,
                                    worker_error or node_error,
-                                   frames_without_depth=notes.get(ingest.NO_DEPTH_MATCH, 0))
+                                   frames_without_depth=notes.get(ingest.NO_DEPTH_MATCH, 0),
+                                   not_keyframe=self.counters.not_keyframes())
+
+    def _diagnose_input(self, stat):
+        """diagnostic_updater task "camera input": image rate, TF failures, drops and not-kept frames."""
+        received, drops = self.counters.snapshot()
+        window = self._ingest_rate.sample(time.monotonic(), received, sum(drops.values()))
+        diagnostic = diagnostics.input_diagnostic(
+            self.state_name(), window, received, drops, self.counters.not_keyframes(),
+            self.counters.notes().get(ingest.NO_DEPTH_MATCH, 0),
+            hardware_id=self.resolve_topic_name(self.settings.image_topic))
+        return compat_diagnostics.fill_stat(stat, diagnostic)
+
+    def _diagnose_training(self, stat):
+        """diagnostic_updater task "training": state, step, keyframes, GPU memory, encoders."""
+        with self._lock:
+            error = self._worker.last_error or self._last_error
+        diagnostic = diagnostics.training_diagnostic(self.slot.get().status(), self.state_name(), error)
+        return compat_diagnostics.fill_stat(stat, diagnostic)
 
     def shutdown(self, timeout_s: float = _SHUTDOWN_TIMEOUT_S) -> bool:
         """Stop the training worker and the ingest thread, close the TF listener (call before

@@ -183,7 +183,8 @@ def cmd_train(args) -> int:
             "steps": st.step, "preset": params.values["preset"],
             "train_seconds": round(time.monotonic() - t0, 2), "stop_reason": reason,
             "convergence": {k: _json_number(v) for k, v in dataclasses.asdict(conv).items()},
-            "nonfinite_steps": st.nonfinite_steps, "restores": st.restores}
+            "nonfinite_steps": st.nonfinite_steps, "restores": st.restores,
+            "oom_events": st.oom_events, "rays_per_step": st.rays_per_step}
     (args.out / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
     box, source = engine.status().scene_box, engine.status().scene_box_source
     if box is not None:
@@ -199,7 +200,9 @@ def cmd_train(args) -> int:
     print(f"stopped: {_stop_text(reason, steps, args.seconds)}; map {usable} (progress {conv.progress:.2f}): "
           f"{conv.note}"
           + (f"; {st.nonfinite_steps} non-finite steps skipped, {st.restores} roll-backs"
-             if st.nonfinite_steps else ""))
+             if st.nonfinite_steps else "")
+          + (f"; out of GPU memory {st.oom_events} times: {st.rays_per_step} rays per step"
+             if st.oom_events else ""))
     return 0
 
 
@@ -221,7 +224,8 @@ def _train(engine, steps: int, fixed: bool, seconds: float | None, bar) -> str:
             return reason
         stats = engine.step(0 if reason is not None else min(10, steps - st.step))
         st = engine.status()
-        if not stats.work_done and st.step == 0 and st.keyframes_pending == 0 and not st.nonfinite_steps:
+        skipped = st.nonfinite_steps or st.oom_events  # steps tried and not applied: training did start
+        if not stats.work_done and st.step == 0 and st.keyframes_pending == 0 and not skipped:
             raise UserError(f"nothing to train on: too few of the {st.keyframes} keyframes have language "
                             f"features (last error: {st.last_error or 'none'})")
         bar.n = min(st.step, steps)

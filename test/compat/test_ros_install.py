@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import lerf_ros.compat.diagnostics as compat_diagnostics
 import lerf_ros.compat.tf as compat_tf
 from lerf_ros.compat import ros_install
 from lerf_ros.compat.ros_install import (
@@ -19,6 +20,8 @@ from lerf_ros.compat.ros_install import (
 
 BOTH_MISSING = {"tf2_ros": "ModuleNotFoundError: No module named 'tf2_ros'",
                 "cv_bridge": "ModuleNotFoundError: No module named 'cv_bridge'"}
+IMPORT_ERRORS = {**BOTH_MISSING,
+                 "diagnostic_updater": "ModuleNotFoundError: No module named 'diagnostic_updater'"}
 
 
 def ros_prefix(root: Path) -> Path:
@@ -83,12 +86,13 @@ def test_without_ros_the_substitutes_serve_and_say_so():
         (["tf2_ros"], ["tf2_ros does not import", "tf2_ros_py", "ros-jazzy-tf2-ros-py"]),
         (["cv_bridge"], ["cv_bridge does not import", "ros-jazzy-cv-bridge"]),
         (["tf2_ros", "cv_bridge"], ["tf2_ros_py", "ros-jazzy-cv-bridge"]),
+        (["diagnostic_updater"], ["diagnostic_updater does not import", "ros-jazzy-diagnostic-updater"]),
     ],
 )
 def test_on_a_ros_machine_a_missing_piece_is_an_error_naming_what_to_install(missing, needles):
     environ = {"ROS_DISTRO": "jazzy", "ROS_VERSION": "2"}
     with pytest.raises(MissingRosDependency) as info:
-        decide({name: BOTH_MISSING[name] for name in missing}, environ)
+        decide({name: IMPORT_ERRORS[name] for name in missing}, environ)
     text = str(info.value)
     assert isinstance(info.value, ValueError)  # main.run turns it into exit status 2
     assert "ROS 2 is installed here (ROS_DISTRO=jazzy, ROS_VERSION=2)" in text and "rosdep install" in text
@@ -96,11 +100,12 @@ def test_on_a_ros_machine_a_missing_piece_is_an_error_naming_what_to_install(mis
         assert needle in text, needle
 
 
-def test_on_a_ros_machine_with_both_pieces_nothing_is_substituted(tmp_path):
+def test_on_a_ros_machine_with_every_piece_nothing_is_substituted(tmp_path):
     environ = {"AMENT_PREFIX_PATH": str(ros_prefix(tmp_path / "jazzy"))}
     decision = decide({}, environ)
     assert decision.substitutes == () and decision.ros_install is not None
-    assert decision.message().startswith("using the installed tf2_ros and cv_bridge (ROS 2: AMENT_PREFIX")
+    assert decision.message().startswith(
+        "using the installed tf2_ros, cv_bridge, diagnostic_updater (ROS 2: AMENT_PREFIX")
 
 
 def test_make_tf_buffer_refuses_the_substitute_on_a_ros_machine(monkeypatch):
@@ -118,6 +123,7 @@ def test_check_ros_pieces_probes_this_process(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     unavailable = ros_install.unavailable_pieces()
     assert ("tf2_ros" in unavailable) == (not compat_tf.HAVE_TF2_ROS)
+    assert ("diagnostic_updater" in unavailable) == (not compat_diagnostics.HAVE_DIAGNOSTIC_UPDATER)
     decision = ros_install.check_ros_pieces()
-    expected = [m for m in ("tf2_ros", "cv_bridge") if m in unavailable]
+    expected = [m for m in ("tf2_ros", "cv_bridge", "diagnostic_updater") if m in unavailable]
     assert [p.module for p in decision.substitutes] == expected

@@ -96,6 +96,9 @@ def test_training_status_constants_and_fields():
         "frames_without_depth": "uint64",
         "drop_reasons": "sequence<string>",
         "drop_counts": "sequence<uint64>",
+        "frames_not_keyframe": "uint64",
+        "not_keyframe_reasons": "sequence<string>",
+        "not_keyframe_counts": "sequence<uint64>",
         "loss_names": "sequence<string>",
         "loss_values": "sequence<float>",
         "rays_per_second": "float",
@@ -111,6 +114,8 @@ def test_training_status_constants_and_fields():
         "language_loss_slope": "float",
         "convergence_step": "uint64",
         "nonfinite_steps": "uint64",
+        "oom_events": "uint64",
+        "rays_per_step": "uint32",
         "clip_encoder": "string",
         "dino_encoder": "string",
         "demo_encoders": "boolean",
@@ -188,7 +193,8 @@ def test_manifest_parses_and_declares_dependencies():
     for name in ("rclpy", "rcl_interfaces", "sensor_msgs", "geometry_msgs", "std_msgs", "std_srvs",
                  "visualization_msgs", "tf2_ros_py", "tf2_msgs", "cv_bridge", "launch", "launch_ros",
                  "ament_index_python", "rosidl_default_generators", "rosidl_default_runtime", "ament_cmake",
-                 "ament_cmake_python", "python3-numpy", "python3-torch", "python3-torchvision"):
+                 "ament_cmake_python", "python3-numpy", "python3-torch", "python3-torchvision",
+                 "diagnostic_msgs", "diagnostic_updater"):
         assert name in declared, name
     # The Python module tf2_ros is in tf2_ros_py; the key tf2_ros is the C++ library only.
     assert "tf2_ros" not in declared

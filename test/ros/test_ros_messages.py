@@ -139,14 +139,20 @@ def test_training_status_msg():
                               progress=1.0, note="usable: held-out PSNR 28.5 dB")
     status = SimpleNamespace(step=42, keyframes=5, keyframes_pending=1, losses={"rgb": 0.5, "total": 0.7},
                              rays_per_s=1234.5, gpu_mem_allocated_mb=0.0, gpu_mem_peak_mb=0.0,
-                             last_error=None, convergence=conv, nonfinite_steps=3)
-    msg = messages.training_status_msg(status, "training", _header(), 30, {"tf_missing": 2, "blurred": 3},
-                                       "tf_missing: no map", frames_without_depth=4)
+                             last_error=None, convergence=conv, nonfinite_steps=3, oom_events=2,
+                             rays_per_step=64)
+    msg = messages.training_status_msg(status, "training", _header(), 30, {"tf_missing": 2, "queue_full": 3},
+                                       "tf_missing: no map", frames_without_depth=4,
+                                       not_keyframe={"redundant": 7, "blurred": 1})
     assert msg.frames_without_depth == 4
+    # Frames the keyframe selector did not keep are listed apart and are not drops.
+    assert msg.frames_not_keyframe == 8
+    assert list(msg.not_keyframe_reasons) == ["blurred", "redundant"]
+    assert list(msg.not_keyframe_counts) == [1, 7]
     assert (msg.state, msg.state_name, msg.step) == (1, "training", 42)
     assert (msg.keyframes, msg.keyframes_pending) == (5, 1)
     assert msg.frames_received == 30 and msg.frames_dropped == 5
-    assert list(msg.drop_reasons) == ["blurred", "tf_missing"] and list(msg.drop_counts) == [3, 2]
+    assert list(msg.drop_reasons) == ["queue_full", "tf_missing"] and list(msg.drop_counts) == [3, 2]
     assert list(msg.loss_names) == ["rgb", "total"]
     assert list(msg.loss_values) == pytest.approx([0.5, 0.7])
     assert msg.rays_per_second == pytest.approx(1234.5)
@@ -155,6 +161,7 @@ def test_training_status_msg():
     assert (msg.heldout_psnr_db, msg.heldout_r2) == pytest.approx((28.5, 0.93))
     assert (msg.depth_disagreement, msg.language_loss_slope) == pytest.approx((0.02, -0.03))
     assert (msg.convergence_step, msg.nonfinite_steps) == (400, 3)
+    assert (msg.oom_events, msg.rays_per_step) == (2, 64)
     # before the first evaluation: not usable, NaN signals, step 0
     empty = messages.training_status_msg(
         SimpleNamespace(**{**vars(status), "convergence": ConvergenceSignals()}), "waiting", _header(), 0, {})

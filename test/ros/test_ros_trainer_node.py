@@ -135,10 +135,12 @@ def test_pose_is_interpolated_at_the_image_stamp_and_depth_is_joined(trainer):
     # A second image without a depth of its stamp gets none; it is "redundant" to the fake engine.
     msg, _ = rgb_image(10 * NS + NS // 2)
     node._on_image(msg)
-    drain(node, engine, 3)
+    drain(node, engine, 2)
+    wait_until(lambda: node.counters.not_keyframes() != {})  # counted just after add_frame returns
     assert engine.frames[1].depth_m is None and engine.frames[1].T_world_cam[0, 3] == pytest.approx(0.5)
     received, drops = node.counters.snapshot()
-    assert received == 2 and drops == {"redundant": 1}
+    assert received == 2 and drops == {}  # a redundant frame is not a drop ...
+    assert node.counters.not_keyframes() == {"redundant": 1}  # ... it is counted apart
 
 
 def depth_image(stamp_ns, value):
@@ -192,10 +194,11 @@ def test_depth_within_tolerance_pairs_and_a_missing_one_is_counted_not_dropped(t
     assert engine.frames[1].depth_m is None and engine.frames[2].depth_m is None
     received, drops = node.counters.snapshot()
     assert received == 3 and node.counters.notes() == {"no_depth_match": 2}
-    assert drops == {"redundant": 1}  # the fake engine's verdict on frame 2; no depth drop
-    msg = node.status_msg()  # the note is listed in the status but is not a dropped frame
-    assert dict(zip(msg.drop_reasons, msg.drop_counts, strict=True)) == {"redundant": 1}
-    assert msg.frames_dropped == 1 and msg.frames_received == 3 and msg.frames_without_depth == 2
+    assert drops == {}  # neither the missing depth nor the fake engine's "redundant" on frame 2 is a drop
+    msg = node.status_msg()  # both are listed in the status, apart from the dropped frames
+    assert dict(zip(msg.drop_reasons, msg.drop_counts, strict=True)) == {}
+    assert msg.frames_dropped == 0 and msg.frames_received == 3 and msg.frames_without_depth == 2
+    assert msg.frames_not_keyframe == 1 and list(msg.not_keyframe_reasons) == ["redundant"]
 
 
 def test_depth_buffer_stays_bounded_under_a_flood(trainer):
@@ -275,11 +278,12 @@ def test_services_pause_and_reset(trainer):
     node, engine = trainer
     reply = node._on_pause(SetBool.Request(data=True), SetBool.Response())
     assert reply.success and reply.message == "paused"
-    node.counters.drop("blurred")
+    node.counters.drop("tf_missing")
+    node.counters.not_keyframe("blurred")
     engine.frames.append(object())
     reply = node._on_reset(Trigger.Request(), Trigger.Response())
     assert reply.success and engine.resets == 1 and engine.frames == []
-    assert node.counters.snapshot() == (0, {})
+    assert node.counters.snapshot() == (0, {}) and node.counters.not_keyframes() == {}
     # The worker came back paused after the reset.
     end = time.monotonic() + 5.0
     while node.state_name() != "paused" and time.monotonic() < end:
@@ -291,6 +295,30 @@ def test_services_pause_and_reset(trainer):
     while node.state_name() == "paused" and time.monotonic() < end:
         time.sleep(0.01)
     assert node.state_name() == "waiting"
+
+
+def test_diagnostics_tasks_report_the_node_counters(trainer):
+    from lerf_ros.compat.diagnostics import StatusSubstitute
+
+    node, engine = trainer
+    put_tf(node, 0, 0.0, static=True)
+    node._on_camera_info(info_msg())
+    for i in range(4):  # the fake engine keeps frames 1 and 3, finds 2 and 4 "redundant"
+        node._on_image(rgb_image(60 * NS + i * NS // 10)[0])
+        wait_until(lambda n=i + 1: len(engine.frames) == n)
+    node._on_image(rgb_image(61 * NS, frame_id="nowhere")[0])  # no TF: a drop
+    wait_until(lambda: node.counters.snapshot()[1] == {"tf_missing": 1}
+               and sum(node.counters.not_keyframes().values()) == 2)
+    camera = node._diagnose_input(StatusSubstitute("camera input"))
+    values = {kv.key: kv.value for kv in camera.values}
+    assert values["frames received"] == "5" and values["frames dropped"] == "1"
+    assert values["TF failures"] == "1" and values["dropped: tf_missing"] == "1"
+    assert values["frames not kept as keyframes"] == "2" and values["not a keyframe: redundant"] == "2"
+    assert camera.hardware_id == "/camera/color/image_raw"
+    training = node._diagnose_training(StatusSubstitute("training"))
+    values = {kv.key: kv.value for kv in training.values}
+    assert values["state"] == "waiting" and values["keyframes"] == "4"  # the fake engine counts every frame
+    assert training.level == bytes([0]) and training.message.startswith("waiting, step 0, 4 keyframes")
 
 
 #: Bound on the node's exit after a signal, s: the worker finishes its current step (tiny preset: well
