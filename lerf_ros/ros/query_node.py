@@ -1,4 +1,5 @@
-"""The query node: ``lerf/query`` (lerf_ros/srv/Query) over the live engine or a saved map.
+"""The query node: ``lerf/query`` (lerf_ros/srv/Query) and ``lerf/locate`` (lerf_ros/action/Locate) over the
+live engine or a saved map.
 
 Live mode (same process as the trainer, ``lerf_node``): answers from the ``EngineSlot`` the trainer trains;
 the engine takes its lock inside ``query`` only briefly, so training goes on. Standalone mode
@@ -25,6 +26,14 @@ Requests never raise to the client; every reply carries a ``result`` code:
   encoder returning bad embeddings), and everything a request can get wrong is refused before.
 ``after_call`` (``lerf_node``: the trainer's ``publish_status``) runs after every reply.
 
+``lerf/locate`` asks the same question through the same path (``_answer``: same checks, same engine call,
+same RViz output) again and again until found or its timeout (the loop: ``ros/locate.py``). Its goals run in
+a reentrant callback group of their own, so ``lerf/query`` (its own group) and the trainer's services stay
+responsive while a goal waits; at most ``MAX_LOCATE_GOALS`` run at once (each holds an executor thread), more
+are rejected, as are goals that break a rule (``parse_goal``): rejection is immediate, which a planner can
+act on without waiting for a result. ``shutdown()`` ends running goals (aborted) within ``locate.POLL_S``
+plus any query in flight.
+
 ``/diagnostics`` (1 Hz, ``compat.diagnostics``): task "model", ERROR while there is no model (a map that
 failed to load), WARN while a demo encoder answers (``ros/diagnostics.model_diagnostic``).
 """
@@ -32,10 +41,13 @@ failed to load), WARN while a demo encoder answers (``ros/diagnostics.model_diag
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import PointCloud2
@@ -46,7 +58,16 @@ from lerf_ros.compat import diagnostics as compat_diagnostics
 from lerf_ros.core.language.query import MAX_RESULTS_LIMIT
 from lerf_ros.ros import diagnostics, map_io
 from lerf_ros.ros.engine_slot import EngineSlot
-from lerf_ros.ros.messages import RESULTS, answer_markers, empty_cloud, fill_query_response, fill_refusal
+from lerf_ros.ros.locate import LocateLoop, Progress
+from lerf_ros.ros.messages import (
+    RESULTS,
+    answer_markers,
+    empty_cloud,
+    fill_locate_result,
+    fill_query_response,
+    fill_refusal,
+    locate_feedback,
+)
 from lerf_ros.ros.params import QUERY, QUERY_NODE_NAME, declare_and_resolve
 
 _LATCHED_CLOUD = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
@@ -55,6 +76,8 @@ _LATCHED_CLOUD = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL
 _LATCHED_MARKERS = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                               reliability=ReliabilityPolicy.RELIABLE)
 MAX_NEGATIVES = 32
+#: Locate goals running at once; each holds an executor thread while it runs (``main.EXECUTOR_THREADS``).
+MAX_LOCATE_GOALS = 2
 
 
 class InvalidRequest(ValueError):
@@ -72,6 +95,14 @@ class QueryArgs:
     max_results: int
 
 
+@dataclass(frozen=True)
+class LocateArgs:
+    """A checked Locate goal: the query it repeats (no cloud in the replies) and its timeout, s."""
+
+    query: QueryArgs
+    timeout_s: float
+
+
 def parse_request(request, max_chars: int) -> QueryArgs:
     """Check a ``Query.Request`` against everything the engine would refuse; InvalidRequest otherwise.
 
@@ -79,6 +110,20 @@ def parse_request(request, max_chars: int) -> QueryArgs:
     MAX_NEGATIVES of at most ``max_chars`` each; threshold: finite and <= 1 (<= 0: node default);
     max_results: 1..MAX_RESULTS_LIMIT (the core's bound).
     """
+    return _parse_query(request, bool(request.with_cloud), max_chars)
+
+
+def parse_goal(goal, max_chars: int) -> LocateArgs:
+    """Check a ``Locate.Goal``: the Query rules (``parse_request``) on its text, negatives, threshold and
+    max_results, and timeout_s finite and > 0; InvalidRequest naming the field otherwise."""
+    query = _parse_query(goal, False, max_chars)
+    timeout_s = float(goal.timeout_s)
+    if not (math.isfinite(timeout_s) and timeout_s > 0.0):
+        raise InvalidRequest(f"timeout_s: {timeout_s} is not a finite number of seconds > 0")
+    return LocateArgs(query, timeout_s)
+
+
+def _parse_query(request, with_cloud: bool, max_chars: int) -> QueryArgs:
     text = str(request.text).strip()
     if not text:
         raise InvalidRequest("text: empty query text")
@@ -96,8 +141,7 @@ def parse_request(request, max_chars: int) -> QueryArgs:
     max_results = int(request.max_results)
     if not 1 <= max_results <= MAX_RESULTS_LIMIT:
         raise InvalidRequest(f"max_results: {max_results} is not in 1..{MAX_RESULTS_LIMIT}")
-    return QueryArgs(text, negatives, threshold if threshold > 0.0 else None, bool(request.with_cloud),
-                     max_results)
+    return QueryArgs(text, negatives, threshold if threshold > 0.0 else None, with_cloud, max_results)
 
 
 def load_map(path: str, device: str) -> tuple[object | None, str]:
@@ -152,6 +196,15 @@ class QueryNode(Node):
         self.cloud_pub = self.create_publisher(PointCloud2, "lerf/relevancy_cloud", _LATCHED_CLOUD)
         self.marker_pub = self.create_publisher(MarkerArray, "lerf/target_markers", _LATCHED_MARKERS)
         self.create_service(Query, "lerf/query", self._on_query, callback_group=group)
+        from lerf_ros.action import Locate
+
+        self._stopping = threading.Event()
+        self._goals_lock = threading.Lock()
+        self._goals = 0
+        # Reentrant: a goal's cancel request and new goals must get through while a goal runs.
+        self.locate_server = ActionServer(
+            self, Locate, "lerf/locate", self._execute_locate, goal_callback=self._on_locate_goal,
+            cancel_callback=lambda _goal: CancelResponse.ACCEPT, callback_group=ReentrantCallbackGroup())
         self._model_source = map_path or "live (the trainer in this process)"
         self.diagnostics, diagnostics_real = compat_diagnostics.make_updater(self)
         self.diagnostics.setHardwareID(self.params.device)  # the task names the engine's device itself
@@ -191,12 +244,22 @@ class QueryNode(Node):
                                             throttle_duration_sec=2.0)
 
     def _answer_request(self, request, response):
-        engine, frame = self.slot.get_with_frame(self.settings.world_frame)
-        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=frame)
         try:
             args = parse_request(request, self.settings.max_query_chars)
         except InvalidRequest as exc:
-            return self._refuse(response, header, RESULTS["invalid_request"], str(exc))
+            return self._refuse(response, self._header(), RESULTS["invalid_request"], str(exc))
+        return self._answer(args, response)
+
+    def _header(self, frame: str | None = None) -> Header:
+        if frame is None:
+            frame = self.slot.get_with_frame(self.settings.world_frame)[1]
+        return Header(stamp=self.get_clock().now().to_msg(), frame_id=frame)
+
+    def _answer(self, args: QueryArgs, response):
+        """Answer a checked request into ``response`` (a ``Query.Response``): the one path of both
+        ``lerf/query`` and every ``lerf/locate`` query."""
+        engine, frame = self.slot.get_with_frame(self.settings.world_frame)
+        header = self._header(frame)
         if engine is None:
             return self._refuse(response, header, RESULTS["error"], self.slot.error or "no model loaded")
         threshold = self._threshold() if args.threshold is None else args.threshold
@@ -214,3 +277,60 @@ class QueryNode(Node):
         if not args.with_cloud:
             response.cloud = empty_cloud(header)
         return response
+
+    def _on_locate_goal(self, goal) -> GoalResponse:
+        try:
+            parse_goal(goal, self.settings.max_query_chars)
+        except InvalidRequest as exc:
+            self.get_logger().warning(f"locate goal rejected: {exc}", throttle_duration_sec=2.0)
+            return GoalResponse.REJECT
+        with self._goals_lock:
+            if self._stopping.is_set() or self._goals >= MAX_LOCATE_GOALS:
+                self.get_logger().warning(
+                    f"locate goal rejected: {MAX_LOCATE_GOALS} goals already running"
+                    if not self._stopping.is_set() else "locate goal rejected: the node is shutting down",
+                    throttle_duration_sec=2.0)
+                return GoalResponse.REJECT
+            self._goals += 1  # released when the goal's execution ends
+        return GoalResponse.ACCEPT
+
+    def _execute_locate(self, goal_handle):
+        from lerf_ros.action import Locate
+        from lerf_ros.srv import Query
+
+        try:
+            args = parse_goal(goal_handle.request, self.settings.max_query_chars)
+
+            def feedback(progress: Progress) -> None:
+                goal_handle.publish_feedback(
+                    locate_feedback(progress.best, progress.last, progress.attempts, progress.elapsed_s))
+
+            loop = LocateLoop(lambda: self._answer(args.query, Query.Response()), feedback,
+                              cancelled=lambda: goal_handle.is_cancel_requested,
+                              stopping=self._stopping.is_set, clock=time.monotonic, wait=self._stopping.wait)
+            outcome = loop.run(args.timeout_s)
+            result = fill_locate_result(Locate.Result(), outcome.answer, outcome.attempts, outcome.message,
+                                        self._header())
+            if outcome.state == "succeeded":
+                goal_handle.succeed()
+            elif outcome.state == "canceled":
+                goal_handle.canceled()
+            else:
+                goal_handle.abort()
+            self.get_logger().info(f"locate {args.query.text[:60]!r}: {outcome.state} after "
+                                   f"{outcome.attempts} queries: {outcome.message}")
+            return result
+        finally:
+            with self._goals_lock:
+                self._goals -= 1
+            if self.after_call is not None:
+                try:
+                    self.after_call()
+                except Exception as exc:  # the result is made; a failing status publish must not lose it
+                    self.get_logger().error(f"after locate: {type(exc).__name__}: {exc}",
+                                            throttle_duration_sec=2.0)
+
+    def shutdown(self) -> None:
+        """End running Locate goals (aborted at their next check) and reject new ones; the executor's
+        bounded shutdown (``main.run``) then waits for them. Idempotent."""
+        self._stopping.set()

@@ -1,9 +1,10 @@
 """The generated interfaces carry the documented fields and constants; the package layout holds together.
 
-Checks the contract other programs rely on (field names, ROS types and constants of Query, Target, MapPath,
-TrainingStatus and tf2_msgs/TFMessage), that every field in msg/ and srv/ is documented, that the manifest
-parses with catkin_pkg, that setup.py and CMakeLists.txt install the same executables, and that the generated
-msg/srv part and the source tree resolve together as one `lerf_ros` package from any working directory.
+Checks the contract other programs rely on (field names, ROS types and constants of Query, Locate, Target,
+MapPath, TrainingStatus and tf2_msgs/TFMessage), that every field in msg/, srv/ and action/ is documented,
+that the manifest parses with catkin_pkg, that setup.py and CMakeLists.txt install the same executables, and
+that the generated msg/srv part and the source tree resolve together as one `lerf_ros` package from any
+working directory.
 """
 
 import ast
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from catkin_pkg.package import parse_package
 from geometry_msgs.msg import TransformStamped
+from lerf_ros.action import Locate
 from lerf_ros.msg import Target, TrainingStatus
 from lerf_ros.srv import MapPath, Query
 from rclpy.serialization import deserialize_message, serialize_message
@@ -55,6 +57,35 @@ def test_query_result_constants_match_the_nodes_table():
     assert constants == {"RESULT_FOUND": 1, "RESULT_NOT_FOUND": 2, "RESULT_NOT_READY": 3,
                          "RESULT_INVALID_REQUEST": 4, "RESULT_ERROR": 5}
     assert {f"RESULT_{name.upper()}": code for name, code in RESULTS.items()} == constants
+
+
+def test_locate_fields_types_and_constants():
+    assert Locate.Goal.get_fields_and_field_types() == {
+        "text": "string",
+        "negatives": "sequence<string>",
+        "timeout_s": "float",
+        "threshold": "float",
+        "max_results": "uint32",
+    }
+    # The result is Query's reply without the cloud (RViz gets it on lerf/relevancy_cloud), plus attempts.
+    query = dict(Query.Response.get_fields_and_field_types())
+    del query["cloud"]
+    assert Locate.Result.get_fields_and_field_types() == query | {"attempts": "uint32"}
+    def constants(cls):
+        return {name: getattr(cls, name) for name in dir(cls) if name.startswith("RESULT_")}
+
+    assert constants(Locate.Result) == constants(Query.Response)
+    assert Locate.Feedback.get_fields_and_field_types() == {
+        "best_target": "lerf_ros/Target",
+        "confidence": "float",
+        "found": "boolean",
+        "best_location": "geometry_msgs/PointStamped",
+        "model_step": "uint64",
+        "last_result": "uint8",
+        "attempts": "uint32",
+        "elapsed_s": "float",
+        "message": "string",
+    }
 
 
 def test_target_fields_and_types():
@@ -165,7 +196,7 @@ def test_query_and_status_serialise_round_trip():
 
 
 @pytest.mark.parametrize("relpath", ["msg/Target.msg", "msg/TrainingStatus.msg", "srv/Query.srv",
-                                     "srv/MapPath.srv"])
+                                     "srv/MapPath.srv", "action/Locate.action"])
 def test_every_field_is_documented(relpath):
     lines = (REPO / relpath).read_text().splitlines()
     undocumented = []
@@ -194,7 +225,7 @@ def test_manifest_parses_and_declares_dependencies():
                  "visualization_msgs", "tf2_ros_py", "tf2_msgs", "cv_bridge", "launch", "launch_ros",
                  "ament_index_python", "rosidl_default_generators", "rosidl_default_runtime", "ament_cmake",
                  "ament_cmake_python", "python3-numpy", "python3-torch", "python3-torchvision",
-                 "diagnostic_msgs", "diagnostic_updater"):
+                 "diagnostic_msgs", "diagnostic_updater", "action_msgs"):
         assert name in declared, name
     # The Python module tf2_ros is in tf2_ros_py; the key tf2_ros is the C++ library only.
     assert "tf2_ros" not in declared
