@@ -399,10 +399,10 @@ class LERFEngine:
             self.model.language.set_clip_standardisation(torch.cat(grids).float().to(self.device))
 
     def _maybe_refit_box(self) -> None:
-        """A live robot's box comes from its first keyframes. When, later, most keyframes look out of it,
-        the fields start over in a box that also holds what they see (the keyframes and their features are
-        kept; training restarts). Every REFIT_CHECK_STEPS steps, at most MAX_BOX_REFITS times; never for a
-        given box. Caller holds the lock."""
+        """A live robot's box comes from its first keyframes. When, later, a keyframe's camera lies outside
+        it or most keyframes look out of it, the fields start over in a box that also holds what they see
+        (the keyframes and their features are kept; training restarts). Every REFIT_CHECK_STEPS steps, at
+        most MAX_BOX_REFITS times; never for a given box. Caller holds the lock."""
         sc = self.config.scene
         if (not sc.refit or sc.box_min is not None or self.model is None or self._box_refits >= MAX_BOX_REFITS
                 or self.train_step - self._box_checked_step < REFIT_CHECK_STEPS):
@@ -411,15 +411,19 @@ class LERFEngine:
         if self._maybe_tighten_box():
             return
         frames = self.store.frames()
-        if self.keyframes_outside_box() <= REFIT_OUTSIDE_FRACTION * len(frames):
+        # A camera outside the box means the robot has driven out of it: whatever the keyframes' views say
+        # (a rendered test is biased there: fields trained in the old box put surfaces at its border).
+        cams = np.stack([f.T_world_cam[:3, 3] for f in frames])
+        cams_out = bool(np.any((cams < np.asarray(self.scene_box.min_xyz))
+                               | (cams > np.asarray(self.scene_box.max_xyz))))
+        if not cams_out and self.keyframes_outside_box() <= REFIT_OUTSIDE_FRACTION * len(frames):
             return
         old, source = self.scene_box, self.box_source
         new = self._derive_box()
         if source == "rendered":  # grow by what the keyframes render, not by their frusta
             new = scene_region.tightened_box(
                 scene_region.derive_box(frames, sc.margin_m, sc.max_range_m, sc.ground_z_m),
-                np.stack([f.T_world_cam[:3, 3] for f in frames]), list(self._rendered_seen().values()),
-                sc.margin_m) or old
+                cams, list(self._rendered_seen().values()), sc.margin_m) or old
             self.box_source = source
         lo = np.minimum(old.min_xyz, new.min_xyz)
         hi = np.maximum(old.max_xyz, new.max_xyz)

@@ -734,3 +734,31 @@ def test_engine_counts_as_training_from_its_first_step_not_from_the_end_of_the_c
     engine.trainer.step = spy
     engine.step(3)
     assert seen == [False, True, True]  # from the second step of the very first call on
+
+
+def test_the_box_grows_when_the_robot_drives_out_of_it(room_frames, monkeypatch):
+    """A keyframe camera outside the scene box (the robot drove out of what its first keyframes bounded)
+    refits the fields in a box that holds every camera, even when no keyframe is judged to look out of it;
+    with every camera inside, nothing happens."""
+    from lerf_ros.core.fields.scene_box import SceneBox
+
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:4])
+    monkeypatch.setattr(engine, "keyframes_outside_box", lambda: 0)  # only the cameras speak
+    cams = np.stack([f.T_world_cam[:3, 3] for f in engine.store.frames()])
+
+    def check(box):
+        engine.scene_box = box
+        engine._box_checked_step = engine.train_step - engine_mod.REFIT_CHECK_STEPS
+        refits = engine._box_refits
+        with engine.lock:
+            engine._maybe_refit_box()
+        return engine._box_refits - refits
+
+    roomy = SceneBox(tuple(cams.min(0) - 1.0), tuple(cams.max(0) + 1.0))
+    assert check(roomy) == 0 and engine.scene_box == roomy
+    lo = cams.min(0) - 1.0
+    lo[0] = cams[:, 0].min() + 0.05  # the left-most camera is outside
+    small = SceneBox(tuple(lo), tuple(cams.max(0) + 1.0))
+    assert check(small) == 1
+    assert np.all(cams >= np.asarray(engine.scene_box.min_xyz)) and np.all(cams <= engine.scene_box.max_xyz)
