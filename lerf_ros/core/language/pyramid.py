@@ -372,8 +372,14 @@ class ClipPyramid:
     def sample_cells(self, kf_id: int, values: Tensor, uv: Tensor, tile_frac: Tensor) -> Tensor:
         """`cell_levels` blended at tile_frac (R,): per-crop scalars interpolated as `sample` interpolates
         embeddings, without gathering any D-dimensional row. Returns (R,) float32."""
-        self._check_rows(torch.empty(uv.shape[0]), uv, tile_frac)
-        return self.blend_levels(self.cell_levels(kf_id, values, uv), tile_frac)
+        r = self._check_rows(torch.empty(uv.shape[0]), uv, tile_frac)
+        with self.store.lock:
+            size = self.store.layout(int(kf_id))
+        _, geo = self._layout(*size)
+        lo, hi, t = self._level_pair(tile_frac)  # only the two levels each row needs
+        cells, w = self._corners(geo, torch.cat([lo, hi]), uv.to(self.device, torch.float32).repeat(2, 1))
+        both = (values.to(self.device, torch.float32)[cells] * w).sum(dim=1)
+        return (1 - t) * both[:r] + t * both[r:]
 
     # ---- persistence ----------------------------------------------------------------------------
 
