@@ -9,7 +9,9 @@ Arguments (``ros2 launch lerf_ros lerf.launch.py --show-args``): ``namespace`` (
 their relative topics and services; TF stays on /tf and /tf_static), ``use_sim_time`` (true: stamps and
 timers follow /clock), ``params_file`` (default: the package's config/lerf.yaml, whose `default` preset
 needs OpenCLIP and DINO weights), ``log_level``, and the node parameters in
-``lerf_ros.compat.launcher.LAUNCH_ARGUMENTS`` (not given: the params file's value stays).
+``lerf_ros.compat.launcher.LAUNCH_ARGUMENTS`` (not given: the params file's value stays), ``autostart``
+among them: ``autostart:=false`` leaves both (lifecycle) nodes unconfigured for a lifecycle manager
+(nav2's ``lifecycle_manager`` with ``node_names: [lerf_trainer, lerf_query]``).
 
 Every argument is checked before the node starts (``lerf_ros.compat.launcher.plan_launch``): an unknown
 argument, ``use_sim_time`` that is not true / false, an unknown ``log_level``, a ``params_file`` that

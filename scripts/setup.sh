@@ -211,6 +211,8 @@ import sys
 
 import rclpy  # noqa: F401
 import rclpy.action  # noqa: F401  (lerf/locate; needs action_msgs and rcl_action from requirements.txt)
+import rclpy.lifecycle  # noqa: F401  (managed nodes; lifecycle_msgs comes with rclpy: ros-lifecycle-msgs)
+from lifecycle_msgs.srv import ChangeState, GetState  # noqa: F401
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: F401  (/diagnostics; the wheel from requirements.txt)
 from lerf_ros.msg import Target, TrainingStatus

@@ -35,10 +35,13 @@ from typing import Any
 
 import yaml
 
-#: Launch arguments that set the node parameter of the same name (string parameters, passed as given).
+#: Launch arguments that set the node parameter of the same name (string parameters passed as given;
+#: those in ``BOOL_ARGUMENTS`` as true / false).
 LAUNCH_ARGUMENTS = ("image_topic", "camera_info_topic", "depth_topic", "world_frame", "preset", "device",
                     "clip_encoder", "dino_encoder", "clip_checkpoint", "dino_checkpoint",
-                    "map_path")
+                    "map_path", "autostart")
+#: Boolean parameter arguments: "true" / "false" (any case), anything else is refused.
+BOOL_ARGUMENTS = ("autostart",)
 #: nav2-style launch arguments that are not node parameters of ours.
 LAUNCH_OPTIONS = ("namespace", "use_sim_time", "params_file", "log_level")
 ALL_LAUNCH_ARGUMENTS = LAUNCH_OPTIONS + LAUNCH_ARGUMENTS
@@ -92,6 +95,9 @@ def describe(name: str) -> str:
                         "overrides the params file's use_sim_time",
         "params_file": "ros2 params YAML for both nodes (default: the package's config/lerf.yaml)",
         "log_level": f"rcl log level, one of {', '.join(LOG_LEVELS)}",
+        "autostart": "true: both nodes configure and activate themselves; false: they stay unconfigured "
+                     "until a lifecycle manager (nav2 lifecycle_manager) brings them up (not given: the "
+                     "value in params_file, true by default)",
     }.get(name, f"node parameter '{name}' (not given: the value in params_file)")
 
 
@@ -167,6 +173,11 @@ def plan_launch(values: Mapping[str, str], roles: Sequence[str], sets: Mapping[s
     params_file = _params_file(given["params_file"])
     parameters: dict[str, Any] = {name: given[name] for name in LAUNCH_ARGUMENTS
                                   if given[name] != FROM_PARAMS_FILE}
+    for name in BOOL_ARGUMENTS:
+        if name in parameters:
+            if parameters[name].strip().lower() not in _BOOLS:
+                raise LaunchArgumentError(name, parameters[name], "expected true or false")
+            parameters[name] = _BOOLS[parameters[name].strip().lower()]
     parameters["use_sim_time"] = _BOOLS[sim.strip().lower()]
     parameters.update(sets or {})
     validate(params_file, parameters, roles, namespace)

@@ -28,6 +28,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from lerf_ros.compat import ros_install
 from lerf_ros.core.encoders import is_demo_encoder
 from lerf_ros.core.encoders.base import MissingWeightsError
+from lerf_ros.ros import lifecycle
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.params import ParameterError
 
@@ -83,7 +84,9 @@ def build_nodes(mode: str) -> list:
             after_call = nodes[0].publish_status if mode == "both" else None
             query = QueryNode(slot if mode == "both" else None, after_call=after_call)
             nodes.append(query)
-            if mode == "both" and query.slot is not slot:
+            # Only a configured query node has loaded its map (autostart; under a lifecycle manager the
+            # query node answers from the map it loads, and the trainer trains its own model).
+            if mode == "both" and query.slot is not slot and lifecycle.state_label(query) != "unconfigured":
                 # map_path given to lerf_node: the map becomes the shared model, and training continues
                 # from it; a map that failed to load leaves the fresh model (the error was logged).
                 engine, frame = query.slot.get_with_frame("")
@@ -102,9 +105,6 @@ def build_nodes(mode: str) -> list:
     except BaseException:
         destroy_nodes(nodes)
         raise
-    engine = nodes[0].slot.get()  # the trainer's, or the standalone query node's map
-    if engine is not None:
-        report_encoders(nodes[0].get_logger(), engine)
     return nodes
 
 

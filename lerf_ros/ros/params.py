@@ -72,6 +72,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               choices=("tiny", "lite", "default")),
     ParamSpec("device", str, "auto", "Torch device: auto picks cuda when torch.cuda.is_available().",
               choices=("auto", "cuda", "cpu")),
+    ParamSpec("autostart", bool, True,
+              "Lifecycle: true = the node configures and activates itself at start-up; false = it stays "
+              "unconfigured until a lifecycle manager (nav2 lifecycle_manager, ros2 lifecycle set) "
+              "changes its state."),
     ParamSpec("world_frame", str, "map",
               "Fixed frame of poses, the map, the cloud and the markers (a loaded map answers in the frame "
               "it recorded)."),

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
@@ -56,7 +56,7 @@ from visualization_msgs.msg import MarkerArray
 
 from lerf_ros.compat import diagnostics as compat_diagnostics
 from lerf_ros.core.language.query import MAX_RESULTS_LIMIT
-from lerf_ros.ros import diagnostics, map_io
+from lerf_ros.ros import diagnostics, lifecycle, map_io
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.locate import LocateLoop, Progress
 from lerf_ros.ros.messages import (
@@ -78,6 +78,7 @@ _LATCHED_MARKERS = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOC
 MAX_NEGATIVES = 32
 #: Locate goals running at once; each holds an executor thread while it runs (``main.EXECUTOR_THREADS``).
 MAX_LOCATE_GOALS = 2
+_UNCONFIGURED = "no model: the node is not configured (lifecycle)"
 
 
 class InvalidRequest(ValueError):
@@ -158,21 +159,64 @@ def load_map(path: str, device: str) -> tuple[object | None, str]:
         return None, f"map_path {path!r} could not be loaded: {exc}"
 
 
-class QueryNode(Node):
-    """Serves ``lerf/query``; publishes the last answer's cloud and marker.
+class QueryNode(LifecycleNode):
+    """Serves ``lerf/query``; publishes the last answer's cloud and marker. A lifecycle node
+    (``ros/lifecycle.py``): configure loads the map (``map_path``) or takes the shared live engine; only an
+    active node answers (otherwise RESULT_ERROR "not active", Locate goals rejected); cleanup drops a loaded
+    map and releases CUDA's cache.
 
     slot: the live engine shared with a trainer in this process. With ``map_path`` set the node loads the
     map into a slot of its own; ``lerf_node`` (``main.build_nodes``) then hands that map to the trainer and
     gives the node the shared slot back, so both keep working on one model.
     after_call: called after every reply (``lerf_node`` publishes the TrainingStatus there).
+    Raises ParameterError on an invalid parameter; with ``autostart`` the node is active on return.
     """
 
     def __init__(self, slot: EngineSlot | None = None, *, node_name: str = QUERY_NODE_NAME,
                  after_call: Callable[[], None] | None = None, **node_kwargs):
         super().__init__(node_name, **node_kwargs)
+        lifecycle.guard_change_state(self)
         self.after_call = after_call
         self.params = declare_and_resolve(self, QUERY)
         self.settings = self.params.query
+        self._shared_slot = slot
+        self.slot = EngineSlot(None, _UNCONFIGURED)
+        self._active = threading.Event()
+        from lerf_ros.srv import Query
+
+        group = MutuallyExclusiveCallbackGroup()
+        # Plain publishers, not lifecycle ones: they publish only answers, and an inactive node gives none.
+        self.cloud_pub = self.create_publisher(PointCloud2, "lerf/relevancy_cloud", _LATCHED_CLOUD)
+        self.marker_pub = self.create_publisher(MarkerArray, "lerf/target_markers", _LATCHED_MARKERS)
+        # The service and the action server exist in every state (a client waiting for them keeps its
+        # connection); while not active they refuse (RESULT_ERROR "not active", goals rejected).
+        self.create_service(Query, "lerf/query", self._on_query, callback_group=group)
+        from lerf_ros.action import Locate
+
+        self._stopping = threading.Event()
+        self._goals_lock = threading.Lock()
+        self._goals = 0
+        # Reentrant: a goal's cancel request and new goals must get through while a goal runs.
+        self.locate_server = ActionServer(
+            self, Locate, "lerf/locate", self._execute_locate, goal_callback=self._on_locate_goal,
+            cancel_callback=lambda _goal: CancelResponse.ACCEPT, callback_group=ReentrantCallbackGroup())
+        self._model_source = self.settings.map_path or "live (the trainer in this process)"
+        self.diagnostics, diagnostics_real = compat_diagnostics.make_updater(self)
+        self.diagnostics.setHardwareID(self.params.device)  # the task names the engine's device itself
+        self.diagnostics.add(diagnostics.MODEL_TASK,
+                             compat_diagnostics.guarded(self._diagnose_model, self.get_logger()))
+        self.get_logger().info(f"/diagnostics: {compat_diagnostics.describe(diagnostics_real)}")
+        if self.params.values["autostart"]:
+            lifecycle.autostart(self, lambda: None)
+        else:
+            self.get_logger().info("autostart is false: unconfigured, waiting for a lifecycle manager "
+                                   "(configure, then activate)")
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load ``map_path`` or take the live engine. Never a FAILURE: a map that fails to load is logged
+        and every query is answered RESULT_ERROR with the reason (as before the node was managed), which
+        tells a client more than an unconfigured node would."""
         map_path = self.settings.map_path
         if map_path:
             engine, error = load_map(map_path, self.params.device)
@@ -184,33 +228,48 @@ class QueryNode(Node):
                 self.get_logger().info(f"loaded the map at {map_path} (frame '{frame}')")
                 if warning:
                     self.get_logger().warning(f"{map_path}: {warning}")
-        elif slot is not None:
-            self.slot = slot
+                from lerf_ros.ros.main import report_encoders
+
+                report_encoders(self.get_logger(), engine)
+        elif self._shared_slot is not None:
+            self.slot = self._shared_slot
         else:
             self.slot = EngineSlot(None, "no model: start with map_path or in one process with the trainer "
                                          "(lerf_node)")
             self.get_logger().error(self.slot.error)
-        from lerf_ros.srv import Query
+        self.get_logger().info("configured")
+        return lifecycle.SUCCESS
 
-        group = MutuallyExclusiveCallbackGroup()
-        self.cloud_pub = self.create_publisher(PointCloud2, "lerf/relevancy_cloud", _LATCHED_CLOUD)
-        self.marker_pub = self.create_publisher(MarkerArray, "lerf/target_markers", _LATCHED_MARKERS)
-        self.create_service(Query, "lerf/query", self._on_query, callback_group=group)
-        from lerf_ros.action import Locate
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active.set()
+        self.get_logger().info("active: answering lerf/query and lerf/locate")
+        return super().on_activate(state)
 
-        self._stopping = threading.Event()
-        self._goals_lock = threading.Lock()
-        self._goals = 0
-        # Reentrant: a goal's cancel request and new goals must get through while a goal runs.
-        self.locate_server = ActionServer(
-            self, Locate, "lerf/locate", self._execute_locate, goal_callback=self._on_locate_goal,
-            cancel_callback=lambda _goal: CancelResponse.ACCEPT, callback_group=ReentrantCallbackGroup())
-        self._model_source = map_path or "live (the trainer in this process)"
-        self.diagnostics, diagnostics_real = compat_diagnostics.make_updater(self)
-        self.diagnostics.setHardwareID(self.params.device)  # the task names the engine's device itself
-        self.diagnostics.add(diagnostics.MODEL_TASK,
-                             compat_diagnostics.guarded(self._diagnose_model, self.get_logger()))
-        self.get_logger().info(f"/diagnostics: {compat_diagnostics.describe(diagnostics_real)}")
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        # Running Locate goals end at their next query (RESULT_ERROR "not active": aborted).
+        self._active.clear()
+        self.get_logger().info("inactive: queries are refused until activated")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active.clear()
+        own = self.slot is not self._shared_slot  # a loaded map; the live engine is the trainer's
+        self.slot = EngineSlot(None, _UNCONFIGURED)
+        if own:
+            lifecycle.release_cuda_cache()
+        self.get_logger().info("cleaned up: unconfigured")
+        return lifecycle.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active.clear()
+        self.shutdown()
+        return lifecycle.SUCCESS
+
+    def _not_active(self) -> str:
+        """'' when active, else why a request is refused."""
+        if self._active.is_set():
+            return ""
+        return f"not active (lifecycle state '{lifecycle.state_label(self)}'): activate the node first"
 
     def _diagnose_model(self, stat):
         """diagnostic_updater task "model": the model answered from (or why there is none), encoders."""
@@ -260,6 +319,9 @@ class QueryNode(Node):
         ``lerf/query`` and every ``lerf/locate`` query."""
         engine, frame = self.slot.get_with_frame(self.settings.world_frame)
         header = self._header(frame)
+        not_active = self._not_active()
+        if not_active:
+            return self._refuse(response, header, RESULTS["error"], not_active)
         if engine is None:
             return self._refuse(response, header, RESULTS["error"], self.slot.error or "no model loaded")
         threshold = self._threshold() if args.threshold is None else args.threshold
@@ -283,6 +345,10 @@ class QueryNode(Node):
             parse_goal(goal, self.settings.max_query_chars)
         except InvalidRequest as exc:
             self.get_logger().warning(f"locate goal rejected: {exc}", throttle_duration_sec=2.0)
+            return GoalResponse.REJECT
+        not_active = self._not_active()
+        if not_active:
+            self.get_logger().warning(f"locate goal rejected: {not_active}", throttle_duration_sec=2.0)
             return GoalResponse.REJECT
         with self._goals_lock:
             if self._stopping.is_set() or self._goals >= MAX_LOCATE_GOALS:

@@ -1,5 +1,9 @@
 """The recorder / trainer node: camera + TF in, an online LERF out.
 
+A lifecycle node (``ros/lifecycle.py``): the engine is built on configure, the camera subscriptions, the
+ingest thread and training run while active (deactivate: unsubscribed, training paused), cleanup drops the
+engine. With ``autostart`` (default) the constructor does configure + activate.
+
 Threads (nothing slow runs in an executor callback):
 - ``sensor`` callback group (mutually exclusive): Image / CompressedImage, CameraInfo, depth. Callbacks
   convert and validate the message and put it on a bounded queue (drop-oldest, counted as "queue_full").
@@ -43,7 +47,7 @@ import threading
 import time
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
@@ -55,7 +59,7 @@ from lerf_ros.compat import tf as compat_tf
 from lerf_ros.core.frames import scene_region
 from lerf_ros.core.frames.frame import Frame
 from lerf_ros.core.training.worker import TrainingWorker
-from lerf_ros.ros import diagnostics, ingest, map_io
+from lerf_ros.ros import diagnostics, ingest, lifecycle, map_io
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_to_ns, training_status_msg
 from lerf_ros.ros.params import TRAINER, TRAINER_NODE_NAME, ParameterError, declare_and_resolve
@@ -69,6 +73,7 @@ _LOG_THROTTLE_S = 5.0
 _DEPTH_SLACK = 8
 #: Per-thread bound on joining the worker / ingest thread at shutdown, s.
 _SHUTDOWN_TIMEOUT_S = 5.0
+_NO_ENGINE = "no model: the trainer is not configured (lifecycle)"
 #: Period of the state watch (publishes TrainingStatus when the state changed since the last one), s.
 _STATE_WATCH_S = 0.1
 
@@ -90,67 +95,64 @@ def make_engine(resolved):
                          f"{resolved.engine.dino_encoder.target!r}, device {v['device']!r}): {exc}") from exc
 
 
-class TrainerNode(Node):
-    """Subscribes to the camera, trains the shared engine, publishes ``lerf/status``.
+class TrainerNode(LifecycleNode):
+    """Subscribes to the camera, trains the shared engine, publishes ``lerf/status``. A lifecycle node
+    (``ros/lifecycle.py``): configure builds the engine (encoders, weights) and starts the journal and the
+    TF listener; activate subscribes to the camera and starts training; deactivate unsubscribes and pauses
+    training; cleanup stops the worker, drops the engine and releases CUDA's cache.
 
-    slot: the process's ``EngineSlot``; when None (or empty) the node builds an engine from its parameters.
-    Raises ``ParameterError`` from the constructor on an invalid parameter, ValueError when the engine
-    cannot be built from valid ones (e.g. an encoder module that does not import).
+    slot: the process's ``EngineSlot``; when None (or empty) configure builds an engine from the parameters.
+    Raises ``ParameterError`` from the constructor on an invalid parameter; with ``autostart`` (default)
+    the node is active on return, and an engine that cannot be built from valid parameters (e.g. an encoder
+    module that does not import) raises ValueError, a journal_dir that cannot be used ParameterError.
     """
 
     def __init__(self, slot: EngineSlot | None = None, *, node_name: str = TRAINER_NODE_NAME, **node_kwargs):
         super().__init__(node_name, **node_kwargs)
+        lifecycle.guard_change_state(self)
         self.params = declare_and_resolve(self, TRAINER)
         self.settings = self.params.trainer
         self.slot = slot if slot is not None else EngineSlot()
-        if self.slot.get() is None:
-            self.slot.set(make_engine(self.params))
         self.journal = None
         self.resumed = map_io.ResumeReport()  # what the journal gave the engine at start
-        if self.params.journal is not None:
-            self._start_journal(self.params.journal)
         self.counters = ingest.DropCounter()
         self.queue = ingest.BoundedQueue(self.settings.queue_size)
         self.depths = ingest.DepthBuffer(self.settings.queue_size + _DEPTH_SLACK)
         self._camera_info = None  # (CameraIntrinsics | None, error text)
-        self._lock = threading.Lock()  # guards _camera_info, _last_error, _paused, worker swap
+        self._lock = threading.Lock()  # guards _camera_info, _last_error, _paused, _active, worker swap
         self._last_error = ""
         self._last_log: dict[str, float] = {}
         self._paused = False
-        self._worker = self._new_worker()
-        self._stop = threading.Event()
+        self._active = False  # lifecycle state active: frames taken, the worker runs
+        self._worker: TrainingWorker | None = None  # from configure to cleanup
+        self._stop = threading.Event()  # the node is shutting down (for good)
+        self._ingest_stop = threading.Event()  # ends the current activation's ingest thread
+        self._ingest_thread: threading.Thread | None = None
+        self._subscriptions_active: list = []
+        self._status_timers: list = []
+        self._configure_error: Exception | None = None
+        self.tf_buffer = self.tf_listener = None
+        self.tf_is_real = False
         # Serialises publish_status (timer, state watch and service threads) and guards _published_state.
         self._status_lock = threading.Lock()
         self._published_state = ""
 
-        self.tf_buffer, self.tf_listener, self.tf_is_real = compat_tf.make_tf_buffer(self)
-
-        sensor = MutuallyExclusiveCallbackGroup()
-        control = MutuallyExclusiveCallbackGroup()
-        status = MutuallyExclusiveCallbackGroup()
         s = self.settings
         self._camera_info_name = self.resolve_topic_name(s.camera_info_topic)  # namespace included, for logs
-        if s.image_transport == "compressed":
-            self.create_subscription(CompressedImage, s.image_topic.rstrip("/") + "/compressed",
-                                     self._on_image, qos_profile_sensor_data, callback_group=sensor)
-        else:
-            self.create_subscription(Image, s.image_topic, self._on_image, qos_profile_sensor_data,
-                                     callback_group=sensor)
-        self.create_subscription(CameraInfo, s.camera_info_topic, self._on_camera_info,
-                                 qos_profile_sensor_data, callback_group=sensor)
-        if s.depth_topic:
-            self.create_subscription(Image, s.depth_topic, self._on_depth, qos_profile_sensor_data,
-                                     callback_group=sensor)
         from lerf_ros.msg import TrainingStatus
         from lerf_ros.srv import MapPath
 
+        self._sensor_group = MutuallyExclusiveCallbackGroup()
+        self._status_group = MutuallyExclusiveCallbackGroup()
+        control = MutuallyExclusiveCallbackGroup()
+        # A plain publisher, not a lifecycle one: an inactive trainer still reports its state ("paused").
         self.status_pub = self.create_publisher(TrainingStatus, "lerf/status", 10)
+        # The services exist in every state; without an engine (unconfigured) they refuse, and pause needs
+        # an active node (``_refusal``).
         self.create_service(SetBool, "lerf/pause", self._on_pause, callback_group=control)
         self.create_service(Trigger, "lerf/reset", self._on_reset, callback_group=control)
         self.create_service(MapPath, "lerf/save_map", self._on_save, callback_group=control)
         self.create_service(MapPath, "lerf/load_map", self._on_load, callback_group=control)
-        self.create_timer(1.0 / s.status_rate_hz, self.publish_status, callback_group=status)
-        self.create_timer(_STATE_WATCH_S, self.publish_status_if_state_changed, callback_group=status)
 
         self._ingest_rate = diagnostics.IngestRate(time.monotonic())
         self.diagnostics, diagnostics_real = compat_diagnostics.make_updater(self)
@@ -158,16 +160,156 @@ class TrainerNode(Node):
         for task, fn in ((diagnostics.INPUT_TASK, self._diagnose_input),
                          (diagnostics.TRAINING_TASK, self._diagnose_training)):
             self.diagnostics.add(task, compat_diagnostics.guarded(fn, self.get_logger()))
-
+        self._diagnostics_real = diagnostics_real
         self._box_reported = None
-        self._ingest_thread = threading.Thread(target=self._ingest_loop, name="lerf-ingest", daemon=True)
-        self._ingest_thread.start()
-        self._worker.start()
+        if self.params.values["autostart"]:
+            lifecycle.autostart(self, lambda: self._configure_error)
+        else:
+            self.get_logger().info("autostart is false: unconfigured, waiting for a lifecycle manager "
+                                   "(configure, then activate)")
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Build the engine (unless the slot holds one), start the journal, the TF listener, the status
+        timers and a worker that waits for activate. A failure is logged and returns FAILURE (the error is
+        kept for ``autostart`` to raise)."""
+        self._configure_error = None
+        built = False
+        try:
+            if self.slot.get() is None:
+                self.slot.set(make_engine(self.params))
+                built = True
+            if self.params.journal is not None and self.journal is None:
+                self._start_journal(self.params.journal)
+            # MissingRosDependency (a ValueError) on a ROS 2 machine without tf2_ros.
+            self.tf_buffer, self.tf_listener, self.tf_is_real = compat_tf.make_tf_buffer(self)
+        except Exception as exc:  # ParameterError / ValueError from the parameters; anything the encoders
+            # raise while loading: the transition fails with the reason logged, the node stays unconfigured
+            self._configure_error = exc
+            if self.journal is not None:  # started with the engine dropped below: stop recording into it
+                self.slot.get().attach_journal(None)
+                self.journal = None
+            if built:
+                self.slot.set(None, _NO_ENGINE)
+            self.get_logger().error(f"configure failed, still unconfigured: {exc}")
+            return lifecycle.FAILURE
+        if built:
+            from lerf_ros.ros.main import report_encoders
+
+            report_encoders(self.get_logger(), self.slot.get())
+        with self._lock:
+            self._worker = self._new_worker()
+        s = self.settings
+        self._status_timers = [
+            self.create_timer(1.0 / s.status_rate_hz, self.publish_status, callback_group=self._status_group),
+            self.create_timer(_STATE_WATCH_S, self.publish_status_if_state_changed,
+                              callback_group=self._status_group)]
         self.get_logger().info(
             f"training preset '{self.params.values['preset']}' on {self.params.device}; camera "
             f"{self.resolve_topic_name(s.image_topic)} ({s.image_transport}), world frame '{s.world_frame}', "
             f"TF {'tf2_ros' if self.tf_is_real else 'compat buffer'}; /diagnostics "
-            f"{compat_diagnostics.describe(diagnostics_real)}")
+            f"{compat_diagnostics.describe(self._diagnostics_real)}")
+        return lifecycle.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Subscribe to the camera, start the ingest thread and training (paused again if lerf/pause
+        paused it)."""
+        s = self.settings
+        qos, group = qos_profile_sensor_data, self._sensor_group
+        if s.image_transport == "compressed":
+            image = (CompressedImage, s.image_topic.rstrip("/") + "/compressed", self._on_image)
+        else:
+            image = (Image, s.image_topic, self._on_image)
+        topics = [image, (CameraInfo, s.camera_info_topic, self._on_camera_info)]
+        if s.depth_topic:
+            topics.append((Image, s.depth_topic, self._on_depth))
+        subs = [self.create_subscription(kind, name, callback, qos, callback_group=group)
+                for kind, name, callback in topics]
+        self._subscriptions_active = subs
+        self._ingest_stop = threading.Event()
+        self._ingest_thread = threading.Thread(target=self._ingest_loop, args=(self._ingest_stop,),
+                                               name="lerf-ingest", daemon=True)
+        self._ingest_thread.start()
+        with self._lock:
+            self._active = True
+            if self._worker.state == "stopped":
+                self._worker.start()
+            if self._paused:
+                self._worker.pause()
+            else:
+                self._worker.resume()
+        self.get_logger().info("active: taking frames from "
+                               f"{self.resolve_topic_name(s.image_topic)} and training")
+        self.publish_status()
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Unsubscribe, end the ingest thread (frames queued are dropped) and pause training."""
+        self._stop_ingest()
+        with self._lock:
+            self._active = False
+            self._worker.pause()
+        self.get_logger().info("inactive: training paused, no frames taken")
+        self.publish_status()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop the worker and the TF listener, write the journal's checkpoint, drop the engine (GPU
+        memory back: CUDA's cache released)."""
+        self._stop_ingest()
+        clean = self._stop_worker(_SHUTDOWN_TIMEOUT_S)
+        self._release_engine(clean)
+        self.get_logger().info("cleaned up: unconfigured, engine released")
+        return lifecycle.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.shutdown()
+        return lifecycle.SUCCESS
+
+    def _stop_ingest(self) -> None:
+        for sub in self._subscriptions_active:
+            self.destroy_subscription(sub)
+        self._subscriptions_active = []
+        self._ingest_stop.set()
+        thread = self._ingest_thread
+        if thread is not None:
+            thread.join(timeout=_SHUTDOWN_TIMEOUT_S)
+            if thread.is_alive():
+                self.get_logger().error(f"ingest thread did not stop within {_SHUTDOWN_TIMEOUT_S} s")
+        self._ingest_thread = None
+        self.queue.clear()
+        self.depths.clear()
+
+    def _stop_worker(self, timeout_s: float) -> bool:
+        """Stop the training worker (False when it did not end within ``timeout_s``: logged)."""
+        with self._lock:  # a reset / load_map in flight finishes first; none starts a worker after this
+            self._active = False
+            worker, self._worker = self._worker, None
+            if worker is None:
+                return True
+            try:
+                worker.stop(timeout=timeout_s)
+            except RuntimeError as exc:
+                self.get_logger().error(f"stopping training: {exc}")
+                return False
+        return True
+
+    def _release_engine(self, clean: bool) -> None:
+        for timer in self._status_timers:
+            self.destroy_timer(timer)
+        self._status_timers = []
+        if self.tf_listener is not None:
+            compat_tf.close_tf_listener(self.tf_listener)
+        self.tf_buffer = self.tf_listener = None
+        engine = self.slot.get()
+        if self.journal is not None and engine is not None:
+            if clean:
+                engine.checkpoint_journal(force=True)  # a clean stop loses no training
+            engine.attach_journal(None)
+        self.journal = None
+        self.slot.set(None, _NO_ENGINE)
+        del engine
+        lifecycle.release_cuda_cache()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -283,8 +425,12 @@ class TrainerNode(Node):
         # Runs on the ingest thread, so waiting here never blocks the executor that feeds the TF buffer.
         return compat_tf.lookup_matrix(self.tf_buffer, target, source, stamp_ns, timeout_s)
 
-    def _ingest_loop(self) -> None:
-        while not self._stop.is_set():
+    def _stopping(self) -> bool:
+        """Shutting down or deactivating: a wait cut short now is not a dropped frame."""
+        return self._stop.is_set() or self._ingest_stop.is_set()
+
+    def _ingest_loop(self, stop: threading.Event) -> None:
+        while not (stop.is_set() or self._stop.is_set()):
             item = self.queue.get(timeout=0.5)
             if item is None:
                 continue
@@ -301,7 +447,7 @@ class TrainerNode(Node):
         engine, world_frame = self.slot.get_with_frame(s.world_frame)
         T_world_cam, reason, detail = ingest.lookup_pose(self._lookup, world_frame, item.frame_id,
                                                          item.stamp_ns, s.tf_timeout_s, compat_tf)
-        if self._stop.is_set():  # shutting down: a TF wait cut short by it is not a dropped frame
+        if self._stopping():  # a TF wait cut short by shutdown / deactivate is not a dropped frame
             return
         if T_world_cam is None:
             # Per frame id: a camera frame that has never had TF is news even while another one is failing.
@@ -312,14 +458,14 @@ class TrainerNode(Node):
             # Waiting here (ingest thread) never blocks the executor that delivers the depth message.
             depth = self.depths.wait_match(item.stamp_ns, round(s.depth_stamp_tolerance_s * 1e9),
                                            s.depth_wait_s)
-            if self._stop.is_set():
+            if self._stopping():
                 return
             if depth is None:
                 self.counters.note(ingest.NO_DEPTH_MATCH)
         if depth is not None and depth.shape != item.image.shape[:2]:
             self._drop(ingest.BAD_DEPTH, f"depth {depth.shape} does not match image {item.image.shape[:2]}")
             depth = None
-        if self.slot.get_with_frame(s.world_frame) != (engine, world_frame):
+        if engine is None or self.slot.get_with_frame(s.world_frame) != (engine, world_frame):
             return  # a map was loaded (or reset) while this frame waited for TF / depth: not for the new one
         try:
             frame = Frame(item.image, item.intrinsics, T_world_cam, item.stamp_ns, depth)
@@ -332,19 +478,37 @@ class TrainerNode(Node):
             self.counters.not_keyframe(result.reason)
 
     # ------------------------------------------------------------------ services
+    def _refusal(self, need_active: bool = False) -> str:
+        """'' when the lifecycle state allows the service, else why not."""
+        state = lifecycle.state_label(self)
+        if self.slot.get() is None or self._worker is None:
+            return f"not configured (lifecycle state '{state}'): configure the node first"
+        if need_active and not self._active:
+            return f"not active (lifecycle state '{state}'): activate the node first"
+        return ""
+
     def _on_pause(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         with self._lock:
-            self._paused = bool(request.data)
-            if self._paused:
-                self._worker.pause()
-            else:
-                self._worker.resume()
-        response.success = True
-        response.message = "paused" if request.data else "resumed"
+            refusal = self._refusal(need_active=True)
+            if not refusal:
+                self._paused = bool(request.data)
+                if self._paused:
+                    self._worker.pause()
+                else:
+                    self._worker.resume()
+        response.success = not refusal
+        response.message = refusal or ("paused" if request.data else "resumed")
+        if refusal:
+            self.get_logger().warning(f"lerf/pause refused: {refusal}", throttle_duration_sec=2.0)
         self.publish_status()
         return response
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        refusal = self._refusal()
+        if refusal:
+            response.success, response.message = False, refusal
+            self.get_logger().warning(f"lerf/reset refused: {refusal}", throttle_duration_sec=2.0)
+            return response
         self.queue.clear()
         with self._lock:
             self._swap_worker(self._reset_engine)
@@ -357,18 +521,19 @@ class TrainerNode(Node):
         return response
 
     def _swap_worker(self, change) -> None:
-        """Stop the worker, apply ``change()`` (reset or a new engine), start a fresh worker on the slot's
-        engine, paused again if it was. The caller holds ``self._lock``. After ``shutdown`` only
-        ``change()`` runs: no worker is started again."""
-        if self._stop.is_set():
+        """Stop the worker, apply ``change()`` (reset or a new engine), make a fresh worker on the slot's
+        engine, started (paused again if it was) only while the node is active. The caller holds
+        ``self._lock``. After ``shutdown`` or cleanup only ``change()`` runs: no worker is made again."""
+        if self._stop.is_set() or self._worker is None:
             change()
             return
         self._worker.stop()
         change()
         self._worker = self._new_worker()
-        self._worker.start()
-        if self._paused:
-            self._worker.pause()
+        if self._active:
+            self._worker.start()
+            if self._paused:
+                self._worker.pause()
 
     def _reset_engine(self) -> None:
         engine = self.slot.get()
@@ -379,6 +544,9 @@ class TrainerNode(Node):
     def _on_save(self, request, response):
         path = request.path
         try:
+            refusal = self._refusal()
+            if refusal:
+                raise ValueError(refusal)
             if not path.startswith("/"):
                 raise ValueError(f"path must be absolute, got {path!r}")
             engine, frame = self.slot.get_with_frame(self.settings.world_frame)
@@ -398,6 +566,9 @@ class TrainerNode(Node):
 
         path = request.path
         try:
+            refusal = self._refusal()
+            if refusal:
+                raise ValueError(refusal)
             if not path.startswith("/"):
                 raise ValueError(f"path must be absolute, got {path!r}")
             engine, skipped = map_io.load_map_or_journal(LERFEngine, path, self.params.device)
@@ -438,10 +609,14 @@ class TrainerNode(Node):
 
     # ------------------------------------------------------------------ status
     def state_name(self) -> str:
+        """TrainingStatus state: the worker's; "paused" while the node is inactive (its worker is paused)."""
         with self._lock:
-            return _STATE_NAMES[self._worker.state]
+            return _STATE_NAMES[self._worker.state] if self._worker is not None else "waiting"
 
     def publish_status(self) -> None:
+        """Publish the TrainingStatus; nothing while unconfigured (there is no engine to report on)."""
+        if self.slot.get() is None:
+            return
         with self._status_lock:
             msg = self.status_msg()
             self._published_state = msg.state_name
@@ -461,7 +636,7 @@ class TrainerNode(Node):
         notes = self.counters.notes()
         with self._lock:
             node_error = self._last_error
-            worker_error = self._worker.last_error
+            worker_error = self._worker.last_error if self._worker is not None else None
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=world_frame)
         engine_status = engine.status()  # the engine lock lets status() in ahead of training steps
         if engine_status.scene_box is not None and engine_status.scene_box != self._box_reported:
@@ -487,9 +662,15 @@ class TrainerNode(Node):
 
     def _diagnose_training(self, stat):
         """diagnostic_updater task "training": state, step, keyframes, GPU memory, encoders."""
+        engine = self.slot.get()
+        if engine is None:  # waiting for a lifecycle manager (or cleaned up): expected, but not training
+            label = lifecycle.state_label(self)
+            return compat_diagnostics.fill_stat(stat, diagnostics.Diagnostic(
+                diagnostics.TRAINING_TASK, diagnostics.WARN, f"not configured (lifecycle state '{label}')",
+                "none", (("lifecycle state", label),)))
         with self._lock:
-            error = self._worker.last_error or self._last_error
-        diagnostic = diagnostics.training_diagnostic(self.slot.get().status(), self.state_name(), error)
+            error = (self._worker.last_error if self._worker is not None else None) or self._last_error
+        diagnostic = diagnostics.training_diagnostic(engine.status(), self.state_name(), error)
         return compat_diagnostics.fill_stat(stat, diagnostic)
 
     def shutdown(self, timeout_s: float = _SHUTDOWN_TIMEOUT_S) -> bool:
@@ -498,24 +679,24 @@ class TrainerNode(Node):
         (logged; both are daemon threads, so they cannot keep the process alive).
 
         Order: wake everything that waits (queue, depth buffer) first, then stop the worker so that an
-        ``add_frame`` in flight does not queue behind training, then join the ingest thread.
+        ``add_frame`` in flight does not queue behind training, then join the ingest thread. The engine
+        stays in the slot (the process ends; a journal checkpoint is written on a clean stop).
         """
         self._stop.set()
+        self._ingest_stop.set()
         self.queue.close()
         self.depths.close()
-        clean = True
-        with self._lock:  # a reset / load_map in flight finishes first; none starts a worker after this
-            try:
-                self._worker.stop(timeout=timeout_s)
-            except RuntimeError as exc:
-                self.get_logger().error(f"shutdown: {exc}")
-                clean = False
+        clean = self._stop_worker(timeout_s)
         engine = self.slot.get()
         if self.journal is not None and clean and engine is not None:
             engine.checkpoint_journal(force=True)  # a clean stop loses no training
-        self._ingest_thread.join(timeout=timeout_s)
-        if self._ingest_thread.is_alive():
-            self.get_logger().error(f"shutdown: ingest thread did not stop within {timeout_s} s")
-            clean = False
-        compat_tf.close_tf_listener(self.tf_listener)
+        thread = self._ingest_thread
+        if thread is not None:
+            thread.join(timeout=timeout_s)
+            if thread.is_alive():
+                self.get_logger().error(f"shutdown: ingest thread did not stop within {timeout_s} s")
+                clean = False
+        if self.tf_listener is not None:
+            compat_tf.close_tf_listener(self.tf_listener)
+            self.tf_listener = None
         return clean

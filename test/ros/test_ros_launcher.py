@@ -179,7 +179,9 @@ def test_launch_file_declares_the_launchers_arguments_with_their_defaults(monkey
     assert (defaults["namespace"], defaults["log_level"]) == ("", "info")
     for name in launcher.LAUNCH_ARGUMENTS:
         assert defaults[name] == launcher.FROM_PARAMS_FILE, name
-        assert name in params.SPECS and params.SPECS[name].type is str, name  # passed as strings
+        # Passed as strings; the boolean ones (autostart) checked and converted by plan_launch.
+        want = bool if name in launcher.BOOL_ARGUMENTS else str
+        assert name in params.SPECS and params.SPECS[name].type is want, name
     # Nothing given: the shipped YAML's values reach the nodes; only use_sim_time (false) is overridden.
     assert node["executable"] == "lerf_node" and node["namespace"] == ""
     assert node["ros_arguments"] == ["--log-level", "info"]
