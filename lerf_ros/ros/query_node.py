@@ -295,12 +295,16 @@ class QueryNode(LifecycleNode):
         try:
             return self._answer_request(request, response)
         finally:
-            if self.after_call is not None:
-                try:
-                    self.after_call()
-                except Exception as exc:  # the reply is made; a failing status publish must not lose it
-                    self.get_logger().error(f"after query: {type(exc).__name__}: {exc}",
-                                            throttle_duration_sec=2.0)
+            self._after("query")
+
+    def _after(self, what: str) -> None:
+        """``after_call`` once a reply or result is made; its failure is logged, never lost into the reply."""
+        if self.after_call is None:
+            return
+        try:
+            self.after_call()
+        except Exception as exc:
+            self.get_logger().error(f"after {what}: {type(exc).__name__}: {exc}", throttle_duration_sec=2.0)
 
     def _answer_request(self, request, response):
         try:
@@ -389,12 +393,7 @@ class QueryNode(LifecycleNode):
         finally:
             with self._goals_lock:
                 self._goals -= 1
-            if self.after_call is not None:
-                try:
-                    self.after_call()
-                except Exception as exc:  # the result is made; a failing status publish must not lose it
-                    self.get_logger().error(f"after locate: {type(exc).__name__}: {exc}",
-                                            throttle_duration_sec=2.0)
+            self._after("locate")
 
     def shutdown(self) -> None:
         """End running Locate goals (aborted at their next check) and reject new ones; the executor's

@@ -165,3 +165,20 @@ class Client:
 
 def drops(status) -> dict[str, int]:
     return dict(zip(status.drop_reasons, status.drop_counts, strict=True))
+
+
+def build_views_map(room, path: pathlib.Path, keyframes: int) -> int:
+    """``keyframes`` orbit keyframes of ``room`` (with depth) and their features, no training step, saved as
+    a map at ``path`` (queries answer from the keyframe views). Returns the keyframes stored."""
+    from lerf_ros.core.engine import LERFEngine
+    from lerf_ros.core.presets import make_preset
+    from lerf_ros.sim.scene import default_intrinsics, make_frames, orbit_trajectory
+
+    engine = LERFEngine(make_preset("tiny"), "cpu")
+    for frame in make_frames(room, orbit_trajectory(room, keyframes), default_intrinsics()):
+        assert engine.add_frame(frame).keyframe
+    while engine.status().keyframes_pending:
+        engine.step(0)  # features only
+    engine.save(path)
+    return engine.status().keyframes
+

@@ -25,19 +25,6 @@ def frames():
     return make_frames(room, orbit_trajectory(room, 8), default_intrinsics(48, 36))
 
 
-@pytest.fixture
-def ros():
-    rclpy.init()
-    nodes = []
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            node.shutdown()
-            node.destroy_node()
-        rclpy.try_shutdown()
-
-
 def _trainer(ros, name, journal_dir, **values):
     overrides = {"preset": "tiny", "device": "cpu", "journal_dir": str(journal_dir), **values}
     node = TrainerNode(EngineSlot(), node_name=name,

@@ -15,26 +15,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from lerf_ros.srv import Query
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
-from ros_harness import Client, launcher
+from ros_harness import Client, build_views_map, launcher
 from std_srvs.srv import SetBool
 
 from lerf_ros.compat import launcher as compat_launcher
-from lerf_ros.core.presets import make_preset
-from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
+from lerf_ros.sim.scene import SyntheticRoom
 
 KEYFRAMES = 8
-
-
-def _views_map(path: pathlib.Path) -> None:
-    from lerf_ros.core.engine import LERFEngine
-
-    room = SyntheticRoom(0)
-    engine = LERFEngine(make_preset("tiny"), "cpu")
-    for frame in make_frames(room, orbit_trajectory(room, KEYFRAMES), default_intrinsics()):
-        assert engine.add_frame(frame).keyframe
-    while engine.status().keyframes_pending:
-        engine.step(0)  # features only
-    engine.save(path)
 
 
 class Manager(Client):
@@ -53,23 +40,12 @@ class Manager(Client):
         return self.call(ChangeState, f"/{self.node_name}/change_state", request, 60.0, self.child).success
 
 
-@pytest.fixture
-def ros():
-    import rclpy
-
-    rclpy.init()
-    try:
-        yield
-    finally:
-        rclpy.try_shutdown()
-
-
 def _ask(manager: Manager, text: str = "green sphere"):
     return manager.query(text, max_results=1, timeout=60.0, child=manager.child)
 
 
 def test_query_node_transitions_over_dds(tmp_path, ros):
-    _views_map(tmp_path / "map")
+    build_views_map(SyntheticRoom(0), tmp_path / "map", KEYFRAMES)
     child = launcher(tmp_path / "query.log", "device:=cpu", f"map_path:={tmp_path / 'map'}", mode="query",
                      namespace="lc_query", arguments=("autostart:=false",))
     manager = None

@@ -20,10 +20,9 @@ from action_msgs.msg import GoalStatus
 from action_msgs.srv import CancelGoal
 from lerf_ros.action import Locate
 from lerf_ros.srv import Query
-from ros_harness import Client, launcher
+from ros_harness import Client, build_views_map, launcher
 
-from lerf_ros.core.presets import make_preset
-from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
+from lerf_ros.sim.scene import SyntheticRoom
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +30,6 @@ NAMESPACE = "locate"
 KEYFRAMES = 8
 MARGIN_M = 0.05
 PRESENT, ABSENT = "green sphere", "purple"
-
-
-def build_views_map(room, path: pathlib.Path) -> None:
-    from lerf_ros.core.engine import LERFEngine
-
-    engine = LERFEngine(make_preset("tiny"), "cpu")
-    for frame in make_frames(room, orbit_trajectory(room, KEYFRAMES), default_intrinsics()):
-        assert engine.add_frame(frame).keyframe
-    while engine.status().keyframes_pending:
-        engine.step(0)  # features only
-    engine.save(path)
 
 
 class Planner(Client):
@@ -81,7 +69,7 @@ def session(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("locate")
     room = SyntheticRoom(0)
-    build_views_map(room, work / "map")
+    build_views_map(room, work / "map", KEYFRAMES)
     rclpy.init()
     node = launcher(work / "query_node.log", "device:=cpu", f"map_path:={work / 'map'}", mode="query",
                     namespace=NAMESPACE)

@@ -10,7 +10,6 @@ import threading
 
 import numpy as np
 import pytest
-import rclpy
 import torch
 from rclpy.parameter import Parameter
 
@@ -139,19 +138,6 @@ def test_answer_frame_prefers_the_recorded_frame_and_warns_on_a_mismatch():
 
 
 # --------------------------------------------------------------------------- the nodes
-
-
-@pytest.fixture
-def ros():
-    rclpy.init()
-    nodes = []
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            getattr(node, "shutdown", lambda: None)()
-            node.destroy_node()
-        rclpy.try_shutdown()
 
 
 def test_a_standalone_query_node_answers_in_the_maps_frame(engine, tmp_path, ros):

@@ -19,10 +19,10 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from lerf_ros.srv import Query
-from ros_harness import Client, launcher
+from ros_harness import Client, build_views_map, launcher
 
 from lerf_ros.core.presets import make_preset
-from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
+from lerf_ros.sim.scene import SyntheticRoom
 
 pytestmark = pytest.mark.slow
 
@@ -42,26 +42,13 @@ def two_red_room() -> SyntheticRoom:
     return room
 
 
-def build_views_map(room, path: pathlib.Path) -> int:
-    """Keyframes (with depth) and their features, no training step; saved to ``path``. Returns keyframes."""
-    from lerf_ros.core.engine import LERFEngine
-
-    engine = LERFEngine(make_preset("tiny"), "cpu")
-    for frame in make_frames(room, orbit_trajectory(room, KEYFRAMES), default_intrinsics()):
-        assert engine.add_frame(frame).keyframe
-    while engine.status().keyframes_pending:
-        engine.step(0)  # features only
-    engine.save(path)
-    return engine.status().keyframes
-
-
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     import rclpy
 
     work = tmp_path_factory.mktemp("query_targets")
     room = two_red_room()
-    keyframes = build_views_map(room, work / "map")
+    keyframes = build_views_map(room, work / "map", KEYFRAMES)
     rclpy.init()
     node = launcher(work / "lerf_node.log", *NODE_SETS, namespace=NAMESPACE)
     client = Client("query_targets_client", namespace=NAMESPACE)

@@ -42,6 +42,20 @@ _OUT_OF_RANGE_WEIGHT = 1e-3
 BEHIND_REL, BEHIND_M = 0.1, 0.1
 
 
+def _sightings(pts: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
+               cfg: CandidateConfig):
+    """Per keyframe with a grid and features that sees some of ``pts`` (P, 3) (`visible`): (kf_id, kf,
+    indices of those points, their pixel coordinates (n, 2), their ray distances (n,))."""
+    for kf_id in ([] if cset.grid_ids is None else cset.grid_ids.tolist()):
+        kf = frames.get(int(kf_id))
+        if kf is None or not pyramid.ready(int(kf_id)):
+            continue
+        seen, uv, dist = visible(pts, kf, cset.grid_of(kf_id), cfg.pixel_stride, cfg)
+        idx = np.nonzero(seen)[0]
+        if idx.size:
+            yield int(kf_id), kf, idx, uv[idx], dist[idx]
+
+
 def observations(points: Tensor, scale_m: float | Tensor, cset: CandidateSet, frames: dict[int, Frame],
                  pyramid: ClipPyramid, cfg: CandidateConfig, in_range_only: bool = True):
     """Crop embeddings of ``points`` (M, 3) world metres at ``scale_m`` (metres, or (M,): one per point)
@@ -57,17 +71,11 @@ def observations(points: Tensor, scale_m: float | Tensor, cset: CandidateSet, fr
              else np.full(pts.shape[0], float(scale_m)))
     lo, hi = pyramid.config.tile_fracs[0] / FRAC_SLACK, pyramid.config.tile_fracs[-1] * FRAC_SLACK
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
-    for kf_id in ([] if cset.grid_ids is None else cset.grid_ids.tolist()):
-        kf = frames.get(int(kf_id))
-        if kf is None or not pyramid.ready(int(kf_id)):
-            continue
-        seen, uv, dist = visible(pts, kf, cset.grid_of(kf_id), cfg.pixel_stride, cfg)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            frac = scale * kf.intrinsics.fy / (kf.intrinsics.height * dist)
-        ok = seen & (frac >= lo) & (frac <= hi) if in_range_only else seen
-        idx = np.nonzero(ok)[0]
-        if idx.size:
-            rows.append((idx, uv[idx], frac[idx], int(kf_id)))
+    for kf_id, kf, idx, uv, dist in _sightings(pts, cset, frames, pyramid, cfg):
+        frac = scale[idx] * kf.intrinsics.fy / (kf.intrinsics.height * dist)
+        ok = (frac >= lo) & (frac <= hi) if in_range_only else np.ones(idx.size, dtype=bool)
+        if ok.any():
+            rows.append((idx[ok], uv[ok], frac[ok], kf_id))
     if not rows:
         d = pyramid.dim
         empty = torch.zeros(0, dtype=torch.long, device=dev)
@@ -157,16 +165,10 @@ def views_relevancy_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], 
         if seen_by["points"] is not points:
             pts = points.detach().double().cpu().numpy()
             idx, extent, levels = [], [], []
-            for kf_id in ([] if cset.grid_ids is None else cset.grid_ids.tolist()):
-                kf = by_id.get(int(kf_id))
-                if kf is None or not pyramid.ready(int(kf_id)):
-                    continue
-                seen, uv, dist = visible(pts, kf, cset.grid_of(kf_id), cfg.pixel_stride, cfg)
-                hit = np.nonzero(seen)[0]
-                if hit.size:
-                    idx.append(torch.from_numpy(hit))
-                    extent.append(torch.from_numpy(kf.intrinsics.height * dist[hit] / kf.intrinsics.fy))
-                    levels.append(cells.levels(int(kf_id), uv[hit]).cpu())
+            for kf_id, kf, hit, uv, dist in _sightings(pts, cset, by_id, pyramid, cfg):
+                idx.append(torch.from_numpy(hit))
+                extent.append(torch.from_numpy(kf.intrinsics.height * dist / kf.intrinsics.fy))
+                levels.append(cells.levels(kf_id, uv).cpu())
             seen_by.update(points=points, idx=torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long),
                            extent=torch.cat(extent) if extent else torch.zeros(0, dtype=torch.float64),
                            levels=torch.cat(levels, dim=1) if levels else None)
