@@ -379,4 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = main()
+    from lerf_ros.ros.main import exit_process  # ends the process even if finalisation would hang
+
+    exit_process(_code)
