@@ -4,7 +4,10 @@ A map directory holds:
 
 ``config.json``    manifest: format name + version, the `EngineConfig` as a dict, the encoder names, the
                    training step, the scene box, and the SHA-256 + size of every other file.
-``weights.pt``     ``torch.save`` of {"model": model state dict, "trainer": trainer state dict}.
+``weights.pt``     ``torch.save`` of {"model": model state dict, "trainer": trainer state dict, "backends":
+                   {module path: "tcnn" | "torch" | "triton"} of each hash grid and MLP}. Loading converts
+                   the weights into the layouts of the modules this machine builds (``fields/layouts.py``);
+                   maps without "backends" (written before they were recorded) are read by their keys.
 ``keyframes.npz``  the keyframe store's arrays (``KeyframeStore.to_arrays``): at least ids (K,) int64 and
                    images (K, H, W, 3) uint8; the rest is validated by the store when it is rebuilt.
 ``features.pt``    {"hashes": {kf_id: frame content hash}, "caches": {"clip": pyramid state, "dino": dense
@@ -26,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fields.layouts import LayoutError, convert_state, module_backends, torch_fallbacks
 from .language.candidates import CandidateSet
 
 FORMAT_NAME = "lerf_ros-map"
@@ -44,6 +49,7 @@ KEYFRAMES = "keyframes.npz"
 FEATURES = "features.pt"
 CANDIDATES = "candidates.npz"
 _KEYFRAME_ARRAYS = ("ids", "images")
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +65,7 @@ class MapData:
     keyframes: dict[str, np.ndarray]
     features: dict[str, dict]
     candidates: dict[str, np.ndarray] | None = None  # `CandidateSet.to_arrays()`; None = not saved
+    backends: dict[str, str] | None = None  # path -> backend (`layouts.module_backends`); None: old map
 
 
 def frame_hash(image: np.ndarray, depth: np.ndarray | None = None) -> str:
@@ -143,7 +150,8 @@ def save_map(path: str | os.PathLike, data: MapData) -> None:
     if missing:
         raise ValueError(f"keyframes lack arrays {missing}")
     blobs = {
-        WEIGHTS: torch_bytes({"model": data.model_state, "trainer": data.trainer_state}),
+        WEIGHTS: torch_bytes({"model": data.model_state, "trainer": data.trainer_state,
+                              "backends": data.backends}),
         KEYFRAMES: npz_bytes(data.keyframes),
         FEATURES: torch_bytes(data.features),
     }
@@ -248,6 +256,7 @@ def load_map(path: str | os.PathLike) -> MapData:
     weights = torch_load(_read_checked(root, manifest, WEIGHTS), root / WEIGHTS)
     if not isinstance(weights, dict) or not isinstance(weights.get("model"), dict):
         raise ValueError(f"{root / WEIGHTS}: no model state dict")
+    backends = check_backends(weights.get("backends"), root / WEIGHTS)
     keyframes = read_npz(_read_checked(root, manifest, KEYFRAMES), root / KEYFRAMES)
     _check_keyframes(keyframes, root / KEYFRAMES)
     features = torch_load(_read_checked(root, manifest, FEATURES), root / FEATURES)
@@ -269,7 +278,19 @@ def load_map(path: str | os.PathLike) -> MapData:
         keyframes=keyframes,
         features=features,
         candidates=cands,
+        backends=backends,
     )
+
+
+def check_backends(backends, file) -> dict[str, str] | None:
+    """A map's backend record: None (not recorded) or {module path: backend name}; ValueError naming
+    ``file`` otherwise."""
+    if backends is None:
+        return None
+    if not isinstance(backends, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in backends.items()):
+        raise ValueError(f"{file}: backends must map module paths to backend names, got {backends!r:.200}")
+    return dict(backends)
 
 
 def check_state_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], file: str) -> None:
@@ -329,6 +350,7 @@ def save_engine(engine, path: str | os.PathLike) -> None:
         features={"hashes": hashes, "caches": {"clip": engine.pyramid.state_dict(),
                                                "dino": engine.dense.state_dict()}},
         candidates=cands,
+        backends=None if engine.model is None else module_backends(engine.model),
     ))
 
 
@@ -391,12 +413,12 @@ def fill_engine(engine, data: MapData, files: dict) -> None:
         if data.scene_box is None:
             raise ValueError(f"{files['manifest']}: weights present but no scene_box")
         engine.scene_box = SceneBox(tuple(data.scene_box[0]), tuple(data.scene_box[1]))
-        engine._build_model()
-        check_state_shapes(engine.model, data.model_state, str(files["weights"]))
-        engine.model.load_state_dict(data.model_state)
+        state = portable_state(engine, data, files["weights"])
+        check_state_shapes(engine.model, state.state, str(files["weights"]))
+        engine.model.load_state_dict(state.state)
         if data.trainer_state is not None:
             try:
-                engine.trainer.load_state_dict(data.trainer_state)
+                engine.trainer.load_state_dict(restart_moments(engine, data.trainer_state, state.converted))
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise ValueError(f"{files['weights']}: optimiser state does not fit: {exc}") from exc
     engine.store = store
@@ -406,3 +428,43 @@ def fill_engine(engine, data: MapData, files: dict) -> None:
         # Ignored (recomputed on the first query) unless the key matches these keyframes at this step.
         engine.candidates.adopt(CandidateSet.from_arrays(data.candidates), engine._kf_version, store.ids(),
                                 store.frames(), engine.train_step)
+
+
+def portable_state(engine, data: MapData, file):
+    """Build ``engine``'s model for ``data`` and return the map's weights in its layouts
+    (`layouts.ConvertedState`). MLPs that tinycudann would hold under "auto" but cannot represent (a
+    map trained with PyTorch MLPs: biases) are built with PyTorch instead, with a warning; a module the
+    config pins to a backend it cannot be converted to is a ValueError naming ``file`` and the module."""
+    engine._build_model()
+    keep = torch_fallbacks(engine.model, data.model_state, data.backends)
+    if keep:
+        _LOG.warning("%s: MLPs %s were trained with PyTorch biases that tinycudann's FullyFusedMLP cannot "
+                     "hold; they stay PyTorch MLPs (the hash grids use this machine's backend)", file,
+                     ", ".join(keep))
+        engine._build_model(torch_modules=keep)
+    try:
+        return convert_state(engine.model, data.model_state, data.backends)
+    except LayoutError as exc:
+        raise ValueError(f"{file}: {exc}") from exc
+
+
+def restart_moments(engine, trainer_state: dict, converted: tuple[str, ...]) -> dict:
+    """``trainer_state`` with the Adam moments of the optimiser groups that hold a converted module
+    emptied (they were shaped for the other layout): those groups restart their moments, keeping their
+    hyper-parameters; everything else (steps, schedule, scaler, convergence) loads as saved."""
+    if not converted or not isinstance(trainer_state, dict) or "optimizers" not in trainer_state:
+        return trainer_state
+    moved = {id(p) for path in converted for p in engine.model.get_submodule(path).parameters()}
+    fresh = engine.trainer.state_dict()["optimizers"]
+    optimizers = dict(trainer_state["optimizers"])
+    for name, params in engine.model.param_groups().items():
+        if name not in optimizers or name not in fresh or not any(id(p) in moved for p in params):
+            continue
+        saved, now = optimizers[name], fresh[name]
+        groups = now["param_groups"]
+        if len(saved.get("param_groups", ())) == len(groups):
+            groups = [{**s, "params": n["params"]}
+                      for s, n in zip(saved["param_groups"], groups, strict=True)]
+        optimizers[name] = {"state": {}, "param_groups": groups}
+        _LOG.info("optimiser group %r: Adam moments restart (%s converted)", name, ", ".join(converted))
+    return {**trainer_state, "optimizers": optimizers}

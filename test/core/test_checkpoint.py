@@ -206,3 +206,122 @@ def test_bad_candidates_file_named(tmp_path):
     data.candidates = None  # a later save without a set drops the old file and its manifest entry
     ck.save_map(tmp_path / "m", data)
     assert ck.load_map(tmp_path / "m").candidates is None and not (tmp_path / "m" / ck.CANDIDATES).exists()
+
+
+# --------------------------------------------------------------------------- portable maps (backends)
+
+
+@pytest.fixture(scope="module")
+def trained_map(tmp_path_factory):
+    """A tiny-preset map trained 3 steps on the CPU, saved; (engine, map directory)."""
+    from lerf_ros.core.engine import LERFEngine
+    from lerf_ros.core.presets import make_preset
+    from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
+
+    room = SyntheticRoom(0)
+    cfg = make_preset("tiny")
+    cfg = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, min_keyframes=2))
+    engine = LERFEngine(cfg, "cpu")
+    for f in make_frames(room, orbit_trajectory(room, 4), default_intrinsics(48, 36)):
+        engine.add_frame(f)
+    while engine.train_step < 3:
+        engine.step(3)
+    root = tmp_path_factory.mktemp("portable") / "map"
+    engine.save(root)
+    return engine, root
+
+
+def _rewrite_weights(root, weights: dict) -> None:
+    (root / ck.WEIGHTS).write_bytes(ck.torch_bytes(weights))
+    _rewrite_entry(root, ck.WEIGHTS)
+
+
+def _copy_map(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+_PTS = torch.tensor([[0.1, 0.2, 0.3], [-0.4, 0.5, 0.9], [0.0, 0.0, 0.5], [0.7, -0.6, 0.2]])
+
+
+def test_map_records_backends_and_old_maps_load(trained_map, tmp_path):
+    engine, root = trained_map
+    data = ck.load_map(root)
+    assert data.backends["radiance.grid"] == "torch" and data.backends["radiance.density_mlp"] == "torch"
+    assert set(data.backends) >= {"radiance.color_mlp", "language.clip_head", "language.grids.0"}
+    assert not any(k.endswith("_tcnn.params") for k in data.model_state)
+    # A map written before backends were recorded: no "backends" entry in weights.pt.
+    old = _copy_map(root, tmp_path / "old")
+    weights = ck.torch_load((old / ck.WEIGHTS).read_bytes(), old / ck.WEIGHTS)
+    del weights["backends"]
+    _rewrite_weights(old, weights)
+    assert ck.load_map(old).backends is None
+    loaded = type(engine).load(old, "cpu")
+    torch.testing.assert_close(loaded.model.density_at_points(_PTS), engine.model.density_at_points(_PTS),
+                               rtol=0, atol=0)
+
+
+def test_tcnn_layout_map_loads_on_cpu_and_trains(trained_map, tmp_path):
+    """A map as a tinycudann machine writes it (flat FullyFusedMLP vectors, the old duplicate hash-grid
+    key) loads into the PyTorch modules with the same outputs, and training goes on."""
+    from lerf_ros.core.fields import MLP, HashEncoding
+    from lerf_ros.core.fields import layouts as lay
+
+    engine, root = trained_map
+    src = type(engine).load(root, "cpu")
+    with torch.no_grad():  # into tinycudann's function class: no hidden / output biases
+        for _, mod in lay.backend_modules(src.model):
+            if isinstance(mod, MLP) and mod.config.hidden_dim in (16, 32, 64, 128):
+                for i, layer in enumerate(m for m in mod.net if isinstance(m, torch.nn.Linear)):
+                    if i > 0 or mod.in_dim % 16 == 0:
+                        layer.bias.zero_()
+    state = {k: v.detach().clone() for k, v in src.model.state_dict().items()}
+    backends = {}
+    for path, mod in lay.backend_modules(src.model):
+        backends[path] = "torch"
+        if isinstance(mod, HashEncoding):
+            state[f"{path}._tcnn.params"] = state[f"{path}.params"].clone()
+            backends[path] = "tcnn"
+        elif mod.config.hidden_dim in (16, 32, 64, 128):
+            own = {k[len(path) + 1:]: state.pop(k) for k in list(state) if k.startswith(path + ".")}
+            state[f"{path}.net.params"] = lay.torch_mlp_to_tcnn(own, *lay._mlp_shape(mod), module=path)
+            backends[path] = "tcnn"
+    assert sum(b == "tcnn" for b in backends.values()) >= 8
+    tc = _copy_map(root, tmp_path / "tcnn")
+    weights = ck.torch_load((tc / ck.WEIGHTS).read_bytes(), tc / ck.WEIGHTS)
+    # Its optimisers hold fewer, flat parameters per group (one vector per MLP): those moments cannot load.
+    for opt in weights["trainer"]["optimizers"].values():
+        group = opt["param_groups"][0]
+        for idx in group["params"][-3:]:
+            opt["state"].pop(idx, None)
+        group["params"] = group["params"][:-3]
+    _rewrite_weights(tc, {**weights, "model": state, "backends": backends})
+    loaded = type(engine).load(tc, "cpu")
+    assert loaded.train_step == src.train_step
+    assert all(not o.state for o in loaded.trainer.optimizers.values())
+    assert set(ck.module_backends(loaded.model).values()) == {"torch"}
+    torch.testing.assert_close(loaded.model.density_at_points(_PTS), src.model.density_at_points(_PTS),
+                               rtol=1e-5, atol=1e-6)
+    want, got = src.query("red box", with_cloud=False), loaded.query("red box", with_cloud=False)
+    assert got.found == want.found and got.relevancy == pytest.approx(want.relevancy, abs=1e-4)
+    before = loaded.train_step
+    loaded.step(2)  # the converted groups' Adam moments restarted; the others loaded
+    assert loaded.train_step == before + 2
+    assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
+
+    # A tinycudann vector of the wrong size cannot become this model's MLP: named error.
+    bad = dict(state)
+    bad["radiance.density_mlp.net.params"] = bad["radiance.density_mlp.net.params"][:-16]
+    _rewrite_weights(tc, {**weights, "model": bad, "backends": backends})
+    with pytest.raises(ValueError, match=r"weights\.pt: module 'radiance\.density_mlp': tinycudann param"):
+        type(engine).load(tc, "cpu")
+
+
+def test_bad_backend_record_is_named(tmp_path):
+    data = _map_data()
+    data.backends = {"radiance.grid": 3}
+    ck.save_map(tmp_path / "m", data)
+    with pytest.raises(ValueError, match=r"weights\.pt: backends must map module paths"):
+        ck.load_map(tmp_path / "m")

@@ -143,17 +143,7 @@ def test_implementation_selection():
         HashEncodingConfig(implementation="cuda").validate()
 
 
-@pytest.mark.cuda
-def test_tcnn_and_torch_backends_agree():
-    pytest.importorskip("tinycudann")
-    cfg = HashEncodingConfig(8, 2, 14, 16, 512, "tcnn")
-    tc = HashEncoding(cfg).cuda()
-    th = HashEncoding(HashEncodingConfig(8, 2, 14, 16, 512, "torch")).cuda()
-    with torch.no_grad():
-        th.params.copy_(tc.params.float())
-    # Inside [0, 0.95]^3: away from the upper faces where tinycudann's dense levels wrap (module doc).
-    x = torch.rand(4096, 3, device="cuda") * 0.95
-    torch.testing.assert_close(tc(x), th(x), atol=1e-5, rtol=1e-3)
+# The backends against PyTorch on a GPU (tinycudann, Triton, PyTorch on CUDA): test_cuda.py.
 
 
 def test_mlp_torch():

@@ -7,6 +7,9 @@ output up to float rounding; the CUDA test checks it. One deliberate difference:
 within half a cell of the unit cube's upper faces, tinycudann's +1 vertex runs past the grid and its
 row index wraps into the next grid row (an artefact); the torch backend clamps to the border there.
 With the scene contraction that region is the shell at (near) infinite distance.
+
+A third backend, the fused Triton kernel in `hash_triton` ("triton"), computes exactly the torch
+backend's lookup (border clamp included) in one launch for all levels; it holds the same ``params``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ _LOG = logging.getLogger(__name__)
 _PRIMES = (1, 2654435761, 805459861)
 _UINT32 = 0xFFFFFFFF
 _BACKEND_LOGGED: set[str] = set()
+#: Accepted ``implementation`` values (HashEncodingConfig; MLPConfig runs "triton" as torch).
+IMPLEMENTATIONS = ("auto", "torch", "tcnn", "triton")
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class HashEncodingConfig:
     log2_hashmap_size: int = 15
     base_resolution: int = 16
     max_resolution: int = 256
-    implementation: str = "auto"  # "auto" | "torch" | "tcnn"
+    implementation: str = "auto"  # "auto" | "torch" | "tcnn" | "triton" (see resolve_implementation)
 
     def validate(self) -> HashEncodingConfig:
         if self.num_levels < 1:
@@ -48,8 +53,10 @@ class HashEncodingConfig:
                 f"need 2 <= base_resolution <= max_resolution, "
                 f"got {self.base_resolution}, {self.max_resolution}"
             )
-        if self.implementation not in ("auto", "torch", "tcnn"):
-            raise ValueError(f"implementation must be auto, torch or tcnn, got {self.implementation!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be auto, torch, tcnn or triton, got {self.implementation!r}"
+            )
         return self
 
     @property
@@ -74,17 +81,35 @@ def import_tcnn():
     return tinycudann
 
 
-def _log_once(key: str, message: str) -> None:
+def _log_once(key: str, message: str, level: int = logging.INFO) -> None:
     if key not in _BACKEND_LOGGED:
         _BACKEND_LOGGED.add(key)
-        _LOG.info(message)
+        _LOG.log(level, message)
 
 
-def resolve_implementation(requested: str) -> str:
-    """"auto" -> "tcnn" when tinycudann imports and CUDA is available, else "torch"; "tcnn" must work."""
-    if requested == "torch":
+def triton_problem(features_per_level: int = 2) -> str | None:
+    """None when the fused Triton hash grid runs here (CUDA, triton imports, the kernels compile for
+    this F and match the PyTorch backend on the current GPU; checked once per F and GPU), else why not."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        from . import hash_triton  # imports triton: shipped with CUDA torch builds, absent from CPU ones
+    except ImportError as exc:
+        return f"triton does not import ({type(exc).__name__}: {exc})"
+    return hash_triton.probe(features_per_level, f"cuda:{torch.cuda.current_device()}")
+
+
+def resolve_implementation(requested: str, features_per_level: int = 2, encoding: bool = True) -> str:
+    """The backend to build: "auto" -> "tcnn" when tinycudann imports and CUDA is available, else
+    "triton" when `triton_problem` finds none, else "torch" (a warning says why Triton was skipped on a
+    CUDA machine). An explicit "tcnn" / "triton" that cannot run raises ValueError at construction.
+
+    ``encoding=False`` (MLPs): Triton here is the hash grid only, so "triton" resolves to "torch" and
+    "auto" never probes it.
+    """
+    if requested == "torch" or (requested == "triton" and not encoding):
         return "torch"
-    tcnn = import_tcnn() if torch.cuda.is_available() else None
+    tcnn = import_tcnn() if requested in ("auto", "tcnn") and torch.cuda.is_available() else None
     if requested == "tcnn":
         if tcnn is None:
             raise ValueError(
@@ -92,8 +117,22 @@ def resolve_implementation(requested: str) -> str:
                 "use 'auto' or 'torch'"
             )
         return "tcnn"
+    if requested == "triton":
+        problem = triton_problem(features_per_level)
+        if problem is not None:
+            raise ValueError(f"implementation 'triton' requested but {problem}; use 'auto' or 'torch'")
+        _log_once("triton", "hash-grid backend: triton (fused kernel)")
+        return "triton"
     choice = "tcnn" if tcnn is not None else "torch"
-    _log_once(f"auto-{choice}", f"neural-field backend: {choice}")
+    if choice == "torch" and encoding and torch.cuda.is_available():
+        problem = triton_problem(features_per_level)
+        if problem is None:
+            choice = "triton"
+        else:
+            _log_once(f"triton-skipped-{features_per_level}", f"Triton hash grid unusable ({problem}); "
+                      "falling back to the PyTorch hash grid", logging.WARNING)
+    kind = "hash-grid" if encoding else "MLP"
+    _log_once(f"auto-{kind}-{choice}", f"neural-field {kind} backend: {choice}")
     return choice
 
 
@@ -126,13 +165,13 @@ class HashEncoding(nn.Module):
     def __init__(self, config: HashEncodingConfig):
         super().__init__()
         self.config = config.validate()
-        self.implementation = resolve_implementation(config.implementation)
+        self.implementation = resolve_implementation(config.implementation, config.features_per_level)
         scales, resolutions, sizes, offsets = level_layout(config)
         self.total_entries = offsets[-1] + sizes[-1]
         self._tcnn = None
         if self.implementation == "tcnn":
             tcnn = import_tcnn()
-            self._tcnn = tcnn.Encoding(
+            module = tcnn.Encoding(
                 n_input_dims=3,
                 encoding_config={
                     "otype": "HashGrid",
@@ -145,8 +184,10 @@ class HashEncoding(nn.Module):
                 },
                 dtype=torch.float32,
             )
-            # tinycudann owns the parameter; expose it under the same name for checkpoints.
-            self.params = self._tcnn.params
+            # One parameter under one state key, "params", whatever the backend (`layouts`): the tinycudann
+            # module is kept out of the module tree, so its handle on the same tensor is not saved twice.
+            object.__setattr__(self, "_tcnn", module)
+            self.params = module.params
         else:
             self.params = nn.Parameter(torch.empty(self.total_entries * config.features_per_level))
             nn.init.uniform_(self.params, -1e-4, 1e-4)
@@ -175,6 +216,14 @@ class HashEncoding(nn.Module):
         x = x.float().clamp(0.0, 1.0)
         if self._tcnn is not None:
             return self._tcnn(x).float()
+        if self.implementation == "triton":
+            from . import hash_triton  # importable: resolve_implementation checked it
+
+            # Same layout and numbers as the torch path, so a module moved to the CPU (a map loaded
+            # there) keeps working through it; the interpreter (tests) runs the kernel on the CPU.
+            if x.is_cuda or hash_triton.interpreting():
+                table = self.params.view(self.total_entries, self.config.features_per_level)
+                return hash_triton.hash_grid(x, table, hash_triton.grid_tensors(self))
         return self._forward_torch(x)
 
     @torch.no_grad()

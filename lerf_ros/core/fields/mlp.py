@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hash_encoding import import_tcnn, resolve_implementation
+from .hash_encoding import IMPLEMENTATIONS, import_tcnn, resolve_implementation
 
 _TCNN_WIDTHS = (16, 32, 64, 128)
 _ACTIVATIONS = {"none": "None", "relu": "ReLU", "sigmoid": "Sigmoid"}
@@ -20,7 +20,9 @@ class MLPConfig:
     num_hidden_layers: int = 1
     hidden_dim: int = 64
     out_activation: str = "none"
-    implementation: str = "auto"  # "auto" | "torch" | "tcnn"
+    # "auto" | "torch" | "tcnn" | "triton"; Triton is the hash grid only, so "triton" builds the torch
+    # MLP (one value can then select the backend of a whole field).
+    implementation: str = "auto"
 
     def validate(self) -> MLPConfig:
         if self.num_hidden_layers < 0 or self.hidden_dim < 1:
@@ -32,8 +34,10 @@ class MLPConfig:
             raise ValueError(
                 f"out_activation must be one of {sorted(_ACTIVATIONS)}, got {self.out_activation!r}"
             )
-        if self.implementation not in ("auto", "torch", "tcnn"):
-            raise ValueError(f"implementation must be auto, torch or tcnn, got {self.implementation!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be auto, torch, tcnn or triton, got {self.implementation!r}"
+            )
         return self
 
 
@@ -48,7 +52,7 @@ class MLP(nn.Module):
         super().__init__()
         config.validate()
         self.in_dim, self.out_dim, self.config = in_dim, out_dim, config
-        impl = resolve_implementation(config.implementation)
+        impl = resolve_implementation(config.implementation, encoding=False)
         fused_ok = config.hidden_dim in _TCNN_WIDTHS and config.num_hidden_layers >= 1
         if impl == "tcnn" and not fused_ok:
             if config.implementation == "tcnn":
