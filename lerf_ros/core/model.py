@@ -46,8 +46,10 @@ class LossWeights:
 class ModelConfig:
     """near_m: rays start here; max_depth_m: far end of every ray when the scene box contracts
     (otherwise the box exit, capped by max_depth_m). language_samples_per_ray: the CLIP / DINO heads
-    are evaluated only at this many highest-weight samples per ray (0 = all); the weights are
-    detached anyway, and with an opaque surface a handful of samples carry almost all the mass."""
+    are evaluated only at this many highest-weight samples per ray (0 = all; LERF: 24 of its 48), their
+    weights rescaled to the ray's total; the weights are detached anyway, and with an opaque surface a
+    handful of samples carry almost all the mass. The language grids and heads then cost K / S of a full
+    pass, and only those K samples get a gradient from the language losses."""
 
     radiance: RadianceFieldConfig = field(default_factory=RadianceFieldConfig)
     language: LanguageFieldConfig = field(default_factory=LanguageFieldConfig)
@@ -56,7 +58,7 @@ class ModelConfig:
     background_rgb: tuple[float, float, float] = (0.0, 0.0, 0.0)
     near_m: float = 0.05
     max_depth_m: float = 20.0
-    language_samples_per_ray: int = 0
+    language_samples_per_ray: int = 24
 
     def validate(self) -> ModelConfig:
         if not 0 < self.near_m < self.max_depth_m:
@@ -224,7 +226,7 @@ class LERFModel(nn.Module):
             # Keep each ray's total mass so the DINO sum is not biased low by the dropped tail.
             weights = top_w * (total / top_w.sum(dim=-1, keepdim=True).clamp_min(1e-10))
             s = k
-        if surface is not None and known is not None and bool(known.any()):
+        if surface is not None and known is not None:  # a no-op where none is known (no host sync)
             at_surface = surface.detach()[:, None, :].expand(r, s, 3)
             positions = torch.where(known[:, None, None], at_surface, positions)
             weights = torch.where(known[:, None], torch.full_like(weights, 1.0 / s), weights)
@@ -301,17 +303,27 @@ class LERFModel(nn.Module):
         return torch.cat(out) if out else points.new_zeros(0, self.clip_dim)
 
     @torch.no_grad()
-    def clip_multiscale(self, points: torch.Tensor, scales_m: torch.Tensor) -> torch.Tensor:
+    def language_features(self, points: torch.Tensor) -> torch.Tensor:
+        """points (N, 3) world metres -> (N, G) the language hash grids' features (scale-independent)."""
+        points = points.float()
+        out = [self.language.features(points[i : i + _POINT_CHUNK])
+               for i in range(0, points.shape[0], _POINT_CHUNK)]
+        return torch.cat(out) if out else points.new_zeros(0, 0)
+
+    @torch.no_grad()
+    def clip_multiscale(self, points: torch.Tensor, scales_m: torch.Tensor,
+                        features: torch.Tensor | None = None) -> torch.Tensor:
         """points (N, 3) world metres, scales_m (S,) metres -> (S, N, clip_dim) unit.
 
         The hash-grid features are computed once and reused for every scale (LERF's scale search
-        evaluates ~30 scales per query).
+        evaluates ~30 scales per query); ``features`` (N, G) from `language_features` skips them.
         """
         points = points.float()
         scales = torch.as_tensor(scales_m, dtype=torch.float32, device=points.device).reshape(-1)
         out = points.new_empty(scales.shape[0], points.shape[0], self.clip_dim)
         for i in range(0, points.shape[0], _POINT_CHUNK):
-            feats = self.language.features(points[i : i + _POINT_CHUNK])
+            feats = (self.language.features(points[i : i + _POINT_CHUNK]) if features is None
+                     else features[i : i + _POINT_CHUNK])
             for j, s in enumerate(scales):
                 out[j, i : i + _POINT_CHUNK] = self.language.clip(feats, s.expand(feats.shape[0]))
         return out

@@ -286,6 +286,44 @@ def test_openclip_in_the_pyramid(tiny_clip_name):
     assert out.shape == (3, 32) and torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
 
 
+def test_openclip_takes_the_gpu_crop_format_and_batches_like_single_crops(tiny_clip_name):
+    """The pyramid's CUDA crop batches (fp16, channels-last) give the fp32 embeddings to within fp16 input
+    rounding; a pyramid encoding batches of crops equals one encoding a crop at a time (CPU)."""
+    from lerf_ros.core.language.pyramid import ClipPyramid, PyramidConfig, encoder_batch
+
+    enc = _clip(tiny_clip_name, pretrained=None)
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    half_cl = encoder_batch(x, torch.device("cuda"))  # the format only; the model stays on the CPU
+    assert half_cl.dtype == torch.float16 and half_cl.is_contiguous(memory_format=torch.channels_last)
+    a, b = checked_encode_images(enc, x), checked_encode_images(enc, half_cl)
+    assert float((a * b).sum(dim=1).min()) > 0.999 and float((a - b).abs().max()) < 1e-2
+    image = (torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    grids = [ClipPyramid(enc, PyramidConfig(tile_fracs=(0.25, 0.5), batch_size=n)).compute(image)[1]
+             for n in (1, 64)]
+    torch.testing.assert_close(grids[0], grids[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_openclip_pyramid_on_cuda_encodes_fp16_channels_last(tiny_clip_name):
+    from lerf_ros.core.language.pyramid import ClipPyramid, PyramidConfig
+
+    gpu, cpu = _clip(tiny_clip_name, pretrained=None, device="cuda"), _clip(tiny_clip_name, pretrained=None)
+    assert gpu.model.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    seen, real = [], gpu.model.encode_image
+
+    def spy(x):
+        seen.append((x.dtype, x.is_contiguous(memory_format=torch.channels_last)))
+        return real(x)
+
+    gpu.model.encode_image = spy
+    image = (torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    cfg = PyramidConfig(tile_fracs=(0.25, 0.5), batch_size=8)
+    on_gpu = ClipPyramid(gpu, cfg, "cuda").compute(image)[1]
+    assert seen and set(seen) == {(torch.float16, True)}
+    on_cpu = ClipPyramid(cpu, cfg, "cpu").compute(image)[1]
+    assert float((on_gpu.cpu() * on_cpu).sum(dim=1).min()) > 0.995  # fp16 weights and inputs
+
+
 @pytest.mark.cuda
 def test_openclip_fp16_on_cuda(tiny_clip_name):
     enc = _clip(tiny_clip_name, pretrained=None, device="cuda")

@@ -236,3 +236,29 @@ def test_out_of_memory_computing_features_keeps_the_keyframe(room_frames):
     while engine.status().keyframes_pending:
         engine.step(0)  # the retry computes it
     assert len(engine._ready_ids()) == pending == 3
+
+
+def test_reports_every_n_steps_roll_back_and_give_up_like_per_step_ones(room_frames):
+    """log_every = 4 (the GPU presets report every 25 steps, `presets.GPU_LOG_EVERY`): steps found non-finite
+    at a report were skipped on the device, are counted, and rolled back; the error still comes only after
+    max_nonfinite_in_row in a row, across reports."""
+    engine = _engine(room_frames, _tiny(log_every=4, max_nonfinite_in_row=6))
+    while engine.train_step < 8:
+        engine.step(8 - engine.train_step)
+    with torch.no_grad():  # the state a diverged step would leave: NaN in the density grid
+        engine.model.param_groups()["radiance"][0].view(-1)[:1000] = float("nan")
+    stats = engine.step(12)  # 4 steps until the report finds them, then 8 good ones
+    st = engine.status()
+    assert (st.nonfinite_steps, st.restores, st.step, stats.train_steps) == (4, 1, 16, 8)
+    assert st.last_error.startswith("NonFiniteStep: non-finite loss at step 8")
+    assert "4 in a row" in st.last_error
+    assert _finite_losses(engine) and all(torch.isfinite(p).all() for p in engine.model.parameters())
+    healthy = engine.model.compute_losses
+    engine.model.compute_losses = lambda out, batch: {"rgb": torch.tensor(float("nan"), requires_grad=True)}
+    engine.step(5)  # a report after 4 and the call's own after the 5th: 5 in a row, no error yet
+    assert engine.status().nonfinite_steps == 9 and engine.train_step == 16
+    with pytest.raises(RuntimeError, match="training diverged"):
+        engine.step(1)
+    engine.model.compute_losses = healthy
+    engine.step(4)
+    assert engine.train_step == 20 and _finite_losses(engine)

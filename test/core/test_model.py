@@ -260,3 +260,90 @@ def test_language_is_read_at_the_measured_surface_where_depth_is_known():
         assert float(pos[r].std(dim=0).norm()) > 0.0 or k == 1
         assert out["clip_scale_m"][r] == pytest.approx(0.1 * float(out["depth"][r].detach()), rel=1e-5)
     assert out["clip"].shape == (3, 16) and torch.isfinite(out["clip"]).all()
+
+
+def _top_k_and_full():
+    """The same weights twice: language heads at the heaviest K samples of each ray, and at all of them."""
+    import dataclasses
+
+    top = _model()
+    with torch.no_grad():  # a trained-looking field: embeddings that differ from sample to sample
+        for p in top.language.parameters():
+            p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    full = LERFModel(dataclasses.replace(top.config, language_samples_per_ray=0), BOX, CLIP_DIM, DINO_DIM)
+    full.load_state_dict(top.state_dict())
+    return top, full
+
+
+def _samples(r: int, s: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = torch.tensor(BOX.min_xyz, dtype=torch.float32), torch.tensor(BOX.max_xyz, dtype=torch.float32)
+    positions = lo + (hi - lo) * torch.rand(r, s, 3, generator=g)
+    weights = torch.rand(r, s, generator=g) ** 3 / s  # a spread of masses, < 1 per ray
+    return positions, weights, 0.05 + torch.rand(r, generator=g)
+
+
+def _keep_top(weights: torch.Tensor, k: int) -> torch.Tensor:
+    idx = weights.topk(k, dim=-1).indices
+    return torch.zeros_like(weights).scatter(1, idx, weights.gather(1, idx))
+
+
+def test_language_heads_at_the_top_k_samples_render_what_all_samples_render():
+    top, full = _top_k_and_full()
+    k = top.config.language_samples_per_ray
+    assert 0 < k < top.config.sampler.nerf_samples  # so the detach test above runs with top-K too
+    positions, weights, scale = _samples(32, 24)
+    # Weights outside the top K are zero: the same rendering (the heads never see the dropped samples).
+    sparse = _keep_top(weights, k)
+    a, b = top._render_language(positions, sparse, scale), full._render_language(positions, sparse, scale)
+    for key in ("clip_residual", "clip", "dino"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    # Otherwise the difference is at most twice the dropped mass times the largest per-sample embedding
+    # (the kept weights are rescaled to the ray's total).
+    a, b = top._render_language(positions, weights, scale), full._render_language(positions, weights, scale)
+    dropped = weights.sum(-1) - weights.topk(k, dim=-1).values.sum(-1)
+    feats = full.language.features(positions.reshape(-1, 3))
+    per_sample = {"clip_residual": full.language.clip_residual(feats, scale.repeat_interleave(24)),
+                  "dino": full.language.dino(feats)}
+    for key, emb in per_sample.items():
+        largest = emb.detach().reshape(32, 24, -1).norm(dim=-1).max(dim=-1).values
+        diff = (a[key] - b[key]).detach().norm(dim=-1)
+        assert bool((diff <= 2 * dropped * largest + 1e-6).all()), key
+        assert float(diff.max()) > 0.01 * float(largest.max()), key  # the dropped tail does count
+
+
+def test_only_the_top_k_samples_reach_the_language_field():
+    """The heads are evaluated at the K heaviest samples only, so only those get a gradient: the language
+    field's gradient is the full rendering's with every other weight zero (and the K rescaled)."""
+    top, full = _top_k_and_full()
+    k = top.config.language_samples_per_ray
+    positions, weights, scale = _samples(16, 24, seed=1)
+    seen = []
+    features = top.language.features
+
+    def spy(points):
+        seen.append(points)
+        return features(points)
+
+    top.language.features = spy
+    out = top._render_language(positions, weights, scale)
+    idx = weights.topk(k, dim=-1).indices
+    heaviest = positions.gather(1, idx[..., None].expand(16, k, 3))
+    torch.testing.assert_close(seen[0].reshape(16, k, 3), heaviest)
+    (out["clip_residual"].square().sum() + out["dino"].square().sum()).backward()
+    kept = _keep_top(weights, k)
+    kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
+    ref = full._render_language(positions, kept, scale)
+    (ref["clip_residual"].square().sum() + ref["dino"].square().sum()).backward()
+    for (name, p), q in zip(top.language.named_parameters(), full.language.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert any(float(p.grad.abs().sum()) > 0 for p in top.language.parameters())
+
+
+def test_presets_top_k():
+    from lerf_ros.core.presets import make_preset
+
+    # LERF: 24 of 48 on the GPU; the CPU preset keeps its 4 of 16 (saved benchmark maps trained so)
+    assert [(make_preset(n).model.language_samples_per_ray, make_preset(n).model.sampler.nerf_samples)
+            for n in ("default", "lite", "tiny")] == [(24, 48), (12, 32), (4, 16)]

@@ -31,7 +31,8 @@ class VisionLanguageEncoder(Protocol):
     input_size: int  # crops are resized to input_size x input_size before encode_images
 
     def encode_images(self, images: Tensor) -> Tensor:
-        """(B, 3, S, S) float RGB in [0, 1] -> (B, dim) unit norm."""
+        """(B, 3, S, S) float RGB in [0, 1] -> (B, dim) unit norm. The pyramid hands fp32 crops on the CPU
+        and fp16 channels-last ones on CUDA (`pyramid.crop_batch_format`): cast to what the model needs."""
         ...
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:

@@ -12,6 +12,7 @@ u = (j + 0.5) W / w − 0.5, v = (i + 0.5) H / h − 0.5.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,21 @@ def bilinear_corners(gx: Tensor, gy: Tensor, nx: Tensor, ny: Tensor) -> tuple[Te
     idx = torch.stack([y0 * nx + x0, y0 * nx + x1, y1 * nx + x0, y1 * nx + x1], dim=1)
     w = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], dim=1)
     return idx, w
+
+
+def per_layout(lay_idx: Tensor, slots: Tensor, n_layouts: int, fn: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """Rows of several layouts without a host sync: ``fn(layout index, slots (R,))`` -> (R, ...) computes
+    every row as if it were of that layout (rows of other layouts read slot 0, which every bank has), and
+    each row keeps its own layout's result. One layout (one camera): a single call, nothing masked."""
+    if n_layouts == 1:
+        return fn(0, slots)
+    out = None
+    for li in range(n_layouts):
+        mine = lay_idx == li
+        val = fn(li, torch.where(mine, slots, 0))
+        mine = mine.reshape(-1, *([1] * (val.ndim - 1)))
+        out = torch.where(mine, val, 0.0 if out is None else out)
+    return out
 
 
 @dataclass
@@ -150,8 +166,11 @@ class KeyframeFeatureStore:
             layout, slot = self._where[int(kf_id)]
             return self._banks[layout].storage[slot].clone()
 
-    def lookup(self, kf_ids: Tensor) -> tuple[Tensor, Tensor, list[tuple]]:
-        """(R,) keyframe ids -> layout index (R,), slot (R,), layouts; ValueError for unknown ids."""
+    def lookup(self, kf_ids: Tensor, check: bool = True) -> tuple[Tensor, Tensor, list[tuple]]:
+        """(R,) keyframe ids -> layout index (R,), slot (R,), layouts; ValueError for unknown ids.
+
+        check=False skips that check, which waits for the device (a training batch's ids are drawn from
+        keyframes known to have features); an unknown id then reads another keyframe's features."""
         with self.lock:
             if self._index is None:
                 layouts = list(self._banks)
@@ -171,7 +190,7 @@ class KeyframeFeatureStore:
             return k, k, layouts
         pos = torch.searchsorted(ids, k).clamp(max=ids.numel() - 1)
         bad = ids[pos] != k
-        if bool(bad.any()):
+        if check and bool(bad.any()):
             raise ValueError(f"keyframe ids without features: {sorted(set(k[bad].tolist()))[:10]}")
         return meta[pos, 0], meta[pos, 1], layouts
 
@@ -213,26 +232,30 @@ class DenseFeatureCache:
     def remove(self, kf_id: int) -> bool:
         return self.store.remove(kf_id)
 
-    def sample(self, kf_ids: Tensor, uv: Tensor) -> Tensor:
-        """kf_ids (R,) long, uv (R, 2) pixels (column, row) -> (R, D) float32 bilinear features."""
+    def sample(self, kf_ids: Tensor, uv: Tensor, check_ids: bool = True) -> Tensor:
+        """kf_ids (R,) long, uv (R, 2) pixels (column, row) -> (R, D) float32 bilinear features.
+
+        No host sync with ``check_ids=False`` (`KeyframeFeatureStore.lookup`): with several layouts every
+        row is interpolated in each and the right one kept (``per_layout``)."""
         if uv.ndim != 2 or uv.shape[1] != 2 or uv.shape[0] != kf_ids.reshape(-1).shape[0]:
             raise ValueError(f"uv must be (R, 2) matching kf_ids (R,), got {tuple(uv.shape)}")
         uv = uv.to(self.device, torch.float32)
-        out = torch.zeros(uv.shape[0], self.dim, device=self.device)
+        r = uv.shape[0]
+
+        def interpolate(li: int, slots: Tensor) -> Tensor:
+            H, W, h, w = layouts[li]
+            gx = (uv[:, 0] + 0.5) * (w / W) - 0.5
+            gy = (uv[:, 1] + 0.5) * (h / H) - 0.5
+            nx = torch.full((r,), w, dtype=torch.long, device=self.device)
+            ny = torch.full((r,), h, dtype=torch.long, device=self.device)
+            idx, wts = bilinear_corners(gx, gy, nx, ny)
+            return (self.store.gather(layouts[li], slots, idx) * wts.unsqueeze(2)).sum(dim=1)
+
         with self.store.lock:
-            lay_idx, slots, layouts = self.store.lookup(kf_ids)
-            for li, (H, W, h, w) in enumerate(layouts):
-                m = lay_idx == li
-                if not bool(m.any()):
-                    continue
-                gx = (uv[m, 0] + 0.5) * (w / W) - 0.5
-                gy = (uv[m, 1] + 0.5) * (h / H) - 0.5
-                n = int(m.sum())
-                nx = torch.full((n,), w, dtype=torch.long, device=self.device)
-                ny = torch.full((n,), h, dtype=torch.long, device=self.device)
-                idx, wts = bilinear_corners(gx, gy, nx, ny)
-                out[m] = (self.store.gather(layouts[li], slots[m], idx) * wts.unsqueeze(2)).sum(dim=1)
-        return out
+            lay_idx, slots, layouts = self.store.lookup(kf_ids, check_ids)
+            if not layouts:
+                return torch.zeros(r, self.dim, device=self.device)
+            return per_layout(lay_idx, slots, len(layouts), interpolate)
 
     def state_dict(self) -> dict:
         """CPU tensors + plain values for the map directory."""

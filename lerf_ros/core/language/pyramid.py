@@ -1,7 +1,8 @@
 """Multi-scale CLIP crop pyramid per keyframe (LERF §3.2), built one keyframe at a time.
 
 For each tile size (a fraction of the image height), square crops on a regular grid are resized to
-the encoder's input size, encoded in batches and stored (fp16) as a (gh, gw, D) grid per level.
+the encoder's input size, encoded in batches (fp16, channels-last on CUDA: `crop_batch_format`) and stored
+(fp16) as a (gh, gw, D) grid per level.
 A ray's target embedding is bilinear between the four neighbouring crop centres of a level and
 linear between the two levels nearest in tile size, renormalised. The language scale in metres
 of a tile is ``tile_frac * image_height * depth_m / fy`` (its extent at the ray's depth).
@@ -31,6 +32,7 @@ from .dense_features import (
     canonical_image_bytes,
     check_cancel,
     image_to_tensor,
+    per_layout,
 )
 
 STATE_FORMAT = "lerf_ros.clip_pyramid/1"
@@ -99,6 +101,21 @@ def level_grid(tile_frac: float, height: int, width: int, config: PyramidConfig)
 def metric_scale(tile_frac, image_height: int, fy: float, depth_m):
     """Language scale in metres of a tile: its extent ``tile_frac * image_height`` pixels at depth_m."""
     return tile_frac * image_height * depth_m / fy
+
+
+def crop_batch_format(device: torch.device) -> tuple[torch.dtype, torch.memory_format]:
+    """dtype and memory layout of the crop batches handed to the encoder on ``device``: fp16 and
+    channels-last on CUDA (half the bytes, and the layout the GPU's fp16 convolution kernels read fastest,
+    e.g. a ViT's patch embedding), fp32 in its layout as cut elsewhere (fp16 is slow on a CPU)."""
+    if torch.device(device).type == "cuda":
+        return torch.float16, torch.channels_last
+    return torch.float32, torch.preserve_format
+
+
+def encoder_batch(crops: Tensor, device: torch.device) -> Tensor:
+    """(B, 3, S, S) float crops -> clamped to [0, 1] in `crop_batch_format` for ``device``."""
+    dtype, layout = crop_batch_format(device)
+    return crops.clamp(0.0, 1.0).to(dtype=dtype, memory_format=layout)
 
 
 def _source_crops(src: Tensor, size: tuple[int, int], lv: Level, out_px: int, batch_size: int):
@@ -215,7 +232,7 @@ class ClipPyramid:
                 if src is not None:
                     for batch in _source_crops(src, (H, W), lv, s, self.config.batch_size):
                         check_cancel(cancel, "CLIP pyramid")
-                        out.append(checked_encode_images(self.encoder, batch.clamp(0.0, 1.0)).float())
+                        out.append(self._encode(batch))
                     continue
                 k, st = lv.tile_px, lv.stride_px
                 region = img[
@@ -232,8 +249,12 @@ class ClipPyramid:
                         batch = F.interpolate(
                             batch, size=(s, s), mode="bilinear", align_corners=False, antialias=k > s
                         )
-                    out.append(checked_encode_images(self.encoder, batch.clamp(0.0, 1.0)).float())
+                    out.append(self._encode(batch))
         return (int(H), int(W)), torch.cat(out)
+
+    def _encode(self, crops: Tensor) -> Tensor:
+        """One batch of crops (B, 3, S, S) -> (B, D) float32 unit embeddings (`encoder_batch`)."""
+        return checked_encode_images(self.encoder, encoder_batch(crops, self.device)).float()
 
     def insert(self, kf_id: int, size: tuple[int, int], grid: Tensor, key: str = "") -> None:
         """Store a computed grid (from ``compute``) for kf_id; cheap, takes the store lock."""
@@ -319,29 +340,31 @@ class ClipPyramid:
             )
         return r
 
-    def sample(self, kf_ids: Tensor, uv: Tensor, tile_frac: Tensor) -> Tensor:
+    def sample(self, kf_ids: Tensor, uv: Tensor, tile_frac: Tensor, check_ids: bool = True) -> Tensor:
         """Target embeddings for rays.
 
         kf_ids (R,) long; uv (R, 2) pixels (column, row); tile_frac (R,) (clamped to the config range)
-        Returns (R, D) float32 unit vectors.
+        Returns (R, D) float32 unit vectors. check_ids=False: no check that every id has a pyramid, and no
+        host sync at all (a training batch; `KeyframeFeatureStore.lookup`, `dense_features.per_layout`).
         """
         r = self._check_rows(kf_ids, uv, tile_frac)
         uv = uv.to(self.device, torch.float32)
         lo, hi, t = self._level_pair(tile_frac)
-        out = torch.zeros(r, self.dim, device=self.device)
+        levels, uv2, tm = torch.cat([lo, hi]), uv.repeat(2, 1), t.unsqueeze(1)
+
+        def interpolate(li: int, slots: Tensor) -> Tensor:
+            lay = layouts[li]
+            _, geo = self._layout(*lay)
+            # both levels in one gather: rows [0, r) at level lo, [r, 2r) at level hi
+            cells, w = self._corners(geo, levels, uv2)
+            both = (self.store.gather(lay, slots.repeat(2), cells) * w.unsqueeze(2)).sum(dim=1)
+            return (1 - tm) * both[:r] + tm * both[r:]
+
         with self.store.lock:
-            lay_idx, slots, layouts = self.store.lookup(kf_ids)
-            for li, lay in enumerate(layouts):
-                m = lay_idx == li
-                if not bool(m.any()):
-                    continue
-                _, geo = self._layout(*lay)
-                # both levels in one gather: rows [0, n) at level lo, [n, 2n) at level hi
-                n = int(m.sum())
-                cells, w = self._corners(geo, torch.cat([lo[m], hi[m]]), uv[m].repeat(2, 1))
-                both = (self.store.gather(lay, slots[m].repeat(2), cells) * w.unsqueeze(2)).sum(dim=1)
-                tm = t[m].unsqueeze(1)
-                out[m] = (1 - tm) * both[:n] + tm * both[n:]
+            lay_idx, slots, layouts = self.store.lookup(kf_ids, check_ids)
+            if not layouts:
+                return torch.zeros(r, self.dim, device=self.device)
+            out = per_layout(lay_idx, slots, len(layouts), interpolate)
         return F.normalize(out, dim=1)
 
     def cell_values(self, kf_id: int, cell_fn: Callable[[Tensor], Tensor]) -> Tensor:

@@ -198,8 +198,9 @@ def depth_agreement(kf, rows: torch.Tensor, points: torch.Tensor, origins: torch
 
 
 class ConvergenceMonitor:
-    """Tracks the signals (module docstring). Call ``observe_losses`` every step (host floats, no sync),
-    ``evaluate`` when ``due``; ``signals`` is the last result.
+    """Tracks the signals (module docstring). Call ``observe_losses`` with every step's losses, in order
+    (host floats: the trainer replays them when it reads them back, `Trainer.flush`), ``evaluate`` when
+    ``due``; ``signals`` is the last result.
 
     rays_fn(kf, rows, u, v) -> (origins (N, 3), unit directions (N, 3), ...): world rays through pixel
     centres of keyframes (``trainer.pixel_rays_batched``).

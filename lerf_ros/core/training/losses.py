@@ -81,17 +81,24 @@ def depth_loss(
         that end before (measurement - margin) must be zero. The expected-depth term alone can be
         satisfied by a spread of mass in front of and behind the surface (floaters); this term
         removes mass in front of it, which is what makes depth help geometry early.
-    Returns 0 when no ray has valid depth.
+    Returns 0 when no ray has valid depth. No host sync: invalid rays are masked, not dropped.
     """
     valid = torch.isfinite(depth_target) & (depth_target > 0)
-    if not bool(valid.any()):
-        return depth_pred.new_zeros(())
-    d = depth_target[valid].to(depth_pred)
-    l1 = ((depth_pred[valid] - d).abs() / d).mean()
+    d = torch.where(valid, depth_target, 1.0).to(depth_pred)  # any finite value where unknown
+    l1 = _masked_mean((depth_pred - d).abs() / d, valid)
     margin = torch.clamp(d * margin_frac, min=margin_min_m)
-    in_front = t_edges[valid][:, 1:] < (d - margin)[:, None]
-    empty = (weights[valid] * in_front).sum(dim=-1).mean()
+    in_front = t_edges[:, 1:] < (d - margin)[:, None]
+    empty = _masked_mean((weights * in_front).sum(dim=-1), valid)
     return l1 + empty
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` (R,) over the rows where ``valid`` (R,) bool, 0 when there are none.
+
+    The same value as ``values[valid].mean()`` (bit for bit when all or no rows are valid), without the
+    boolean indexing that makes the host wait for the device (the size of its result) on every step. The
+    rows left out get a zero gradient (callers keep their values finite)."""
+    return torch.where(valid, values, 0.0).sum() / valid.sum().clamp_min(1)
 
 
 def clip_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -104,15 +111,13 @@ def clip_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     loss weights match LERF's tuned ones.
     """
     valid = torch.isfinite(target).all(dim=-1)
-    if not bool(valid.any()):
-        return pred.new_zeros(())
-    per = F.huber_loss(pred[valid], target[valid].to(pred), delta=1.25, reduction="none")
-    return per.sum(dim=-1).mean()
+    target = torch.where(valid[:, None], target, 0.0).to(pred)
+    per = F.huber_loss(pred, target, delta=1.25, reduction="none")
+    return _masked_mean(per.sum(dim=-1), valid)
 
 
 def dino_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over DINO channels, mean over rays with a finite target (as LERF)."""
     valid = torch.isfinite(target).all(dim=-1)
-    if not bool(valid.any()):
-        return pred.new_zeros(())
-    return ((pred[valid] - target[valid].to(pred)) ** 2).sum(dim=-1).mean()
+    target = torch.where(valid[:, None], target, 0.0).to(pred)
+    return _masked_mean(((pred - target) ** 2).sum(dim=-1), valid)

@@ -1,8 +1,9 @@
 """Surviving a failed training step: non-finite losses, running out of GPU memory, and the snapshot
 rolled back to.
 
-`trainer.Trainer` applies nothing of a step whose loss or gradients are not finite and raises
-`NonFiniteStep`; from the second such step in a row on (or at once when the weights themselves are no
+`trainer.Trainer` applies nothing of a step whose loss or gradients are not finite (skipped on the device)
+and raises `NonFiniteStep` when it reads the step's record back (every ``TrainerConfig.log_every`` steps);
+when that report ends in two or more such steps in a row (or at once when the weights themselves are no
 longer finite) it restores the last `Snapshot` of the weights and optimiser state. The engine counts the
 events and gives up only after ``TrainerConfig.max_nonfinite_in_row`` in a row.
 
@@ -67,18 +68,22 @@ def release_cuda_cache(exc: BaseException | None = None) -> None:
 
 
 class NonFiniteStep(RuntimeError):
-    """A training step whose loss or gradients were not finite; nothing of it was applied.
+    """Training steps whose loss or gradients were not finite; nothing of them was applied.
 
-    terms: the loss terms that were not finite ("grad:<group>" for a group with non-finite gradients);
-    in_row: non-finite steps in a row, this one included; restored: the weights and optimiser state were
-    rolled back to the last snapshot (taken at step ``snapshot_step``).
+    step, terms: the last such step's count and the loss terms that were not finite ("grad:<group>" for a
+    group with non-finite gradients); in_row: the longest run of such steps in a row the report saw (runs
+    carried over from the report before included); restored: the weights and optimiser state were rolled
+    back to the last snapshot (taken at step ``snapshot_step``); count: such steps in the report (1 with
+    ``log_every = 1``).
     """
 
-    def __init__(self, step: int, terms: tuple[str, ...], in_row: int, restored: bool, snapshot_step: int):
+    def __init__(self, step: int, terms: tuple[str, ...], in_row: int, restored: bool, snapshot_step: int,
+                 count: int = 1):
         where = f"; rolled back to the snapshot of step {snapshot_step}" if restored else "; skipped"
+        more = f" ({count} non-finite steps in this report)" if count > 1 else ""
         super().__init__(f"non-finite loss at step {step} ({', '.join(terms) or '?'}){where}, "
-                         f"{in_row} in a row")
-        self.step, self.terms, self.in_row, self.restored = step, terms, in_row, restored
+                         f"{in_row} in a row{more}")
+        self.step, self.terms, self.in_row, self.restored, self.count = step, terms, in_row, restored, count
 
 
 class Snapshot:

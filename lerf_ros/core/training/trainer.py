@@ -10,10 +10,16 @@ the model's ``compute_losses`` takes.
 Held-out pixels (`holdout.py`, ~5 % of every keyframe) are never drawn for training; the trainer's
 `ConvergenceMonitor` (``convergence``) judges on them, when asked (``evaluate``), whether the map is usable.
 
-A step whose loss or gradients are not finite applies nothing and raises `NonFiniteStep`; from the
-second such step in a row on, the weights and optimiser state go back to the last snapshot (taken every
-``snapshot_every`` clean steps), so training goes on from a good state. The caller decides when
-``in_row`` failures mean the run has failed (`TrainerConfig.max_nonfinite_in_row`).
+A step never waits for the device: its losses and the finiteness of its loss and gradients stay there as
+one small record, and every ``log_every`` steps (or when the caller asks: `Trainer.flush`) the records
+come back to the host together (one sync) and are replayed in order: the reported losses, the convergence
+monitor's language-loss EMA, the non-finite count. A step whose loss or gradients are not finite applies
+nothing: the fused optimisers skip it on the device (``found_inf``, as for fp16 loss scaling), and the
+report raises `NonFiniteStep`; when the steps reported end in two or more such steps in a row (or the
+weights themselves are no longer finite) the weights and optimiser state go back to the last snapshot
+(taken every ``snapshot_every`` clean steps, at a report), so training goes on from a good state. The
+caller decides when ``in_row`` failures mean the run has failed (`TrainerConfig.max_nonfinite_in_row`).
+With ``log_every = 1`` this is exactly the per-step check.
 
 A step that runs out of GPU memory (``torch.cuda.OutOfMemoryError``) applies nothing either and raises
 `OutOfMemoryStep` once its tensors are freed and CUDA's cache is released (`recovery.py`); the caller picks
@@ -92,6 +98,12 @@ class TrainerConfig:
                           non-finite steps is rolled back to); 0 = never (bad steps are only skipped).
     max_nonfinite_in_row: this many non-finite steps in a row (each skipped, rolled back) and the engine
                           gives up with an error.
+    log_every:            the step losses and the non-finite check reach the host every this many steps
+                          (`Trainer.flush`); in between no step waits for the device. 1 = every step:
+                          exact per-step reports, and free on the CPU, where nothing runs ahead of the
+                          host. Steps found non-finite at a report were skipped on the device; the steps
+                          after them used a learning rate one step further on than their count. RAdam
+                          (not fused) cannot skip on the device: with it every step checks on the host.
     convergence:          when the map counts as usable (`ConvergenceConfig`).
     language:             the language field's own optimiser and schedule (`GroupSchedule`, LERF's);
                           None = Adam with the settings above, like the other groups.
@@ -113,6 +125,7 @@ class TrainerConfig:
     clip_loss_start_step: int = 0
     snapshot_every: int = 200
     max_nonfinite_in_row: int = 20
+    log_every: int = 1
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     language: GroupSchedule | None = field(default_factory=GroupSchedule)
     salience: SalienceConfig = field(default_factory=SalienceConfig)
@@ -139,6 +152,8 @@ class TrainerConfig:
         if self.snapshot_every < 0 or self.max_nonfinite_in_row < 1:
             raise ValueError(f"need snapshot_every >= 0 and max_nonfinite_in_row >= 1, got "
                              f"{self.snapshot_every}, {self.max_nonfinite_in_row}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         self.convergence.validate()
         self.salience.validate()
         if self.language is not None:
@@ -265,7 +280,8 @@ def sample_ray_batch(kf: KeyframeTensors, n_rays: int, generator: torch.Generato
     unit, rgb (N, 3) float in [0, 1], depth (N,) ray distance in metres (NaN unknown), kf_ids (N,), uv (N, 2)
     pixel coordinates, and, with ``targets``: when ``pyramid`` is given, clip (N, clip_dim) targets at a
     random tile size per ray with clip_scale_factor (N,) = tile_frac * H / fy (the CLIP scale in metres per
-    metre of depth); when ``dense`` is given, dino (N, dino_dim).
+    metre of depth); when ``dense`` is given, dino (N, dino_dim). Every keyframe of ``kf`` must have its
+    targets there (not checked: the check would make the host wait for the device).
     """
     rows, ui, vi = _draw_pixels(kf, n_rays, generator, salience)
     u, v = ui.to(torch.float32), vi.to(torch.float32)
@@ -282,11 +298,11 @@ def sample_ray_batch(kf: KeyframeTensors, n_rays: int, generator: torch.Generato
     if pyramid is not None and targets:
         ids = batch["kf_ids"]
         tile_frac = pyramid.random_tile_frac(n_rays, generator=generator).to(rows.device)
-        batch["clip"] = pyramid.sample(ids, batch["uv"], tile_frac).to(torch.float32)
+        batch["clip"] = pyramid.sample(ids, batch["uv"], tile_frac, check_ids=False).to(torch.float32)
         fy, h = kf.intrinsics[rows, 1], kf.sizes[rows, 1].to(torch.float32)
         batch["clip_scale_factor"] = tile_frac * h / fy
     if dense is not None and targets:
-        batch["dino"] = dense.sample(batch["kf_ids"], batch["uv"]).to(torch.float32)
+        batch["dino"] = dense.sample(batch["kf_ids"], batch["uv"], check_ids=False).to(torch.float32)
     return batch
 
 
@@ -327,13 +343,20 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if config.amp_dtype == "bf16" else torch.float16
         # Loss scaling only matters for fp16 (bf16 has fp32's exponent range).
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
-        self.nonfinite_steps = 0  # all non-finite steps so far (skipped)
+        self.nonfinite_steps = 0  # all non-finite steps so far (skipped), as of the last report
         self.nonfinite_in_row = 0
         self.restores = 0  # roll-backs to the snapshot
         self._snapshot = Snapshot(self.optimizers) if config.snapshot_every else None
         self._last_bad_step = -1
         self._updating = False  # inside the optimiser update: a failure there has applied part of the step
         self.convergence = ConvergenceMonitor(config.convergence, pixel_rays_batched)
+        # Fused Adam takes ``found_inf`` and skips the whole update on the device where it is 1.
+        self._skip_on_device = all(getattr(o, "_step_supports_amp_scaling", False)
+                                   for o in self.optimizers.values())
+        self._pending: list[tuple[tuple[str, ...], torch.Tensor]] = []  # (names, record) per unreported step
+        self._reported_step = 0  # step_count as of the last report (every step before it known good)
+        self._unreported: NonFiniteStep | None = None  # found by a report that could not raise it
+        self.last_losses: dict[str, float] = {}  # the latest good step's losses as of the last report
 
     @property
     def language_active(self) -> bool:
@@ -352,11 +375,12 @@ class Trainer:
                 g["lr"] = lr
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One forward / backward / update on ``batch`` (see `sample_ray_batch`); returns float losses.
+        """One forward / backward / update on ``batch`` (see `sample_ray_batch`).
 
-        A non-finite loss or gradient applies nothing and raises `NonFiniteStep`; running out of GPU memory
-        applies nothing and raises `OutOfMemoryStep` (module docstring).
-        One host sync per step: the loss values and the finiteness check come back together.
+        Returns the float losses of the latest good step when this step completed a report (every
+        ``log_every`` steps: `flush`), else {}; no host sync otherwise. A non-finite loss or gradient
+        applies nothing and is raised as `NonFiniteStep` by the report that finds it; running out of GPU
+        memory applies nothing and raises `OutOfMemoryStep` (module docstring).
         """
         if self._snapshot is not None and self._snapshot.step < 0:
             self._snapshot.take(self.step_count)  # the initial weights: always something to go back to
@@ -386,15 +410,18 @@ class Trainer:
         # With fp16 loss scaling an overflowing gradient is routine: the scaler skips that update and
         # lowers the scale itself. Otherwise a non-finite gradient means the model is in trouble.
         grad_sums = {} if self.scaler.is_enabled() else self._grad_sums()
-        names = list(losses)
-        values = torch.stack([v.detach().float() for v in (*losses.values(), total, *grad_sums.values())])
-        host = values.tolist()  # the one sync
-        out = dict(zip([*names, "total"], host, strict=False))
-        bad = [k for k, x in zip(names, host, strict=False) if not math.isfinite(x)]
-        grad_host = host[len(names) + 1:]
-        bad += [f"grad:{g}" for g, x in zip(grad_sums, grad_host, strict=True) if not math.isfinite(x)]
-        if bad or not math.isfinite(out["total"]):
-            self._reject(tuple(bad))
+        names = (*losses, "total", *(f"grad:{g}" for g in grad_sums))
+        record = torch.stack([v.detach().float() for v in (*losses.values(), total, *grad_sums.values())])
+        skip = None  # found_inf for the fused optimisers: 1 = apply nothing of this step
+        # With fp16 loss scaling the scaler's own check of the gradients decides (it sets found_inf itself);
+        # a non-finite loss is still counted at the report.
+        if not self.scaler.is_enabled():
+            bad = ~torch.isfinite(record).all()
+            if self._skip_on_device:
+                skip = bad.float()
+            elif bool(bad):  # an optimiser that cannot skip on the device: this check waits for it
+                self._record(names, record)
+                self.flush()  # raises NonFiniteStep
         if self.config.max_grad_norm is not None:
             for opt in self.optimizers.values():
                 self.scaler.unscale_(opt)
@@ -404,21 +431,78 @@ class Trainer:
         # (Adam allocates its moments on a group's first step), and then the snapshot undoes it.
         self._updating = True
         for opt in self.optimizers.values():
-            self.scaler.step(opt)
+            if skip is not None:
+                opt.found_inf, opt.grad_scale = skip, None
+            try:
+                self.scaler.step(opt)
+            finally:
+                if skip is not None:
+                    del opt.found_inf, opt.grad_scale
         self.scaler.update()
         self._updating = False
+        self._record(names, record)
+        return self.flush() if len(self._pending) >= self.config.log_every else {}
+
+    def _record(self, names: tuple[str, ...], record: torch.Tensor) -> None:
+        """Keep a step's record (on the device) for the next report; the step counts until then."""
+        self._pending.append((names, record))
         self.step_count += 1
-        self.nonfinite_in_row = 0
-        self.convergence.observe_losses(out)
-        snap = self._snapshot
-        if (snap is not None and self.step_count % self.config.snapshot_every == 0
-                and self.step_count - self._last_bad_step >= self.config.snapshot_every):
-            snap.take(self.step_count)  # only after a clean stretch, never in the middle of trouble
-        return out
+
+    def flush(self) -> dict[str, float]:
+        """Report the steps since the last report: their records come to the host in one sync and are
+        replayed in order (losses, the convergence monitor, the non-finite count, the step count corrected
+        for skipped steps; a snapshot after a clean stretch). Returns the latest good step's losses ({} before
+        any). Raises `NonFiniteStep` when some were not finite (rolled back to the snapshot
+        when the report ends with two or more in a row, or the weights are not finite)."""
+        err, self._unreported = self._report() or self._unreported, None
+        if err is not None:
+            raise err
+        return dict(self.last_losses)
+
+    def _report(self) -> NonFiniteStep | None:
+        if not self._pending:
+            return None
+        pending, self._pending = self._pending, []
+        host = torch.cat([r for _, r in pending]).tolist()  # the one sync
+        step, start, at, bad_steps, worst, last = self._reported_step, self._reported_step, 0, 0, 0, None
+        for names, _ in pending:
+            values = dict(zip(names, host[at:at + len(names)], strict=True))
+            at += len(names)
+            bad = tuple(k for k, x in values.items() if k != "total" and not math.isfinite(x))
+            if bad or not math.isfinite(values["total"]):
+                bad_steps += 1
+                self.nonfinite_steps += 1
+                self.nonfinite_in_row += 1
+                worst = max(worst, self.nonfinite_in_row)
+                self._last_bad_step, last = step, (step, bad or ("total",))
+                continue
+            step += 1
+            self.nonfinite_in_row = 0
+            self.last_losses = {k: x for k, x in values.items() if not k.startswith("grad:")}
+            self.convergence.observe_losses(self.last_losses)
+        self.step_count = self._reported_step = step
+        snap, every = self._snapshot, self.config.snapshot_every
+        if (snap is not None and not self.nonfinite_in_row and step // every > start // every
+                and step - self._last_bad_step >= every):
+            snap.take(step)  # only after a clean stretch, never in the middle of trouble
+        if not bad_steps:
+            return None
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        params_bad = not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
+        restored = False
+        if snap is not None and (self.nonfinite_in_row >= 2 or params_bad):
+            snap.restore()
+            self.restores += 1
+            restored = True
+        return NonFiniteStep(last[0], last[1], worst, restored, snap.step if snap is not None else -1,
+                             count=bad_steps)
 
     def evaluate(self, kf: KeyframeTensors, key=None) -> ConvergenceSignals:
         """Judge convergence now on the held-out pixels of ``kf`` (``ConvergenceMonitor.evaluate``; key:
-        identity of the keyframe set, a change restarts the history)."""
+        identity of the keyframe set, a change restarts the history). Reports first (`flush`: the language
+        loss must include every step), so it may raise `NonFiniteStep`."""
+        self.flush()
         return self.convergence.evaluate(self.model, kf, self.step_count, key)
 
     def _grad_sums(self) -> dict[str, torch.Tensor]:
@@ -453,23 +537,10 @@ class Trainer:
                                partial=partial and not restored,
                                snapshot_step=snap.step if snap is not None else -1)
 
-    def _reject(self, terms: tuple[str, ...]) -> None:
-        """Apply nothing of this step, roll back from the second in a row on, raise `NonFiniteStep`."""
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        self.nonfinite_steps += 1
-        self.nonfinite_in_row += 1
-        self._last_bad_step = self.step_count
-        params_bad = any(not bool(torch.isfinite(p).all()) for p in self.model.parameters())
-        restored = False
-        if self._snapshot is not None and (self.nonfinite_in_row >= 2 or params_bad):
-            self._snapshot.restore()
-            self.restores += 1
-            restored = True
-        raise NonFiniteStep(self.step_count, terms or ("total",), self.nonfinite_in_row, restored,
-                            self._snapshot.step if self._snapshot is not None else -1)
-
     def state_dict(self) -> dict:
+        # Unreported steps first (their losses feed the convergence state); a non-finite one found here is
+        # raised by the next `flush`.
+        self._unreported = self._report() or self._unreported
         return {
             "step_count": self.step_count,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
@@ -487,6 +558,7 @@ class Trainer:
         # trained on the CPU could not be resumed on a GPU with fp16. Keep the fresh scale instead.
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.step_count = int(state["step_count"])
+        self.step_count = self._reported_step = int(state["step_count"])
+        self._pending, self._unreported = [], None  # steps of the replaced state
         if "convergence" in state:  # maps saved before convergence was judged have none
             self.convergence.load_state_dict(state["convergence"])

@@ -345,3 +345,74 @@ def test_crops_cut_from_a_full_resolution_source_match_the_same_crops_of_the_ima
     assert plain.cache_key(ramp_image()) != full.cache_key(ramp_image(), source)
     with pytest.raises(ValueError, match="aspect"):
         full.compute(ramp_image(), source=torch.zeros(3, H * 2, W * 3))
+
+
+# ---- training-batch sampling: no host sync, several image sizes ------------------------------------
+
+
+def test_training_samples_of_several_sizes_need_no_host_sync(pyr):
+    """``check_ids=False`` (a training batch): no read-back at all, even with keyframes of two image sizes
+    (two store layouts: every row is interpolated in each, its own kept), and the same values."""
+    from lerf_test_doubles.host_sync import HostSyncCounter
+
+    from lerf_ros.core.language.dense_features import DenseFeatureCache
+
+    small = F.interpolate(ramp_image()[None], size=(20, 40), mode="bilinear", align_corners=False)[0]
+    pyr.add(9, small)
+    dense = DenseFeatureCache(load_encoder("lerf_ros.core.encoders.demo:colour_dense_encoder", dense=True),
+                              "cpu", dtype="float32")
+    dense.add(3, ramp_image())
+    dense.add(9, small)
+    g = torch.Generator().manual_seed(0)
+    kf = torch.tensor([3, 9])[torch.randint(0, 2, (50,), generator=g)]
+    uv = torch.rand(50, 2, generator=g) * torch.tensor([39.0, 19.0])
+    frac = 0.25 + 0.25 * torch.rand(50, generator=g)
+    with HostSyncCounter() as syncs:
+        emb = pyr.sample(kf, uv, frac, check_ids=False)
+        feats = dense.sample(kf, uv, check_ids=False)
+    assert syncs.count == 0, syncs.sites
+    with HostSyncCounter() as checked:
+        torch.testing.assert_close(pyr.sample(kf, uv, frac), emb, rtol=0, atol=0)
+    assert checked.count > 0  # the id check reads back: the counter sees it
+    for i in (0, 1, 17, 49):  # each row as its own keyframe alone gives it
+        one = pyr.sample(kf[i:i + 1], uv[i:i + 1], frac[i:i + 1])
+        torch.testing.assert_close(emb[i:i + 1], one, rtol=0, atol=1e-7)
+        torch.testing.assert_close(feats[i:i + 1], dense.sample(kf[i:i + 1], uv[i:i + 1]), rtol=0, atol=1e-7)
+
+
+# ---- crop batches: fp16 channels-last on CUDA, fp32 on the CPU --------------------------------------
+
+
+class SpyEncoder(PositionEncoder):
+    """Records the dtype and layout of every crop batch it is handed."""
+
+    def __init__(self):
+        super().__init__("spy-encoder")
+        self.seen = []
+
+    def encode_images(self, images):
+        self.seen.append((images.dtype, images.is_contiguous(memory_format=torch.channels_last),
+                          images.shape[0]))
+        return super().encode_images(images.float())
+
+
+def test_crop_batch_format_by_device():
+    from lerf_ros.core.language.pyramid import crop_batch_format, encoder_batch
+
+    assert crop_batch_format(torch.device("cuda")) == (torch.float16, torch.channels_last)
+    assert crop_batch_format(torch.device("cpu")) == (torch.float32, torch.preserve_format)
+    crops = torch.rand(5, 3, 10, 10, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
+    gpu = encoder_batch(crops, torch.device("cuda"))  # the conversion itself runs anywhere
+    assert gpu.dtype == torch.float16 and gpu.is_contiguous(memory_format=torch.channels_last)
+    assert not gpu.is_contiguous() and gpu.shape == crops.shape
+    torch.testing.assert_close(gpu.float(), crops.clamp(0, 1), rtol=0, atol=1e-3)
+    cpu = encoder_batch(crops, torch.device("cpu"))
+    assert cpu.dtype == torch.float32 and torch.equal(cpu, crops.clamp(0, 1))
+    # On the CPU the pyramid hands fp32 batches of batch_size crops; batched equals one crop at a time.
+    spy = SpyEncoder()
+    p = ClipPyramid(spy, CFG, "cpu")
+    _, grid = p.compute(ramp_image())
+    assert {(dt, cl) for dt, cl, _ in spy.seen} == {(torch.float32, False)}
+    assert max(n for *_, n in spy.seen) == CFG.batch_size
+    one = ClipPyramid(PositionEncoder(), PyramidConfig(**{**CFG.__dict__, "batch_size": 1}), "cpu")
+    torch.testing.assert_close(one.compute(ramp_image())[1], grid, rtol=0, atol=1e-6)

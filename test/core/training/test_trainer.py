@@ -79,12 +79,12 @@ class _FakePyramid:
     def random_tile_frac(self, n, generator=None):
         return torch.rand(n, generator=generator) * 0.4 + 0.1
 
-    def sample(self, kf_ids, uv, tile_frac):
+    def sample(self, kf_ids, uv, tile_frac, check_ids=True):
         return torch.stack([kf_ids.float(), uv[:, 0], uv[:, 1], tile_frac], dim=1)
 
 
 class _FakeDense:
-    def sample(self, kf_ids, uv):
+    def sample(self, kf_ids, uv, check_ids=True):
         return torch.stack([kf_ids.float(), uv[:, 0] + uv[:, 1]], dim=1)
 
 
@@ -359,3 +359,90 @@ def test_halved_rays_and_floor():
     assert TrainerConfig(rays_per_step=32).rays_floor == 32  # never above the configured size
     with pytest.raises(ValueError, match="min_rays_per_step"):
         TrainerConfig(min_rays_per_step=0).validate()
+
+
+def _nan_batch():
+    bad = _toy_batch()
+    bad["rgb"][0, 0] = float("nan")
+    return bad
+
+
+def test_deferred_report_skips_a_bad_step_on_the_device():
+    """log_every = 4: the steps between reports return {} and never read back; a non-finite step is skipped
+    on the device (fused Adam's found_inf) and counted, raised and taken out of the step count at the
+    report."""
+    model = _ToyModel()
+    tr = Trainer(model, TrainerConfig(lr=0.1, log_every=4), "cpu")
+    assert tr.step(_toy_batch()) == {}
+    before = _state(tr, model)
+    assert tr.step(_nan_batch()) == {}  # nothing known on the host yet
+    assert _same_state(tr, model, before)  # nothing applied: weights, Adam moments and Adam's step count
+    assert tr.step(_toy_batch()) == {} and tr.nonfinite_steps == 0
+    with pytest.raises(NonFiniteStep, match=r"at step 1 \(rgb, grad:radiance\); skipped, 1 in a row") as info:
+        tr.step(_toy_batch())
+    assert (info.value.count, info.value.in_row, info.value.restored) == (1, 1, False)
+    assert (tr.step_count, tr.nonfinite_steps, tr.nonfinite_in_row) == (3, 1, 0)
+    assert all(float(st["step"]) == 3 for o in tr.optimizers.values() for st in o.state.values())
+    for _ in range(3):
+        assert tr.step(_toy_batch()) == {}
+    out = tr.step(_toy_batch())
+    assert set(out) == {"rgb", "clip", "total"} and math.isfinite(out["total"]) and tr.step_count == 7
+
+
+def test_deferred_reports_train_exactly_as_reports_every_step():
+    models = [_ToyModel(), _ToyModel()]
+    trainers = [Trainer(m, TrainerConfig(lr=0.1, snapshot_every=2, log_every=n), "cpu")
+                for m, n in zip(models, (1, 3), strict=True)]
+    reported = [[], []]
+    for i in range(9):
+        batch = _toy_batch()
+        batch["rgb"] = batch["rgb"] - 0.05 * i
+        for k, tr in enumerate(trainers):
+            out = tr.step(batch)
+            if out:
+                reported[k].append(out)
+    assert len(reported[0]) == 9 and len(reported[1]) == 3
+    assert reported[1] == reported[0][2::3]  # the same floats, every third step
+    assert all(torch.equal(p, q) for p, q in zip(*(m.parameters() for m in models), strict=True))
+    # the same rule, applied at reports: the first report at or after each multiple of snapshot_every
+    assert (trainers[0]._snapshot.step, trainers[1]._snapshot.step) == (8, 9)
+    assert trainers[0].convergence._lang_ema == trainers[1].convergence._lang_ema
+
+
+def test_a_report_ending_in_bad_steps_rolls_back_and_one_ending_well_does_not():
+    model = _ToyModel()
+    tr = Trainer(model, TrainerConfig(lr=0.1, snapshot_every=2, log_every=4), "cpu")
+    for _ in range(4):
+        tr.step(_toy_batch())
+    assert tr._snapshot.step == 4  # a clean report across a multiple of snapshot_every
+    at_snapshot = _state(tr, model)
+    tr.step(_toy_batch())
+    tr.step(_toy_batch())
+    tr.step(_nan_batch())
+    with pytest.raises(NonFiniteStep, match="rolled back to the snapshot of step 4") as info:
+        tr.step(_nan_batch())
+    assert (info.value.count, info.value.in_row, info.value.restored, info.value.step) == (2, 2, True, 6)
+    assert _same_state(tr, model, at_snapshot)
+    assert (tr.step_count, tr.restores, tr.nonfinite_in_row) == (6, 1, 2)
+    # Bad steps followed by good ones in the same report: counted, not rolled back (the state recovered).
+    tr.step(_nan_batch())
+    for _ in range(2):
+        tr.step(_toy_batch())
+    with pytest.raises(NonFiniteStep, match="; skipped, 3 in a row") as info:
+        tr.step(_toy_batch())
+    assert (info.value.count, info.value.in_row, info.value.restored) == (1, 3, False)
+    assert (tr.step_count, tr.nonfinite_steps, tr.nonfinite_in_row, tr.restores) == (9, 3, 0, 1)
+    assert tr._snapshot.step == 9  # the report's clean stretch since its bad step reached snapshot_every
+
+
+def test_an_optimiser_that_cannot_skip_on_the_device_checks_every_step():
+    """RAdam is not fused (no found_inf): its steps check on the host before updating, as before."""
+    from lerf_ros.core.training.trainer import GroupSchedule
+
+    model = _ToyModel()
+    tr = Trainer(model, TrainerConfig(lr=0.1, log_every=4, language=GroupSchedule("radam")), "cpu")
+    assert tr.step(_toy_batch()) == {}
+    before = _state(tr, model)
+    with pytest.raises(NonFiniteStep) as info:
+        tr.step(_nan_batch())
+    assert info.value.count == 1 and _same_state(tr, model, before) and tr.step_count == 1
