@@ -4,14 +4,17 @@
         params_file:=/robot/config/lerf.yaml log_level:=info device:=cuda \
         clip_checkpoint:=/models/open_clip_pytorch_model.bin \
         dino_checkpoint:=/models/dino_deitsmall16_pretrain.pth
+    # a head and a wrist camera into one map (each NS/color/image_raw, NS/color/camera_info, optional depth):
+    ros2 launch lerf_ros lerf.launch.py cameras:="[head_camera, wrist_camera]"
 
 Arguments (``ros2 launch lerf_ros lerf.launch.py --show-args``): ``namespace`` (pushes both nodes and
 their relative topics and services; TF stays on /tf and /tf_static), ``use_sim_time`` (true: stamps and
 timers follow /clock), ``params_file`` (default: the package's config/lerf.yaml, whose `default` preset
 needs OpenCLIP and DINO weights), ``log_level``, and the node parameters in
-``lerf_ros.compat.launcher.LAUNCH_ARGUMENTS`` (not given: the params file's value stays), ``autostart``
-among them: ``autostart:=false`` leaves both (lifecycle) nodes unconfigured for a lifecycle manager
-(nav2's ``lifecycle_manager`` with ``node_names: [lerf_trainer, lerf_query]``).
+``lerf_ros.compat.launcher.LAUNCH_ARGUMENTS`` (not given: the params file's value stays; ``cameras`` as a YAML
+list or comma-separated names), ``autostart`` among them: ``autostart:=false`` leaves both (lifecycle)
+nodes unconfigured for a lifecycle manager (nav2's ``lifecycle_manager`` with
+``node_names: [lerf_trainer, lerf_query]``).
 
 Every argument is checked before the node starts (``lerf_ros.compat.launcher.plan_launch``): an unknown
 argument, ``use_sim_time`` that is not true / false, an unknown ``log_level``, a ``params_file`` that

@@ -25,6 +25,7 @@ and comes last. The ROS-free functions here are tested alone; the launch file us
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 import sys
@@ -37,11 +38,13 @@ import yaml
 
 #: Launch arguments that set the node parameter of the same name (string parameters passed as given;
 #: those in ``BOOL_ARGUMENTS`` as true / false).
-LAUNCH_ARGUMENTS = ("image_topic", "camera_info_topic", "depth_topic", "world_frame", "preset", "device",
-                    "clip_encoder", "dino_encoder", "clip_checkpoint", "dino_checkpoint",
+LAUNCH_ARGUMENTS = ("image_topic", "camera_info_topic", "depth_topic", "cameras", "world_frame", "preset",
+                    "device", "clip_encoder", "dino_encoder", "clip_checkpoint", "dino_checkpoint",
                     "map_path", "autostart")
 #: Boolean parameter arguments: "true" / "false" (any case), anything else is refused.
 BOOL_ARGUMENTS = ("autostart",)
+#: List-of-names parameter arguments: a YAML list ("[head_camera, wrist_camera]") or comma-separated names.
+LIST_ARGUMENTS = ("cameras",)
 #: nav2-style launch arguments that are not node parameters of ours.
 LAUNCH_OPTIONS = ("namespace", "use_sim_time", "params_file", "log_level")
 ALL_LAUNCH_ARGUMENTS = LAUNCH_OPTIONS + LAUNCH_ARGUMENTS
@@ -95,6 +98,10 @@ def describe(name: str) -> str:
                         "overrides the params file's use_sim_time",
         "params_file": "ros2 params YAML for both nodes (default: the package's config/lerf.yaml)",
         "log_level": f"rcl log level, one of {', '.join(LOG_LEVELS)}",
+        "cameras": "camera namespaces of the trainer, e.g. [head_camera, wrist_camera] or "
+                   "head_camera,wrist_camera: NS/color/image_raw, NS/color/camera_info and (optional) "
+                   "NS/aligned_depth_to_color/image_raw each, into one map (not given: the value in "
+                   "params_file; unset there: the one camera of image_topic / camera_info_topic)",
         "autostart": "true: both nodes configure and activate themselves; false: they stay unconfigured "
                      "until a lifecycle manager (nav2 lifecycle_manager) brings them up (not given: the "
                      "value in params_file, true by default)",
@@ -139,6 +146,22 @@ def _namespace(value: str) -> str:
     return "/" + value.strip("/")
 
 
+def _names(name: str, value: str) -> list[str]:
+    """A list launch argument: "[a, b]" (YAML) or "a,b" -> ["a", "b"]; the names are checked with the node
+    parameter (``params.resolve``)."""
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise LaunchArgumentError(name, value, f"not a YAML list: {exc}") from exc
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise LaunchArgumentError(name, value,
+                                      "expected a list of names, e.g. [head_camera, wrist_camera]")
+        return items
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def _params_file(value: str) -> str:
     if not value:
         raise LaunchArgumentError("params_file", value, "not given, and no config/lerf.yaml to default to")
@@ -178,6 +201,9 @@ def plan_launch(values: Mapping[str, str], roles: Sequence[str], sets: Mapping[s
             if parameters[name].strip().lower() not in _BOOLS:
                 raise LaunchArgumentError(name, parameters[name], "expected true or false")
             parameters[name] = _BOOLS[parameters[name].strip().lower()]
+    for name in LIST_ARGUMENTS:
+        if name in parameters:
+            parameters[name] = _names(name, parameters[name])
     parameters["use_sim_time"] = _BOOLS[sim.strip().lower()]
     parameters.update(sets or {})
     validate(params_file, parameters, roles, namespace)
@@ -310,7 +336,9 @@ def overrides_yaml(values: Sequence[str] | Mapping[str, Any], namespace: str = "
     keys = ["/**"]
     for node in (TRAINER_NODE_NAME, QUERY_NODE_NAME):
         keys += [f"/**/{node}", f"{prefix}/{node}"]
-    return yaml.safe_dump({key: {"ros__parameters": dict(values)} for key in keys}, sort_keys=False)
+    # A copy per key: a list shared between keys would be dumped as a YAML alias (&id001 / *id001), which
+    # rcl's params parser does not read.
+    return yaml.safe_dump({key: {"ros__parameters": copy.deepcopy(values)} for key in keys}, sort_keys=False)
 
 
 def ros_args(params_file: str, overrides_file: str | None = None, namespace: str = "",

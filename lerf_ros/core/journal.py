@@ -45,7 +45,6 @@ import re
 import threading
 import time
 import weakref
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +53,7 @@ import torch
 
 from . import checkpoint
 from .frames.frame import Frame
-from .frames.keyframes import KeyframeStore
+from .frames.keyframes import KeyframeStore, pad_keyframe_arrays
 from .language.dense_features import DenseFeatureCache
 from .language.pyramid import ClipPyramid
 
@@ -165,6 +164,7 @@ def entry_arrays(kf_id: int, frame: Frame) -> dict[str, np.ndarray]:
         "intrinsics": np.array([[intr.width, intr.height, intr.fx, intr.fy, intr.cx, intr.cy]], np.float64),
         "has_depth": np.array([frame.depth_m is not None]),
         "next_id": np.array(kf_id + 1, dtype=np.int64),
+        "cameras": np.array([frame.camera], dtype=str),
     }
     if frame.depth_m is not None:
         arrays["depth_m"] = np.asarray(frame.depth_m, dtype=np.float32)[None]
@@ -203,6 +203,7 @@ def _check_model(obj, file: Path) -> dict:
         raise ValueError(f"{file}: invalid scene_box {obj['scene_box']}")
     if not isinstance(obj["trainer"], dict) or int(obj["trainer"].get("step_count", -1)) != int(obj["step"]):
         raise ValueError(f"{file}: trainer state does not match step {obj['step']}")
+    obj["backends"] = checkpoint.check_backends(obj.get("backends"), file)  # None: written before recorded
     return obj
 
 
@@ -360,14 +361,6 @@ class Journal:
                     skipped.append(_short(exc, self.root))
             elif name == MANIFEST:
                 valid[name] = file.stat().st_size
-        # One camera per engine: keyframes of another image size than most are not used.
-        shapes = Counter(a["images"].shape for a in keyframes.values())
-        if len(shapes) > 1:
-            shape = shapes.most_common(1)[0][0]
-            for kf_id in [i for i, a in keyframes.items() if a["images"].shape != shape]:
-                del keyframes[kf_id]
-                valid.pop(kf_name(kf_id))
-                skipped.append(f"{kf_name(kf_id)}: image size differs from the journal's other keyframes")
         clip, dino, good_features = self._check_features(engine, keyframes, features, valid, skipped)
         ids = sorted(keyframes)
         if ckpt is not None:
@@ -381,6 +374,7 @@ class Journal:
             scene_box=None if ckpt is None else np.asarray(ckpt["scene_box"], np.float64),
             model_state={} if ckpt is None else ckpt["model"],
             trainer_state=None if ckpt is None else ckpt["trainer"],
+            backends=None if ckpt is None else ckpt["backends"],
             keyframes=_stack([keyframes[i] for i in ids], next_id),
             features={"hashes": {}, "caches": {"clip": clip, "dino": dino}},
         )
@@ -493,6 +487,7 @@ class Journal:
         return {
             "model": checkpoint.detached_copy(engine.model.state_dict()),
             "trainer": checkpoint.detached_copy(engine.trainer.state_dict()),
+            "backends": checkpoint.module_backends(engine.model),
             "step": int(engine.train_step),
             "scene_box": [[float(v) for v in box.min_xyz], [float(v) for v in box.max_xyz]],
             "box_source": engine.box_source,
@@ -581,16 +576,21 @@ class Journal:
 
 
 def _stack(entries: list[dict], next_id: int) -> dict[str, np.ndarray]:
-    """One-keyframe arrays (``entry_arrays`` layout, same image size) -> the store's arrays of them all."""
+    """One-keyframe arrays (``entry_arrays`` layout) -> the store's arrays of them all (keyframes of other
+    image sizes, from other cameras, padded as ``KeyframeStore.to_arrays`` pads them)."""
     if not entries:
         return {"ids": np.zeros(0, np.int64), "images": np.zeros((0, 1, 1, 3), np.uint8),
                 "T_world_cam": np.zeros((0, 4, 4)), "stamps_ns": np.zeros(0, np.int64),
                 "intrinsics": np.zeros((0, 6)), "depth_m": np.zeros((0, 1, 1), np.float32),
                 "has_depth": np.zeros(0, bool), "next_id": np.array(next_id, dtype=np.int64)}
-    keys = ("ids", "images", "T_world_cam", "stamps_ns", "intrinsics", "depth_m", "has_depth")
+    keys = ("ids", "T_world_cam", "stamps_ns", "intrinsics", "has_depth")
     out = {k: np.concatenate([e[k] for e in entries]) for k in keys}
+    # Entries written before keyframes named their camera have none: the default camera ("").
+    out["cameras"] = np.array([str(e["cameras"][0]) if "cameras" in e else "" for e in entries], dtype=str)
+    out["images"] = [e["images"][0] for e in entries]
+    out["depth_m"] = [e["depth_m"][0] for e in entries]
     out["next_id"] = np.array(next_id, dtype=np.int64)
-    return out
+    return pad_keyframe_arrays(out)
 
 
 def _scratch_caches(engine) -> tuple[ClipPyramid, DenseFeatureCache]:

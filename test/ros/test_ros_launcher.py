@@ -179,8 +179,9 @@ def test_launch_file_declares_the_launchers_arguments_with_their_defaults(monkey
     assert (defaults["namespace"], defaults["log_level"]) == ("", "info")
     for name in launcher.LAUNCH_ARGUMENTS:
         assert defaults[name] == launcher.FROM_PARAMS_FILE, name
-        # Passed as strings; the boolean ones (autostart) checked and converted by plan_launch.
-        want = bool if name in launcher.BOOL_ARGUMENTS else str
+        # Passed as strings; the boolean ones (autostart) and the lists (cameras) checked and converted by
+        # plan_launch.
+        want = bool if name in launcher.BOOL_ARGUMENTS else list if name in launcher.LIST_ARGUMENTS else str
         assert name in params.SPECS and params.SPECS[name].type is want, name
     # Nothing given: the shipped YAML's values reach the nodes; only use_sim_time (false) is overridden.
     assert node["executable"] == "lerf_node" and node["namespace"] == ""
@@ -214,6 +215,15 @@ def test_launch_file_arguments_reach_the_node(monkeypatch, tmp_path):
     assert trainer["use_sim_time"] is True
 
 
+def test_launch_file_cameras_reach_the_node_as_a_list(monkeypatch):
+    for cli in ("cameras:=[head_camera, wrist_camera]", "cameras:=head_camera,wrist_camera"):
+        _, node = _run_launch(monkeypatch, cli)
+        text = pathlib.Path(node["parameters"][1]).read_text()
+        assert "&id" not in text  # no YAML aliases: rcl's params parser does not read them
+        for body in launcher.parse_params_yaml(text).values():
+            assert body["cameras"] == ["head_camera", "wrist_camera"]
+
+
 @pytest.mark.parametrize(
     ("cli", "needle"),
     [(["use_sim_time:=maybe"], "'use_sim_time' = 'maybe': expected true or false"),
@@ -221,8 +231,10 @@ def test_launch_file_arguments_reach_the_node(monkeypatch, tmp_path):
      (["params_file:=/nonexistent/lerf.yaml"], "'params_file' = '/nonexistent/lerf.yaml': no such file"),
      (["log_level:=loud"], "'log_level' = 'loud'"),
      (["namespace:=1robot"], "'namespace' = '1robot'"),
-     (["device:=tpu"], "parameter 'device' = 'tpu'")],
-    ids=["sim-time-not-bool", "unknown", "params-file-missing", "log-level", "namespace", "parameter"])
+     (["device:=tpu"], "parameter 'device' = 'tpu'"),
+     (["cameras:=[head_camera, 2nd_camera]"], "'2nd_camera' is not a ROS namespace")],
+    ids=["sim-time-not-bool", "unknown", "params-file-missing", "log-level", "namespace", "parameter",
+         "camera-namespace"])
 def test_launch_file_refuses_bad_arguments_naming_them(monkeypatch, cli, needle):
     with pytest.raises(ValueError) as info:
         _run_launch(monkeypatch, *cli)

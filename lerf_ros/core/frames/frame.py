@@ -20,6 +20,9 @@ class Frame:
                  (z forward, x right, y down), metres
     stamp_ns:    acquisition time, nanoseconds
     depth_m:     optional (H, W) float32 metric depth along the optical axis; 0 or non-finite = invalid
+    camera:      which camera took it ("" = the only one): keyframe selection judges each camera's motion
+                 against its own last keyframe, and keyframes of several cameras (each its own image size
+                 and intrinsics) train one map
     """
 
     image: np.ndarray
@@ -27,6 +30,7 @@ class Frame:
     T_world_cam: np.ndarray
     stamp_ns: int
     depth_m: np.ndarray | None = None
+    camera: str = ""
 
     def validate(self) -> Frame:
         """Raise ValueError naming the offending value; return self when valid."""
@@ -41,6 +45,8 @@ class Frame:
                 f"image is {w}x{h} but intrinsics are {self.intrinsics.width}x{self.intrinsics.height}"
             )
         validate_rigid(self.T_world_cam, "T_world_cam")
+        if not isinstance(self.camera, str):
+            raise ValueError(f"camera must be a string, got {type(self.camera).__name__}")
         if self.depth_m is not None:
             d = self.depth_m
             if not isinstance(d, np.ndarray) or d.shape != (h, w):

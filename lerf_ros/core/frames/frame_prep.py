@@ -38,4 +38,4 @@ def prepare_frame_with_source(frame: Frame, max_image_side: int) -> tuple[Frame,
                                 mode="nearest")
             depth = d_t[0, 0].numpy()
     return Frame(np.ascontiguousarray(image), intr, np.asarray(frame.T_world_cam, np.float64),
-                 int(frame.stamp_ns), depth), source
+                 int(frame.stamp_ns), depth, frame.camera), source

@@ -5,6 +5,8 @@ the camera moved at least ``min_translation_m`` ("moved"), turned at least ``min
 ("turned"), or ``max_interval_s`` passed ("interval"); the very first frame is "first". Anything
 else is "redundant". A frame that would be accepted is rejected as "blurred" when its sharpness is
 below ``blur_threshold``; the blur test runs only then, so redundant frames cost no image work.
+With several cameras (``Frame.camera``: a head and a wrist camera) each camera is judged against its own
+last keyframe: judged against the other camera's, every frame would have "moved" and been kept.
 
 Blur metric: variance of the 4-neighbour Laplacian [[0, 1, 0], [1, -4, 1], [0, 1, 0]] of the grey
 image (ITU-R 601 luma of RGB scaled to [0, 1]) over interior pixels. It is computed at the image's
@@ -13,7 +15,8 @@ score ~6e-3 sharp and ~2e-4 after a 5 x 5 box blur; ~9e-4 vs ~3e-5 at 640 x 480)
 2e-4 (about 13 in 8-bit units) is permissive: it drops only frames smeared over several pixels.
 Known limitation of this metric: a view of a textureless wall also scores low and is rejected.
 
-Store (``KeyframeStore``): keyframes keyed by ids that are never reused, at most ``max_keyframes``.
+Store (``KeyframeStore``): keyframes keyed by ids that are never reused, at most ``max_keyframes``,
+of any image size and intrinsics (several cameras feed one map).
 When full, it evicts the most redundant keyframe: the one whose pose is closest to another
 keyframe's, with distance = translation (m) + rotation (rad) * min_translation_m /
 radians(min_rotation_deg), so a turn by the rotation threshold weighs as much as a move by the
@@ -107,13 +110,19 @@ class KeyframeSelector:
     def __init__(self, config: KeyframeConfig | None = None):
         self.config = config or KeyframeConfig()
         self._lock = threading.Lock()
-        self._last_T: np.ndarray | None = None  # (4, 4) pose of the last accepted frame
-        self._last_stamp_ns = 0
+        # camera -> ((4, 4) pose, stamp ns) of its last accepted frame
+        self._last: dict[str, tuple[np.ndarray, int]] = {}
+
+    @property
+    def _last_T(self) -> np.ndarray | None:
+        """(4, 4) pose of the last keyframe of the default camera ("") or None."""
+        last = self._last.get("")
+        return None if last is None else last[0]
 
     def reset(self) -> None:
-        """Forget the last keyframe: the next frame is "first"."""
+        """Forget the last keyframes: the next frame of every camera is "first"."""
         with self._lock:
-            self._last_T = None
+            self._last.clear()
 
     def consider(self, frame: Frame) -> Decision:
         """Validate ``frame`` (ValueError), decide, and on acceptance make it the reference keyframe."""
@@ -121,13 +130,15 @@ class KeyframeSelector:
         cfg = self.config
         T = np.asarray(frame.T_world_cam, dtype=np.float64)
         with self._lock:
-            if self._last_T is None:
+            last = self._last.get(frame.camera)
+            if last is None:
                 reason, moved, turned, elapsed = "first", 0.0, 0.0, 0.0
             else:
-                moved = float(np.linalg.norm(T[:3, 3] - self._last_T[:3, 3]))
-                turned = math.degrees(float(_rotation_rad(self._last_T[:3, :3], T[:3, :3])))
+                last_T, last_stamp_ns = last
+                moved = float(np.linalg.norm(T[:3, 3] - last_T[:3, 3]))
+                turned = math.degrees(float(_rotation_rad(last_T[:3, :3], T[:3, :3])))
                 # A stamp older than the last keyframe (out-of-order delivery) counts as no time passed.
-                elapsed = max(0, int(frame.stamp_ns) - self._last_stamp_ns) * 1e-9
+                elapsed = max(0, int(frame.stamp_ns) - last_stamp_ns) * 1e-9
                 if moved >= cfg.min_translation_m:
                     reason = "moved"
                 elif turned >= cfg.min_rotation_deg:
@@ -141,16 +152,15 @@ class KeyframeSelector:
                 blur = blur_metric(frame.image)
                 if blur < cfg.blur_threshold:
                     return Decision(False, "blurred", moved, turned, elapsed, blur)
-            self._last_T = T.copy()
-            self._last_stamp_ns = int(frame.stamp_ns)
+            self._last[frame.camera] = (T.copy(), int(frame.stamp_ns))
             return Decision(True, reason, moved, turned, elapsed, blur)
 
 
 class KeyframeStore:
     """Bounded, thread-safe keyframe storage with stable integer ids (0, 1, 2, ... never reused).
 
-    All keyframes share one image size (the first keyframe's); frames must be undistorted
-    (pinhole, as after ingest), since the saved arrays keep only fx, fy, cx, cy.
+    Keyframes may differ in image size and intrinsics (one map from several cameras); frames must be
+    undistorted (pinhole, as after ingest), since the saved arrays keep only fx, fy, cx, cy.
     """
 
     def __init__(self, config: KeyframeConfig | None = None):
@@ -190,10 +200,6 @@ class KeyframeStore:
                 f"keyframes must be undistorted, got distortion model {frame.intrinsics.distortion_model!r}"
             )
         with self._lock:
-            if self._frames:
-                ref = next(iter(self._frames.values())).image.shape
-                if frame.image.shape != ref:
-                    raise ValueError(f"image shape {frame.image.shape} differs from the store's {ref}")
             depth = None if frame.depth_m is None else np.array(frame.depth_m, dtype=np.float32)
             # Copies: ROS callbacks may reuse their buffers after handing a frame over.
             stored = Frame(
@@ -202,6 +208,7 @@ class KeyframeStore:
                 np.array(frame.T_world_cam, dtype=np.float64),
                 int(frame.stamp_ns),
                 depth,
+                frame.camera,
             )
             kf_id = self._next_id
             self._next_id += 1
@@ -255,27 +262,26 @@ class KeyframeStore:
         """State as arrays (N keyframes, ids order): ids (N,) int64, images (N, H, W, 3) uint8,
         T_world_cam (N, 4, 4) float64, stamps_ns (N,) int64, intrinsics (N, 6) float64
         (width, height, fx, fy, cx, cy), depth_m (N, H, W) float32 (0 where absent), has_depth (N,)
-        bool, next_id () int64."""
+        bool, next_id () int64, cameras (N,) str. Keyframes of different sizes are padded with zeros to
+        the largest (H, W); keyframe i is ``images[i, :height_i, :width_i]`` (`pad_keyframe_arrays`)."""
         with self._lock:
             ids, frames = list(self._frames), list(self._frames.values())
             next_id = self._next_id
-        n, (h, w) = len(frames), frames[0].image.shape[:2] if frames else (0, 0)
-        no_depth = np.zeros((h, w), np.float32)
         intr = [f.intrinsics for f in frames]
-        return {
+        return pad_keyframe_arrays({
             "ids": np.array(ids, dtype=np.int64),
-            "images": np.array([f.image for f in frames], dtype=np.uint8).reshape(n, h, w, 3),
-            "T_world_cam": np.array([f.T_world_cam for f in frames], dtype=np.float64).reshape(n, 4, 4),
+            "images": [f.image for f in frames],
+            "T_world_cam": np.array([f.T_world_cam for f in frames], dtype=np.float64).reshape(-1, 4, 4),
             "stamps_ns": np.array([f.stamp_ns for f in frames], dtype=np.int64),
             "intrinsics": np.array(
                 [[i.width, i.height, i.fx, i.fy, i.cx, i.cy] for i in intr], dtype=np.float64
-            ).reshape(n, 6),
-            "depth_m": np.array(
-                [no_depth if f.depth_m is None else f.depth_m for f in frames], dtype=np.float32
-            ).reshape(n, h, w),
+            ).reshape(-1, 6),
+            "depth_m": [np.zeros(f.image.shape[:2], np.float32) if f.depth_m is None else f.depth_m
+                        for f in frames],
             "has_depth": np.array([f.depth_m is not None for f in frames], dtype=bool),
             "next_id": np.array(next_id, dtype=np.int64),
-        }
+            "cameras": np.array([f.camera for f in frames], dtype=str),
+        })
 
     @classmethod
     def from_arrays(cls, config: KeyframeConfig, arrays) -> KeyframeStore:
@@ -305,13 +311,21 @@ class KeyframeStore:
             raise ValueError(
                 f"saved store holds {n} keyframes, more than max_keyframes={config.max_keyframes}"
             )
+        cameras = np.asarray(arrays["cameras"]) if "cameras" in arrays else np.full(n, "")
+        if cameras.shape != (n,) or cameras.dtype.kind not in "US":
+            raise ValueError(f"keyframe array 'cameras' must be ({n},) strings, got {cameras.dtype} "
+                             f"{cameras.shape}")
         store = cls(config)
         for i in range(n):
             wi, hi, fx, fy, cx, cy = a["intrinsics"][i].tolist()
             intr = CameraIntrinsics(int(wi), int(hi), fx, fy, cx, cy)
-            depth = a["depth_m"][i].astype(np.float32) if bool(a["has_depth"][i]) else None
-            frame = Frame(images[i].copy(), intr, a["T_world_cam"][i].astype(np.float64),
-                          int(a["stamps_ns"][i]), depth)  # fmt: skip
+            # A keyframe smaller than the largest was padded (`pad_keyframe_arrays`): its own size is the
+            # intrinsics'; one claiming more than the arrays hold is left to ``validate`` to refuse.
+            rows, cols = (slice(0, int(hi)), slice(0, int(wi))) if 0 < wi <= w and 0 < hi <= h \
+                else (slice(None), slice(None))
+            depth = a["depth_m"][i, rows, cols].astype(np.float32) if bool(a["has_depth"][i]) else None
+            frame = Frame(images[i, rows, cols].copy(), intr, a["T_world_cam"][i].astype(np.float64),
+                          int(a["stamps_ns"][i]), depth, str(cameras[i]))  # fmt: skip
             try:
                 frame.validate()
             except ValueError as exc:
@@ -322,3 +336,21 @@ class KeyframeStore:
 
 
 _ARRAY_KEYS = ("ids", "images", "T_world_cam", "stamps_ns", "intrinsics", "depth_m", "has_depth", "next_id")
+
+
+def pad_keyframe_arrays(arrays: dict) -> dict[str, np.ndarray]:
+    """``arrays`` with "images" and "depth_m" given as lists of per-keyframe (h_i, w_i, 3) uint8 and
+    (h_i, w_i) float32 arrays (or already stacked) stacked into (N, H, W, 3) / (N, H, W), zero-padded at the
+    bottom and right to the largest H and W. Same-size keyframes stack exactly as before (no padding); the
+    intrinsics rows keep each keyframe's own (width, height), which ``KeyframeStore.from_arrays`` crops to.
+    """
+    out = dict(arrays)
+    images, depths = list(arrays["images"]), list(arrays["depth_m"])
+    h = max((im.shape[0] for im in images), default=0)
+    w = max((im.shape[1] for im in images), default=0)
+    out["images"] = np.zeros((len(images), h, w, 3), np.uint8)
+    out["depth_m"] = np.zeros((len(depths), h, w), np.float32)
+    for i, (im, d) in enumerate(zip(images, depths, strict=True)):
+        out["images"][i, :im.shape[0], :im.shape[1]] = im
+        out["depth_m"][i, :d.shape[0], :d.shape[1]] = d
+    return out

@@ -263,6 +263,16 @@ def compute_candidates(frames: Sequence[Frame], cfg: CandidateConfig, key: str,
     return merge_candidates(frames, grids, cfg, key, ids)
 
 
+def _stack_grids(grids: Sequence[np.ndarray]) -> np.ndarray:
+    """(K, h, w) float32 of the keyframes' depth grids; keyframes of smaller images (another camera) padded
+    with NaN at the bottom and right: `_project` reads NaN there, as outside the image, so nothing is seen."""
+    h, w = max(g.shape[0] for g in grids), max(g.shape[1] for g in grids)
+    out = np.full((len(grids), h, w), np.nan, np.float32)
+    for k, g in enumerate(grids):
+        out[k, :g.shape[0], :g.shape[1]] = g
+    return out
+
+
 def merge_candidates(frames: Sequence[Frame], grids: Sequence[np.ndarray], cfg: CandidateConfig, key: str,
                      ids: Sequence[int] | None = None) -> CandidateSet:
     """The candidate set of ``frames`` from their depth grids (every pixel_stride-th pixel, z metres)."""
@@ -273,8 +283,7 @@ def merge_candidates(frames: Sequence[Frame], grids: Sequence[np.ndarray], cfg: 
         pts_all.append(pts)
         rgb_all.append(rgb)
     ids = np.arange(len(frames)) if ids is None else np.asarray(ids, np.int64)
-    same = len({g.shape for g in grids}) == 1
-    stacked = (ids, np.stack(grids).astype(np.float32)) if grids and same else (None, None)
+    stacked = (ids, _stack_grids(grids)) if grids else (None, None)
     if not pts_all or sum(p.shape[0] for p in pts_all) == 0:
         empty = np.zeros((0, 3))
         return CandidateSet(empty, np.zeros((0, 3), np.uint8), np.zeros(0, np.int64), key, np.zeros((0, 2)),

@@ -126,10 +126,60 @@ def test_store_copies_and_validates(sharp):
         store.add(bad)
     with pytest.raises(ValueError, match="T_world_cam"):
         KeyframeSelector().consider(bad)
-    small = Frame(sharp[:36, :48].copy(), default_intrinsics(48, 36), np.eye(4), 0)
-    with pytest.raises(ValueError, match="differs"):
-        store.add(small)
+    with pytest.raises(ValueError, match="camera must be a string"):
+        store.add(Frame(sharp, INTR, np.eye(4), 0, camera=3))
     assert store.ids() == [0] and store.to_arrays()["next_id"] == 1  # failed adds changed nothing
+
+
+def test_selector_judges_each_camera_against_its_own_last_keyframe(sharp):
+    sel = KeyframeSelector(KeyframeConfig(blur_threshold=0.0))
+    head = [(0.0, "first"), (0.05, "redundant"), (0.12, "moved")]
+    wrist = [(2.0, "first"), (2.05, "redundant"), (2.08, "redundant"), (2.15, "moved")]
+    got = []
+    # Interleaved as two cameras arrive: against one shared reference every frame would be 2 m away.
+    for i in range(4):
+        for name, steps in (("head", head), ("wrist", wrist)):
+            if i < len(steps):
+                f = Frame(sharp, INTR, make_transform(np.eye(3), [steps[i][0], 0.0, 1.0]), i * SEC // 10,
+                          camera=name)
+                got.append((name, sel.consider(f).reason))
+    assert got == [("head", "first"), ("wrist", "first"), ("head", "redundant"), ("wrist", "redundant"),
+                   ("head", "moved"), ("wrist", "redundant"), ("wrist", "moved")]
+    sel.reset()
+    assert sel.consider(frame(sharp, 0.01)).reason == "first"
+
+
+def test_store_holds_cameras_of_different_sizes_and_round_trips(sharp):
+    config = KeyframeConfig(max_keyframes=4)
+    store = KeyframeStore(config)
+    small_intr = default_intrinsics(40, 30, 90.0)
+    small = np.ascontiguousarray(sharp[:30, :40])
+    depth_small = np.linspace(0.5, 3.0, 30 * 40, dtype=np.float32).reshape(30, 40)
+    store.add(frame(sharp, 0.0))
+    store.add(Frame(small, small_intr, make_transform(np.eye(3), [1.0, 0.0, 1.0]), SEC, depth_small, "wrist"))
+    store.add(frame(sharp, 2.0, depth=np.full((72, 96), 2.0, np.float32)))
+    arrays = store.to_arrays()
+    # padded to the largest keyframe; each row's own size is in its intrinsics
+    assert arrays["images"].shape == (3, 72, 96, 3) and arrays["depth_m"].shape == (3, 72, 96)
+    assert arrays["intrinsics"][:, :2].tolist() == [[96, 72], [40, 30], [96, 72]]
+    assert arrays["cameras"].tolist() == ["", "wrist", ""]
+    assert np.all(arrays["images"][1, 30:] == 0) and np.all(arrays["images"][1, :, 40:] == 0)
+    loaded = KeyframeStore.from_arrays(config, arrays)
+    for kf_id in store.ids():
+        a, b = store.get(kf_id), loaded.get(kf_id)
+        assert (a.image.shape, a.camera, a.intrinsics) == (b.image.shape, b.camera, b.intrinsics)
+        np.testing.assert_array_equal(a.image, b.image)
+        if a.depth_m is not None:
+            np.testing.assert_array_equal(a.depth_m, b.depth_m)
+    assert loaded.get(1).image.shape == (30, 40, 3) and loaded.get(1).depth_m.shape == (30, 40)
+    # A map saved before keyframes named their camera has no "cameras" array: all the default camera.
+    old = KeyframeStore.from_arrays(config, {k: v for k, v in arrays.items() if k != "cameras"})
+    assert [f.camera for f in old.frames()] == ["", "", ""]
+    # A keyframe claiming more pixels than the arrays hold is refused, naming it.
+    too_big = arrays["intrinsics"].copy()
+    too_big[1, :2] = (120, 30)
+    with pytest.raises(ValueError, match="saved keyframe 1"):
+        KeyframeStore.from_arrays(config, {**arrays, "intrinsics": too_big})
 
 
 @pytest.mark.parametrize(
