@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -138,6 +139,48 @@ def matrix_to_transform_msg(T_parent_child, frame_id: str, child_frame_id: str, 
     return msg
 
 
+# ---------------------------------------------------------------------- clock jumps
+class ClockJumps:
+    """Counts the node clock's jumps back, with the threshold tf2_ros's Buffer registers (back by more than
+    1 s, or a switch between system and ROS time: ``/clock`` reset under ``use_sim_time``); ``to_ns`` is the
+    clock's time right after the last one. ``on_jump(text)`` (optional) runs after counting, with a
+    sentence saying what happened. Works beside either buffer: with tf2_ros it is how the node learns of the
+    clears tf2_ros does itself."""
+
+    def __init__(self, node, on_jump=None):
+        from rclpy.clock import JumpThreshold
+        from rclpy.duration import Duration
+
+        self.count = 0
+        self.to_ns = 0
+        self.logger = node.get_logger()
+        self._clock = node.get_clock()
+        self._on_jump = on_jump
+        threshold = JumpThreshold(min_forward=None, min_backward=Duration(seconds=-1), on_clock_change=True)
+        self._handle = self._clock.create_jump_callback(threshold, post_callback=self._jumped)
+
+    def _jumped(self, jump) -> None:
+        from rclpy.clock import ClockChange
+
+        self.to_ns = self._clock.now().nanoseconds
+        self.count += 1
+        if jump.clock_change == ClockChange.ROS_TIME_ACTIVATED:
+            what = "the node's clock switched to ROS time (use_sim_time: the first /clock)"
+        elif jump.clock_change == ClockChange.ROS_TIME_DEACTIVATED:
+            what = "the node's clock switched back to system time"
+        else:
+            what = (f"the node's clock jumped back {-jump.delta.nanoseconds / 1e9:.3f} s (/clock reset: a "
+                    "simulator reset or a bag started over?)")
+        if self._on_jump is not None:
+            self._on_jump(what)
+
+    def close(self) -> None:
+        """Stop listening (idempotent)."""
+        if self._handle is not None:
+            self._handle.unregister()
+            self._handle = None
+
+
 # ---------------------------------------------------------------------- buffer substitute
 class TfBufferSubstitute:
     """tf2_ros.Buffer API subset over ``TfBuffer``; raises the exported exception classes.
@@ -156,32 +199,16 @@ class TfBufferSubstitute:
         """``cache_time``: rclpy Duration (default 10 s). ``node``: its clock's jumps clear the buffer."""
         cache_s = _core.DEFAULT_CACHE_TIME_S if cache_time is None else stamp_to_ns(cache_time) / 1e9
         self.core = _core.TfBuffer(cache_s, jump_back_tolerance_s=jump_back_tolerance_s)
-        self.clock_jumps = 0
-        self._jump_handle = None
-        if node is not None:
-            from rclpy.clock import JumpThreshold
-            from rclpy.duration import Duration
+        self.clock = ClockJumps(node, self._on_time_jump) if node is not None else None
 
-            # tf2_ros's Buffer registers exactly this: back by more than 1 s, or system <-> ROS time.
-            threshold = JumpThreshold(min_forward=None, min_backward=Duration(seconds=-1),
-                                      on_clock_change=True)
-            self._logger = node.get_logger()
-            self._jump_handle = node.get_clock().create_jump_callback(
-                threshold, post_callback=self._on_time_jump)
-
-    def _on_time_jump(self, jump) -> None:
-        from rclpy.clock import ClockChange
-
-        self.clock_jumps += 1
-        if jump.clock_change == ClockChange.ROS_TIME_ACTIVATED:
-            what = "the node's clock switched to ROS time (use_sim_time: the first /clock)"
-        elif jump.clock_change == ClockChange.ROS_TIME_DEACTIVATED:
-            what = "the node's clock switched back to system time"
-        else:
-            what = (f"the node's clock jumped back {-jump.delta.nanoseconds / 1e9:.3f} s (/clock reset: a "
-                    "simulator reset or a bag started over?)")
-        self._logger.warning(f"TF: {what}; cleared the TF buffer (static transforms kept)")
+    def _on_time_jump(self, what: str) -> None:
+        self.clock.logger.warning(f"TF: {what}; cleared the TF buffer (static transforms kept)")
         self.core.clear()
+
+    @property
+    def clock_jumps(self) -> int:
+        """Times the node's clock jumped back (or switched between system and ROS time)."""
+        return 0 if self.clock is None else self.clock.count
 
     @property
     def clears(self) -> int:
@@ -190,9 +217,8 @@ class TfBufferSubstitute:
 
     def close(self) -> None:
         """Stop listening to the node's clock jumps (idempotent)."""
-        if self._jump_handle is not None:
-            self._jump_handle.unregister()
-            self._jump_handle = None
+        if self.clock is not None:
+            self.clock.close()
 
     def set_transform(self, transform, authority: str = "") -> bool:
         """Insert a dynamic TransformStamped; ValueError (buffer unchanged) when invalid."""
@@ -375,6 +401,8 @@ def make_tf_buffer(node, cache_time_s: float = 10.0, spin_thread: bool = False,
                                enable_rosout=False)
         listener = _tf2_ros.TransformListener(buffer, listen_node, spin_thread=spin_thread)
         listener._lerf_owned_node = listen_node if spin_thread else None
+        # tf2_ros's Buffer clears itself on these jumps without telling anyone: counted here (tf_health).
+        listener._lerf_clock_jumps = ClockJumps(node)
         return buffer, listener, True
     if prefer_real:
         from lerf_ros.compat import ros_install
@@ -393,6 +421,9 @@ def close_tf_listener(listener) -> None:
         if isinstance(listener.buffer, TfBufferSubstitute):
             listener.buffer.close()
         return
+    jumps = getattr(listener, "_lerf_clock_jumps", None)
+    if jumps is not None:
+        jumps.close()
     if hasattr(listener, "dedicated_listener_thread"):
         listener.executor.shutdown()
         listener.dedicated_listener_thread.join()
@@ -400,6 +431,44 @@ def close_tf_listener(listener) -> None:
     owned = getattr(listener, "_lerf_owned_node", None)
     if owned is not None:
         owned.destroy_node()
+
+
+class TfHealth(NamedTuple):
+    """What went wrong in the TF stream, totals since the listener started (``tf_health``).
+
+    listener:       "tf2_ros" or "substitute".
+    rejected:       transforms refused as invalid (NaN / infinite translation, zero, non-finite or non-unit
+                    quaternion, empty or equal frame ids); substitute only: tf2_ros logs its rejections and
+                    counts none, so 0 there.
+    loops:          loops formed (a transform whose new parent made a frame its own ancestor); substitute
+                    only.
+    jumps_back:     clears of the dynamic transforms because time jumped back: the node's clock (both
+                    listeners), the /tf stamps (substitute only: tf2_ros does not look at them).
+    parent_changes: a child frame's parent changing (two publishers of one frame); substitute only.
+    jump_to_ns:     the time the last jump went back to (0: none yet): a /tf stamp or the node's clock.
+    """
+
+    listener: str
+    rejected: int = 0
+    loops: int = 0
+    jumps_back: int = 0
+    parent_changes: int = 0
+    jump_to_ns: int = 0
+
+
+def tf_health(buffer, listener) -> TfHealth:
+    """``TfHealth`` of a ``make_tf_buffer`` pair (either kind)."""
+    if isinstance(buffer, TfBufferSubstitute):
+        counts = buffer.core.counters()
+        clock = buffer.clock
+        stamp_jumps = counts["jumps_back"]
+        # Of the two kinds' targets the newer: frames stamped after it (the old timeline) are surely stale.
+        jump_to = max(buffer.core.last_jump_to_ns(), clock.to_ns if clock is not None else 0)
+        return TfHealth("substitute", int(getattr(listener, "rejected", 0)), counts["loops"],
+                        stamp_jumps + buffer.clock_jumps, counts["parent_changes"], jump_to)
+    clock = getattr(listener, "_lerf_clock_jumps", None)
+    return TfHealth("tf2_ros", jumps_back=clock.count if clock is not None else 0,
+                    jump_to_ns=clock.to_ns if clock is not None else 0)
 
 
 def lookup_matrix(buffer, target_frame: str, source_frame: str, stamp_ns: int = 0,

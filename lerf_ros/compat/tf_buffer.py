@@ -36,7 +36,9 @@ jumped back (a bag played in a loop, a simulator reset); the buffer is cleared f
 ``jumps_back`` and reported. Per link, because links from different publishers legitimately lag each
 other; a stamp of 0 (never set) is not a jump. tf2_ros clears only when the node's clock jumps back
 (``TfBufferSubstitute`` does that as well); with wall-clock stamps it would ignore the replayed data as
-old for a whole cache time. A transform loop is reported at lookup as ``TransformException``.
+old for a whole cache time. A transform loop is reported at lookup as ``TransformException``; the sample
+that forms it (a new parent that makes its child frame its own ancestor along the newest parents) is stored
+as tf2 stores it, and counted as ``loops`` and reported when it arrives.
 
 Thread-safe: one lock guards the tree; a condition variable wakes ``wait_for_matrix`` callers when
 new data arrives, so a lookup can wait for a transform that a listener thread is about to insert.
@@ -64,8 +66,9 @@ from lerf_ros.core.frames.transforms import (
 #: tf2's default cache length.
 DEFAULT_CACHE_TIME_S = 10.0
 #: Counters of ``TfBuffer.counters()``: changes of a child's parent, clears after a jump back in time,
-#: dynamic samples ignored as older than the cache (tf2's TF_OLD_DATA).
-COUNTERS = ("parent_changes", "jumps_back", "old_data")
+#: dynamic samples ignored as older than the cache (tf2's TF_OLD_DATA), loops formed (a sample whose new
+#: parent made its child frame its own ancestor).
+COUNTERS = ("parent_changes", "jumps_back", "old_data", "loops")
 #: Notices kept for ``take_notices`` when nobody drains them (oldest dropped).
 MAX_NOTICES = 64
 
@@ -190,6 +193,7 @@ class TfBuffer:
         self._frames: set[str] = set()  # every frame id ever inserted (tf2 never forgets one)
         self._parents_seen: dict[str, set[str]] = {}
         self._counters = dict.fromkeys(COUNTERS, 0)
+        self._jump_to_ns = 0  # the stamp of the sample that last showed time jumping back
         self._notices: collections.deque[tuple[str, str]] = collections.deque(maxlen=MAX_NOTICES)
         self._lock = threading.Lock()
         self._new_data = threading.Condition(self._lock)
@@ -238,6 +242,15 @@ class TfBuffer:
             elif not self._insert_dynamic_locked(link, parent_frame, child_frame, t, q, stamp_ns):
                 return False
             self._frames.update((parent_frame, child_frame))
+            # Checked when the child's newest parent changes (a new link included): that is when a loop forms;
+            # later samples along it are not new loops.
+            loop = self._loop_locked(child_frame) if link.newest_parent() != previous else []
+            if loop:
+                self._counters["loops"] += 1
+                self._notices.append(("loop", (
+                    f"transform [{parent_frame}] -> [{child_frame}] at {format_stamp(stamp_ns)} closes a "
+                    f"loop ({' -> '.join(loop)}): lookups through it fail until a sample with another parent "
+                    "replaces it (dynamic: at later stamps; static: never, until it is re-sent)")))
             seen = self._parents_seen.setdefault(child_frame, set())
             seen.add(parent_frame)
             if previous is not None and previous != parent_frame:
@@ -258,6 +271,7 @@ class TfBuffer:
             if tolerance is not None and 0 < stamp_ns < newest - tolerance:
                 self._clear_locked()
                 self._counters["jumps_back"] += 1
+                self._jump_to_ns = stamp_ns
                 self._notices.append(("jump_back", (
                     f"stamps jumped back on [{parent}] -> [{child}]: a sample at {format_stamp(stamp_ns)} "
                     f"after one at {format_stamp(newest)} (more than {tolerance / 1e9:g} s back: a bag "
@@ -277,6 +291,18 @@ class TfBuffer:
         if cut:
             del link.stamps[:cut], link.parents[:cut], link.translations[:cut], link.quaternions[:cut]
         return True
+
+    def _loop_locked(self, child: str) -> list[str]:
+        """The frames from ``child`` up its newest parents back to ``child`` when they loop, else []."""
+        chain, frame = [child], child
+        while (link := self._links.get(frame)) is not None and (parent := link.newest_parent()) is not None:
+            chain.append(parent)
+            if parent == child:
+                return chain
+            if len(chain) > len(self._links) + 1:  # a loop above child, not through it (counted already)
+                return []
+            frame = parent
+        return []
 
     def set_matrix(self, parent_frame: str, child_frame: str, T_parent_child, stamp_ns: int,
                    static: bool = False) -> bool:
@@ -301,8 +327,14 @@ class TfBuffer:
         with self._lock:
             return dict(self._counters)
 
+    def last_jump_to_ns(self) -> int:
+        """The stamp time last jumped back to (the sample that showed it), ns; 0 before any jump."""
+        with self._lock:
+            return self._jump_to_ns
+
     def take_notices(self) -> list[tuple[str, str]]:
-        """``(kind, message)`` of each parent change and jump back since the last call (then forgotten)."""
+        """``(kind, message)`` of each parent change, jump back and loop since the last call (then
+        forgotten); kinds "parent_change", "jump_back", "loop"."""
         with self._lock:
             out = list(self._notices)
             self._notices.clear()

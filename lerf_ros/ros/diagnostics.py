@@ -40,7 +40,8 @@ HIGH_DROP_MIN_FRAMES = 5
 #: Trainer states in which images are expected (TrainingStatus.state_name).
 COLLECTING_STATES = ("waiting", "training")
 #: Drop reasons that are TF failures (no pose for the image stamp).
-TF_DROP_REASONS = (ingest.TF_MISSING, ingest.TF_EXTRAPOLATION, ingest.BAD_TRANSFORM)
+TF_DROP_REASONS = (ingest.TF_MISSING, ingest.TF_EXTRAPOLATION, ingest.BAD_TRANSFORM, ingest.TF_LOOP,
+                   ingest.TIME_JUMP)
 #: Task names; the published status is named "<node name>: <task>".
 INPUT_TASK = "camera input"
 TRAINING_TASK = "training"
@@ -129,15 +130,26 @@ def _counts(prefix: str, counts: Mapping[str, int]) -> list[tuple[str, str]]:
 
 def input_diagnostic(state: str, window: IngestWindow, frames_received: int, drops: Mapping[str, int],
                      not_keyframe: Mapping[str, int], frames_without_depth: int = 0,
-                     hardware_id: str = "", image_stale_s: float = IMAGE_STALE_S) -> Diagnostic:
+                     hardware_id: str = "", image_stale_s: float = IMAGE_STALE_S,
+                     delivery: ingest.DeliveryGaps | None = None, cameras: Sequence = (),
+                     tf=None) -> Diagnostic:
     """The trainer's camera input. ``state``: TrainingStatus.state_name; ``drops`` / ``not_keyframe``:
-    totals by reason since the start or the last reset (``ingest.DropCounter``)."""
+    totals by reason since the start or the last reset (``ingest.DropCounter``); ``delivery``: images that
+    never reached the node (DDS sequence gaps, header stamp gaps), also since the start or the last reset;
+    ``cameras``: per camera (``ros/cameras.CameraReport``) frames, drops, keyframes and state, a camera whose
+    state is not "ok" (no publisher, no CameraInfo, silent) a WARN; ``tf``: the TF stream's
+    ``compat.tf.TfHealth`` since the start or the last reset (transforms rejected, loops closed, jumps back,
+    parent changes; tf2_ros exposes only the jumps), a loop a WARN: it drops every frame posed through it."""
     tf_failures = sum(int(drops.get(r, 0)) for r in TF_DROP_REASONS)
     reasons = []
     if state in COLLECTING_STATES and window.since_image_s > image_stale_s:
         quiet = f"{window.since_image_s:.1f} s"
         reasons.append((WARN, f"no image for {quiet}" if window.any_image
                         else f"no image in the {quiet} since the start or the last reset"))
+    reasons += [(WARN, f"camera '{c.name}': {c.state}") for c in cameras or () if c.state != "ok"]
+    if tf is not None and tf.loops:
+        reasons.append((WARN, f"TF: {tf.loops} loops formed in the tree (a frame its own ancestor): "
+                              "frames posed through one are dropped as tf_loop"))
     if window.received >= HIGH_DROP_MIN_FRAMES and window.dropped > HIGH_DROP_FRACTION * window.received:
         reasons.append((WARN, f"high drops: {window.dropped} of {window.received} frames in the last "
                               f"{window.window_s:.1f} s"))
@@ -154,6 +166,23 @@ def input_diagnostic(state: str, window: IngestWindow, frames_received: int, dro
         *_counts("not a keyframe: ", not_keyframe),
         ("frames without depth", str(int(frames_without_depth))),
     ]
+    if tf is not None:
+        partial = " (not exposed by tf2_ros)" if tf.listener == "tf2_ros" else ""
+        values += [("TF listener", str(tf.listener)),
+                   ("TF transforms rejected", f"{int(tf.rejected)}{partial}"),
+                   ("TF loops", f"{int(tf.loops)}{partial}"),
+                   ("TF jumps back (buffer cleared)", str(int(tf.jumps_back))),
+                   ("TF parent changes", f"{int(tf.parent_changes)}{partial}")]
+    if delivery is not None:
+        period = delivery.period_ns()
+        values += [("images lost in DDS (sequence gaps)", str(int(delivery.lost_by_sequence))),
+                   ("images missing by header stamps", str(int(delivery.missing_by_stamp))),
+                   ("image period from stamps (s)", f"{period / 1e9:.4f}" if period else "n/a")]
+    for c in cameras or ():
+        values += [(f"camera '{c.name}': state", c.state),
+                   (f"camera '{c.name}': frames received", str(int(c.frames_received))),
+                   (f"camera '{c.name}': frames dropped", str(int(c.frames_dropped))),
+                   (f"camera '{c.name}': keyframes", str(int(c.keyframes)))]
     return Diagnostic(INPUT_TASK, level, message, hardware_id, tuple(values))
 
 
@@ -179,9 +208,10 @@ def _demo_warning(status) -> list[tuple[int, str]]:
                    "answers match colours, not objects")]
 
 
-def training_diagnostic(status, state: str, last_error: str = "") -> Diagnostic:
+def training_diagnostic(status, state: str, last_error: str = "", lock=None) -> Diagnostic:
     """The trainer's training. ``status``: the engine's ``EngineStatus``; ``state``:
-    TrainingStatus.state_name; ``last_error``: the node's (the engine's own wins when set)."""
+    TrainingStatus.state_name; ``last_error``: the node's (the engine's own wins when set); ``lock``: the
+    engine lock's ``lock_meter.LockStats`` (None: not metered)."""
     error = str(status.last_error or last_error or "")
     reasons = []
     if state == "error":
@@ -202,10 +232,15 @@ def training_diagnostic(status, state: str, last_error: str = "") -> Diagnostic:
         ("rays per second", f"{float(status.rays_per_s):.0f}"),
         ("journal bytes", str(int(status.journal_bytes))),
         ("device", str(status.device) or "n/a"),
+        ("neural-field backends", str(status.backends) or "n/a (no model yet)"),
         *_gpu_memory(status),
         *_encoders(status),
         ("last error", error),
     ]
+    if lock is not None:
+        values += [("longest engine-lock hold, training (s)", f"{lock.max_hold_background_s:.3f}"),
+                   ("longest engine-lock hold, queries/frames/status (s)", f"{lock.max_hold_urgent_s:.3f}"),
+                   ("longest wait for the engine lock (s)", f"{lock.max_wait_urgent_s:.3f}")]
     return Diagnostic(TRAINING_TASK, level, message, str(status.device) or "none",
                       tuple(values))
 

@@ -7,12 +7,16 @@ With the engine the slot holds the frame its data is in (``get_with_frame``): a 
 world frame, or "" for "the node's ``world_frame`` parameter" (a fresh or reset model).
 
 Fairness between training and queries is the engine's own job now: its lock (``core/training/engine_lock.py``)
-makes a training step give way to any waiting query, ``add_frame``, ``status`` or ``save``.
+makes a training step give way to any waiting query, ``add_frame``, ``status`` or ``save``. Every engine put
+in a slot gets a metered lock (``lock_meter.instrument``: the longest hold and wait go to ``/diagnostics``);
+engines enter a slot fresh (built, loaded) or already metered (a reset), never while another thread uses them.
 """
 
 from __future__ import annotations
 
 import threading
+
+from lerf_ros.ros import lock_meter
 
 
 class EngineSlot:
@@ -20,6 +24,7 @@ class EngineSlot:
 
     def __init__(self, engine=None, error: str = "", frame: str = ""):
         self._lock = threading.Lock()
+        lock_meter.instrument(engine)
         self._engine = engine
         self._error = error
         self._frame = frame
@@ -41,6 +46,7 @@ class EngineSlot:
 
     def set(self, engine, error: str = "", frame: str = "") -> None:
         """Install ``engine``; ``frame``: the world frame of a loaded map ("" = the node's parameter)."""
+        lock_meter.instrument(engine)
         with self._lock:
             self._engine = engine
             self._error = error

@@ -90,7 +90,8 @@ def build_nodes(mode: str) -> list:
             # query node answers from the map it loads, and the trainer trains its own model).
             if mode == "both" and query.slot is not slot and lifecycle.state_label(query) != "unconfigured":
                 # map_path given to lerf_node: the map becomes the shared model, and training continues
-                # from it; a map that failed to load leaves the fresh model (the error was logged).
+                # from it. A map that failed to load puts the trainer in state "error" (no fresh map is
+                # recorded or trained, queries say why) until load_map or reset.
                 engine, frame = query.slot.get_with_frame("")
                 resumed = nodes[0].resumed
                 if engine is not None and (resumed.keyframes or resumed.step):
@@ -103,6 +104,12 @@ def build_nodes(mode: str) -> list:
                         f"from the map again")
                 elif engine is not None:
                     nodes[0].install_engine(engine, query.settings.map_path, frame)
+                elif resumed.keyframes or resumed.step:  # the journal's recording is a map to go on with
+                    nodes[0].get_logger().warning(f"{query.slot.error}; continuing the recording resumed "
+                                                  f"from journal_dir {nodes[0].journal.root}")
+                else:
+                    nodes[0].refuse_map(query.slot.error)
+                query.refusal = nodes[0].no_map_reason
                 query.slot = slot
     except BaseException:
         destroy_nodes(nodes)

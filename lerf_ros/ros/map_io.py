@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ def snapshot_map(engine) -> checkpoint.MapData:
             scene_box=None if box is None else np.array([box.min_xyz, box.max_xyz], dtype=np.float64),
             model_state={} if engine.model is None else _copy(engine.model.state_dict()),
             trainer_state=None if engine.trainer is None else _copy(engine.trainer.state_dict()),
+            backends=None if engine.model is None else checkpoint.module_backends(engine.model),
             keyframes=keyframes,
             features={"hashes": {}, "caches": {"clip": _copy(engine.pyramid.state_dict()),
                                                "dino": _copy(engine.dense.state_dict())}},
@@ -90,22 +92,59 @@ def write_map_info(path: str | os.PathLike, info: Mapping[str, Any]) -> None:
     os.replace(tmp, file)
 
 
+#: The files of a map directory; a directory holding only these may be replaced as a whole.
+MAP_FILES = frozenset({checkpoint.MANIFEST, checkpoint.WEIGHTS, checkpoint.KEYFRAMES, checkpoint.FEATURES,
+                       checkpoint.CANDIDATES, MAP_INFO})
+
+
 def save_map_dir(engine, path: str | os.PathLike, world_frame: str, saved_by: str = "lerf_node") -> SavedMap:
     """Snapshot ``engine`` under its lock, write the map directory off it, record ``world_frame``.
 
-    An older sidecar is removed first, so a save that fails half-way leaves a map without a frame record
-    (answered in ``world_frame``), never one labelled with another map's frame. Raises OSError /
-    ValueError from ``checkpoint.save_map``.
+    The map is written into a staging directory beside ``path`` (``.<name>.saving``, same file system) and
+    only a complete one is moved in (``_move_in``): a save that fails (a full disk, a file-size limit, a
+    read-only directory) removes the staging directory and leaves the map that was at ``path`` as it was,
+    still loadable. Raises OSError / ValueError from ``checkpoint.save_map`` or the moves.
     """
     data = snapshot_map(engine)
     root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MAP_INFO).unlink(missing_ok=True)
-    checkpoint.save_map(root, data)  # the slow part: no lock held
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.with_name(f".{root.name}.saving")
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
     keyframes = len(data.keyframes["ids"])
-    write_map_info(root, {"world_frame": world_frame, "saved_by": saved_by, "steps": data.step,
-                          "keyframes": keyframes})
+    try:
+        checkpoint.save_map(staging, data)  # the slow part: no lock held
+        write_map_info(staging, {"world_frame": world_frame, "saved_by": saved_by, "steps": data.step,
+                                 "keyframes": keyframes})
+        _move_in(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return SavedMap(str(root), keyframes, data.step, world_frame)
+
+
+def _move_in(staging: Path, root: Path) -> None:
+    """Put the complete map at ``staging`` in place of ``root``. Renames allocate no file data, so a full
+    disk does not stop them. A missing or empty ``root``, or one holding only map files, is swapped as a
+    directory (the old one renamed away first, removed last); a directory with other files in it keeps
+    them and gets the map files one by one, the manifest last."""
+    entries = set(os.listdir(root)) if root.is_dir() else None
+    if entries is None and root.exists():
+        raise NotADirectoryError(f"{str(root)!r} exists and is not a directory")
+    if entries is None:
+        os.rename(staging, root)
+    elif entries <= MAP_FILES:
+        previous = root.with_name(f".{root.name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(root, previous)
+        os.rename(staging, root)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        (root / MAP_INFO).unlink(missing_ok=True)  # never another map's frame on these files
+        if not (staging / checkpoint.CANDIDATES).exists():
+            (root / checkpoint.CANDIDATES).unlink(missing_ok=True)
+        names = sorted(os.listdir(staging), key=lambda n: (n == checkpoint.MANIFEST, n == MAP_INFO))
+        for name in names:
+            os.replace(staging / name, root / name)
+    checkpoint.fsync_dir(root.parent)
 
 
 def start_journal(engine, config, world_frame: str) -> tuple[journal.Journal, ResumeReport, str, str]:

@@ -14,7 +14,7 @@ little-endian, fields x, y, z (metres, world frame), relevancy (0..1) and rgb, a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from builtin_interfaces.msg import Time
@@ -235,7 +235,8 @@ def fill_query_response(response, result, header: Header):
 
 def training_status_msg(status, state_name: str, header: Header, frames_received: int,
                         drops: Mapping[str, int], last_error: str = "", frames_without_depth: int = 0,
-                        not_keyframe: Mapping[str, int] | None = None):
+                        not_keyframe: Mapping[str, int] | None = None, cameras: Sequence = (),
+                        tf=None):
     """Engine status + node counters -> ``lerf_ros/msg/TrainingStatus``.
 
     ``status`` is the core's ``EngineStatus`` (step, keyframes, keyframes_pending, losses: name -> value,
@@ -245,7 +246,10 @@ def training_status_msg(status, state_name: str, header: Header, frames_received
     ingested without a matching depth image (not drops); ``not_keyframe`` maps a keyframe selector reason
     ("redundant", "blurred") to the frames it did not keep (``frames_not_keyframe`` is their sum; not drops
     either); ``last_error`` (the node's, e.g. a
-    frame-handling error) is used when the engine's is empty.
+    frame-handling error) is used when the engine's is empty; ``cameras``: per camera
+    (``ros/cameras.CameraReport``: name, frames received / dropped, keyframes, state) -> the camera_* arrays;
+    ``tf``: the TF stream's ``compat.tf.TfHealth`` (since the start or the last reset) -> the tf_* fields
+    (None: tf_listener "" and zeros, e.g. no listener yet).
     """
     from lerf_ros.msg import TrainingStatus
 
@@ -293,6 +297,16 @@ def training_status_msg(status, state_name: str, header: Header, frames_received
     msg.rays_per_step = int(getattr(status, "rays_per_step", 0))
     msg.journal_bytes = int(getattr(status, "journal_bytes", 0))
     msg.journal_skipped = int(getattr(status, "journal_skipped", 0))
+    if tf is not None:
+        msg.tf_listener = str(tf.listener)
+        msg.tf_rejected, msg.tf_loops = int(tf.rejected), int(tf.loops)
+        msg.tf_jumps_back, msg.tf_parent_changes = int(tf.jumps_back), int(tf.parent_changes)
+    cams = list(cameras or ())
+    msg.camera_names = [str(c.name) for c in cams]
+    msg.camera_frames_received = [int(c.frames_received) for c in cams]
+    msg.camera_frames_dropped = [int(c.frames_dropped) for c in cams]
+    msg.camera_keyframes = [int(c.keyframes) for c in cams]
+    msg.camera_states = [str(c.state) for c in cams]
     return msg
 
 

@@ -57,10 +57,16 @@ class ParamSpec:
     choices: tuple[str, ...] = ()
     read_only: bool = True
     preset_field: str | None = None  # "section.field" in EngineConfig for PRESET defaults
+    item_type: type = float  # element type of a ``list`` parameter: float ([x, y, z]) or str (names)
 
 
 _ENCODER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _FRAME_RE = re.compile(r"^[A-Za-z0-9_/.\-]+$")
+#: A ROS name (relative, or absolute with a leading '/'): tokens of letters, digits and '_' that do not start
+#: with a digit, separated by single '/', no trailing '/' (ROS 2's topic name rules, without '~' and '{}').
+_ROS_NAME_RE = re.compile(r"^/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
+#: Most cameras one trainer subscribes to (each costs an image, CameraInfo and depth subscription).
+MAX_CAMERAS = 16
 
 PARAMETERS: tuple[ParamSpec, ...] = (
     # The default is the robot's configuration: OpenCLIP + DINO, which need their weights on this machine
@@ -89,6 +95,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               nodes=frozenset({TRAINER}), choices=("raw", "compressed")),
     ParamSpec("depth_topic", str, "", "Registered depth image (same stamps as the RGB); '' = no depth.",
               nodes=frozenset({TRAINER})),
+    ParamSpec("cameras", list, None,
+              "Camera namespaces, e.g. [head_camera, wrist_camera], all trained into one map, each with its "
+              "own image size and intrinsics: each namespace NS gives NS/color/image_raw (+ '/compressed' "
+              "for image_transport=compressed), NS/color/camera_info and, used once it publishes, the "
+              "registered depth NS/aligned_depth_to_color/image_raw; unset = the one camera of "
+              "image_topic, camera_info_topic and depth_topic.",
+              nodes=frozenset({TRAINER}), item_type=str),
     ParamSpec("depth_wait_s", float, 0.1,
               "How long the ingest thread waits for the depth image of a colour frame's stamp, s; after "
               "it the frame is used without depth and counted in TrainingStatus.frames_without_depth "
@@ -101,6 +114,19 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               nodes=frozenset({TRAINER}), range=(0.0, 10.0)),
     ParamSpec("queue_size", int, 8, "Bounded ingest queue; when full the oldest frame is dropped.",
               nodes=frozenset({TRAINER}), range=(1, 1000)),
+    ParamSpec("max_frame_rate_hz", float, 10.0,
+              "Images are converted at most this often (by header stamp); the rest are skipped before "
+              "conversion and counted as 'skipped_rate' (not drops). 0 = every image.",
+              nodes=frozenset({TRAINER}), range=(0.0, 1000.0)),
+    ParamSpec("skip_static_frames", bool, True,
+              "Skip an image before conversion when TF's camera pose at its stamp (if TF already has it) "
+              "moved less than half the keyframe thresholds since the last image taken ('skipped_static', "
+              "not a drop).",
+              nodes=frozenset({TRAINER})),
+    ParamSpec("torch_threads", int, 0,
+              "CPU threads for torch (training, queries); 0 = one less than the CPU cores (at least 1), so "
+              "the executor and the ingest thread keep a core.",
+              nodes=frozenset({TRAINER}), range=(0, 1024)),
     ParamSpec("min_keyframes", int, PRESET, "Keyframes (with language targets) before training starts.",
               nodes=frozenset({TRAINER}), range=(1, 10000), preset_field="ingest.min_keyframes"),
     ParamSpec("max_image_side", int, PRESET, "Keyframes larger than this (px) are downsized; 0 = off.",
@@ -189,10 +215,14 @@ class TrainerSettings:
     camera_info_topic: str
     image_transport: str
     depth_topic: str
+    cameras: tuple[str, ...] | None  # camera namespaces; None = the one camera of the topic parameters
     depth_wait_s: float
     depth_stamp_tolerance_s: float
     tf_timeout_s: float
     queue_size: int
+    max_frame_rate_hz: float
+    skip_static_frames: bool
+    torch_threads: int
     max_steps: int
     steps_per_tick: int
     status_rate_hz: float
@@ -241,7 +271,7 @@ def check_value(spec: ParamSpec, value: Any) -> Any:
     if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if spec.type is list:
-        return _check_point(spec, value)
+        return _check_names(spec, value) if spec.item_type is str else _check_point(spec, value)
     if not isinstance(value, spec.type) or (spec.type is int and isinstance(value, bool)):
         raise ParameterError(spec.name, value, f"expected {spec.type.__name__}, got {type(value).__name__}")
     if spec.type is float and not math.isfinite(value):
@@ -262,6 +292,25 @@ def _check_point(spec: ParamSpec, value: Any) -> tuple[float, float, float] | No
     if not ok:
         raise ParameterError(spec.name, value, "expected [x, y, z] of 3 finite numbers (or unset)")
     return tuple(float(v) for v in value)
+
+
+def _check_names(spec: ParamSpec, value: Any) -> tuple[str, ...] | None:
+    """An optional list of distinct ROS names (None or [] = unset); ParameterError naming the bad one."""
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ParameterError(spec.name, value, "expected a list of strings, e.g. [head_camera, wrist_camera]")
+    for name in value:
+        if not _ROS_NAME_RE.match(name):
+            raise ParameterError(spec.name, list(value),
+                                 f"{name!r} is not a ROS namespace (names of letters, digits and '_' not "
+                                 f"starting with a digit, separated by single '/')")
+    dup = sorted({n for n in value if list(value).count(n) > 1})
+    if dup:
+        raise ParameterError(spec.name, list(value), f"{dup[0]!r} is listed twice")
+    if len(value) > MAX_CAMERAS:
+        raise ParameterError(spec.name, list(value), f"more than {MAX_CAMERAS} cameras")
+    return tuple(value)
 
 
 def _check_semantics(values: Mapping[str, Any]) -> None:
@@ -388,7 +437,8 @@ def descriptor(spec: ParamSpec):
 
     ptype = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
              float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
-             list: ParameterType.PARAMETER_DOUBLE_ARRAY}[spec.type]
+             list: ParameterType.PARAMETER_STRING_ARRAY if spec.item_type is str
+             else ParameterType.PARAMETER_DOUBLE_ARRAY}[spec.type]
     text = spec.description + (f" One of {list(spec.choices)}." if spec.choices else "")
     desc = ParameterDescriptor(name=spec.name, type=ptype, description=text, read_only=spec.read_only)
     if spec.choices:
@@ -414,7 +464,7 @@ def declare_and_resolve(node, role: str) -> ResolvedParams:
         if spec.type is list and default is None:  # an unset array parameter is declared by its type
             from rclpy.parameter import Parameter
 
-            default = Parameter.Type.DOUBLE_ARRAY
+            default = Parameter.Type.STRING_ARRAY if spec.item_type is str else Parameter.Type.DOUBLE_ARRAY
         try:
             value = node.declare_parameter(spec.name, default, descriptor(spec)).value
             return list(value) if spec.type is list and value is not None else value

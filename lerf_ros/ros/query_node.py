@@ -169,14 +169,18 @@ class QueryNode(LifecycleNode):
     map into a slot of its own; ``lerf_node`` (``main.build_nodes``) then hands that map to the trainer and
     gives the node the shared slot back, so both keep working on one model.
     after_call: called after every reply (``lerf_node`` publishes the TrainingStatus there).
+    refusal: why no query can be answered now ('' = answer); ``lerf_node`` sets the trainer's
+    ``no_map_reason`` (a ``map_path`` that did not load) so that no answer comes from an empty map.
     Raises ParameterError on an invalid parameter; with ``autostart`` the node is active on return.
     """
 
     def __init__(self, slot: EngineSlot | None = None, *, node_name: str = QUERY_NODE_NAME,
-                 after_call: Callable[[], None] | None = None, **node_kwargs):
+                 after_call: Callable[[], None] | None = None, refusal: Callable[[], str] | None = None,
+                 **node_kwargs):
         super().__init__(node_name, **node_kwargs)
         lifecycle.guard_change_state(self)
         self.after_call = after_call
+        self.refusal = refusal
         self.params = declare_and_resolve(self, QUERY)
         self.settings = self.params.query
         self._shared_slot = slot
@@ -328,6 +332,9 @@ class QueryNode(LifecycleNode):
             return self._refuse(response, header, RESULTS["error"], not_active)
         if engine is None:
             return self._refuse(response, header, RESULTS["error"], self.slot.error or "no model loaded")
+        refusal = self.refusal() if self.refusal is not None else ""
+        if refusal:
+            return self._refuse(response, header, RESULTS["error"], refusal)
         threshold = self._threshold() if args.threshold is None else args.threshold
         try:
             # The engine lock lets a query in ahead of the trainer's next step. The cloud is always

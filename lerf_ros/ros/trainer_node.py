@@ -5,14 +5,23 @@ ingest thread and training run while active (deactivate: unsubscribed, training 
 engine. With ``autostart`` (default) the constructor does configure + activate.
 
 Threads (nothing slow runs in an executor callback):
-- ``sensor`` callback group (mutually exclusive): Image / CompressedImage, CameraInfo, depth. Callbacks
+- ``sensor`` callback group (mutually exclusive): Image / CompressedImage, CameraInfo, depth of every camera
+  (``cameras``: one set per namespace, each bound to its ``ros/cameras.CameraInput``). Callbacks
   convert and validate the message and put it on a bounded queue (drop-oldest, counted as "queue_full").
-- ingest thread (owned): TF lookup of ``T_world_cam`` at the image stamp (waiting up to ``tf_timeout_s``,
-  interpolated by the TF buffer); with a depth topic, the depth image of the same stamp (within
-  ``depth_stamp_tolerance_s``) from a bounded buffer the depth callback fills, waiting up to
+  Before converting, an image is skipped (``ingest.Decimator``: "skipped_rate" above ``max_frame_rate_hz``,
+  "skipped_static" while TF's pose at the stamp has not moved; counted with the frames not kept, never drops),
+  and its stamp and DDS sequence number feed ``ingest.DeliveryGaps`` (images never delivered). Services,
+  status and queries sit in other groups, so they never wait for an image callback to finish.
+- ingest: two owned threads. The pose thread: TF lookup of ``T_world_cam`` at the image stamp (waiting up to
+  ``tf_timeout_s``, interpolated by the TF buffer); with a depth topic, the depth image of the same stamp
+  (within ``depth_stamp_tolerance_s``) from a bounded buffer the depth callback fills, waiting up to
   ``depth_wait_s`` because depth may arrive after colour (no match: ingested without depth, counted as
-  in TrainingStatus.frames_without_depth, not a drop); then ``engine.add_frame`` (a frame it does not keep
-  as a keyframe is counted in frames_not_keyframe, not as a drop).
+  in TrainingStatus.frames_without_depth, not a drop); then onto a second bounded queue. The add thread:
+  ``engine.add_frame`` (a frame it does not keep as a keyframe is counted in frames_not_keyframe, not as a
+  drop). Apart, so that a frame waiting for the engine lock is posed while its TF is still in the buffer:
+  one thread made frames queued behind a slow add_frame fail as tf_extrapolation once time jumped back
+  (the TF buffer cleared) or the cache time passed. When time jumps back (``compat.tf.tf_health``), the
+  frames still waiting for a pose stamped after the time jumped to are dropped as "time_jump".
 - training worker (``core.training.worker.TrainingWorker``, owned): ``engine.step`` in a loop; the engine
   computes keyframe features first and trains once ``min_keyframes`` keyframes have them.
 - ``control`` group: pause / reset / save_map / load_map services; ``status`` group: the status timer and
@@ -42,6 +51,9 @@ empties it; a loaded map replaces its content.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import math
 import threading
 import time
@@ -59,7 +71,7 @@ from lerf_ros.compat import tf as compat_tf
 from lerf_ros.core.frames import scene_region
 from lerf_ros.core.frames.frame import Frame
 from lerf_ros.core.training.worker import TrainingWorker
-from lerf_ros.ros import diagnostics, ingest, lifecycle, map_io
+from lerf_ros.ros import cameras, diagnostics, ingest, lifecycle, lock_meter, map_io
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_to_ns, training_status_msg
 from lerf_ros.ros.params import TRAINER, TRAINER_NODE_NAME, ParameterError, declare_and_resolve
@@ -95,6 +107,28 @@ def make_engine(resolved):
                          f"{resolved.engine.dino_encoder.target!r}, device {v['device']!r}): {exc}") from exc
 
 
+def torch_threads_for(requested: int, cpu_count: int | None) -> int:
+    """The torch CPU thread count for ``torch_threads`` (0 = one less than the cores, at least 1).
+
+    Two OpenMP threads fighting over two busy cores made one training step hold the engine lock for
+    seconds (issue 10: up to 5.5 s, median 37 ms); a core left to the executor and the ingest thread
+    keeps the lock holds short and the image callbacks on time."""
+    return int(requested) if requested > 0 else max(1, (cpu_count or 2) - 1)
+
+
+def set_torch_threads(requested: int, logger) -> int:
+    """Set torch's intra-op threads for this process (training worker and queries alike) and log it."""
+    import os
+
+    import torch
+
+    threads = torch_threads_for(requested, os.cpu_count())
+    torch.set_num_threads(threads)
+    logger.info(f"torch CPU threads: {threads} ({'torch_threads' if requested > 0 else 'cores - 1'}, "
+                f"{os.cpu_count()} cores)")
+    return threads
+
+
 class TrainerNode(LifecycleNode):
     """Subscribes to the camera, trains the shared engine, publishes ``lerf/status``. A lifecycle node
     (``ros/lifecycle.py``): configure builds the engine (encoders, weights) and starts the journal and the
@@ -116,18 +150,43 @@ class TrainerNode(LifecycleNode):
         self.journal = None
         self.resumed = map_io.ResumeReport()  # what the journal gave the engine at start
         self.counters = ingest.DropCounter()
-        self.queue = ingest.BoundedQueue(self.settings.queue_size)
+        self.queue = ingest.BoundedQueue(self.settings.queue_size)  # frames waiting for their pose
+        self.posed = ingest.BoundedQueue(self.settings.queue_size)  # posed frames waiting for add_frame
         self.depths = ingest.DepthBuffer(self.settings.queue_size + _DEPTH_SLACK)
-        self._camera_info = None  # (CameraIntrinsics | None, error text)
-        self._lock = threading.Lock()  # guards _camera_info, _last_error, _paused, _active, worker swap
+        kf = self.params.engine.keyframes
+        rate = self.settings.max_frame_rate_hz
+        # Images skipped before conversion (rate, a camera that has not moved): the executor is not
+        # saturated converting frames that ingest would drop or the keyframe selector find redundant.
+        def decimator():
+            return ingest.Decimator(1.0 / rate if rate > 0 else 0.0, kf.min_translation_m,
+                                    kf.min_rotation_deg, kf.max_interval_s)
+
+        self.decimator = decimator()
+        self.delivery = ingest.DeliveryGaps()  # images DDS never delivered: sequence and stamp gaps
+        # One input per camera (``ros/cameras.py``: the ``cameras`` namespaces, or the one camera of the topic
+        # parameters); the first one's depth buffer, decimator and delivery gaps are the attributes above.
+        now = time.monotonic()
+        self.cameras = [
+            cameras.CameraInput(t, self.depths, now, self.decimator, self.delivery) if i == 0 else
+            cameras.CameraInput(t, ingest.DepthBuffer(self.depths.maxlen), now, decimator(),
+                                ingest.DeliveryGaps())
+            for i, t in enumerate(cameras.camera_topics(self.settings.cameras, self.settings.image_topic,
+                                                        self.settings.camera_info_topic,
+                                                        self.settings.depth_topic))]
+        self._cameras_by_name = {c.name: c for c in self.cameras}
+        self._camera_states: dict[str, str] = {}  # last state logged per camera
+        self._lock = threading.Lock()  # guards _last_error, _paused, _active, worker swap
         self._last_error = ""
+        self._no_map = ""  # why there is no map to record into (``refuse_map``); '' normally
         self._last_log: dict[str, float] = {}
         self._paused = False
         self._active = False  # lifecycle state active: frames taken, the worker runs
         self._worker: TrainingWorker | None = None  # from configure to cleanup
         self._stop = threading.Event()  # the node is shutting down (for good)
         self._ingest_stop = threading.Event()  # ends the current activation's ingest thread
-        self._ingest_thread: threading.Thread | None = None
+        self._ingest_threads: list[threading.Thread] = []  # the pose thread and the add thread
+        self._tf_base = None  # TF health at the last reset: the status counts since then
+        self._jumps_seen = 0  # time jumps (TF health) the pose thread has acted on
         self._subscriptions_active: list = []
         self._status_timers: list = []
         self._configure_error: Exception | None = None
@@ -137,8 +196,6 @@ class TrainerNode(LifecycleNode):
         self._status_lock = threading.Lock()
         self._published_state = ""
 
-        s = self.settings
-        self._camera_info_name = self.resolve_topic_name(s.camera_info_topic)  # namespace included, for logs
         from lerf_ros.msg import TrainingStatus
         from lerf_ros.srv import MapPath
 
@@ -177,12 +234,14 @@ class TrainerNode(LifecycleNode):
         built = False
         try:
             if self.slot.get() is None:
+                set_torch_threads(self.settings.torch_threads, self.get_logger())
                 self.slot.set(make_engine(self.params))
                 built = True
             if self.params.journal is not None and self.journal is None:
                 self._start_journal(self.params.journal)
             # MissingRosDependency (a ValueError) on a ROS 2 machine without tf2_ros.
             self.tf_buffer, self.tf_listener, self.tf_is_real = compat_tf.make_tf_buffer(self)
+            self._tf_base, self._jumps_seen = None, 0  # a new listener counts from 0
         except Exception as exc:  # ParameterError / ValueError from the parameters; anything the encoders
             # raise while loading: the transition fails with the reason logged, the node stays unconfigured
             self._configure_error = exc
@@ -205,8 +264,9 @@ class TrainerNode(LifecycleNode):
             self.create_timer(_STATE_WATCH_S, self.publish_status_if_state_changed,
                               callback_group=self._status_group)]
         self.get_logger().info(
-            f"training preset '{self.params.values['preset']}' on {self.params.device}; camera "
-            f"{self.resolve_topic_name(s.image_topic)} ({s.image_transport}), world frame '{s.world_frame}', "
+            f"training preset '{self.params.values['preset']}' on {self.params.device}; "
+            + ", ".join(f"camera '{c.name}' {self.resolve_topic_name(c.topics.image)}" for c in self.cameras)
+            + f" ({s.image_transport}), world frame '{s.world_frame}', "
             f"TF {'tf2_ros' if self.tf_is_real else 'compat buffer'}; /diagnostics "
             f"{compat_diagnostics.describe(self._diagnostics_real)}")
         return lifecycle.SUCCESS
@@ -216,30 +276,38 @@ class TrainerNode(LifecycleNode):
         paused it)."""
         s = self.settings
         qos, group = qos_profile_sensor_data, self._sensor_group
-        if s.image_transport == "compressed":
-            image = (CompressedImage, s.image_topic.rstrip("/") + "/compressed", self._on_image)
-        else:
-            image = (Image, s.image_topic, self._on_image)
-        topics = [image, (CameraInfo, s.camera_info_topic, self._on_camera_info)]
-        if s.depth_topic:
-            topics.append((Image, s.depth_topic, self._on_depth))
+        topics = []
+        for cam in self.cameras:  # every camera's callbacks know their camera (functools.partial)
+            t = cam.topics
+            if s.image_transport == "compressed":
+                image = (CompressedImage, t.image.rstrip("/") + "/compressed",
+                         functools.partial(self._on_image_with_info, camera=cam))
+            else:
+                image = (Image, t.image, functools.partial(self._on_image_with_info, camera=cam))
+            info = (CameraInfo, t.camera_info, functools.partial(self._on_camera_info, camera=cam))
+            topics += [image, info]
+            if t.depth:
+                topics.append((Image, t.depth, functools.partial(self._on_depth, camera=cam)))
+            cam.activated(time.monotonic())
         subs = [self.create_subscription(kind, name, callback, qos, callback_group=group)
                 for kind, name, callback in topics]
         self._subscriptions_active = subs
         self._ingest_stop = threading.Event()
-        self._ingest_thread = threading.Thread(target=self._ingest_loop, args=(self._ingest_stop,),
-                                               name="lerf-ingest", daemon=True)
-        self._ingest_thread.start()
+        self._ingest_threads = [
+            threading.Thread(target=loop, args=(self._ingest_stop,), name=name, daemon=True)
+            for loop, name in ((self._pose_loop, "lerf-ingest-pose"), (self._add_loop, "lerf-ingest-add"))]
+        for thread in self._ingest_threads:
+            thread.start()
         with self._lock:
             self._active = True
             if self._worker.state == "stopped":
                 self._worker.start()
-            if self._paused:
+            if self._paused or self._no_map:
                 self._worker.pause()
             else:
                 self._worker.resume()
-        self.get_logger().info("active: taking frames from "
-                               f"{self.resolve_topic_name(s.image_topic)} and training")
+        self.get_logger().info("active: taking frames from " + ", ".join(
+            self.resolve_topic_name(c.topics.image) for c in self.cameras) + " and training")
         self.publish_status()
         return super().on_activate(state)
 
@@ -271,14 +339,15 @@ class TrainerNode(LifecycleNode):
             self.destroy_subscription(sub)
         self._subscriptions_active = []
         self._ingest_stop.set()
-        thread = self._ingest_thread
-        if thread is not None:
+        for thread in self._ingest_threads:
             thread.join(timeout=_SHUTDOWN_TIMEOUT_S)
             if thread.is_alive():
-                self.get_logger().error(f"ingest thread did not stop within {_SHUTDOWN_TIMEOUT_S} s")
-        self._ingest_thread = None
+                self.get_logger().error(f"{thread.name} thread did not stop within {_SHUTDOWN_TIMEOUT_S} s")
+        self._ingest_threads = []
         self.queue.clear()
-        self.depths.clear()
+        self.posed.clear()
+        for cam in self.cameras:
+            cam.depths.clear()
 
     def _stop_worker(self, timeout_s: float) -> bool:
         """Stop the training worker (False when it did not end within ``timeout_s``: logged)."""
@@ -352,9 +421,13 @@ class TrainerNode(LifecycleNode):
         s = self.settings
         return TrainingWorker(self.slot.get(), steps_per_tick=s.steps_per_tick, max_steps=s.max_steps or None)
 
-    def _drop(self, reason: str, detail: str, log_key: str | None = None) -> None:
-        """Count a dropped frame; log it throttled per ``log_key`` (default: the reason)."""
+    def _drop(self, reason: str, detail: str, log_key: str | None = None, camera=None) -> None:
+        """Count a dropped frame (and for its ``camera``, a ``cameras.CameraInput``, when known); log it
+        throttled per ``log_key`` (default: the reason)."""
         self.counters.drop(reason)
+        if camera is not None:
+            camera.dropped()
+            detail = f"camera '{camera.name}': {detail}" if len(self.cameras) > 1 else detail
         now = time.monotonic()
         key = log_key or reason
         with self._lock:
@@ -368,32 +441,64 @@ class TrainerNode(LifecycleNode):
             self.get_logger().warning(f"dropped frame ({reason}): {detail}")
 
     # ------------------------------------------------------------------ subscriptions (no blocking here)
-    def _on_camera_info(self, msg: CameraInfo) -> None:
+    def _on_camera_info(self, msg: CameraInfo, camera=None) -> None:
+        """CameraInfo of ``camera`` (a ``cameras.CameraInput``; None = the first camera)."""
         try:
             entry = (ingest.intrinsics_from_camera_info(msg), "")
         except (ValueError, IndexError) as exc:
             entry = (None, str(exc))
-        with self._lock:
-            self._camera_info = entry
+        (camera or self.cameras[0]).set_info(entry)
 
-    def _on_depth(self, msg: Image) -> None:
+    def _on_depth(self, msg: Image, camera=None) -> None:
+        cam = camera or self.cameras[0]
         try:
             depth = image_conv.depth_to_metres(msg)
         except ValueError as exc:
-            self._drop(ingest.BAD_DEPTH, str(exc))
+            self._drop(ingest.BAD_DEPTH, str(exc), camera=cam)
             return
-        self.depths.put(stamp_to_ns(msg.header.stamp), depth)
+        cam.depth_received()
+        cam.depths.put(stamp_to_ns(msg.header.stamp), depth)
 
-    def _on_image(self, msg) -> None:
+    def _on_image_with_info(self, msg, message_info, camera=None) -> None:
+        """The image subscription's callback: rclpy passes the message info (its DDS sequence number) to a
+        callback that takes two arguments."""
+        self._on_image(msg, message_info, camera)
+
+    def _pose_hint(self, frame_id: str, stamp_ns: int):
+        """``T_world_cam`` at the image stamp if TF already has it, without waiting (the decimator's pose
+        check); None when unknown. Not TF's latest: after a jump back that would be a stale pose."""
+        if not (self.settings.skip_static_frames and frame_id and self.tf_buffer is not None):
+            return None
+        _, world_frame = self.slot.get_with_frame(self.settings.world_frame)
+        try:
+            return compat_tf.lookup_matrix(self.tf_buffer, world_frame, frame_id, stamp_ns, 0.0)
+        except compat_tf.TransformException:
+            return None
+
+    def _on_image(self, msg, message_info=None, camera=None) -> None:
+        """An image of ``camera`` (a ``cameras.CameraInput``; None = the first camera)."""
+        cam = camera or self.cameras[0]
+        drop = functools.partial(self._drop, camera=cam)
+        stamp_ns = stamp_to_ns(msg.header.stamp)
+        cam.delivery.observe(stamp_ns, (message_info or {}).get("publication_sequence_number"))
         self.counters.received()
-        with self._lock:
-            info = self._camera_info
+        cam.image_received(time.monotonic())
+        no_map = self._no_map
+        if no_map:  # not converted: there is no map to record into until load_map or reset
+            drop(ingest.NO_MAP, no_map)
+            return
+        info = cam.info
         if info is None:
-            self._drop(ingest.NO_CAMERA_INFO, f"no CameraInfo yet on {self._camera_info_name}")
+            drop(ingest.NO_CAMERA_INFO,
+                 f"no CameraInfo yet on {self.resolve_topic_name(cam.topics.camera_info)}")
             return
         intrinsics, info_error = info
         if intrinsics is None:
-            self._drop(ingest.BAD_INTRINSICS, info_error)
+            drop(ingest.BAD_INTRINSICS, info_error)
+            return
+        skipped = cam.decimator.decide(stamp_ns, self._pose_hint(msg.header.frame_id, stamp_ns))
+        if skipped:  # not converted: counted with the frames not kept, never as a drop
+            self.counters.not_keyframe(skipped)
             return
         try:
             if isinstance(msg, CompressedImage):
@@ -401,26 +506,26 @@ class TrainerNode(LifecycleNode):
             else:
                 rgb = image_conv.image_to_rgb(msg)
         except ValueError as exc:
-            self._drop(ingest.BAD_IMAGE, str(exc))
+            drop(ingest.BAD_IMAGE, str(exc))
             return
         h, w = rgb.shape[:2]
         if (w, h) != (intrinsics.width, intrinsics.height):
-            self._drop(ingest.SIZE_MISMATCH,
-                       f"image is {w}x{h} but CameraInfo is {intrinsics.width}x{intrinsics.height}")
+            drop(ingest.SIZE_MISMATCH,
+                 f"image is {w}x{h} but CameraInfo is {intrinsics.width}x{intrinsics.height}")
             return
         try:
             intrinsics.validate()
         except ValueError as exc:
-            self._drop(ingest.BAD_INTRINSICS, str(exc))
+            drop(ingest.BAD_INTRINSICS, str(exc))
             return
         if not msg.header.frame_id:
-            self._drop(ingest.TF_MISSING, "image header has an empty frame_id")
+            drop(ingest.TF_MISSING, "image header has an empty frame_id")
             return
-        pending = ingest.PendingFrame(rgb, intrinsics, msg.header.frame_id, stamp_to_ns(msg.header.stamp))
+        pending = ingest.PendingFrame(rgb, intrinsics, msg.header.frame_id, stamp_ns, camera=cam.name)
         if not self.queue.put(pending):
-            self._drop(ingest.QUEUE_FULL, f"ingest queue full ({self.queue.maxlen}); dropped the oldest")
+            drop(ingest.QUEUE_FULL, f"ingest queue full ({self.queue.maxlen}); dropped the oldest")
 
-    # ------------------------------------------------------------------ ingest thread
+    # ------------------------------------------------------------------ ingest threads
     def _lookup(self, target: str, source: str, stamp_ns: int, timeout_s: float):
         # Runs on the ingest thread, so waiting here never blocks the executor that feeds the TF buffer.
         return compat_tf.lookup_matrix(self.tf_buffer, target, source, stamp_ns, timeout_s)
@@ -429,20 +534,47 @@ class TrainerNode(LifecycleNode):
         """Shutting down or deactivating: a wait cut short now is not a dropped frame."""
         return self._stop.is_set() or self._ingest_stop.is_set()
 
-    def _ingest_loop(self, stop: threading.Event) -> None:
+    def _pose_loop(self, stop: threading.Event) -> None:
+        self._loop(stop, self.queue, self._pose)
+
+    def _add_loop(self, stop: threading.Event) -> None:
+        self._loop(stop, self.posed, self._add)
+
+    def _loop(self, stop: threading.Event, queue: ingest.BoundedQueue, handle) -> None:
         while not (stop.is_set() or self._stop.is_set()):
-            item = self.queue.get(timeout=0.5)
+            item = queue.get(timeout=0.5)
             if item is None:
                 continue
             try:
-                self._ingest(item)
+                handle(item)
             except Exception as exc:  # a bug must not kill the thread: report it in the status
                 self.get_logger().error(f"ingest failed: {type(exc).__name__}: {exc}",
                                         throttle_duration_sec=_LOG_THROTTLE_S)
                 self._drop(ingest.BAD_FRAME, f"{type(exc).__name__}: {exc}")
 
-    def _ingest(self, item: ingest.PendingFrame) -> None:
+    def _stale_after_jump(self) -> int | None:
+        """When time jumped back since the last call: drop the queued frames stamped after the time it
+        jumped to (the old timeline: the TF buffer cleared their transforms, so they would only wait out
+        ``tf_timeout_s`` each and fail) and return that time; else None. Pose thread only."""
+        if self.tf_buffer is None:
+            return None
+        health = compat_tf.tf_health(self.tf_buffer, self.tf_listener)
+        if health.jumps_back <= self._jumps_seen:
+            return None
+        self._jumps_seen = health.jumps_back
+        limit = health.jump_to_ns + ingest.JUMP_BACK_NS
+        for item in self.queue.remove_if(lambda it: it.stamp_ns > limit):
+            cam = self._cameras_by_name.get(item.camera, self.cameras[0])
+            self._drop(ingest.TIME_JUMP, f"image at {item.stamp_ns / 1e9:.3f} s is from before time jumped "
+                       f"back to {health.jump_to_ns / 1e9:.3f} s; its transforms were cleared", camera=cam)
+        return health.jump_to_ns
+
+    def _pose(self, item: ingest.PendingFrame) -> None:
+        """Pose thread: ``T_world_cam`` at the image stamp (and depth), then on to the add thread."""
         s = self.settings
+        cam = self._cameras_by_name.get(item.camera, self.cameras[0])
+        drop = functools.partial(self._drop, camera=cam)
+        self._stale_after_jump()
         # The engine and its frame together: a frame posed in the old map's frame never reaches a new map.
         engine, world_frame = self.slot.get_with_frame(s.world_frame)
         T_world_cam, reason, detail = ingest.lookup_pose(self._lookup, world_frame, item.frame_id,
@@ -450,28 +582,41 @@ class TrainerNode(LifecycleNode):
         if self._stopping():  # a TF wait cut short by shutdown / deactivate is not a dropped frame
             return
         if T_world_cam is None:
+            jumped_to = self._stale_after_jump()  # time jumped back while this frame waited for TF
+            if jumped_to is not None and item.stamp_ns > jumped_to + ingest.JUMP_BACK_NS:
+                reason, detail = ingest.TIME_JUMP, f"time jumped back while it waited for TF: {detail}"
             # Per frame id: a camera frame that has never had TF is news even while another one is failing.
-            self._drop(reason, detail, f"{reason}:{item.frame_id}")
+            drop(reason, detail, f"{reason}:{item.frame_id}")
             return
         depth = None
-        if s.depth_topic:
-            # Waiting here (ingest thread) never blocks the executor that delivers the depth message.
-            depth = self.depths.wait_match(item.stamp_ns, round(s.depth_stamp_tolerance_s * 1e9),
+        if cam.wants_depth:
+            # Waiting here (pose thread) never blocks the executor that delivers the depth message.
+            depth = cam.depths.wait_match(item.stamp_ns, round(s.depth_stamp_tolerance_s * 1e9),
                                            s.depth_wait_s)
             if self._stopping():
                 return
             if depth is None:
                 self.counters.note(ingest.NO_DEPTH_MATCH)
         if depth is not None and depth.shape != item.image.shape[:2]:
-            self._drop(ingest.BAD_DEPTH, f"depth {depth.shape} does not match image {item.image.shape[:2]}")
+            drop(ingest.BAD_DEPTH, f"depth {depth.shape} does not match image {item.image.shape[:2]}")
             depth = None
-        if engine is None or self.slot.get_with_frame(s.world_frame) != (engine, world_frame):
+        if not self.posed.put(ingest.PosedFrame(item, T_world_cam, depth, engine, world_frame)):
+            drop(ingest.QUEUE_FULL, f"posed-frame queue full ({self.posed.maxlen}): add_frame is behind; "
+                 "dropped the oldest")
+
+    def _add(self, posed: ingest.PosedFrame) -> None:
+        """Add thread: ``engine.add_frame`` for a posed frame (it may wait for the engine lock)."""
+        item = posed.pending
+        cam = self._cameras_by_name.get(item.camera, self.cameras[0])
+        engine, now = posed.engine, self.slot.get_with_frame(self.settings.world_frame)
+        if engine is None or now != (engine, posed.world_frame):
             return  # a map was loaded (or reset) while this frame waited for TF / depth: not for the new one
         try:
-            frame = Frame(item.image, item.intrinsics, T_world_cam, item.stamp_ns, depth)
+            frame = Frame(item.image, item.intrinsics, posed.T_world_cam, item.stamp_ns, posed.depth_m,
+                          cam.name)
             result = engine.add_frame(frame)
         except ValueError as exc:
-            self._drop(ingest.BAD_FRAME, str(exc))
+            self._drop(ingest.BAD_FRAME, str(exc), camera=cam)
             return
         if not result.keyframe:
             # Not a drop: the frame was fine, the keyframe selector did not keep it ("redundant", "blurred").
@@ -490,6 +635,8 @@ class TrainerNode(LifecycleNode):
     def _on_pause(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         with self._lock:
             refusal = self._refusal(need_active=True)
+            if not refusal and self._no_map and not request.data:  # resuming would train an empty map
+                refusal = f"{self._no_map}"
             if not refusal:
                 self._paused = bool(request.data)
                 if self._paused:
@@ -510,12 +657,18 @@ class TrainerNode(LifecycleNode):
             self.get_logger().warning(f"lerf/reset refused: {refusal}", throttle_duration_sec=2.0)
             return response
         self.queue.clear()
+        self.posed.clear()
         with self._lock:
+            if self._no_map:
+                self.get_logger().info("lerf/reset: starting a fresh map, as asked (map_path was not loaded)")
+            self._no_map = ""  # the operator asked for a fresh map: recording and training start
             self._swap_worker(self._reset_engine)
-            self.depths.clear()
             self._last_error = ""
         self.counters.reset()
+        for cam in self.cameras:  # depth, decimator, delivery gaps and the camera's counts
+            cam.reset(time.monotonic())
         self.tf_buffer.clear()  # as after a time jump: transforms of the old run must not pose new frames
+        self._tf_base = compat_tf.tf_health(self.tf_buffer, self.tf_listener)  # TF counts restart
         response.success, response.message = True, "map cleared; waiting for keyframes"
         self.publish_status()
         return response
@@ -589,8 +742,10 @@ class TrainerNode(LifecycleNode):
         """Make ``engine`` (e.g. a loaded map) the one trained and queried; training goes on from it.
         ``frame``: the world frame of its data ("" = the world_frame parameter)."""
         self.queue.clear()
+        self.posed.clear()
         with self._lock:
             old = self.slot.get()
+            self._no_map = ""  # a map to record into and train
             self._swap_worker(lambda: self.slot.set(engine, frame=frame))
         if self.journal is not None and old is not engine:
             # The old engine stops recording before the journal is emptied for the new one; the new one's
@@ -607,10 +762,33 @@ class TrainerNode(LifecycleNode):
         self.get_logger().info(message)
         return message
 
+    def refuse_map(self, reason: str) -> None:
+        """The map the node was told to continue (``map_path``) is not there: state "error" with ``reason``
+        as last_error, training paused, every image dropped as "no_map" (nothing recorded, nothing written
+        to a journal), queries refused with the reason (``no_map_reason``), until ``lerf/load_map`` loads a
+        map or ``lerf/reset`` starts a fresh one. Never a fresh map started quietly."""
+        reason = (f"{reason}; nothing is recorded or trained until lerf/load_map loads a map or lerf/reset "
+                  "starts a fresh one")
+        with self._lock:
+            self._no_map = reason
+            if self._worker is not None:
+                self._worker.pause()
+        self.queue.clear()
+        self.posed.clear()
+        self.get_logger().error(reason)
+        self.publish_status()
+
+    def no_map_reason(self) -> str:
+        """Why there is no map (``refuse_map``); '' when there is one."""
+        with self._lock:
+            return self._no_map
+
     # ------------------------------------------------------------------ status
     def state_name(self) -> str:
         """TrainingStatus state: the worker's; "paused" while the node is inactive (its worker is paused)."""
         with self._lock:
+            if self._no_map:
+                return "error"
             return _STATE_NAMES[self._worker.state] if self._worker is not None else "waiting"
 
     def publish_status(self) -> None:
@@ -636,7 +814,7 @@ class TrainerNode(LifecycleNode):
         notes = self.counters.notes()
         with self._lock:
             node_error = self._last_error
-            worker_error = self._worker.last_error if self._worker is not None else None
+            worker_error = self._no_map or (self._worker.last_error if self._worker is not None else None)
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=world_frame)
         engine_status = engine.status()  # the engine lock lets status() in ahead of training steps
         if engine_status.scene_box is not None and engine_status.scene_box != self._box_reported:
@@ -648,7 +826,53 @@ class TrainerNode(LifecycleNode):
         return training_status_msg(engine_status, self.state_name(), header, received, drops,
                                    worker_error or node_error,
                                    frames_without_depth=notes.get(ingest.NO_DEPTH_MATCH, 0),
-                                   not_keyframe=self.counters.not_keyframes())
+                                   not_keyframe=self.counters.not_keyframes(),
+                                   cameras=self.camera_reports(engine_status.keyframes_by_camera),
+                                   tf=self.tf_counts())
+
+    def tf_counts(self):
+        """The TF stream's ``compat.tf.TfHealth`` (rejected, loops, jumps back, parent changes) since the
+        start or the last reset; None without a listener (unconfigured)."""
+        buffer, listener = self.tf_buffer, self.tf_listener
+        if buffer is None:
+            return None
+        health, base = compat_tf.tf_health(buffer, listener), self._tf_base
+        if base is None or base.listener != health.listener:
+            return health
+        return health._replace(
+            rejected=health.rejected - base.rejected, loops=health.loops - base.loops,
+            jumps_back=health.jumps_back - base.jumps_back,
+            parent_changes=health.parent_changes - base.parent_changes)
+
+    def camera_reports(self, keyframes_by_camera=None) -> list:
+        """Per camera (``cameras.CameraReport``): frames received and dropped, keyframes it has in the map,
+        and "ok" or why it gives nothing usable (no publisher on its topics, no CameraInfo, silent: after
+        ``cameras.SILENT_S``; logged when it changes, never fatal). keyframes_by_camera: the engine's count
+        (None: counted from the keyframe store here)."""
+        if keyframes_by_camera is None:
+            engine = self.slot.get()
+            keyframes_by_camera = {} if engine is None else collections.Counter(
+                f.camera for f in engine.store.frames())
+        suffix = "/compressed" if self.settings.image_transport == "compressed" else ""
+        now, label, out = time.monotonic(), lifecycle.state_label(self), []
+        for cam in self.cameras:
+            image = self.resolve_topic_name(cam.topics.image.rstrip("/") + suffix)
+            info = self.resolve_topic_name(cam.topics.camera_info)
+            report = cam.report(now, keyframes_by_camera.get(cam.name, 0),
+                                image_publishers=self.count_publishers(image),
+                                info_publishers=self.count_publishers(info), image_name=image, info_name=info)
+            if not self._active:  # no subscriptions: silence means nothing
+                report = dataclasses.replace(report, state=f"not subscribed (lifecycle state '{label}')")
+            elif cameras.state_kind(report.state) != self._camera_states.get(cam.name, cameras.OK):
+                # one call site per severity: rclpy refuses a call site whose severity changes
+                if report.state == cameras.OK:
+                    self.get_logger().info(f"camera '{cam.name}': {report.state}")
+                else:
+                    self.get_logger().warning(f"camera '{cam.name}': {report.state}")
+            if self._active:  # logged when the kind of state changes, not as its seconds count up
+                self._camera_states[cam.name] = cameras.state_kind(report.state)
+            out.append(report)
+        return out
 
     def _diagnose_input(self, stat):
         """diagnostic_updater task "camera input": image rate, TF failures, drops and not-kept frames."""
@@ -657,7 +881,9 @@ class TrainerNode(LifecycleNode):
         diagnostic = diagnostics.input_diagnostic(
             self.state_name(), window, received, drops, self.counters.not_keyframes(),
             self.counters.notes().get(ingest.NO_DEPTH_MATCH, 0),
-            hardware_id=self.resolve_topic_name(self.settings.image_topic))
+            hardware_id=", ".join(self.resolve_topic_name(c.topics.image) for c in self.cameras),
+            delivery=self.delivery,
+            cameras=self.camera_reports() if self.settings.cameras else None, tf=self.tf_counts())
         return compat_diagnostics.fill_stat(stat, diagnostic)
 
     def _diagnose_training(self, stat):
@@ -669,8 +895,10 @@ class TrainerNode(LifecycleNode):
                 diagnostics.TRAINING_TASK, diagnostics.WARN, f"not configured (lifecycle state '{label}')",
                 "none", (("lifecycle state", label),)))
         with self._lock:
-            error = (self._worker.last_error if self._worker is not None else None) or self._last_error
-        diagnostic = diagnostics.training_diagnostic(engine.status(), self.state_name(), error)
+            error = (self._no_map or (self._worker.last_error if self._worker is not None else None)
+                     or self._last_error)
+        diagnostic = diagnostics.training_diagnostic(engine.status(), self.state_name(), error,
+                                                     lock=lock_meter.stats_of(engine))
         return compat_diagnostics.fill_stat(stat, diagnostic)
 
     def shutdown(self, timeout_s: float = _SHUTDOWN_TIMEOUT_S) -> bool:
@@ -685,16 +913,17 @@ class TrainerNode(LifecycleNode):
         self._stop.set()
         self._ingest_stop.set()
         self.queue.close()
-        self.depths.close()
+        self.posed.close()
+        for cam in self.cameras:
+            cam.depths.close()
         clean = self._stop_worker(timeout_s)
         engine = self.slot.get()
         if self.journal is not None and clean and engine is not None:
             engine.checkpoint_journal(force=True)  # a clean stop loses no training
-        thread = self._ingest_thread
-        if thread is not None:
+        for thread in self._ingest_threads:
             thread.join(timeout=timeout_s)
             if thread.is_alive():
-                self.get_logger().error(f"shutdown: ingest thread did not stop within {timeout_s} s")
+                self.get_logger().error(f"shutdown: {thread.name} thread did not stop within {timeout_s} s")
                 clean = False
         if self.tf_listener is not None:
             compat_tf.close_tf_listener(self.tf_listener)

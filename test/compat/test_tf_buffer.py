@@ -229,10 +229,18 @@ def test_static_reparenting_newest_wins_frames_are_kept_and_loops_are_reported()
     assert b.parent_of("b") == "c"
     np.testing.assert_allclose(b.lookup_matrix("c", "b")[:3, 3], [0, 1, 0])
     assert b.counters()["parent_changes"] == 1 and b.several_parents() == {"b": ["a", "c"]}
+    assert b.counters()["loops"] == 0
+    b.take_notices()
     b.set_transform("b", "c", (0, 0, 1), (0, 0, 0, 1), 0, static=True)  # b -> c -> b
     assert b.frame_names() == ["a", "b", "c"]  # tf2 never forgets a frame name
     with pytest.raises(TransformException, match="loop"):
         b.lookup_matrix("c", "b")
+    # Counted once when it forms (a sample giving c a new parent), not again for samples along it.
+    assert b.counters()["loops"] == 1
+    [(kind, text)] = b.take_notices()
+    assert kind == "loop" and "c -> b -> c" in text
+    b.set_transform("b", "c", (0, 0, 2), (0, 0, 0, 1), 0, static=True)
+    assert b.counters()["loops"] == 1
 
 
 @pytest.fixture
@@ -267,7 +275,7 @@ def test_two_parents_are_counted_reported_and_the_newest_answers_latest(two_pare
     # Through map (the parent at 4 s) and back down to odom: 12 - 100.
     np.testing.assert_allclose(two_parents.lookup_matrix("odom", "base", 4 * S)[:3, 3], [-88, 0, 0])
     assert two_parents.parent_of("base") == "map"
-    assert two_parents.counters() == {"parent_changes": 1, "jumps_back": 0, "old_data": 0}
+    assert two_parents.counters() == {"parent_changes": 1, "jumps_back": 0, "old_data": 0, "loops": 0}
     assert two_parents.several_parents() == {"base": ["map", "odom"]}
     notices = two_parents.take_notices()
     assert [kind for kind, _ in notices] == ["parent_change"]

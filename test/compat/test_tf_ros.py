@@ -275,6 +275,13 @@ def test_real_tf2_ros_path_with_stand_in_module(monkeypatch):
     buf.set_transform_static(tf_msg("world", "island", (0, 0, 0), (0, 0, 0, 1), 0), "test")
     with pytest.raises(fake.ConnectivityException):
         buf.lookup_transform("island", OPT, Time())
-    buffer, listener, is_real = mod.make_tf_buffer("node", cache_time_s=2.5)
-    assert is_real and buffer == ("Buffer", int(2.5 * S), "node")
-    assert listener.args == (buffer, "node", False)
+    jumps = []  # the node clock's jump callbacks registered beside tf2_ros's (tf_health counts them)
+    clock = types.SimpleNamespace(create_jump_callback=lambda threshold, post_callback: jumps.append(
+        post_callback) or types.SimpleNamespace(unregister=lambda: jumps.clear()))
+    node = types.SimpleNamespace(get_logger=lambda: None, get_clock=lambda: clock)
+    buffer, listener, is_real = mod.make_tf_buffer(node, cache_time_s=2.5)
+    assert is_real and buffer == ("Buffer", int(2.5 * S), node)
+    assert listener.args == (buffer, node, False)
+    assert len(jumps) == 1 and mod.tf_health(buffer, listener) == mod.TfHealth("tf2_ros")
+    mod.close_tf_listener(listener)
+    assert jumps == []

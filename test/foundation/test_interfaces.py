@@ -153,6 +153,16 @@ def test_training_status_constants_and_fields():
         "scene_box_source": "string",
         "journal_bytes": "uint64",
         "journal_skipped": "uint64",
+        "tf_listener": "string",
+        "tf_rejected": "uint64",
+        "tf_loops": "uint64",
+        "tf_jumps_back": "uint64",
+        "tf_parent_changes": "uint64",
+        "camera_names": "sequence<string>",
+        "camera_frames_received": "sequence<uint64>",
+        "camera_frames_dropped": "sequence<uint64>",
+        "camera_keyframes": "sequence<uint32>",
+        "camera_states": "sequence<string>",
     }
     msg = TrainingStatus(step=2**40, loss_names=["rgb"], loss_values=[0.25])
     assert msg.step == 2**40 and list(msg.loss_values) == [0.25]

@@ -65,6 +65,9 @@ def bad(tmp_path_factory):
     node = launcher(tmp_path_factory.mktemp("ros_bad") / "trainer.log",
                     "image_topic:=/bad/camera/image", "camera_info_topic:=/bad/camera/camera_info",
                     f"tf_timeout_s:={TF_TIMEOUT_S}", f"queue_size:={QUEUE_SIZE}", "status_rate_hz:=5.0",
+                    # every image reaches conversion and the queue (the skipping before it is tested in
+                    # test_ros_load_handling.py): the bad inputs and the queue bound are what is probed here
+                    "max_frame_rate_hz:=0.0", "skip_static_frames:=false",
                     mode="trainer")
     client = Client("bad_input_client")
     pubs = {
@@ -199,3 +202,79 @@ def test_60hz_flood_keeps_memory_bounded_and_counts_drops(bad):
     assert node.alive
     client.wait_status(lambda s: s.frames_received >= after.frames_received, 10.0, "status still published",
                        node)
+
+
+def _tf(parent: str, child: str, stamp_ns: int, x: float = 0.0) -> TransformStamped:
+    msg = transform(child, stamp_ns, x)
+    msg.header.frame_id = parent
+    return msg
+
+
+def _status_until(bad, predicate, what: str, publish, timeout: float = 15.0):
+    """Call ``publish(now_ns)`` every 0.25 s until a status satisfies ``predicate``; return that status."""
+    client = bad["client"]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        publish(time.time_ns())
+        client.spin_for(0.25)
+        if client.statuses and predicate(client.statuses[-1]):
+            assert bad["node"].alive
+            return client.statuses[-1]
+    raise AssertionError(f"{what}: not in the status within {timeout} s\n{bad['node'].log()}")
+
+
+def test_tf_rejections_loops_and_jumps_back_are_counted_in_the_status(bad):
+    """Issue 10: a NaN transform, a TF loop and time jumping back each show in TrainingStatus (tf_rejected,
+    tf_loops and the tf_loop drops, tf_jumps_back); a loop stops dropping frames once the looping transform
+    stops. Last in the file: the loop and the accepted frames would disturb the cases above."""
+    pubs = bad["pubs"]
+    base = bad["client"].status(child=bad["node"])
+    assert base.tf_listener == "substitute"  # no tf2_ros on this machine: the package's own listener
+
+    def send(*transforms):
+        pubs["tf"].publish(TFMessage(transforms=list(transforms)))
+
+    nan_quaternion = _tf("map", "nan_q_cam", 0)
+    nan_quaternion.transform.rotation.w = math.nan
+    rejected = _status_until(bad, lambda s: s.tf_rejected >= base.tf_rejected + 2, "NaN transforms rejected",
+                             lambda now: send(_tf("map", "nan_t_cam", now, math.nan), nan_quaternion))
+    assert rejected.tf_loops == base.tf_loops and rejected.tf_jumps_back == base.tf_jumps_back
+
+    # map becomes a child of loop_base, itself a child of map: every lookup through them loops.
+    info = camera_info()
+    loop_img = image("loop_cam")
+
+    def looped(now):
+        for stamp in (now - NS // 2, now + NS // 2):
+            send(_tf("map", "loop_base", stamp), _tf("loop_base", "loop_cam", stamp),
+                 _tf("loop_base", "map", stamp))
+        for msg in (info, loop_img):
+            _stamp(msg, now)
+        pubs["info"].publish(info)
+        pubs["image"].publish(loop_img)
+
+    loop = _status_until(bad, lambda s: drops(s).get("tf_loop", 0) > drops(base).get("tf_loop", 0),
+                         "a frame dropped as tf_loop", looped)
+    assert loop.tf_loops > base.tf_loops, (loop.tf_loops, base.tf_loops)
+    _wait_for_log(bad, "TF:", "closes a loop")
+
+    # The looping transform stops: frames stamped after it are posed again (map's link has no data there).
+    def healed(now):
+        stamp = now + 2 * NS  # after every loop sample sent above
+        for t in (stamp - NS // 2, stamp + NS // 2):
+            send(_tf("map", "loop_base", t), _tf("loop_base", "loop_cam", t))
+        for msg in (info, loop_img):
+            _stamp(msg, stamp)
+        pubs["info"].publish(info)
+        pubs["image"].publish(loop_img)
+
+    after = _status_until(bad, lambda s: s.keyframes + s.frames_not_keyframe
+                          > loop.keyframes + loop.frames_not_keyframe, "a frame posed after the loop", healed)
+    assert after.tf_loops == loop.tf_loops  # no new loop closed
+
+    # Time jumps back 5 s on /tf (a bag loop): the dynamic transforms are cleared and counted.
+    jumped = _status_until(bad, lambda s: s.tf_jumps_back > base.tf_jumps_back, "a jump back in /tf",
+                           lambda now: send(_tf("map", "jump_base", now + 3 * NS),
+                                            _tf("map", "jump_base", now - 5 * NS)))
+    assert jumped.tf_jumps_back >= base.tf_jumps_back + 1
+    _wait_for_log(bad, "TF:", "jumped back")

@@ -109,7 +109,9 @@ def test_the_write_runs_off_the_engine_lock_on_a_copy_training_cannot_change(eng
     assert any(not torch.equal(v, before[k]) for k, v in engine.model.state_dict().items())
 
 
-def test_a_failed_save_leaves_no_frame_record_of_another_map(engine, tmp_path, monkeypatch):
+def test_a_failed_save_leaves_the_previous_directory_as_it_was(engine, tmp_path, monkeypatch):
+    # The map is written into a staging directory and moved in only when complete: a save that fails leaves
+    # what was at the path (here only another map's frame record) untouched, and no staging directory.
     root = tmp_path / "m"
     root.mkdir()
     (root / map_io.MAP_INFO).write_text(json.dumps({"world_frame": "old_map"}))
@@ -120,7 +122,9 @@ def test_a_failed_save_leaves_no_frame_record_of_another_map(engine, tmp_path, m
     monkeypatch.setattr(checkpoint, "save_map", disk_full)
     with pytest.raises(OSError, match="No space"):
         map_io.save_map_dir(engine, root, "map")
-    assert map_io.read_world_frame(root) is None
+    assert map_io.read_world_frame(root) == "old_map"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in root.iterdir()) == [map_io.MAP_INFO]
 
 
 @pytest.mark.parametrize("text", ["{", '{"world_frame": "/map"}', '{"world_frame": 3}', "[]", '{"x": 1}'])

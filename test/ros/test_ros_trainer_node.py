@@ -77,7 +77,10 @@ def trainer():
     try:
         node = TrainerNode(EngineSlot(engine), node_name="trainer_under_test", parameter_overrides=[
             Parameter("tf_timeout_s", value=0.05), Parameter("queue_size", value=3),
-            Parameter("depth_topic", value="/camera/depth"), Parameter("status_rate_hz", value=0.5)])
+            Parameter("depth_topic", value="/camera/depth"), Parameter("status_rate_hz", value=0.5),
+            # These tests follow every image through ingest: none is skipped before conversion here
+            # (test_ros_decimation.py tests the skipping).
+            Parameter("max_frame_rate_hz", value=0.0), Parameter("skip_static_frames", value=False)])
         yield node, engine
     finally:
         if node is not None:
@@ -319,6 +322,81 @@ def test_diagnostics_tasks_report_the_node_counters(trainer):
     values = {kv.key: kv.value for kv in training.values}
     assert values["state"] == "waiting" and values["keyframes"] == "4"  # the fake engine counts every frame
     assert training.level == bytes([0]) and training.message.startswith("waiting, step 0, 4 keyframes")
+
+
+class GatedEngine(FakeEngine):
+    """``add_frame`` waits until ``gate`` is set: the engine lock held by a long step or by features."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+
+    def add_frame(self, frame):
+        assert self.gate.wait(20.0)
+        return super().add_frame(frame)
+
+
+@pytest.fixture
+def slow_tf_trainer():
+    """A trainer whose TF wait (2 s) outlasts what the tests do meanwhile; add_frame gated."""
+    rclpy.init()
+    engine = GatedEngine()
+    node = None
+    try:
+        node = TrainerNode(EngineSlot(engine), node_name="trainer_jumps", parameter_overrides=[
+            Parameter("tf_timeout_s", value=2.0), Parameter("queue_size", value=3),
+            Parameter("status_rate_hz", value=0.5), Parameter("max_frame_rate_hz", value=0.0),
+            Parameter("skip_static_frames", value=False)])
+        node._on_camera_info(info_msg())
+        yield node, engine
+    finally:
+        if node is not None:
+            engine.gate.set()
+            node.shutdown()
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def test_frames_posed_before_a_jump_back_reach_the_engine_behind_a_slow_add_frame(slow_tf_trainer):
+    """Issue 10 (bag loop): frames are posed as soon as their TF is there, not when add_frame gets to them;
+    frames that waited behind a slow add_frame are not lost when time then jumps back and TF is cleared."""
+    node, engine = slow_tf_trainer
+    for i in range(5):
+        put_tf(node, 10 * NS + i * NS // 2, 0.1 * i)
+    for i in range(3):
+        node._on_image(rgb_image(10 * NS + (i + 1) * NS // 4)[0])
+    wait_until(lambda: len(node.queue) == 0 and len(node.posed) == 2)  # one more is in add_frame
+    put_tf(node, 1 * NS, 0.0)  # the bag starts over: the TF buffer clears its dynamic transforms
+    assert node.tf_counts().jumps_back == 1
+    engine.gate.set()
+    wait_until(lambda: len(engine.frames) == 3)
+    assert node.counters.snapshot()[1] == {}
+    np.testing.assert_allclose([f.T_world_cam[0, 3] for f in engine.frames], [0.05, 0.1, 0.15])
+
+
+def test_queued_frames_of_the_old_timeline_are_dropped_as_time_jump(slow_tf_trainer):
+    """On a jump back the frames still waiting for their pose and stamped after the time jumped to are
+    dropped at once as "time_jump" (their TF was cleared), not waited for and counted as tf_extrapolation;
+    frames of the new timeline are posed and taken."""
+    node, engine = slow_tf_trainer
+    engine.gate.set()
+    for i in range(5):
+        put_tf(node, 10 * NS + i * NS // 2, 0.1 * i)
+    node._on_image(rgb_image(12 * NS + NS // 2)[0])  # after the TF: the pose thread waits for it (2 s)
+    wait_until(lambda: len(node.queue) == 0)
+    node._on_image(rgb_image(11 * NS)[0])  # posable now, but queued behind the wait
+    node._on_image(rgb_image(11 * NS + NS // 5)[0])
+    put_tf(node, 1 * NS, 0.0)  # time jumps back to 1 s
+    put_tf(node, 2 * NS, 1.0)
+    wait_until(lambda: sum(node.counters.snapshot()[1].values()) == 3, timeout=10.0)
+    assert node.counters.snapshot()[1] == {"time_jump": 3}
+    node._on_image(rgb_image(1 * NS + NS // 2)[0])  # the new timeline
+    wait_until(lambda: len(engine.frames) == 1)
+    np.testing.assert_allclose(engine.frames[0].T_world_cam[0, 3], 0.5)
+    reply = node._on_reset(Trigger.Request(), Trigger.Response())  # TF state and its counts start over
+    assert reply.success and node.tf_counts().jumps_back == 0
+    with pytest.raises(Exception, match="xtrapolation"):
+        node.tf_buffer.lookup_matrix("map", "cam", 1 * NS + NS // 2)
 
 
 #: Bound on the node's exit after a signal, s: the worker finishes its current step (tiny preset: well

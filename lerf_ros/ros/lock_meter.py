@@ -1,0 +1,103 @@
+"""How long the engine lock is held and waited for, measured on the live engine (ROS-free).
+
+The engine's ``PriorityLock`` (``core/training/engine_lock.py``) lets queries, frames and status in ahead of
+training steps, but a caller still waits for the one step (or pyramid insert) that holds the lock. Whether
+that is 30 ms or 5 s is what decides query latency under load, so the nodes measure it: ``instrument``
+gives an engine a ``MeteredLock`` (the same lock, timing every outermost hold and every urgent wait) before
+any thread uses it, and ``LockStats`` is what ``/diagnostics`` reports.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from lerf_ros.core.training.engine_lock import PriorityLock
+
+
+@dataclass(frozen=True)
+class LockStats:
+    """Longest outermost hold of the lock by background work (training steps, feature inserts) and by
+    urgent callers (queries, ``add_frame``, status, save snapshots), the longest wait of an urgent caller,
+    and the number of holds, all since the lock was made or ``reset``; seconds."""
+
+    max_hold_background_s: float = 0.0
+    max_hold_urgent_s: float = 0.0
+    max_wait_urgent_s: float = 0.0
+    holds: int = 0
+
+    @property
+    def max_hold_s(self) -> float:
+        return max(self.max_hold_background_s, self.max_hold_urgent_s)
+
+
+class MeteredLock(PriorityLock):
+    """A ``PriorityLock`` that times its holds (outermost acquire to final release) and urgent waits."""
+
+    def __init__(self, clock=time.monotonic):
+        super().__init__()
+        self._clock = clock
+        self._stats_lock = threading.Lock()
+        self._stats = LockStats()
+        self._since = 0.0
+        self._background = False
+
+    def acquire(self, background: bool = False) -> bool:
+        start = self._clock()
+        nested = self._owner == threading.get_ident()  # only the owner can make this true
+        super().acquire(background)
+        if nested:
+            return True
+        now = self._clock()
+        self._since, self._background = now, background  # we own the lock now
+        if not background:
+            with self._stats_lock:
+                s = self._stats
+                self._stats = LockStats(s.max_hold_background_s, s.max_hold_urgent_s,
+                                        max(s.max_wait_urgent_s, now - start), s.holds)
+        return True
+
+    def release(self) -> None:
+        outermost = self._owner == threading.get_ident() and self._depth == 1
+        held = self._clock() - self._since
+        background = self._background
+        super().release()
+        if not outermost:
+            return
+        with self._stats_lock:
+            s = self._stats
+            if background:
+                s = LockStats(max(s.max_hold_background_s, held), s.max_hold_urgent_s, s.max_wait_urgent_s,
+                              s.holds + 1)
+            else:
+                s = LockStats(s.max_hold_background_s, max(s.max_hold_urgent_s, held), s.max_wait_urgent_s,
+                              s.holds + 1)
+            self._stats = s
+
+    def stats(self) -> LockStats:
+        with self._stats_lock:
+            return self._stats
+
+    def reset_stats(self) -> None:
+        with self._stats_lock:
+            self._stats = LockStats()
+
+
+def instrument(engine) -> MeteredLock | None:
+    """Give ``engine`` a ``MeteredLock`` (once; the same one again on later calls; None for an engine without
+    a ``PriorityLock``, e.g. a test double, and for one whose lock is held right now). Call it before any
+    other thread uses the engine: a lock swapped while a thread waits for the old one would let two in."""
+    lock = getattr(engine, "lock", None)
+    if isinstance(lock, MeteredLock) or not isinstance(lock, PriorityLock):
+        return lock if isinstance(lock, MeteredLock) else None
+    if lock._owner is not None or lock.urgent_waiting:  # in use: swapping it would let two threads in
+        return None
+    engine.lock = MeteredLock()
+    return engine.lock
+
+
+def stats_of(engine) -> LockStats | None:
+    """The engine's lock figures, None when its lock is not metered."""
+    lock = getattr(engine, "lock", None)
+    return lock.stats() if isinstance(lock, MeteredLock) else None
