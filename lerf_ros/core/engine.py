@@ -24,6 +24,8 @@ import torch
 from . import checkpoint
 from . import journal as journal_mod
 from .encoders import checked_encode_texts, is_demo_encoder, load_encoder
+from .fields import MLP, HashEncoding
+from .fields.layouts import as_torch
 from .fields.scene_box import SceneBox
 from .frames import scene_region
 from .frames.frame import Frame
@@ -33,7 +35,7 @@ from .language import candidates, view_evidence
 from .language.dense_features import Cancelled, DenseFeatureCache
 from .language.pyramid import ClipPyramid
 from .language.query import QueryResult, locate
-from .language.query_embed import multiscale_embed_fn
+from .language.query_embed import GridFeatureCache, multiscale_embed_fn
 from .language.relevancy import CANONICAL_NEGATIVES, negative_texts
 from .model import LERFModel
 from .presets import EngineConfig
@@ -71,7 +73,9 @@ class StepStats:
 @dataclass(frozen=True)
 class EngineStatus:
     """step: training steps done; keyframes: held; keyframes_pending: without CLIP / DINO features yet;
-    losses: last step's weighted terms + "total"; rays_per_s: training throughput of the last ``step``
+    losses: the weighted terms + "total" of the last step (read back at the end of every ``step`` call and
+    every ``TrainerConfig.log_every`` steps, never per step on a GPU); rays_per_s: training throughput of
+    the last ``step``
     call; gpu_mem_*_mb: torch.cuda allocated / peak (0 on the CPU); last_error: "Type: message" of the
     last failed ``step``; ready: queries can be answered; keyframes_outside_box: keyframes whose view
     mostly leaves the scene box (`keyframes_outside_box`); scene_box: ((3,), (3,)) world metres or None;
@@ -84,7 +88,8 @@ class EngineStatus:
     step now (the config's until memory ran out; kept until reset); journal_bytes: disk bytes of the attached
     journal (0 = none, `core/journal.py`); journal_skipped: its entries skipped as damaged on resume;
     gpu_mem_reserved_mb: torch.cuda's caching allocator reserve (0 on the CPU); device: the torch device the
-    engine runs on ("cpu", "cuda:0")."""
+    engine runs on ("cpu", "cuda:0"); keyframes_by_camera: {``Frame.camera``: keyframes held}; backends: the
+    neural-field backends the model runs on (`describe_backends`, "" before there is a model)."""
 
     step: int
     keyframes: int
@@ -110,6 +115,8 @@ class EngineStatus:
     journal_skipped: int = 0
     gpu_mem_reserved_mb: float = 0.0
     device: str = ""
+    keyframes_by_camera: dict = field(default_factory=dict)
+    backends: str = ""
 
     @property
     def usable(self) -> bool:
@@ -151,6 +158,20 @@ def _auto_to_torch(cfg):
     return dataclasses.replace(cfg, **changes)
 
 
+def describe_backends(model: torch.nn.Module) -> str:
+    """"hash grid: triton, MLP: torch": the backends the model's hash grids and MLPs run on ("tcnn/torch"
+    when modules differ). A Triton grid moved off CUDA runs the torch path, and is named so."""
+    grids, mlps = [], []
+    for module in model.modules():
+        if isinstance(module, HashEncoding):
+            impl = module.implementation
+            grids.append("torch" if impl == "triton" and not module.params.is_cuda else impl)
+        elif isinstance(module, MLP):
+            mlps.append(module.implementation)
+    return f"hash grid: {'/'.join(sorted(set(grids))) or 'none'}, " \
+           f"MLP: {'/'.join(sorted(set(mlps))) or 'none'}"
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +194,8 @@ class LERFEngine:
         self.clip_encoder = load_encoder(config.clip_encoder, self.device)
         self.dino_encoder = load_encoder(config.dino_encoder, self.device, dense=True)
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._grid_features = GridFeatureCache()  # language grid features of the last query points
+        self._training_calls = 0  # `_step` calls that could change the weights (the cache's key)
         self.journal = None  # core/journal.Journal recording this engine (attach_journal); kept over reset
         self._reset_state()
 
@@ -247,12 +270,9 @@ class LERFEngine:
     def add_frame(self, frame: Frame) -> AddResult:
         """Validate (ValueError, nothing changed), undistort, downsize, keyframe decision, queue features."""
         kf, source = prepare_frame_with_source(frame, self.config.ingest.max_image_side)  # no engine state
+        # Any image size and intrinsics: keyframes of several cameras (``frame.camera``) train one map; the
+        # selector judges each camera against its own last keyframe.
         with self.lock:
-            if len(self.store):
-                ref = self.store.get(self.store.ids()[0]).image.shape
-                if kf.image.shape != ref:
-                    raise ValueError(f"frame is {kf.image.shape} after ingest, keyframes are {ref}: "
-                                     f"one camera (image size) per engine")
             decision = self.selector.consider(kf)
             if not decision.accept:
                 return AddResult(False, decision.reason, None)
@@ -456,7 +476,9 @@ class LERFEngine:
         self._refit(tight)
         return True
 
-    def _build_model(self) -> None:
+    def _build_model(self, torch_modules: tuple[str, ...] = ()) -> None:
+        """A fresh model and trainer. torch_modules: MLP paths to build with PyTorch whatever the config
+        (a loaded map's MLPs that tinycudann cannot hold: ``checkpoint.portable_state``)."""
         model_cfg = self.config.model
         if self.device.type != "cuda":
             # "auto" picks tinycudann whenever CUDA is present, whatever the engine's device; its modules
@@ -464,8 +486,10 @@ class LERFEngine:
             model_cfg = _auto_to_torch(model_cfg)
         with torch.random.fork_rng(devices=[]):  # the same initial fields every run (reproducible maps)
             torch.manual_seed(0)
-            self.model = LERFModel(model_cfg, self.scene_box, self.clip_encoder.dim,
-                                   self.dino_encoder.dim).to(self.device)
+            model = LERFModel(model_cfg, self.scene_box, self.clip_encoder.dim, self.dino_encoder.dim)
+            for path in torch_modules:
+                as_torch(model, path)
+            self.model = model.to(self.device)
         self.trainer = Trainer(self.model, self.config.trainer, self.device)
 
     def _keyframe_tensors(self, ids: list[int]) -> KeyframeTensors:
@@ -501,10 +525,11 @@ class LERFEngine:
                 return StepStats(0, n_features, {}, time.perf_counter() - t0)
             n_features += 1
         if max_steps > 0:
+            self._training_calls += 1
             with self.lock.background():
                 self._maybe_refit_box()  # before training, so this call trains the new fields at once
         losses: dict[str, float] = {}
-        done = rays_done = 0
+        start, rays_done = self.train_step, 0
         t_train = time.perf_counter()
         for _ in range(max_steps):
             if self.cancel_event.is_set():
@@ -517,20 +542,29 @@ class LERFEngine:
                 kf = self._keyframe_tensors(ids)
                 rays = self._rays_per_step
                 try:
-                    losses = self._train_step(kf, rays)
-                except NonFiniteStep as exc:  # nothing applied; rolled back from the 2nd in a row on
-                    if exc.in_row >= self.config.trainer.max_nonfinite_in_row:
-                        raise RuntimeError(f"training diverged: {exc}") from exc
-                    self._last_error = f"NonFiniteStep: {exc}"
+                    # {} between reports (`TrainerConfig.log_every`): the step did not wait for the device
+                    losses = self._train_step(kf, rays) or losses
+                except NonFiniteStep as exc:  # this step ran; nothing of the non-finite ones was applied
+                    rays_done += rays
+                    self._nonfinite(exc)
                     continue
                 except OutOfMemoryStep as exc:  # nothing applied; fewer rays from the next step on
                     self._out_of_memory(exc)
                     continue
-                done += 1
                 rays_done += rays
                 self._last_train_time = time.perf_counter()  # a query during a long step(n) sees "training"
                 if self.trainer.convergence.due(self.train_step):
-                    self.trainer.evaluate(kf, self._tensors_version)
+                    try:
+                        self.trainer.evaluate(kf, self._tensors_version)  # reports the steps first
+                    except NonFiniteStep as exc:
+                        self._nonfinite(exc)
+        if self.trainer is not None and max_steps > 0:  # report what this call trained (status current)
+            with self.lock.background():
+                try:
+                    losses = self.trainer.flush() or losses
+                except NonFiniteStep as exc:
+                    self._nonfinite(exc)
+        done = max(0, self.train_step - start)  # skipped steps are not counted (the report corrected it)
         if done:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -539,6 +573,13 @@ class LERFEngine:
             self._last_train_time = time.perf_counter()
             self._refresh_candidates()
         return StepStats(done, n_features, losses, time.perf_counter() - t0)
+
+    def _nonfinite(self, exc: NonFiniteStep) -> None:
+        """Steps found non-finite (skipped; counted and rolled back by the trainer, `Trainer.flush`): noted
+        in ``last_error``; RuntimeError once ``max_nonfinite_in_row`` of them came in a row."""
+        if exc.in_row >= self.config.trainer.max_nonfinite_in_row:
+            raise RuntimeError(f"training diverged: {exc}") from exc
+        self._last_error = f"NonFiniteStep: {exc}"
 
     def _train_step(self, kf: KeyframeTensors, rays: int) -> dict[str, float]:
         """Sample ``rays`` rays and take one optimisation step; running out of GPU memory in either raises
@@ -676,6 +717,8 @@ class LERFEngine:
             kfs = [(i, self.store.get(i)) for i in ready_ids]
             n_neg, ccfg = len(negs), self.config.candidates
 
+            refine = self._refine_fn(cset, kfs, embeds[0], embeds[1:1 + len(CANONICAL_NEGATIVES)])
+
             def run(from_views: bool) -> QueryResult:
                 if from_views:
                     embed_fn = view_evidence.views_embed_fn(cset, kfs, self.pyramid, ccfg)
@@ -683,14 +726,15 @@ class LERFEngine:
                                                               embeds[1:1 + n_neg], qcfg.temperature)
                 else:
                     self.model.eval()
-                    embed_fn, rel_fn = multiscale_embed_fn(self.model, qcfg.scales_m), None
+                    embed_fn = multiscale_embed_fn(self.model, qcfg.scales_m, cache=self._grid_features,
+                                                   version=(self.train_step, self._training_calls))
+                    rel_fn = None
                 return locate(points, rgb, views, embed_fn, embeds[0], embeds[1:1 + n_neg], qcfg, threshold,
                               with_cloud, scale_range=scale_range, query_text=text,
                               competitor_embeds=embeds[1 + n_neg:], competitor_names=competitors,
                               canonical_count=len(CANONICAL_NEGATIVES),
                               view_fn=view_evidence.view_fn(cset, kfs, self.pyramid, ccfg),
-                              refine_fn=self._refine_fn(cset, kfs, embeds[0],
-                                                        embeds[1:1 + len(CANONICAL_NEGATIVES)]),
+                              refine_fn=refine,
                               relevancy_fn=rel_fn, max_results=max_results)
 
             result = run(views_only)
@@ -724,7 +768,8 @@ class LERFEngine:
         box = None if self.scene_box is None else (np.asarray(self.scene_box.min_xyz, dtype=np.float64),
                                                    np.asarray(self.scene_box.max_xyz, dtype=np.float64))
         return view_evidence.refine_fn(cset, kfs, self.pyramid, self.config.candidates, text, canon,
-                                       qcfg.temperature, qcfg.refine_radius_m, qcfg.refine_step_m, box=box)
+                                       qcfg.temperature, qcfg.refine_radius_m, qcfg.refine_step_m, box=box,
+                                       window_m=qcfg.triangulate_window_m)
 
     def _candidate_points(self, render_missing: bool = True) -> tuple[torch.Tensor, ...]:
         """Query candidates (`core.language.candidates`): points (P, 3) float32 world, rgb (P, 3) uint8,
@@ -828,7 +873,9 @@ class LERFEngine:
                 oom_events=self._oom_events, rays_per_step=self._rays_per_step,
                 journal_bytes=0 if self.journal is None else self.journal.bytes_used,
                 journal_skipped=0 if self.journal is None else self.journal.skipped,
-                gpu_mem_reserved_mb=reserved, device=str(self.device))
+                gpu_mem_reserved_mb=reserved, device=str(self.device),
+                keyframes_by_camera=dict(collections.Counter(f.camera for f in self.store.frames())),
+                backends="" if self.model is None else describe_backends(self.model))
 
 
 def _empty_result(message: str, step: int) -> QueryResult:

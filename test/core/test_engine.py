@@ -18,7 +18,7 @@ from lerf_ros.core.engine import LERFEngine, StepStats, _auto_to_torch
 from lerf_ros.core.frames.frame import Frame
 from lerf_ros.core.frames.scene_region import BELOW_GROUND_M
 from lerf_ros.core.language import candidates
-from lerf_ros.core.language.query_embed import multiscale_embed_fn
+from lerf_ros.core.language.query_embed import GridFeatureCache, multiscale_embed_fn
 from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
 from lerf_ros.core.training.engine_lock import PriorityLock
 from lerf_ros.core.training.worker import TrainingWorker
@@ -143,15 +143,20 @@ def test_first_bad_frame_leaves_empty_engine(room_frames):
     assert engine.add_frame(room_frames[0]).reason == "first"
 
 
-def test_other_camera_size_rejected_before_selection(room_frames):
+def test_second_camera_of_another_size_is_its_own_keyframe_stream(room_frames):
     engine = LERFEngine(_tiny(), "cpu")
     engine.add_frame(room_frames[0])
     room = SyntheticRoom(0)
-    other = make_frames(room, orbit_trajectory(room, 8)[3:4], default_intrinsics(40, 30))[0]
-    before = _snapshot(engine)
-    with pytest.raises(ValueError, match="one camera"):
-        engine.add_frame(other)
-    assert _snapshot(engine) == before
+    # A wrist camera of another size: its first frame is "first" (not judged against the head camera's
+    # keyframe), the same pose again is redundant for it, and the head camera's next frame still is too.
+    wrist = dataclasses.replace(
+        make_frames(room, orbit_trajectory(room, 8)[3:4], default_intrinsics(40, 30))[0], camera="wrist")
+    assert engine.add_frame(wrist).reason == "first"
+    assert engine.add_frame(dataclasses.replace(wrist, stamp_ns=wrist.stamp_ns + 1)).reason == "redundant"
+    assert engine.add_frame(dataclasses.replace(room_frames[0], stamp_ns=1)).reason == "redundant"
+    st = engine.status()
+    assert (st.keyframes, st.keyframes_by_camera) == (2, {"": 1, "wrist": 1})
+    assert [engine.store.get(i).image.shape for i in engine.store.ids()] == [(36, 48, 3), (30, 40, 3)]
 
 
 def test_distortion_undistorted_once_and_downsized(room_frames):
@@ -601,6 +606,41 @@ def test_multiscale_embed_matches_per_scale_and_evaluates_grids_once_per_block(r
     monkeypatch.setattr(model, "clip_at_points", count("single", single))
     r = engine.query("red box", with_cloud=False)
     assert r.model_step == 2 and calls == {"multi": 1, "single": 0}  # all scales from one pass
+
+
+def test_grid_feature_cache_reuses_features_until_points_or_weights_change(room_frames):
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:3], steps=2)
+    model = engine.model.eval()
+    pts = engine._candidate_points()[0][:60]
+    cache = GridFeatureCache()
+    first = cache.get(model, pts, "v1")
+    torch.testing.assert_close(first, model.language_features(pts), atol=0, rtol=0)
+    assert cache.get(model, pts.clone(), "v1") is first and cache.hits == 1  # same content, another tensor
+    assert cache.get(model, pts[:30], "v1") is not first and cache.hits == 1  # other points
+    scales = engine.config.query.scales_m
+    cached = multiscale_embed_fn(model, scales, cache=cache, version="v1")
+    plain = multiscale_embed_fn(model, scales)
+    s3 = float(np.float32(scales[3]))  # as locate passes it
+    torch.testing.assert_close(cached(pts, s3), plain(pts, s3), atol=0, rtol=0)
+    assert cache.get(model, pts, "v2") is not first  # another version of the weights
+
+    # the engine's version changes with every training call (fused Adam changes weights in place)
+    engine._grid_features = GridFeatureCache()
+    a = engine.query("red box", with_cloud=False)
+    engine.step(1)
+    misses = engine._grid_features.hits
+    engine.query("red box", with_cloud=False)
+    assert engine._grid_features.hits == misses  # recomputed after the step
+
+    # an idle engine's queries score the same points: the second pays no grid pass, and answers the same
+    a = engine.query("red box", with_cloud=False)
+    hits = engine._grid_features.hits
+    b = engine.query("red box", with_cloud=False)
+    assert engine._grid_features.hits > hits
+    assert a.found == b.found and a.relevancy == b.relevancy
+    if a.found:
+        np.testing.assert_array_equal(a.location_world, b.location_world)
 
 
 def test_auto_backend_becomes_torch_for_cpu_engines():

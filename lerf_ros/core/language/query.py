@@ -107,6 +107,9 @@ class QueryConfig:
     refine_radius_m:    a found target is moved to where the keyframes' views agree within this distance of
                         its cluster's centre (`view_evidence.refine_fn`; 0 = off), metres
     refine_step_m:      grid step of that search, metres
+    triangulate_window_m: before that search, the target is triangulated from the rays through each view's
+                        relevancy peak within this distance of it (`view_evidence.triangulate_fn`; 0 = hull
+                        only), metres
     views_fallback:     when the language field finds nothing, the engine searches the keyframes' own crop
                         embeddings (`view_evidence`) with the same existence tests (answer source "views")
     max_cloud_points:   the returned cloud keeps at most this many points (the most relevant)
@@ -125,6 +128,7 @@ class QueryConfig:
     scale_slack: float = 1.25
     refine_radius_m: float = 0.4
     refine_step_m: float = 0.03
+    triangulate_window_m: float = 0.3
     views_fallback: bool = True
     max_cloud_points: int = 20000
     temperature: float = 10.0
@@ -151,6 +155,8 @@ class QueryConfig:
                 and math.isfinite(self.refine_step_m) and self.refine_step_m > 0):
             raise ValueError(f"refine_radius_m >= 0 and refine_step_m > 0 required, got "
                              f"{self.refine_radius_m}, {self.refine_step_m}")
+        if not (math.isfinite(self.triangulate_window_m) and self.triangulate_window_m >= 0):
+            raise ValueError(f"triangulate_window_m >= 0 required, got {self.triangulate_window_m}")
         if self.refine_radius_m / self.refine_step_m > 40:
             raise ValueError(f"refine_radius_m / refine_step_m must be <= 40 (at most 81^3 grid points), "
                              f"got {self.refine_radius_m} / {self.refine_step_m}")

@@ -13,7 +13,12 @@ it has not learnt an object.
 small grid around it is scored by the mean relevancy, over the keyframes whose view reaches it, of their
 crops there. The views' high-relevancy cones intersect at the object (a visual hull of the query), so the
 centre of the best-scored region does not inherit the rendered depth's errors along each ray, which is
-what misplaces RGB-only answers.
+what misplaces RGB-only answers. Before that, ``refine_fn`` triangulates: each keyframe that sees the
+answer's neighbourhood gives the ray through the centre of its own relevancy peak there (the query's image
+position in that view), and the point closest to those rays (weighted least squares, outlier rays dropped)
+is where the views place the target. The hull's best region is flat along the mean viewing direction;
+rays from a few tens of degrees apart pin it to centimetres. The hull serves when the rays cannot
+(fewer than two views, or all from nearly one direction).
 """
 
 from __future__ import annotations
@@ -196,20 +201,146 @@ def views_relevancy_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], 
 
 def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
               cfg: CandidateConfig, text: Tensor, canon: Tensor, temperature: float, radius_m: float,
-              step_m: float, min_views: int = 3, box: tuple[np.ndarray, np.ndarray] | None = None):
-    """``fn(location (3,), scale_m) -> (3,) | None`` for `locate`: the centre of the region around
-    ``location`` (a cube of half-size radius_m, grid step step_m, clipped to ``box``) where the keyframes'
-    crops at scale_m agree most on ``text`` (module docstring). Views farther than their smallest crop
-    covers scale_m read that smallest crop: its cone is still narrow, and far views are what pin the
-    depth. A grid point counts when at least
-    ``max(min_views, half the best-covered point's)`` keyframes reach it (`in_view`); the region is the
-    points scoring within 20 % of the best above the median, weighted by their excess. None when no point
-    is reached by enough views or none scores above 0.5 (no view favours the query there)."""
+              step_m: float, min_views: int = 3, box: tuple[np.ndarray, np.ndarray] | None = None,
+              window_m: float = 0.3):
+    """``fn(location (3,), scale_m) -> (3,) | None`` for `locate`: where the keyframes' views place the
+    target found at ``location`` (module docstring): `triangulate_fn` (window half-size ``window_m``; 0 =
+    off) when the rays meet within the hull's search cube's reach (``radius_m`` x sqrt 3) of ``location``
+    (and inside ``box``), else the views' hull (`hull_fn`)."""
+    reach = radius_m * math.sqrt(3.0)
+    cells = _CellRelevancy(pyramid, text, canon, temperature)
+    hull = hull_fn(cset, frames, pyramid, cfg, cells, radius_m, step_m, min_views, box)
+    rays = triangulate_fn(cset, frames, pyramid, cfg, cells, window_m) if window_m > 0 else None
+
+    def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:
+        where = None if rays is None else rays(location, scale_m)
+        if where is not None and (np.linalg.norm(where - location) > reach
+                                  or (box is not None and not np.all((where >= box[0]) & (where <= box[1])))):
+            where = None
+        return hull(location, scale_m) if where is None else where
+
+    return fn
+
+
+#: `triangulate_fn`: relevancy samples per window side; the least spread of ray directions (degrees)
+#: that can pin a point (below it the rays are near parallel: depth along them is undetermined); rays
+#: farther than max(TRI_OUTLIER_M, 2 x the median) from the solution are dropped and it is solved again.
+TRI_SAMPLES, TRI_MIN_SPREAD_DEG, TRI_OUTLIER_M = 15, 5.0, 0.1
+
+
+def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
+                   cfg: CandidateConfig, cells: _CellRelevancy, window_m: float, min_rays: int = 2):
+    """``fn(location (3,), scale_m) -> (3,) | None``: the point closest to the rays through each view's
+    relevancy peak around ``location``.
+
+    Per keyframe that reaches ``location`` (`in_view`, as in `hull_fn`): the query's relevancy at scale_m
+    on a TRI_SAMPLES² pixel window spanning ±window_m there (at least half inside the image); a view whose
+    window peaks at or below 0.5 (it does not favour the query) is left out; else the ray through the
+    centroid of the window's pixels within 20 % of the peak above the window median, weighted by the
+    peak's excess. A second pass re-centres the windows on the first pass's point. None with fewer than
+    ``min_rays`` rays or rays within TRI_MIN_SPREAD_DEG of one direction."""
+    by_id = dict(frames)
+    ax = np.linspace(-1.0, 1.0, TRI_SAMPLES)
+    offsets = np.stack(np.meshgrid(ax, ax), axis=-1).reshape(-1, 2)
+
+    def ray(kf_id: int, kf: Frame, uv: np.ndarray, dist: float, scale_m: float):
+        k = kf.intrinsics
+        pix = uv + offsets * (window_m * k.fy / dist)
+        inside = ((pix[:, 0] >= 0) & (pix[:, 0] <= k.width - 1) & (pix[:, 1] >= 0)
+                  & (pix[:, 1] <= k.height - 1))
+        if inside.mean() < 0.5:
+            return None
+        pix = pix[inside]
+        frac = np.full(pix.shape[0], scale_m * k.fy / (k.height * dist))
+        r = cells.sample(kf_id, pix, frac).double().cpu().numpy()
+        peak, med = float(r.max()), float(np.median(r))
+        if peak <= 0.5:
+            return None
+        level = med + 0.8 * (peak - med)
+        top = r >= level
+        w = r[top] - level + 1e-3
+        u, v = (pix[top] * w[:, None]).sum(axis=0) / w.sum()
+        d_cam = np.array([(u - k.cx) / k.fx, (v - k.cy) / k.fy, 1.0])
+        d_world = kf.T_world_cam[:3, :3] @ d_cam
+        return kf.T_world_cam[:3, 3], d_world / np.linalg.norm(d_world), peak - med
+
+    def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:
+        # Windows centred off the object cut its peak on one side and pull the rays towards the start;
+        # a second pass centred on the first answer removes most of that.
+        first = once(np.asarray(location, dtype=np.float64), scale_m)
+        second = None if first is None else once(first, scale_m)
+        return first if second is None else second
+
+    def once(loc: np.ndarray, scale_m: float) -> np.ndarray | None:
+        rays = []
+        for kf_id in ([] if cset.grid_ids is None else cset.grid_ids.tolist()):
+            kf = by_id.get(int(kf_id))
+            grid = cset.grid_of(kf_id)
+            if kf is None or grid is None or not pyramid.ready(int(kf_id)):
+                continue
+            measured = kf.depth_m is not None
+            seen, uv, dist = in_view(loc[None], kf, grid, cfg.pixel_stride,
+                                     cfg.depth_tol_rel if measured else BEHIND_REL,
+                                     cfg.voxel_m if measured else BEHIND_M)
+            if seen[0]:
+                r = ray(int(kf_id), kf, uv[0], float(dist[0]), scale_m)
+                if r is not None:
+                    rays.append(r)
+        return closest_point(rays, min_rays)
+
+    return fn
+
+
+def closest_point(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
+                  min_rays: int = 2) -> np.ndarray | None:
+    """Weighted least-squares point closest to ``rays`` ((origin (3,), unit direction (3,), weight) each),
+    dropping rays farther than max(TRI_OUTLIER_M, 2 x median) from it (three rounds). None with fewer than
+    ``min_rays`` rays left or their directions all within TRI_MIN_SPREAD_DEG of each other."""
+    def solve(rs):
+        a, b = np.zeros((3, 3)), np.zeros(3)
+        for o, d, w in rs:
+            p = np.eye(3) - np.outer(d, d)
+            a += w * p
+            b += w * p @ o
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+    def miss(x, rs):
+        return np.array([np.linalg.norm((np.eye(3) - np.outer(d, d)) @ (x - o)) for o, d, _ in rs])
+
+    keep = list(rays)
+    if len(keep) < max(2, min_rays):
+        return None
+    x = solve(keep)
+    for _ in range(3):
+        m = miss(x, keep)
+        kept = [r for r, e in zip(keep, m, strict=True) if e <= max(TRI_OUTLIER_M, 2.0 * float(np.median(m)))]
+        if len(kept) < max(2, min_rays) or len(kept) == len(keep):
+            break
+        keep = kept
+        x = solve(keep)
+    dirs = np.stack([d for _, d, _ in keep])
+    spread = np.degrees(np.arccos(np.clip(dirs @ dirs.T, -1.0, 1.0))).max()
+    if spread < TRI_MIN_SPREAD_DEG or not np.all(np.isfinite(x)):
+        return None
+    if any(float(np.dot(x - o, d)) <= 0 for o, d, _ in keep):  # behind a camera: not where those views look
+        return None
+    return x
+
+
+def hull_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
+            cfg: CandidateConfig, cells: _CellRelevancy, radius_m: float, step_m: float, min_views: int = 3,
+            box: tuple[np.ndarray, np.ndarray] | None = None):
+    """``fn(location (3,), scale_m) -> (3,) | None``: the centre of the region around ``location`` (a cube
+    of half-size radius_m, grid step step_m, clipped to ``box``) where the keyframes' crops at scale_m
+    agree most on the query (module docstring). Views farther than their smallest crop covers scale_m read
+    that smallest crop: its cone is still narrow, and far views are what pin the depth. A grid point
+    counts when at least ``max(min_views, half the best-covered point's)`` keyframes reach it
+    (`in_view`); the region is the points scoring within 20 % of the best above the median, weighted by
+    their excess. None when no point is reached by enough views or none scores above 0.5 (no view favours
+    the query there)."""
     by_id = dict(frames)
     ax = np.arange(-radius_m, radius_m + 0.5 * step_m, step_m)
     cube = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3)
-
-    cells = _CellRelevancy(pyramid, text, canon, temperature)
     reach = radius_m * math.sqrt(3.0)
 
     def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:

@@ -116,3 +116,53 @@ def test_views_relevancy_is_high_on_the_named_object_and_low_elsewhere(scene):
         assert r[2] == r[:2].median()  # seen by no keyframe: the median of the others
     # the same points tensor for every scale: visibility is worked out once
     assert fn(points, 0.2).shape == (3,)
+
+
+def test_triangulation_pins_an_answer_placed_in_front_of_the_object_along_each_view(scene):
+    _, obj, eyes, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    tri = view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3)
+    for eye in eyes:
+        ray = obj.center - eye
+        start = obj.center - 0.3 * ray / np.linalg.norm(ray)  # 30 cm short of the centre along this view
+        out = tri(start, 0.1)
+        assert out is not None
+        assert np.linalg.norm(out - obj.center) < 0.04, (out, obj.center)
+    assert tri(obj.center + np.array([0.0, 0.0, 30.0]), 0.1) is None  # no view reaches it
+    # a concept the views do not show there: no ray, no placement
+    emb = enc.encode_texts(["purple torus", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    assert view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3)(obj.center, 0.1) is None
+
+
+def _rays(point, origins, weights=None):
+    weights = np.ones(len(origins)) if weights is None else weights
+    out = []
+    for o, w in zip(origins, weights, strict=True):
+        d = point - o
+        out.append((o, d / np.linalg.norm(d), float(w)))
+    return out
+
+
+def test_closest_point_meets_the_rays_and_drops_an_outlier():
+    rng = np.random.default_rng(0)
+    target = np.array([1.0, 2.0, 0.3])
+    origins = [np.array([1.0 + 2.0 * np.cos(a), 2.0 + 2.0 * np.sin(a), 1.2])
+               for a in np.radians([0, 20, 40, 60])]
+    rays = [(o, d + rng.normal(0, 0.002, 3), w) for o, d, w in _rays(target, origins)]
+    rays = [(o, d / np.linalg.norm(d), w) for o, d, w in rays]
+    out = view_evidence.closest_point(rays)
+    assert np.linalg.norm(out - target) < 0.02
+    wrong = _rays(target + np.array([0.0, 0.0, 0.5]), [np.array([3.0, 2.0, 1.2])])  # points 0.5 m above it
+    assert np.linalg.norm(view_evidence.closest_point(rays + wrong) - target) < 0.02
+
+
+def test_closest_point_refuses_what_the_rays_cannot_pin():
+    target = np.array([1.0, 2.0, 0.3])
+    assert view_evidence.closest_point(_rays(target, [np.array([0.0, 0.0, 1.0])])) is None  # one ray
+    near_parallel = [np.array([-3.0, 2.0, 1.0]), np.array([-3.0, 2.1, 1.0])]  # ~1.4 degrees apart
+    assert view_evidence.closest_point(_rays(target, near_parallel)) is None
+    # rays that meet only behind their cameras
+    behind = [(o, -d, w) for o, d, w in _rays(target, [np.array([3.0, 2.0, 1.0]), np.array([1.0, 4.0, 1.0])])]
+    assert view_evidence.closest_point(behind) is None
