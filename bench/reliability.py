@@ -42,9 +42,8 @@ def flood_publisher(width: int, height: int, hz: float, seconds: float) -> int:
     """(Child process) the room at ``width`` x ``height`` bgr8, ``hz``, TF with each image's stamp."""
     import numpy as np
     import rclpy
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    from room_publisher import RoomPlayer, camera_info_msg, transform_msg
-    from sensor_msgs.msg import CameraInfo, Image
+    from room_publisher import RoomPlayer, camera_info_msg, rig_publishers, stamp_msg, transform_msg
+    from sensor_msgs.msg import Image
     from tf2_msgs.msg import TFMessage
 
     from lerf_ros.core.frames.camera import CameraIntrinsics
@@ -61,18 +60,9 @@ def flood_publisher(width: int, height: int, hz: float, seconds: float) -> int:
         frames.append(np.ascontiguousarray(big).tobytes())
     rclpy.init()
     node = rclpy.create_node("flood_publisher")
-    latched = QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL,
-                         reliability=ReliabilityPolicy.RELIABLE)
-    tf_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-    tf_pub = node.create_publisher(TFMessage, "/tf", tf_qos)
-    static_pub = node.create_publisher(TFMessage, "/tf_static", latched)
-    image_pub = node.create_publisher(Image, "/camera/color/image_raw", 10)
-    info_pub = node.create_publisher(CameraInfo, "/camera/color/camera_info", 10)
     rig = player.rig
     t0 = time.time_ns()
-    static_pub.publish(TFMessage(transforms=[
-        transform_msg(rig.T_base_link, rig.base_frame, rig.link_frame, t0),
-        transform_msg(rig.T_link_optical, rig.link_frame, rig.optical_frame, t0)]))
+    tf_pub, image_pub, info_pub = rig_publishers(node, rig, t0)
     print("READY", flush=True)
     period_ns, sent, end = round(NS / hz), 0, time.monotonic() + seconds
     try:
@@ -84,8 +74,7 @@ def flood_publisher(width: int, height: int, hz: float, seconds: float) -> int:
                                                  transform_msg(T_odom_base, "odom", rig.base_frame, stamp)]))
             msg = Image(height=height, width=width, encoding="bgr8", is_bigendian=0, step=3 * width,
                         data=frames[k])
-            msg.header.frame_id = rig.optical_frame
-            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, NS)
+            msg.header.frame_id, msg.header.stamp = rig.optical_frame, stamp_msg(stamp)
             info_pub.publish(camera_info_msg(intr, rig.optical_frame, msg.header.stamp))
             image_pub.publish(msg)
             sent += 1
@@ -137,14 +126,19 @@ def _stop(child, timeout=30.0) -> tuple[float, int]:
     return time.monotonic() - start, child.proc.returncode
 
 
+def _timed_query(client, child, latencies: list, failures: list) -> None:
+    """One query: its latency, or its failure (first 200 characters)."""
+    start = time.monotonic()
+    try:
+        client.query(QUERY, with_cloud=False, timeout=60.0, child=child)
+        latencies.append(time.monotonic() - start)
+    except AssertionError as exc:
+        failures.append(str(exc)[:200])
+
+
 def _query_loop(client, child, stop: threading.Event, latencies: list, failures: list, pause_s: float):
     while not stop.is_set():
-        start = time.monotonic()
-        try:
-            client.query(QUERY, with_cloud=False, timeout=60.0, child=child)
-            latencies.append(time.monotonic() - start)
-        except AssertionError as exc:
-            failures.append(str(exc)[:200])
+        _timed_query(client, child, latencies, failures)
         stop.wait(pause_s)
 
 
@@ -183,12 +177,7 @@ def flood(logs: Path, width: int, height: int, hz: float, seconds: float) -> dic
         client.wait_for(lambda: "READY" in pub.log(), 120.0, "the publisher")
         end = time.monotonic() + seconds
         while time.monotonic() < end and pub.alive:
-            start = time.monotonic()
-            try:
-                client.query(QUERY, with_cloud=False, timeout=60.0, child=node)
-                latencies.append(time.monotonic() - start)
-            except AssertionError as exc:
-                failures.append(str(exc)[:200])
+            _timed_query(client, node, latencies, failures)
             client.spin_for(0.5)
         pub.proc.wait(60)
         client.spin_for(2.5)  # the last status and /diagnostics

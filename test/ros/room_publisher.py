@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import rclpy
+from builtin_interfaces.msg import Time
 from geometry_msgs.msg import TransformStamped
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
@@ -37,10 +38,15 @@ from lerf_ros.sim.scene import SyntheticRoom, camera_rig, default_intrinsics, or
 NS = 1_000_000_000
 
 
+def stamp_msg(stamp_ns: int) -> Time:
+    sec, nanosec = divmod(int(stamp_ns), NS)
+    return Time(sec=sec, nanosec=nanosec)
+
+
 def transform_msg(T: np.ndarray, parent: str, child: str, stamp_ns: int) -> TransformStamped:
     msg = TransformStamped()
     msg.header.frame_id, msg.child_frame_id = parent, child
-    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(int(stamp_ns), NS)
+    msg.header.stamp = stamp_msg(stamp_ns)
     t, q = T[:3, 3], matrix_to_quat(T[:3, :3])
     tr = msg.transform.translation
     tr.x, tr.y, tr.z = (float(v) for v in t)
@@ -90,6 +96,32 @@ class RoomPlayer:
         return interpolate(mo0, mo1, ratio) @ interpolate(ob0, ob1, ratio) @ self.rig.T_base_optical
 
 
+def image_msg(array: np.ndarray, encoding: str, frame_id: str, stamp) -> Image:
+    """sensor_msgs/Image of ``array`` (H, W[, C]) with that encoding, frame and stamp."""
+    h, w = array.shape[:2]
+    msg = Image(height=h, width=w, encoding=encoding, is_bigendian=0, step=array.strides[0],
+                data=np.ascontiguousarray(array).tobytes())
+    msg.header.frame_id, msg.header.stamp = frame_id, stamp
+    return msg
+
+
+def rig_publishers(node, rig, t0_ns: int):
+    """/tf, camera image and CameraInfo publishers on ``node`` (reliable: they reach best-effort sensor-data
+    subscribers too), after the rig's static transforms went out on a latched /tf_static."""
+    latched = QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                         reliability=ReliabilityPolicy.RELIABLE)
+    tf_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    tf_pub = node.create_publisher(TFMessage, "/tf", tf_qos)
+    static_pub = node.create_publisher(TFMessage, "/tf_static", latched)
+    image_pub = node.create_publisher(Image, "/camera/color/image_raw", 10)
+    info_pub = node.create_publisher(CameraInfo, "/camera/color/camera_info", 10)
+    static_pub.publish(TFMessage(transforms=[
+        transform_msg(rig.T_base_link, rig.base_frame, rig.link_frame, t0_ns),
+        transform_msg(rig.T_link_optical, rig.link_frame, rig.optical_frame, t0_ns),
+    ]))
+    return tf_pub, image_pub, info_pub
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-hz", type=float, default=4.0)
@@ -103,20 +135,9 @@ def main(argv=None) -> int:
     player = RoomPlayer(args.tf_samples, args.tf_hz, args.width, args.height)
     rclpy.init()
     node = Node("room_publisher")
-    latched = QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL,
-                         reliability=ReliabilityPolicy.RELIABLE)
-    tf_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-    tf_pub = node.create_publisher(TFMessage, "/tf", tf_qos)
-    static_pub = node.create_publisher(TFMessage, "/tf_static", latched)
-    # Reliable image QoS reaches a best-effort (sensor-data) subscriber too.
-    image_pub = node.create_publisher(Image, "/camera/color/image_raw", 10)
-    info_pub = node.create_publisher(CameraInfo, "/camera/color/camera_info", 10)
     rig = player.rig
     t0 = time.time_ns()
-    static_pub.publish(TFMessage(transforms=[
-        transform_msg(rig.T_base_link, rig.base_frame, rig.link_frame, t0),
-        transform_msg(rig.T_link_optical, rig.link_frame, rig.optical_frame, t0),
-    ]))
+    tf_pub, image_pub, info_pub = rig_publishers(node, rig, t0)
     print("READY", flush=True)
 
     image_dt_ns = round(NS / args.image_hz)
@@ -139,10 +160,7 @@ def main(argv=None) -> int:
             t_img = image_offset_ns + next_image * image_dt_ns
             if t0 + t_img <= now:
                 rgb, _depth = player.room.render(player.camera_pose(t_img), player.intr)
-                msg = Image(height=player.intr.height, width=player.intr.width, encoding="rgb8",
-                            is_bigendian=0, step=3 * player.intr.width, data=rgb.tobytes())
-                msg.header.frame_id = rig.optical_frame
-                msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(t0 + t_img, NS)
+                msg = image_msg(rgb, "rgb8", rig.optical_frame, stamp_msg(t0 + t_img))
                 info_pub.publish(camera_info_msg(player.intr, rig.optical_frame, msg.header.stamp))
                 image_pub.publish(msg)
                 next_image += 1

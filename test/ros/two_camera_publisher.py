@@ -28,7 +28,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from tf2_msgs.msg import TFMessage
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from room_publisher import camera_info_msg, transform_msg
+from room_publisher import camera_info_msg, image_msg, stamp_msg, transform_msg
 
 from lerf_ros.sim import two_cameras
 from lerf_ros.sim.scene import SyntheticRoom
@@ -53,14 +53,6 @@ class Camera:
         return self.pose_fn(phase if phase <= 1.0 else 2.0 - phase)
 
 
-def _image(array: np.ndarray, encoding: str, frame_id: str, stamp) -> Image:
-    h, w = array.shape[:2]
-    msg = Image(height=h, width=w, encoding=encoding, is_bigendian=0, step=array.strides[0],
-                data=np.ascontiguousarray(array).tobytes())
-    msg.header.frame_id, msg.header.stamp = frame_id, stamp
-    return msg
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--head-hz", type=float, default=4.0)
@@ -78,6 +70,12 @@ def main(argv=None) -> int:
                    args.lap_s, 0.05),
             Camera(node, "wrist_camera", two_cameras.WRIST_INTRINSICS,
                    lambda s: two_cameras.wrist_pose(room, s), args.wrist_hz, args.lap_s, 0.12)]
+    # One pass only: start it once the trainer has matched every camera's topics (discovery takes a while
+    # on a loaded machine, and images sent before that are lost to it).
+    pubs = [tf_pub, *(p for c in cams for p in (c.image, c.info))]
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline and any(p.get_subscription_count() == 0 for p in pubs):
+        time.sleep(0.05)
     print("READY", flush=True)
     t0 = time.time_ns()
     end_ns = t0 + round(args.laps * args.lap_s * NS) if args.laps > 0 else None
@@ -93,10 +91,10 @@ def main(argv=None) -> int:
                 T = cam.pose(cam.next_ns / NS)
                 rgb, depth = room.render(T, cam.intr)
                 tf_pub.publish(TFMessage(transforms=[transform_msg(T, "map", cam.frame_id, stamp_ns)]))
-                stamp = transform_msg(T, "map", cam.frame_id, stamp_ns).header.stamp
-                cam.depth.publish(_image(depth.astype("<f4"), "32FC1", cam.frame_id, stamp))
+                stamp = stamp_msg(stamp_ns)
+                cam.depth.publish(image_msg(depth.astype("<f4"), "32FC1", cam.frame_id, stamp))
                 cam.info.publish(camera_info_msg(cam.intr, cam.frame_id, stamp))
-                cam.image.publish(_image(rgb, "rgb8", cam.frame_id, stamp))
+                cam.image.publish(image_msg(rgb, "rgb8", cam.frame_id, stamp))
                 cam.next_ns += cam.period_ns
             wake = t0 + min(c.next_ns for c in cams)
             time.sleep(max(0.0, (wake - time.time_ns()) / NS))
