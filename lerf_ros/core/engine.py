@@ -37,13 +37,13 @@ from .language.pyramid import ClipPyramid
 from .language.query import QueryResult, locate
 from .language.query_embed import GridFeatureCache, multiscale_embed_fn
 from .language.relevancy import CANONICAL_NEGATIVES, negative_texts
-from .model import LERFModel
+from .model import LanguageSnapshot, LERFModel
 from .presets import EngineConfig
 from .training import salience
 from .training.convergence import ConvergenceSignals
 from .training.engine_lock import PriorityLock
 from .training.recovery import OutOfMemoryStep, halved_rays, oom_reason, release_cuda_cache
-from .training.trainer import KeyframeTensors, NonFiniteStep, Trainer, sample_ray_batch
+from .training.trainer import KeyframeTensors, NonFiniteStep, Trainer, sample_ray_batch, warm_up_optimizers
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,13 @@ class LERFEngine:
         self._grid_features = GridFeatureCache()  # language grid features of the last query points
         self._training_calls = 0  # `_step` calls that could change the weights (the cache's key)
         self.journal = None  # core/journal.Journal recording this engine (attach_journal); kept over reset
+        # Queries scoring outside the lock, and the pyramid entries of keyframes evicted meanwhile (removed
+        # once no query reads them: a freed slot may be refilled by another keyframe's features)
+        self._readers_lock = threading.Lock()
+        self._readers = 0
+        self._deferred_removals: list[tuple[ClipPyramid, int]] = []
         self._reset_state()
+        warm_up_optimizers()  # its lazy imports would otherwise hold the lock for seconds at the first step
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
@@ -222,6 +228,8 @@ class LERFEngine:
         self._depends, self._depends_key = False, None  # candidates need rendered depth (per kf version)
         self.model: LERFModel | None = None
         self.trainer: Trainer | None = None
+        self._serving: LanguageSnapshot | None = None  # the queries' copy of the language field
+        self._serving_key: tuple | None = None
         self._generator = torch.Generator(device=self.device).manual_seed(0)
         self._losses: dict[str, float] = {}
         self._rays_per_s = 0.0
@@ -273,6 +281,7 @@ class LERFEngine:
         # Any image size and intrinsics: keyframes of several cameras (``frame.camera``) train one map; the
         # selector judges each camera against its own last keyframe.
         with self.lock:
+            self._remove_deferred()
             decision = self.selector.consider(kf)
             if not decision.accept:
                 return AddResult(False, decision.reason, None)
@@ -293,11 +302,26 @@ class LERFEngine:
         self._bump_data()
         return AddResult(True, decision.reason, kf_id)
 
+    def _remove_deferred(self) -> None:
+        """Remove the pyramid entries `_evict` kept for queries in flight, once none is. Caller holds the
+        lock."""
+        with self._readers_lock:
+            if self._readers or not self._deferred_removals:
+                return
+            done, self._deferred_removals = self._deferred_removals, []
+        for pyramid, kf_id in done:
+            if kf_id not in self.store or pyramid is not self.pyramid:
+                pyramid.remove(kf_id)
+
     def _evict(self, kf_id: int) -> None:
         self._sources.pop(kf_id, None)
         if kf_id in self._pending:
             self._pending.remove(kf_id)
-        self.pyramid.remove(kf_id)
+        with self._readers_lock:
+            if self._readers:  # a query outside the lock may read this keyframe's crops: not yet
+                self._deferred_removals.append((self.pyramid, kf_id))
+            else:
+                self.pyramid.remove(kf_id)
         self.dense.remove(kf_id)
         self._kf_version += 1
 
@@ -313,6 +337,7 @@ class LERFEngine:
         keyframe was evicted meanwhile.
         """
         with self.lock.background():
+            self._remove_deferred()
             if not self._pending:
                 return False
             kf_id = self._pending.popleft()
@@ -693,12 +718,13 @@ class LERFEngine:
             frames = self.store.frames()
             views_only = (not field_ready and len(ready_ids) >= self.config.ingest.min_keyframes
                           and not candidates.needs_rendered_depth(frames))
+            step = self.train_step
             if not field_ready and not views_only:
                 pending = len(self._pending)
                 return _empty_result(
                     f"no model yet: {len(ready_ids)} keyframes with features "
                     f"(need {self.config.ingest.min_keyframes}), {pending} pending, "
-                    f"step {self.train_step}", self.train_step)
+                    f"step {step}", step)
             embeds = self._text_embeds([text, *negs, *competitors])
             # While training runs, the worker makes the rendered grids (`_refresh_candidates`) and a query
             # leaves out keyframes it has not reached; an idle engine (a loaded map) renders them here.
@@ -715,25 +741,36 @@ class LERFEngine:
                 inside = ((points >= lo) & (points <= hi)).all(dim=1)
                 views = torch.where(inside, views, torch.zeros_like(views))
             kfs = [(i, self.store.get(i)) for i in ready_ids]
-            n_neg, ccfg = len(negs), self.config.candidates
-
+            n_neg, ccfg, pyramid = len(negs), self.config.candidates, self.pyramid
             refine = self._refine_fn(cset, kfs, embeds[0], embeds[1:1 + len(CANONICAL_NEGATIVES)])
-
+            # The scoring below reads a copy of the language field and this keyframe set (their pyramid
+            # entries stay until the query ends, `_evict`), so it runs outside the lock: training, frames
+            # and other queries go on meanwhile. A field that cannot be copied is read under the lock.
+            language = None if views_only else self._serving_language()
+            if language is None and not views_only:
+                self.lock.acquire()  # held on through the scoring (released in the finally below)
+            hold = language is None and not views_only
+            with self._readers_lock:
+                self._readers += 1
+        try:
             def run(from_views: bool) -> QueryResult:
                 if from_views:
-                    embed_fn = view_evidence.views_embed_fn(cset, kfs, self.pyramid, ccfg)
-                    rel_fn = view_evidence.views_relevancy_fn(cset, kfs, self.pyramid, ccfg, embeds[0],
+                    embed_fn = view_evidence.views_embed_fn(cset, kfs, pyramid, ccfg)
+                    rel_fn = view_evidence.views_relevancy_fn(cset, kfs, pyramid, ccfg, embeds[0],
                                                               embeds[1:1 + n_neg], qcfg.temperature)
                 else:
-                    self.model.eval()
-                    embed_fn = multiscale_embed_fn(self.model, qcfg.scales_m, cache=self._grid_features,
-                                                   version=(self.train_step, self._training_calls))
+                    source = language
+                    if source is None:
+                        self.model.eval()
+                        source = self.model
+                    embed_fn = multiscale_embed_fn(source, qcfg.scales_m, cache=self._grid_features,
+                                                   version=(step, self._training_calls))
                     rel_fn = None
                 return locate(points, rgb, views, embed_fn, embeds[0], embeds[1:1 + n_neg], qcfg, threshold,
                               with_cloud, scale_range=scale_range, query_text=text,
                               competitor_embeds=embeds[1 + n_neg:], competitor_names=competitors,
                               canonical_count=len(CANONICAL_NEGATIVES),
-                              view_fn=view_evidence.view_fn(cset, kfs, self.pyramid, ccfg),
+                              view_fn=view_evidence.view_fn(cset, kfs, pyramid, ccfg),
                               refine_fn=refine,
                               relevancy_fn=rel_fn, max_results=max_results)
 
@@ -745,18 +782,33 @@ class LERFEngine:
                 alt = run(True)
                 if alt.found:
                     result, from_views = alt, True
-            message = result.message
-            if views_only:
-                message += " [from keyframe views only: the language field has not trained yet]"
-            else:
-                if from_views:
-                    message += " [from keyframe views: the language field does not show it]"
-                conv = self.convergence()
-                if not conv.usable:
-                    message += (f" [map still converging: progress {100 * conv.progress:.0f} %, step "
-                                f"{self.train_step}]")
-            return dataclasses.replace(result, model_step=self.train_step, message=message,
-                                       source="views" if from_views else "field")
+        finally:
+            with self._readers_lock:
+                self._readers -= 1
+            if hold:
+                self.lock.release()
+        message = result.message
+        if views_only:
+            message += " [from keyframe views only: the language field has not trained yet]"
+        else:
+            if from_views:
+                message += " [from keyframe views: the language field does not show it]"
+            conv = self.convergence()
+            if not conv.usable:
+                message += (f" [map still converging: progress {100 * conv.progress:.0f} %, step "
+                            f"{step}]")
+        return dataclasses.replace(result, model_step=step, message=message,
+                                   source="views" if from_views else "field")
+
+    def _serving_language(self) -> LanguageSnapshot | None:
+        """The copy of the language field that queries read outside the lock (`LanguageSnapshot`), made
+        again once the weights may have changed; None when the field cannot be copied. Caller holds the
+        lock. Each copy is new, never refilled: a query still reading the previous one keeps it whole."""
+        key = (id(self.model), self.train_step, self._training_calls)
+        if self._serving_key != key:
+            self._serving = LanguageSnapshot.of(self.model)
+            self._serving_key = key
+        return self._serving
 
     def _refine_fn(self, cset, kfs, text: torch.Tensor, canon: torch.Tensor):
         """`view_evidence.refine_fn` within the scene box; None when switched off or when every keyframe has

@@ -7,6 +7,7 @@ change density or the proposal fields (``test_model.py`` checks the gradients ar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -131,7 +132,55 @@ def tiny_config(implementation: str = "auto") -> ModelConfig:
     )
 
 
-class LERFModel(nn.Module):
+class LanguagePointQueries:
+    """The language field's point queries, for any object with ``language`` (a `LanguageField`) and
+    ``clip_dim``: `LERFModel` and `LanguageSnapshot` (a copy that queries read outside the engine lock)."""
+
+    language: LanguageField
+    clip_dim: int
+
+    @torch.no_grad()
+    def clip_at_points(self, points: torch.Tensor, scale_m: float | torch.Tensor) -> torch.Tensor:
+        """points (N, 3) world metres; scale_m scalar or (N,) metres -> (N, clip_dim) unit."""
+        points = points.float()
+        scale = torch.as_tensor(scale_m, dtype=torch.float32, device=points.device).reshape(-1)
+        scale = scale.expand(points.shape[0]) if scale.numel() == 1 else scale
+        if scale.shape[0] != points.shape[0]:
+            raise ValueError(f"scale_m must be a scalar or ({points.shape[0]},), got {tuple(scale.shape)}")
+        out = []
+        for i in range(0, points.shape[0], _POINT_CHUNK):
+            feats = self.language.features(points[i : i + _POINT_CHUNK])
+            out.append(self.language.clip(feats, scale[i : i + _POINT_CHUNK]))
+        return torch.cat(out) if out else points.new_zeros(0, self.clip_dim)
+
+    @torch.no_grad()
+    def language_features(self, points: torch.Tensor) -> torch.Tensor:
+        """points (N, 3) world metres -> (N, G) the language hash grids' features (scale-independent)."""
+        points = points.float()
+        out = [self.language.features(points[i : i + _POINT_CHUNK])
+               for i in range(0, points.shape[0], _POINT_CHUNK)]
+        return torch.cat(out) if out else points.new_zeros(0, 0)
+
+    @torch.no_grad()
+    def clip_multiscale(self, points: torch.Tensor, scales_m: torch.Tensor,
+                        features: torch.Tensor | None = None) -> torch.Tensor:
+        """points (N, 3) world metres, scales_m (S,) metres -> (S, N, clip_dim) unit.
+
+        The hash-grid features are computed once and reused for every scale (LERF's scale search
+        evaluates ~30 scales per query); ``features`` (N, G) from `language_features` skips them.
+        """
+        points = points.float()
+        scales = torch.as_tensor(scales_m, dtype=torch.float32, device=points.device).reshape(-1)
+        out = points.new_empty(scales.shape[0], points.shape[0], self.clip_dim)
+        for i in range(0, points.shape[0], _POINT_CHUNK):
+            feats = (self.language.features(points[i : i + _POINT_CHUNK]) if features is None
+                     else features[i : i + _POINT_CHUNK])
+            for j, s in enumerate(scales):
+                out[j, i : i + _POINT_CHUNK] = self.language.clip(feats, s.expand(feats.shape[0]))
+        return out
+
+
+class LERFModel(LanguagePointQueries, nn.Module):
     """See module docstring. clip_dim / dino_dim: encoder output sizes (dino_dim 0 = no DINO head)."""
 
     def __init__(self, config: ModelConfig, scene_box: SceneBox, clip_dim: int, dino_dim: int):
@@ -287,46 +336,7 @@ class LERFModel(nn.Module):
         }
 
     # ------------------------------------------------------------------ point queries
-
-    @torch.no_grad()
-    def clip_at_points(self, points: torch.Tensor, scale_m: float | torch.Tensor) -> torch.Tensor:
-        """points (N, 3) world metres; scale_m scalar or (N,) metres -> (N, clip_dim) unit."""
-        points = points.float()
-        scale = torch.as_tensor(scale_m, dtype=torch.float32, device=points.device).reshape(-1)
-        scale = scale.expand(points.shape[0]) if scale.numel() == 1 else scale
-        if scale.shape[0] != points.shape[0]:
-            raise ValueError(f"scale_m must be a scalar or ({points.shape[0]},), got {tuple(scale.shape)}")
-        out = []
-        for i in range(0, points.shape[0], _POINT_CHUNK):
-            feats = self.language.features(points[i : i + _POINT_CHUNK])
-            out.append(self.language.clip(feats, scale[i : i + _POINT_CHUNK]))
-        return torch.cat(out) if out else points.new_zeros(0, self.clip_dim)
-
-    @torch.no_grad()
-    def language_features(self, points: torch.Tensor) -> torch.Tensor:
-        """points (N, 3) world metres -> (N, G) the language hash grids' features (scale-independent)."""
-        points = points.float()
-        out = [self.language.features(points[i : i + _POINT_CHUNK])
-               for i in range(0, points.shape[0], _POINT_CHUNK)]
-        return torch.cat(out) if out else points.new_zeros(0, 0)
-
-    @torch.no_grad()
-    def clip_multiscale(self, points: torch.Tensor, scales_m: torch.Tensor,
-                        features: torch.Tensor | None = None) -> torch.Tensor:
-        """points (N, 3) world metres, scales_m (S,) metres -> (S, N, clip_dim) unit.
-
-        The hash-grid features are computed once and reused for every scale (LERF's scale search
-        evaluates ~30 scales per query); ``features`` (N, G) from `language_features` skips them.
-        """
-        points = points.float()
-        scales = torch.as_tensor(scales_m, dtype=torch.float32, device=points.device).reshape(-1)
-        out = points.new_empty(scales.shape[0], points.shape[0], self.clip_dim)
-        for i in range(0, points.shape[0], _POINT_CHUNK):
-            feats = (self.language.features(points[i : i + _POINT_CHUNK]) if features is None
-                     else features[i : i + _POINT_CHUNK])
-            for j, s in enumerate(scales):
-                out[j, i : i + _POINT_CHUNK] = self.language.clip(feats, s.expand(feats.shape[0]))
-        return out
+    # clip_at_points, language_features, clip_multiscale: `LanguagePointQueries`
 
     @torch.no_grad()
     def density_at_points(self, points: torch.Tensor) -> torch.Tensor:
@@ -349,3 +359,21 @@ class LERFModel(nn.Module):
             _, geo = self.radiance.density(points[i : i + _POINT_CHUNK])
             out.append(self.radiance.rgb(geo, view_dirs[i : i + _POINT_CHUNK].float()))
         return torch.cat(out) if out else points.new_zeros(0, 3)
+
+
+class LanguageSnapshot(LanguagePointQueries):
+    """A frozen copy of a model's language field (``copy.deepcopy``, eval mode) with the model's point
+    queries: the engine answers queries from it outside its lock while training goes on changing the
+    model. ``of`` returns None when the field cannot be copied (tinycudann's native modules cannot): the
+    engine then answers from the model itself, under the lock."""
+
+    def __init__(self, language: LanguageField, clip_dim: int):
+        self.language, self.clip_dim = language, int(clip_dim)
+
+    @classmethod
+    def of(cls, model: LERFModel) -> LanguageSnapshot | None:
+        try:
+            language = copy.deepcopy(model.language)
+        except Exception:  # a backend whose modules do not copy (tinycudann's native objects)
+            return None
+        return cls(language.eval().requires_grad_(False), model.clip_dim)

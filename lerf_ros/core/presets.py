@@ -250,7 +250,8 @@ def make_preset(name: str) -> EngineConfig:
                                   clip_loss_start_step=0),
             clip_encoder=EncoderSpec(DEMO_CLIP),
             dino_encoder=EncoderSpec(DEMO_DENSE),
-            ingest=IngestConfig(max_image_side=0, min_keyframes=3, pyramid_keyframes_per_step=2),
+            # Larger camera images are downsized: at 1280 x 720 one keyframe would be 100 k candidate points.
+            ingest=IngestConfig(max_image_side=320, min_keyframes=3, pyramid_keyframes_per_step=2),
             candidates=CandidateConfig(pixel_stride=3, voxel_m=0.05, depth_tol_rel=0.05),
             # 12 scales instead of LERF's 30 and 5 cm voxels: a query costs ~5x less on the CPU; the
             # cluster radius must exceed the voxel spacing so one object stays one cluster.

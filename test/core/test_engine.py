@@ -19,6 +19,7 @@ from lerf_ros.core.frames.frame import Frame
 from lerf_ros.core.frames.scene_region import BELOW_GROUND_M
 from lerf_ros.core.language import candidates
 from lerf_ros.core.language.query_embed import GridFeatureCache, multiscale_embed_fn
+from lerf_ros.core.model import LanguagePointQueries
 from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
 from lerf_ros.core.training.engine_lock import PriorityLock
 from lerf_ros.core.training.worker import TrainingWorker
@@ -602,10 +603,52 @@ def test_multiscale_embed_matches_per_scale_and_evaluates_grids_once_per_block(r
         assert calls["multi"] == -(-len(scales) // 5)  # one grid pass per block of 5 scales
         torch.testing.assert_close(fn(pts, 0.1234), single(pts, 0.1234))  # not a configured scale
 
+    # the engine's queries read a copy of the language field (`LanguageSnapshot`): counted on the class
     calls["multi"] = 0
-    monkeypatch.setattr(model, "clip_at_points", count("single", single))
+    monkeypatch.setattr(LanguagePointQueries, "clip_multiscale",
+                        count("multi", LanguagePointQueries.clip_multiscale))
+    monkeypatch.setattr(LanguagePointQueries, "clip_at_points",
+                        count("single", LanguagePointQueries.clip_at_points))
     r = engine.query("red box", with_cloud=False)
     assert r.model_step == 2 and calls == {"multi": 1, "single": 0}  # all scales from one pass
+
+
+def test_query_scores_outside_the_lock_and_keeps_evicted_crops_until_it_ends(room_frames, monkeypatch):
+    """While a query scores, training steps and frames go on (they used to wait for it), the query reads
+    the weights of its own step, and a keyframe evicted meanwhile keeps its pyramid entry (its slot could
+    otherwise be refilled under the query) until the query has ended."""
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:3], steps=2)
+    engine.query("red box", with_cloud=False)  # warm: candidates and text embeddings
+    seen: dict = {}
+    scoring = LanguagePointQueries.clip_multiscale
+
+    def during_query(self, *a, **k):
+        if not seen:
+            victim = engine.store.ids()[0]
+
+            def other_thread():
+                engine.step(1)  # needs the lock
+                with engine.lock:
+                    engine.store.remove(victim)
+                    engine._evict(victim)
+                seen["kept"] = engine.pyramid.ready(victim)
+
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join(60)
+            seen.update(blocked=t.is_alive(), victim=victim, step=engine.train_step,
+                        same_weights=self is not engine.model)
+        return scoring(self, *a, **k)
+
+    monkeypatch.setattr(LanguagePointQueries, "clip_multiscale", during_query)
+    r = engine.query("red box", with_cloud=False)
+    assert seen["blocked"] is False, "a training step waited for the query to end"
+    assert seen["step"] == 3 and r.model_step == 2 and seen["same_weights"]
+    assert seen["kept"] is True  # evicted while the query read the pyramid: kept for it
+    assert engine.pyramid.ready(seen["victim"])
+    engine.step(0)  # the next locked call removes it
+    assert not engine.pyramid.ready(seen["victim"])
 
 
 def test_grid_feature_cache_reuses_features_until_points_or_weights_change(room_frames):

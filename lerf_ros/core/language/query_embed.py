@@ -8,6 +8,7 @@ per-scale interface but computes a block of scales at once with ``LERFModel.clip
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ class GridFeatureCache:
     as they are); the points are compared by content."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()  # queries run concurrently (outside the engine lock)
         self._key: tuple | None = None
         self._owner = None
         self._features: torch.Tensor | None = None
@@ -35,12 +37,13 @@ class GridFeatureCache:
     def get(self, model: LERFModel, points: torch.Tensor, version: object) -> torch.Tensor:
         digest = hashlib.sha1(points.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
         key = (id(model.language), version, tuple(points.shape), digest)
-        if self._key == key and self._owner is model.language:
-            self.hits += 1
+        with self._lock:
+            if self._key == key and self._owner is model.language:
+                self.hits += 1
+                return self._features
+            self._features = model.language_features(points)
+            self._key, self._owner = key, model.language
             return self._features
-        self._features = model.language_features(points)
-        self._key, self._owner = key, model.language
-        return self._features
 
 
 def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_bytes: int = 256 * 2**20,

@@ -306,6 +306,12 @@ def sample_ray_batch(kf: KeyframeTensors, n_rays: int, generator: torch.Generato
     return batch
 
 
+def warm_up_optimizers() -> None:
+    """Make one fused Adam on a scalar, so that the lazy imports its first construction runs (~2.5 s on this
+    project's CPU) happen here, off the engine lock, not in the first `Trainer` built under it."""
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3, fused=True)
+
+
 class Trainer:
     """Optimises ``model`` one batch at a time.
 
