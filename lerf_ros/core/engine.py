@@ -224,6 +224,7 @@ class LERFEngine:
         # surfaces), "frusta, checked" (they filled it) or "rendered" (tightened to them)
         self.box_source = ""
         self._last_refresh, self._refresh_cost = 0.0, 0.0
+        self._last_merge, self._merge_cost = 0.0, 0.0
         self._last_train_time = -1e9
         self._depends, self._depends_key = False, None  # candidates need rendered depth (per kf version)
         self.model: LERFModel | None = None
@@ -657,8 +658,28 @@ class LERFEngine:
         return self.convergence().usable
 
     def _refresh_candidates(self) -> None:
-        """Keep rendered query candidates current (`CandidateCache.refresh`): keyframe depth grids, the
-        stalest first, spending ~REFRESH_FRACTION of the wall time on them, so a query never renders them."""
+        """Keep query candidates current: rendered keyframe depth grids, the stalest first
+        (`CandidateCache.refresh`), then their merge into the candidate set (`CandidateCache.merge_job`, run
+        outside the lock), each spending ~REFRESH_FRACTION of the wall time, so that a query during training
+        neither renders nor merges."""
+        self._render_grids()
+        now = time.perf_counter()
+        if (now - self._last_merge) * REFRESH_FRACTION / (1.0 - REFRESH_FRACTION) < self._merge_cost:
+            return
+        with self.lock.background():
+            cache = self.candidates
+            job = cache.merge_job(self._kf_version, self.store.ids(), self.store.frames(), self.train_step)
+        if job is None:
+            return
+        cset = job()
+        with self.lock.background():
+            if self.candidates is cache:  # not replaced meanwhile (a box refit starts new fields)
+                cache.install(cset, job.key)
+        self._last_merge = time.perf_counter()
+        self._merge_cost = self._last_merge - now
+
+    def _render_grids(self) -> None:
+        """`_refresh_candidates`' grids: ~REFRESH_FRACTION of the wall time, the lock taken per grid."""
         now = time.perf_counter()
         # Grids this call may render: the wall time since the last refresh, times the share it may take,
         # over the cost of one grid (at most MAX_REFRESH_GRIDS per call; the lock is taken per grid).
@@ -729,7 +750,7 @@ class LERFEngine:
             # While training runs, the worker makes the rendered grids (`_refresh_candidates`) and a query
             # leaves out keyframes it has not reached; an idle engine (a loaded map) renders them here.
             training = time.perf_counter() - self._last_train_time < TRAINING_ACTIVE_S
-            points, rgb, views = self._candidate_points(render_missing=not training)
+            points, rgb, views = self._candidate_points(render_missing=not training, merge=not training)
             cset = self.candidates.current
             fracs = self.config.pyramid.tile_fracs
             scale_range = None if cset.footprint is None else cset.footprint * np.array([fracs[0], fracs[-1]])
@@ -823,12 +844,13 @@ class LERFEngine:
                                        qcfg.temperature, qcfg.refine_radius_m, qcfg.refine_step_m, box=box,
                                        window_m=qcfg.triangulate_window_m)
 
-    def _candidate_points(self, render_missing: bool = True) -> tuple[torch.Tensor, ...]:
+    def _candidate_points(self, render_missing: bool = True, merge: bool = True) -> tuple[torch.Tensor, ...]:
         """Query candidates (`core.language.candidates`): points (P, 3) float32 world, rgb (P, 3) uint8,
-        views (P,) int64 on the device. render_missing=False (a query): keyframes whose rendered grid
-        the training worker has not made yet are left out instead of rendered now."""
+        views (P,) int64 on the device. render_missing=False / merge=False (a query during training):
+        keyframes whose rendered grid the training worker has not made yet are left out instead of rendered
+        now, and the set the worker merged last serves (`_refresh_candidates`)."""
         return self.candidates.get(self._kf_version, self.store.ids(), self.store.frames(), self.train_step,
-                                   self.model, render_missing)
+                                   self.model, render_missing, merge)
 
     # ------------------------------------------------------------------ journal (core/journal.py)
     def attach_journal(self, journal) -> None:

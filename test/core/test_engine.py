@@ -845,3 +845,31 @@ def test_the_box_grows_when_the_robot_drives_out_of_it(room_frames, monkeypatch)
     small = SceneBox(tuple(lo), tuple(cams.max(0) + 1.0))
     assert check(small) == 1
     assert np.all(cams >= np.asarray(engine.scene_box.min_xyz)) and np.all(cams <= engine.scene_box.max_xyz)
+
+
+def test_training_merges_the_candidates_so_that_a_query_during_training_does_not(room_frames, monkeypatch):
+    """The candidate set is merged by `step` (outside the lock), not by a query while training runs: merging
+    is O(points x keyframes), seconds on a CPU with many large keyframes, and used to hold the lock."""
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:3], steps=2)
+    merged = []
+    real = candidates.merge_candidates
+
+    def counting(frames, *a, **k):
+        merged.append(len(frames))
+        return real(frames, *a, **k)
+
+    monkeypatch.setattr(candidates, "merge_candidates", counting)
+    new_id = engine.add_frame(room_frames[6]).keyframe_id
+    assert new_id is not None
+    engine._last_merge = 0.0  # the merge's share of the wall time is due
+    engine.step(1)
+    assert merged == [len(engine.store)] and new_id in engine.candidates.current.grid_ids.tolist()
+    r = engine.query("red box", with_cloud=False)  # within TRAINING_ACTIVE_S of the step: training
+    assert len(merged) == 1 and r.model_step == 3
+    assert engine.add_frame(room_frames[4]).keyframe  # not merged by the worker yet: the query does not wait
+    engine.query("red box", with_cloud=False)
+    assert len(merged) == 1
+    engine._last_train_time = -1e9  # idle: a query brings the set up to date itself
+    engine.query("red box", with_cloud=False)
+    assert len(merged) == 2

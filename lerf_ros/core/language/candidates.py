@@ -350,20 +350,40 @@ class CandidateCache:
         return {i: g for i, (g, st) in self._grids.items() if st >= max(min_step, 0)}
 
     def get(self, version: int, ids: Sequence[int], frames: Sequence[Frame], step: int, model,
-            render_missing: bool = True):
+            render_missing: bool = True, merge: bool = True):
         """points (P, 3) float32 world, rgb (P, 3) uint8, views (P,) int64 tensors on the device.
 
         render_missing=False (a query during training): keyframes without a grid yet are left out rather
-        than rendered here; `refresh` makes their grids first."""
+        than rendered here; `refresh` makes their grids first. merge=False (the same): the last merged set
+        is returned as it is when there is one (the training worker merges the new grids, `merge_job`);
+        merging costs O(points x keyframes), seconds on a CPU with many large keyframes."""
         self._sync(ids, frames, step, model, render_missing)
-        have = [(i, f) for i, f in zip(ids, frames, strict=True) if int(i) in self._grids]
-        key = (int(version), self._grids_version)
-        if self._key != key:
-            ids_h, frames_h = [i for i, _ in have], [f for _, f in have]
-            content = candidate_key(ids_h, frames_h, step, self.cfg)
-            grids = [self._grids[int(i)][0] for i in ids_h]
-            self._install(merge_candidates(frames_h, grids, self.cfg, content, ids_h), key)
+        if self._key != (int(version), self._grids_version) and (merge or self._tensors is None):
+            job = self.merge_job(version, ids, frames, step)
+            self.install(job(), job.key)
         return self._tensors
+
+    def merge_job(self, version: int, ids: Sequence[int], frames: Sequence[Frame], step: int):
+        """None when the merged set is current; else a callable -> `CandidateSet` over the grids held now,
+        with the cache key it is for (``.key``), that touches no shared state: the engine runs it outside
+        its lock and hands the result to `install` (keyframes without a grid yet are left out)."""
+        self._sync(ids, frames, step, None, render_missing=False)  # measured grids of new keyframes
+        key = (int(version), self._grids_version)
+        if self._key == key:
+            return None
+        have = [(int(i), f) for i, f in zip(ids, frames, strict=True) if int(i) in self._grids]
+        ids_h, frames_h = [i for i, _ in have], [f for _, f in have]
+        grids, cfg = [self._grids[i][0] for i in ids_h], self.cfg
+
+        def job() -> CandidateSet:
+            return merge_candidates(frames_h, grids, cfg, candidate_key(ids_h, frames_h, step, cfg), ids_h)
+
+        job.key = key
+        return job
+
+    def install(self, cset: CandidateSet, key: tuple[int, int]) -> None:
+        """Make ``cset`` (a `merge_job` result for ``key``) the current set."""
+        self._install(cset, key)
 
     def refresh(self, ids: Sequence[int], frames: Sequence[Frame], step: int, model, max_renders: int = 1,
                 min_age_steps: int = 1) -> int:
