@@ -642,6 +642,7 @@ def test_query_scores_outside_the_lock_and_keeps_evicted_crops_until_it_ends(roo
         return scoring(self, *a, **k)
 
     monkeypatch.setattr(LanguagePointQueries, "clip_multiscale", during_query)
+    engine._grid_features = GridFeatureCache()  # the warm query's embeddings would serve without scoring
     r = engine.query("red box", with_cloud=False)
     assert seen["blocked"] is False, "a training step waited for the query to end"
     assert seen["step"] == 3 and r.model_step == 2 and seen["same_weights"]
@@ -684,6 +685,42 @@ def test_grid_feature_cache_reuses_features_until_points_or_weights_change(room_
     assert a.found == b.found and a.relevancy == b.relevancy
     if a.found:
         np.testing.assert_array_equal(a.location_world, b.location_world)
+
+
+def test_grid_feature_cache_keeps_the_multiscale_embeddings_within_its_budget(room_frames, monkeypatch):
+    """An idle map's scale search runs the language MLP once for the candidate points (its embeddings do not
+    depend on the query text), not once per query; beyond the budget they are computed every time."""
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:3], steps=2)
+    model = engine.model.eval()
+    pts = engine._candidate_points()[0][:50]
+    scales = torch.tensor(engine.config.query.scales_m[:4])
+    calls = []
+    real = LanguagePointQueries.clip_multiscale
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(LanguagePointQueries, "clip_multiscale", counting)
+    cache = GridFeatureCache()
+    first = cache.multiscale(model, pts, "v1", scales)
+    torch.testing.assert_close(first, real(model, pts, scales), atol=0, rtol=0)
+    assert cache.multiscale(model, pts.clone(), "v1", scales) is first and len(calls) == 1
+    assert cache.multiscale(model, pts, "v1", scales[:2]) is not first and len(calls) == 2  # other scales
+    assert cache.multiscale(model, pts, "v2", scales) is not first and len(calls) == 3  # other weights
+    small = GridFeatureCache(embed_budget_bytes=first.numel() * first.element_size() - 1)
+    small.multiscale(model, pts, "v1", scales)
+    small.multiscale(model, pts, "v1", scales)
+    assert len(calls) == 5  # over the budget: computed each time, still right
+    torch.testing.assert_close(small.multiscale(model, pts, "v1", scales), first, atol=0, rtol=0)
+
+    # the engine: a second idle query with another text runs no language MLP pass over the candidates
+    engine._last_train_time = -1e9
+    engine.query("red box", with_cloud=False)
+    n = len(calls)
+    engine.query("blue box", with_cloud=False)
+    assert len(calls) == n
 
 
 def test_auto_backend_becomes_torch_for_cpu_engines():

@@ -25,25 +25,52 @@ class GridFeatureCache:
     candidate points, so only the first pays for the grids. The caller names the weights' state with a
     ``version`` that changes whenever they may have (the engine: the model object, its step count and a
     counter of training calls; tensors' in-place version counters do not serve, fused Adam leaves them
-    as they are); the points are compared by content."""
+    as they are); the points are compared by content.
 
-    def __init__(self) -> None:
+    `multiscale` also keeps those points' CLIP embeddings per block of scales (`LERFModel.clip_multiscale`)
+    while they fit ``embed_budget_bytes``: they do not depend on the query text, so an idle map's scale
+    search runs the language MLP once, not once per query (the tiny preset: 12 scales x 50 k points x 16
+    dims, 40 MB). Larger embeddings (CLIP's 512 dims) are computed each time, as without a cache."""
+
+    def __init__(self, embed_budget_bytes: int = 256 * 2**20) -> None:
         self._lock = threading.Lock()  # queries run concurrently (outside the engine lock)
         self._key: tuple | None = None
         self._owner = None
         self._features: torch.Tensor | None = None
+        self._embeds: dict[tuple, torch.Tensor] = {}  # scales of a block -> (S, N, D), for self._key
+        self.embed_budget_bytes = int(embed_budget_bytes)
         self.hits = 0
 
-    def get(self, model: LERFModel, points: torch.Tensor, version: object) -> torch.Tensor:
+    def _current(self, model: LERFModel, points: torch.Tensor, version: object) -> tuple[tuple, torch.Tensor]:
+        """(key, features) of these points, computed unless cached. Caller holds ``_lock``."""
         digest = hashlib.sha1(points.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
         key = (id(model.language), version, tuple(points.shape), digest)
+        if self._key == key and self._owner is model.language:
+            self.hits += 1
+            return key, self._features
+        self._features = model.language_features(points)
+        self._key, self._owner, self._embeds = key, model.language, {}
+        return key, self._features
+
+    def get(self, model: LERFModel, points: torch.Tensor, version: object) -> torch.Tensor:
         with self._lock:
-            if self._key == key and self._owner is model.language:
-                self.hits += 1
-                return self._features
-            self._features = model.language_features(points)
-            self._key, self._owner = key, model.language
-            return self._features
+            return self._current(model, points, version)[1]
+
+    def multiscale(self, model: LERFModel, points: torch.Tensor, version: object,
+                   scales_m: torch.Tensor) -> torch.Tensor:
+        """``model.clip_multiscale(points, scales_m)`` (S, N, D), from the cache when these points, weights
+        and scales were asked for before (and fitted the budget). Treat the result as read-only."""
+        with self._lock:
+            _, feats = self._current(model, points, version)
+            scales = tuple(float(s) for s in scales_m.reshape(-1).tolist())
+            hit = self._embeds.get(scales)
+            if hit is not None:
+                return hit
+            emb = model.clip_multiscale(points, scales_m, feats)
+            held = sum(e.numel() * e.element_size() for e in self._embeds.values())
+            if held + emb.numel() * emb.element_size() <= self.embed_budget_bytes:
+                self._embeds[scales] = emb
+            return emb
 
 
 def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_bytes: int = 256 * 2**20,
@@ -70,8 +97,9 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
         if block["pts"] is not pts or not block["start"] <= i < block["start"] + block["emb"].shape[0]:
             n = max(1, budget_bytes // max(1, pts.shape[0] * model.clip_dim * 4))
             scales = torch.tensor(scales_m[i:i + n], dtype=torch.float32, device=pts.device)
-            feats = None if cache is None else cache.get(model, pts, version)
-            block.update(pts=pts, start=i, emb=model.clip_multiscale(pts, scales, feats))
+            emb = (model.clip_multiscale(pts, scales) if cache is None
+                   else cache.multiscale(model, pts, version, scales))
+            block.update(pts=pts, start=i, emb=emb)
         return block["emb"][i - block["start"]]
 
     embed_fn.per_point_scale = True
