@@ -19,7 +19,7 @@ from lerf_ros.core.frames.frame import Frame
 from lerf_ros.core.frames.scene_region import BELOW_GROUND_M
 from lerf_ros.core.language import candidates
 from lerf_ros.core.language.query_embed import GridFeatureCache, multiscale_embed_fn
-from lerf_ros.core.model import LanguagePointQueries
+from lerf_ros.core.model import LanguagePointQueries, LanguageSnapshot
 from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
 from lerf_ros.core.training.engine_lock import PriorityLock
 from lerf_ros.core.training.worker import TrainingWorker
@@ -910,3 +910,30 @@ def test_training_merges_the_candidates_so_that_a_query_during_training_does_not
     engine._last_train_time = -1e9  # idle: a query brings the set up to date itself
     engine.query("red box", with_cloud=False)
     assert len(merged) == 2
+
+
+def test_a_language_field_that_cannot_be_copied_is_read_under_the_lock(room_frames, monkeypatch):
+    """tinycudann's native modules do not deepcopy: `LanguageSnapshot.of` says None and the query scores the
+    model itself, holding the lock as before (no training step can change the weights under it)."""
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:3], steps=2)
+    copied = engine.query("red box", with_cloud=False)
+
+    def no_copy(memo):
+        raise TypeError("cannot pickle 'tinycudann_bindings.Module' object")
+
+    monkeypatch.setattr(type(engine.model.language), "__deepcopy__", no_copy, raising=False)
+    engine._serving_key = None
+    assert LanguageSnapshot.of(engine.model) is None
+    held = []
+    real = LanguagePointQueries.clip_multiscale
+
+    def scoring(self, *a, **k):
+        held.append((self is engine.model, engine.lock._owner == threading.get_ident()))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(LanguagePointQueries, "clip_multiscale", scoring)
+    engine._grid_features = GridFeatureCache()
+    direct = engine.query("red box", with_cloud=False)
+    assert held and all(h == (True, True) for h in held)
+    assert (direct.found, direct.relevancy) == (copied.found, copied.relevancy)
