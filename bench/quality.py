@@ -388,8 +388,14 @@ def main(argv=None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         results: dict[str, list[dict]] = {c.name: [] for c in conditions}
         t_start = time.monotonic()
+        skipped, depths = [], sorted({c.depth for c in conditions})
         for seed in seeds:
-            room, bags, info = write_bags(seed, workdir, sorted({c.depth for c in conditions}), image_size)
+            try:
+                room, bags, info = write_bags(seed, workdir, depths, image_size)
+            except RuntimeError as exc:  # the generator found no drive that shows every object: no room
+                print(f"room {seed}: skipped, {exc}", file=sys.stderr, flush=True)
+                skipped.append(seed)
+                continue
             print(f"room {seed}: {info['size_m'][0]} x {info['size_m'][1]} m, {len(room.objects)} objects, "
                   f"{info['images']} images at {info['image_rate_hz']} Hz", file=sys.stderr, flush=True)
             for cond in conditions:
@@ -401,7 +407,10 @@ def main(argv=None) -> int:
                       f"{s['absent']}, t90 {r.get('stream', {}).get('t90_s')}", file=sys.stderr, flush=True)
                 results[cond.name].append(r)
         wall = time.monotonic() - t_start
-    report(conditions, results, {k: str(v) for k, v in vars(args).items()}, wall, out)
+    report(conditions, results, {**{k: str(v) for k, v in vars(args).items()},
+                                 "skipped_seeds": ",".join(map(str, skipped))}, wall, out)
+    if skipped:
+        print(f"\nseeds skipped (no drive through the room shows every object): {skipped}")
     return 0
 
 
