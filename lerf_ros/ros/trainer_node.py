@@ -239,8 +239,11 @@ class TrainerNode(LifecycleNode):
                 built = True
             if self.params.journal is not None and self.journal is None:
                 self._start_journal(self.params.journal)
-            # MissingRosDependency (a ValueError) on a ROS 2 machine without tf2_ros.
-            self.tf_buffer, self.tf_listener, self.tf_is_real = compat_tf.make_tf_buffer(self)
+            # MissingRosDependency (a ValueError) on a ROS 2 machine without tf2_ros. The listener spins on
+            # its own node and thread: on this node's executor, behind image callbacks and services, a
+            # 40-100 Hz /tf arrived seconds late under load (tf_extrapolation drops, false jumps back).
+            tf = compat_tf.make_tf_buffer(self, spin_thread=True)
+            self.tf_buffer, self.tf_listener, self.tf_is_real = tf
             self._tf_base, self._jumps_seen = None, 0  # a new listener counts from 0
         except Exception as exc:  # ParameterError / ValueError from the parameters; anything the encoders
             # raise while loading: the transition fails with the reason logged, the node stays unconfigured
