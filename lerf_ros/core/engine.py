@@ -768,9 +768,9 @@ class LERFEngine:
             # entries stay until the query ends, `_evict`), so it runs outside the lock: training, frames
             # and other queries go on meanwhile. A field that cannot be copied is read under the lock.
             language = None if views_only else self._serving_language()
-            if language is None and not views_only:
-                self.lock.acquire()  # held on through the scoring (released in the finally below)
             hold = language is None and not views_only
+            if hold:
+                self.lock.acquire()  # held on through the scoring (released in the finally below)
             with self._readers_lock:
                 self._readers += 1
         try:

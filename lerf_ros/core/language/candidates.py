@@ -381,10 +381,6 @@ class CandidateCache:
         job.key = key
         return job
 
-    def install(self, cset: CandidateSet, key: tuple[int, int]) -> None:
-        """Make ``cset`` (a `merge_job` result for ``key``) the current set."""
-        self._install(cset, key)
-
     def refresh(self, ids: Sequence[int], frames: Sequence[Frame], step: int, model, max_renders: int = 1,
                 min_age_steps: int = 1) -> int:
         """Render up to ``max_renders`` grids: keyframes without one first, then rendered grids older than
@@ -409,10 +405,11 @@ class CandidateCache:
             self._grids = {int(i): (g, -1 if int(i) in measured else int(step))
                            for i, g in zip(cset.grid_ids, cset.grids, strict=True)}
             self._grids_version += 1
-        self._install(cset, (int(version), self._grids_version))
+        self.install(cset, (int(version), self._grids_version))
         return True
 
-    def _install(self, cset: CandidateSet, key: tuple[int, int]) -> None:
+    def install(self, cset: CandidateSet, key: tuple[int, int]) -> None:
+        """Make ``cset`` (a merge for cache ``key``: `merge_job`'s, or an adopted saved set) current."""
         self.current, self._key = cset, key
         self._tensors = (torch.tensor(cset.points, dtype=torch.float32, device=self.device),
                          torch.from_numpy(cset.rgb).to(self.device),
