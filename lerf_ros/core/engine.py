@@ -195,6 +195,7 @@ class LERFEngine:
         self.dino_encoder = load_encoder(config.dino_encoder, self.device, dense=True)
         self._text_cache: dict[str, torch.Tensor] = {}
         self._grid_features = GridFeatureCache()  # language grid features of the last query points
+        self._view_index = view_evidence.ViewIndexCache()  # which keyframe sees them, for the views pass
         self._training_calls = 0  # `_step` calls that could change the weights (the cache's key)
         self.journal = None  # core/journal.Journal recording this engine (attach_journal); kept over reset
         # Queries scoring outside the lock, and the pyramid entries of keyframes evicted meanwhile (removed
@@ -778,7 +779,8 @@ class LERFEngine:
                 if from_views:
                     embed_fn = view_evidence.views_embed_fn(cset, kfs, pyramid, ccfg)
                     rel_fn = view_evidence.views_relevancy_fn(cset, kfs, pyramid, ccfg, embeds[0],
-                                                              embeds[1:1 + n_neg], qcfg.temperature)
+                                                              embeds[1:1 + n_neg], qcfg.temperature,
+                                                              index_cache=self._view_index)
                 else:
                     source = language
                     if source is None:

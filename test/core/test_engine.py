@@ -722,6 +722,19 @@ def test_grid_feature_cache_keeps_the_multiscale_embeddings_within_its_budget(ro
     engine.query("blue box", with_cloud=False)
     assert len(calls) == n
 
+    # a one-member cluster's embedding (one point, its own scale) is computed alone: it must not replace
+    # the scale search's points in the cache
+    fn = multiscale_embed_fn(model, engine.config.query.scales_m, cache=cache, version="v1")
+    s0 = float(np.float32(engine.config.query.scales_m[0]))
+    fn(pts, s0)
+    hits = cache.hits
+    s5 = torch.tensor([engine.config.query.scales_m[5]])  # a searched scale, as locate reads members at
+    single = fn(pts[:1], s5)
+    torch.testing.assert_close(single, model.clip_at_points(pts[:1], s5), atol=0, rtol=0)
+    fn2 = multiscale_embed_fn(model, engine.config.query.scales_m, cache=cache, version="v1")
+    fn2(pts, s0)
+    assert cache.hits == hits + 1
+
 
 def test_auto_backend_becomes_torch_for_cpu_engines():
     """A CPU engine must never get tinycudann modules, even where "auto" would pick them (CUDA present)."""

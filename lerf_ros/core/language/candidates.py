@@ -213,7 +213,7 @@ def visible(points: np.ndarray, kf: Frame, grid: np.ndarray, stride: int, cfg: C
     coordinates (P, 2) (u, v) and ray distances (P,) metres."""
     z, uv, dist, d = _project(points, kf, grid, stride)
     with np.errstate(invalid="ignore"):
-        seen = np.abs(z - d) <= cfg.depth_tol_rel * d + cfg.voxel_m
+        seen = visible_test(cfg)(z, d)
     return seen, uv, dist
 
 
@@ -223,8 +223,63 @@ def in_view(points: np.ndarray, kf: Frame, grid: np.ndarray, stride: int, behind
     (free space and surfaces, not what a surface clearly hides)."""
     z, uv, dist, d = _project(points, kf, grid, stride)
     with np.errstate(invalid="ignore"):
-        seen = z <= d * (1.0 + behind_rel) + behind_m
+        seen = in_view_test(behind_rel, behind_m)(z, d)
     return seen, uv, dist
+
+
+#: `seen_pairs` projects at most this many (keyframe, point) pairs at once (~100 bytes each while projected).
+PAIR_CHUNK = 1 << 19
+
+
+def seen_pairs(points: np.ndarray, kfs: Sequence[Frame], grids: np.ndarray, stride: int,
+               accept: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+    """Every (keyframe, point) pair where the point projects inside the keyframe and ``accept(z, d)``
+    holds (z its camera z, d the keyframe's depth grid there, both (k, P) metres): `visible` or
+    `in_view` for all keyframes at once, vectorised over chunks of keyframes.
+
+    points (P, 3) world metres; kfs (K,); grids (K, h, w) their depth grids. Returns keyframe positions
+    (O,) int64 into kfs, point indices (O,) int64, pixel coordinates (O, 2) (u, v) and ray distances (O,),
+    keyframe by keyframe, points ascending within each (the order of a loop over `visible`)."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    n, k_all = points.shape[0], len(kfs)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(0))
+    if n == 0 or k_all == 0:
+        return empty
+    R = np.stack([kf.T_world_cam[:3, :3] for kf in kfs])
+    t = np.stack([kf.T_world_cam[:3, 3] for kf in kfs])
+    intr = np.array([[kf.intrinsics.fx, kf.intrinsics.fy, kf.intrinsics.cx, kf.intrinsics.cy] for kf in kfs])
+    gh, gw = grids.shape[1], grids.shape[2]
+    flat = grids.reshape(-1)
+    step = max(1, PAIR_CHUNK // n)
+    out = []
+    for k0 in range(0, k_all, step):
+        sl = slice(k0, min(k_all, k0 + step))
+        p_cam = (points[None] - t[sl, None, :]) @ R[sl]  # (k, P, 3): R^T (p - t) per keyframe
+        z = p_cam[..., 2]
+        fx, fy, cx, cy = (intr[sl, i, None] for i in range(4))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = fx * p_cam[..., 0] / z + cx
+            v = fy * p_cam[..., 1] / z + cy
+            gi, gj = np.rint(v / stride), np.rint(u / stride)
+        ok = (z > 1e-6) & (gi >= 0) & (gi < gh) & (gj >= 0) & (gj < gw)
+        kk, pp = np.nonzero(ok)
+        cell = ((kk + k0) * gh + gi[kk, pp].astype(np.int64)) * gw + gj[kk, pp].astype(np.int64)
+        with np.errstate(invalid="ignore"):
+            hit = accept(z[kk, pp], flat[cell])
+        kk, pp = kk[hit], pp[hit]
+        out.append((kk + k0, pp, np.stack([u[kk, pp], v[kk, pp]], axis=1),
+                    np.linalg.norm(p_cam[kk, pp], axis=1)))
+    return tuple(np.concatenate([o[i] for o in out]) for i in range(4))
+
+
+def visible_test(cfg: CandidateConfig) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """`visible`'s occlusion test as an ``accept(z, d)`` for `seen_pairs`."""
+    return lambda z, d: np.abs(z - d) <= cfg.depth_tol_rel * d + cfg.voxel_m
+
+
+def in_view_test(behind_rel: float, behind_m: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """`in_view`'s test as an ``accept(z, d)`` for `seen_pairs`."""
+    return lambda z, d: z <= d * (1.0 + behind_rel) + behind_m
 
 
 def view_stats(points: np.ndarray, kfs: Sequence[Frame], grids: Sequence[np.ndarray], stride: int,

@@ -17,7 +17,7 @@ import hashlib
 import itertools
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -377,13 +377,46 @@ class ClipPyramid:
     def cell_levels(self, kf_id: int, values: Tensor, uv: Tensor) -> Tensor:
         """Per-crop scalars of one keyframe (`cell_values`) interpolated bilinearly between crop centres at
         pixels uv (R, 2), on every level: (n_levels, R) float32 (`blend_levels` then picks the scale)."""
+        cells, w = self.corner_table([int(kf_id)], torch.zeros(uv.shape[0], dtype=torch.long), uv)
+        return (values.to(self.device, torch.float32)[cells] * w).sum(dim=-1)
+
+    def grids_of(self, kf_ids: Sequence[int]) -> Tensor:
+        """(cells, D) float32: the stored embeddings of several keyframes (all levels), concatenated in the
+        order of kf_ids (the table `corner_table`'s indices point into)."""
         with self.store.lock:
-            size = self.store.layout(int(kf_id))
-        _, geo = self._layout(*size)
+            return torch.cat([self.store.grid(int(k)).float() for k in kf_ids]) if len(kf_ids) else \
+                torch.zeros(0, self.dim, device=self.device)
+
+    def corner_table(self, kf_ids: Sequence[int], pos: Tensor, uv: Tensor) -> tuple[Tensor, Tensor]:
+        """`cell_levels`'s interpolation for rows of several keyframes at once, before any values: row r
+        of keyframe kf_ids[pos[r]] at pixel uv[r] reads, on level l, the cells ``cells[l, r]`` (4,) of the
+        `grids_of(kf_ids)` concatenation with bilinear weights ``weights[l, r]`` (4,).
+        pos (R,) long, uv (R, 2) -> cells (n_levels, R, 4) long, weights (n_levels, R, 4) float32; then
+        ``(values[cells] * weights).sum(-1)`` is (n_levels, R) as `cell_levels` gives per keyframe."""
+        with self.store.lock:
+            sizes = [self.store.layout(int(k)) for k in kf_ids]
         n_lv, r = self.fracs.numel(), uv.shape[0]
-        level = torch.arange(n_lv, device=self.device).repeat_interleave(r)
-        cells, w = self._corners(geo, level, uv.to(self.device, torch.float32).repeat(n_lv, 1))
-        return (values.to(self.device, torch.float32)[cells] * w).sum(dim=1).reshape(n_lv, r)
+        pos = pos.to(self.device, torch.long)
+        uv = uv.to(self.device, torch.float32)
+        cells = torch.zeros(n_lv, r, 4, dtype=torch.long, device=self.device)
+        weights = torch.zeros(n_lv, r, 4, dtype=torch.float32, device=self.device)
+        counts = torch.tensor([0] + [sum(lv.nx * lv.ny for lv in self._layout(*sz)[0]) for sz in sizes],
+                              dtype=torch.long, device=self.device)
+        base = counts.cumsum(0)[:-1]  # first cell of each keyframe in the concatenation
+        layout_of = {sz: i for i, sz in enumerate(dict.fromkeys(sizes))}
+        which = torch.tensor([layout_of[sz] for sz in sizes], dtype=torch.long, device=self.device)
+        for size, li in layout_of.items():
+            rows = (which[pos] == li).nonzero().squeeze(1) if len(layout_of) > 1 else \
+                torch.arange(r, device=self.device)
+            if rows.numel() == 0:
+                continue
+            _, geo = self._layout(*size)
+            level = torch.arange(n_lv, device=self.device).repeat_interleave(rows.numel())
+            c, w = self._corners(geo, level, uv[rows].repeat(n_lv, 1))
+            c = c + base[pos[rows]].repeat(n_lv).unsqueeze(1)
+            cells[:, rows] = c.reshape(n_lv, rows.numel(), 4)
+            weights[:, rows] = w.reshape(n_lv, rows.numel(), 4).float()
+        return cells, weights
 
     def blend_levels(self, per_level: Tensor, tile_frac: Tensor) -> Tensor:
         """(n_levels, R) values (`cell_levels`) at tile fractions (R,) (clamped to the range), linear between

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from ..model import LERFModel
 
 
+def points_digest(points: torch.Tensor) -> str:
+    """SHA-1 of a points tensor's float32 content: caches compare the points they were built for by it."""
+    return hashlib.sha1(points.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
 class GridFeatureCache:
     """The language hash grids' features (`LERFModel.language_features`) of the last points asked for,
     reused while neither the points nor the weights change: an idle map's queries all score the same
@@ -43,8 +48,7 @@ class GridFeatureCache:
 
     def _current(self, model: LERFModel, points: torch.Tensor, version: object) -> tuple[tuple, torch.Tensor]:
         """(key, features) of these points, computed unless cached. Caller holds ``_lock``."""
-        digest = hashlib.sha1(points.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
-        key = (id(model.language), version, tuple(points.shape), digest)
+        key = (id(model.language), version, tuple(points.shape), points_digest(points))
         if self._key == key and self._owner is model.language:
             self.hits += 1
             return key, self._features
@@ -85,10 +89,13 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
     block: dict = {"pts": None, "start": 0, "emb": None}
 
     def embed_fn(pts: torch.Tensor, scale_m: float | torch.Tensor) -> torch.Tensor:
-        if isinstance(scale_m, torch.Tensor):  # one scale per point
-            if scale_m.numel() != 1:
-                with torch.no_grad():
-                    return model.clip_at_points(pts, scale_m)
+        if isinstance(scale_m, torch.Tensor) and (scale_m.numel() != 1 or pts.shape[0] == 1):
+            # one scale per point (a cluster's members, a sample): evaluated alone, never through the
+            # block or the cache, which hold the scale search's points (a one-member cluster asked
+            # through the cache would replace them)
+            with torch.no_grad():
+                return model.clip_at_points(pts, scale_m)
+        if isinstance(scale_m, torch.Tensor):
             scale_m = float(scale_m.reshape(-1)[0])
         i = index.get(float(np.float32(scale_m)))
         if i is None:

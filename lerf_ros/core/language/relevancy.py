@@ -49,10 +49,9 @@ def relevancy(embeds: Tensor, query: Tensor, negatives: Tensor, temperature: flo
     if not (temperature > 0):
         raise ValueError(f"temperature must be > 0, got {temperature}")
     e = embeds.float()
-    sim_q = e @ query.to(e).reshape(d, 1)  # (N, 1)
-    sim_c = e @ negatives.to(e).T  # (N, K)
-    pairwise = torch.sigmoid(temperature * (sim_q - sim_c))  # (N, K)
-    return pairwise.min(dim=1).values
+    sims = e @ torch.cat([query.reshape(1, d), negatives]).to(e).T  # (N, 1 + K)
+    # sigmoid is increasing: the min over negatives is the sigmoid at the closest negative (one per row)
+    return torch.sigmoid(temperature * (sims[:, 0] - sims[:, 1:].max(dim=1).values))
 
 
 def _robust_max(values: Tensor, top_k: int) -> Tensor:

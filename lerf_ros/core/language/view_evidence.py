@@ -24,7 +24,9 @@ rays from a few tens of degrees apart pin it to centimetres. The hull serves whe
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,8 +35,9 @@ from torch import Tensor
 
 from ..frames.frame import Frame
 from ..presets import CandidateConfig
-from .candidates import CandidateSet, in_view, visible
+from .candidates import CandidateSet, in_view_test, seen_pairs, visible_test
 from .pyramid import ClipPyramid
+from .query_embed import points_digest
 from .relevancy import relevancy
 
 #: Observations whose tile fraction falls outside the pyramid's range by more than this factor are
@@ -47,18 +50,43 @@ _OUT_OF_RANGE_WEIGHT = 1e-3
 BEHIND_REL, BEHIND_M = 0.1, 0.1
 
 
-def _sightings(pts: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
-               cfg: CandidateConfig):
-    """Per keyframe with a grid and features that sees some of ``pts`` (P, 3) (`visible`): (kf_id, kf,
-    indices of those points, their pixel coordinates (n, 2), their ray distances (n,))."""
-    for kf_id in ([] if cset.grid_ids is None else cset.grid_ids.tolist()):
+@dataclass(frozen=True)
+class Sightings:
+    """Every (keyframe, point) pair where a keyframe with a depth grid and features sees a point
+    (`candidates.visible`): kf_ids (K,) those keyframes; pos (O,) int64 index into kf_ids; idx (O,)
+    int64 point index; uv (O, 2) pixels; dist (O,) ray distances (metres); extent (O,) metres the
+    keyframe's full image height spans at the point (``H * dist / fy``: a crop of tile fraction f covers
+    f times that)."""
+
+    kf_ids: tuple[int, ...]
+    pos: np.ndarray
+    idx: np.ndarray
+    uv: np.ndarray
+    dist: np.ndarray
+    extent: np.ndarray
+
+
+def _usable(cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid):
+    """(grid rows, keyframe ids, keyframes) of the candidate set's grids whose keyframe has features."""
+    rows, ids, kfs = [], [], []
+    for row, kf_id in enumerate([] if cset.grid_ids is None else cset.grid_ids.tolist()):
         kf = frames.get(int(kf_id))
-        if kf is None or not pyramid.ready(int(kf_id)):
-            continue
-        seen, uv, dist = visible(pts, kf, cset.grid_of(kf_id), cfg.pixel_stride, cfg)
-        idx = np.nonzero(seen)[0]
-        if idx.size:
-            yield int(kf_id), kf, idx, uv[idx], dist[idx]
+        if kf is not None and pyramid.ready(int(kf_id)):
+            rows.append(row)
+            ids.append(int(kf_id))
+            kfs.append(kf)
+    return rows, ids, kfs
+
+
+def sightings(pts: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
+              cfg: CandidateConfig) -> Sightings:
+    """`Sightings` of ``pts`` (P, 3) world metres, all keyframes at once (`candidates.seen_pairs`)."""
+    rows, ids, kfs = _usable(cset, frames, pyramid)
+    grids = cset.grids[rows] if rows else np.zeros((0, 1, 1), np.float32)
+    pos, idx, uv, dist = seen_pairs(pts, kfs, grids, cfg.pixel_stride, visible_test(cfg))
+    per_kf = np.array([kf.intrinsics.height / kf.intrinsics.fy for kf in kfs]).reshape(-1)
+    extent = per_kf[pos] * dist if pos.size else np.zeros(0)
+    return Sightings(tuple(ids), pos, idx, uv, dist, extent)
 
 
 def observations(points: Tensor, scale_m: float | Tensor, cset: CandidateSet, frames: dict[int, Frame],
@@ -75,22 +103,19 @@ def observations(points: Tensor, scale_m: float | Tensor, cset: CandidateSet, fr
     scale = (scale_m.detach().double().cpu().numpy().reshape(-1) if isinstance(scale_m, Tensor)
              else np.full(pts.shape[0], float(scale_m)))
     lo, hi = pyramid.config.tile_fracs[0] / FRAC_SLACK, pyramid.config.tile_fracs[-1] * FRAC_SLACK
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
-    for kf_id, kf, idx, uv, dist in _sightings(pts, cset, frames, pyramid, cfg):
-        frac = scale[idx] * kf.intrinsics.fy / (kf.intrinsics.height * dist)
-        ok = (frac >= lo) & (frac <= hi) if in_range_only else np.ones(idx.size, dtype=bool)
-        if ok.any():
-            rows.append((idx[ok], uv[ok], frac[ok], kf_id))
-    if not rows:
+    seen = sightings(pts, cset, frames, pyramid, cfg)
+    frac = scale[seen.idx] / seen.extent if seen.idx.size else np.zeros(0)
+    ok = (frac >= lo) & (frac <= hi) if in_range_only else np.ones(frac.size, dtype=bool)
+    if not ok.any():
         d = pyramid.dim
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return torch.zeros(0, d, device=dev), empty, empty, torch.zeros(0, dtype=torch.bool, device=dev)
-    idx = torch.from_numpy(np.concatenate([r[0] for r in rows])).to(dev)
-    uv = torch.from_numpy(np.concatenate([r[1] for r in rows])).float().to(dev)
-    frac = torch.from_numpy(np.concatenate([r[2] for r in rows])).float().to(dev)
-    view = torch.cat([torch.full((r[0].size,), r[3], dtype=torch.long) for r in rows]).to(dev)
-    emb = pyramid.sample(view, uv, frac)
-    return emb, idx, view, (frac >= lo) & (frac <= hi)
+    idx = torch.from_numpy(seen.idx[ok]).to(dev)
+    uv = torch.from_numpy(seen.uv[ok]).float().to(dev)
+    frac_t = torch.from_numpy(frac[ok]).float().to(dev)
+    view = torch.tensor(seen.kf_ids, dtype=torch.long)[torch.from_numpy(seen.pos[ok])].to(dev)
+    emb = pyramid.sample(view, uv, frac_t)
+    return emb, idx, view, (frac_t >= lo) & (frac_t <= hi)
 
 
 def view_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
@@ -143,58 +168,155 @@ class _CellRelevancy:
             self._cells[kf_id] = self.pyramid.cell_values(kf_id, self._fn)
         return self._cells[kf_id]
 
+    def prefetch(self, kf_ids: Sequence[int]) -> None:
+        """Work out the keyframes' crop relevancies not known yet in one product (not one per keyframe)."""
+        todo = [int(k) for k in dict.fromkeys(kf_ids) if int(k) not in self._cells]
+        if len(todo) < 2:
+            return
+        grids = [self.pyramid.grids_of([k]) for k in todo]
+        values = self._fn(torch.cat(grids))
+        self._cells.update(zip(todo, values.split([g.shape[0] for g in grids]), strict=True))
+
     def sample(self, kf_id: int, uv: np.ndarray, frac: np.ndarray) -> Tensor:
         return self.pyramid.sample_cells(kf_id, self._values(kf_id), torch.from_numpy(uv).float(),
                                          torch.from_numpy(frac).float())
 
-    def levels(self, kf_id: int, uv: np.ndarray) -> Tensor:
-        """(n_levels, R): the relevancy at pixels uv on every pyramid level."""
-        return self.pyramid.cell_levels(kf_id, self._values(kf_id), torch.from_numpy(uv).float())
+
+class ViewIndex:
+    """The query-independent part of `views_relevancy_fn` for one set of points: their `Sightings`, per
+    sighting and pyramid level the crop cells and bilinear weights to read (`ClipPyramid.corner_table`),
+    and per searched scale which two levels each sighting blends and with what weights (`plan`). A query
+    then costs one relevancy per stored crop, a gather, and a blend and a sum per scale."""
+
+    def __init__(self, points: Tensor, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
+                 cfg: CandidateConfig, plan_budget_bytes: int = 128 * 2**20) -> None:
+        seen = sightings(points.detach().double().cpu().numpy(), cset, frames, pyramid, cfg)
+        self.n_points = int(points.shape[0])
+        self.kf_ids = seen.kf_ids
+        self.idx = torch.from_numpy(seen.idx)
+        self.extent = torch.from_numpy(seen.extent).float()
+        cells, self.weights = pyramid.corner_table(seen.kf_ids, torch.from_numpy(seen.pos),
+                                                   torch.from_numpy(seen.uv).float())
+        self.cells = cells.cpu()
+        self.weights = self.weights.cpu()
+        self.fracs = pyramid.fracs.cpu()
+        self.lo_hi = (pyramid.config.tile_fracs[0] / FRAC_SLACK, pyramid.config.tile_fracs[-1] * FRAC_SLACK)
+        self._plans: dict[float, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self.plan_budget_bytes = int(plan_budget_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        plans = (t for plan in self._plans.values() for t in plan)
+        held = (self.idx, self.extent, self.cells, self.weights, *plans)
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def levels(self, pyramid: ClipPyramid, cell_fn) -> Tensor:
+        """(n_levels, O) float32: ``cell_fn`` ((cells, D) crop embeddings -> (cells,)) of every stored crop,
+        interpolated at every sighting on every level (`ClipPyramid.cell_levels`, all keyframes at once)."""
+        if self.idx.numel() == 0:
+            return torch.zeros(self.fracs.numel(), 0)
+        values = cell_fn(pyramid.grids_of(self.kf_ids)).float().cpu()
+        return (torch.take(values, self.cells) * self.weights).sum(dim=-1)
+
+    def plan(self, scale_m: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """At ``scale_m``, per sighting: the flat index (int32, into the (n_levels, O) `levels`) of the
+        lower of the two levels its tile fraction falls between, the blend t (float32) towards the next
+        level, and its weight (float16: 1, or 1e-3 out of the tile range, as in `views_embed_fn`); per point
+        the sum of those weights (float32). Kept per scale while the plans fit ``plan_budget_bytes`` (an
+        idle map's queries search the same scales)."""
+        key = float(scale_m)
+        hit = self._plans.get(key)
+        if hit is not None:
+            return hit
+        o, n_lv = self.idx.numel(), self.fracs.numel()
+        frac = scale_m / self.extent
+        w = torch.where((frac >= self.lo_hi[0]) & (frac <= self.lo_hi[1]), 1.0, _OUT_OF_RANGE_WEIGHT).half()
+        f = frac.clamp(float(self.fracs[0]), float(self.fracs[-1]))
+        lo = (torch.searchsorted(self.fracs, f, right=True) - 1).clamp(0, max(n_lv - 2, 0))
+        hi = (lo + 1).clamp(max=n_lv - 1)
+        span = self.fracs[hi] - self.fracs[lo]
+        t = torch.where(span > 0, (f - self.fracs[lo]) / torch.where(span > 0, span, 1.0), 0.0)
+        flat = (lo * o + torch.arange(o)).to(torch.int32)
+        plan = (flat, t, w, torch.zeros(self.n_points).index_add_(0, self.idx, w.float()))
+        held = sum(x.numel() * x.element_size() for p in self._plans.values() for x in p)
+        if held + sum(x.numel() * x.element_size() for x in plan) <= self.plan_budget_bytes:
+            self._plans[key] = plan
+        return plan
+
+    def relevancy(self, levels: Tensor, scale_m: float) -> Tensor:
+        """(n_points,) float32 at ``scale_m``: per point the weighted mean over its sightings of ``levels``
+        ((n_levels, O), `levels`) blended at the sighting's tile fraction; NaN where no keyframe sees it."""
+        flat, t, w, total_w = self.plan(scale_m)
+        out = torch.zeros(self.n_points)
+        if self.idx.numel():
+            lv = levels.reshape(-1)
+            flat = flat.long()
+            a = torch.take(lv, flat)
+            b = torch.take(lv, flat + (self.idx.numel() if self.fracs.numel() > 1 else 0))
+            out.index_add_(0, self.idx, (a + t * (b - a)) * w.float())
+        return torch.where(total_w > 0, out / total_w.clamp_min(1e-12), float("nan"))
+
+
+class ViewIndexCache:
+    """The last `ViewIndex`, reused while its points (by content), the candidate set, the keyframes and
+    their pyramids are the ones it was built from: an idle map's queries all score the same candidate
+    points. Indexes over ``budget_bytes`` are built per query and not kept. Thread-safe."""
+
+    def __init__(self, budget_bytes: int = 256 * 2**20) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._held: tuple = ()  # what the key names by id(), kept alive so no id is reused meanwhile
+        self._index: ViewIndex | None = None
+        self.budget_bytes = int(budget_bytes)
+        self.hits = 0
+
+    def get(self, points: Tensor, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
+            cfg: CandidateConfig) -> ViewIndex:
+        ids = tuple(sorted(frames))
+        key = (points_digest(points), id(cset), id(pyramid), ids, tuple(id(frames[i]) for i in ids),
+               tuple(pyramid.key(i) for i in ids), cfg)
+        with self._lock:
+            if self._key == key and self._index is not None:
+                self.hits += 1
+                return self._index
+        index = ViewIndex(points, cset, frames, pyramid, cfg)
+        with self._lock:
+            if index.nbytes <= self.budget_bytes:
+                self._key, self._index = key, index
+                self._held = (cset, pyramid, tuple(frames[i] for i in ids))
+        return index
 
 
 def views_relevancy_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
-                       cfg: CandidateConfig, text: Tensor, negatives: Tensor, temperature: float):
+                       cfg: CandidateConfig, text: Tensor, negatives: Tensor, temperature: float,
+                       index_cache: ViewIndexCache | None = None):
     """``relevancy_fn(points (M, 3), scale_m) -> (M,)`` for `locate`'s scale search: per point the mean,
     over the keyframes that see it (`visible`), of the relevancy of their crops there at that scale
     (views out of their tile range count 1e-3, as in `views_embed_fn`). Which keyframe sees which point
-    is worked out once per points tensor and each keyframe's crop relevancies once, so the scales cost
-    one scalar interpolation each. Points no keyframe sees get the median of the others."""
+    and where (`ViewIndex`, from ``index_cache`` when given) and every crop's relevancy are worked out once
+    per points tensor, so the scales cost one scalar interpolation each. Points no keyframe sees get the
+    median of the others."""
     by_id = dict(frames)
-    cells = _CellRelevancy(pyramid, text, negatives, temperature)
-    lo, hi = pyramid.config.tile_fracs[0] / FRAC_SLACK, pyramid.config.tile_fracs[-1] * FRAC_SLACK
-    seen_by: dict = {"points": None}
 
-    def observe(points: Tensor) -> dict:
-        """Every (point, keyframe that sees it) pair: point index, image extent there and the relevancy
-        on every level, all keyframes concatenated (scale-independent, so worked out once)."""
-        if seen_by["points"] is not points:
-            pts = points.detach().double().cpu().numpy()
-            idx, extent, levels = [], [], []
-            for kf_id, kf, hit, uv, dist in _sightings(pts, cset, by_id, pyramid, cfg):
-                idx.append(torch.from_numpy(hit))
-                extent.append(torch.from_numpy(kf.intrinsics.height * dist / kf.intrinsics.fy))
-                levels.append(cells.levels(kf_id, uv).cpu())
-            seen_by.update(points=points, idx=torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long),
-                           extent=torch.cat(extent) if extent else torch.zeros(0, dtype=torch.float64),
-                           levels=torch.cat(levels, dim=1) if levels else None)
-        return seen_by
+    def cell_fn(grid: Tensor) -> Tensor:
+        return relevancy(F.normalize(grid, dim=1), text, negatives, temperature)
+
+    state: dict = {"points": None}
+
+    def prepare(points: Tensor) -> dict:
+        if state["points"] is not points:
+            index = (index_cache.get(points, cset, by_id, pyramid, cfg) if index_cache is not None
+                     else ViewIndex(points, cset, by_id, pyramid, cfg))
+            state.update(points=points, index=index, levels=index.levels(pyramid, cell_fn))
+        return state
 
     def fn(points: Tensor, scale_m: float) -> Tensor:
-        m = points.shape[0]
-        obs = observe(points)
-        total = torch.zeros(m, dtype=torch.float64)
-        weight = torch.zeros(m, dtype=torch.float64)
-        if obs["levels"] is not None:
-            frac = scale_m / obs["extent"]
-            w = torch.where((frac >= lo) & (frac <= hi), 1.0, _OUT_OF_RANGE_WEIGHT).double()
-            r = pyramid.blend_levels(obs["levels"], frac.float()).double().cpu()
-            total.index_add_(0, obs["idx"], r * w)
-            weight.index_add_(0, obs["idx"], w)
-        seen = weight > 0
-        out = torch.where(seen, total / weight.clamp_min(1e-12), torch.zeros_like(total))
-        if bool(seen.any()) and not bool(seen.all()):
-            out[~seen] = out[seen].median()
-        return out.float().to(points.device)
+        st = prepare(points)
+        out = st["index"].relevancy(st["levels"], scale_m)
+        seen = ~torch.isnan(out)
+        if not bool(seen.all()):
+            out[~seen] = out[seen].median() if bool(seen.any()) else 0.0
+        return out.to(points.device)
 
     return fn
 
@@ -272,23 +394,40 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         return first if second is None else second
 
     def once(loc: np.ndarray, scale_m: float) -> np.ndarray | None:
-        rays = []
-        for kf_id in ([] if cset.grid_ids is None else cset.grid_ids.tolist()):
-            kf = by_id.get(int(kf_id))
-            grid = cset.grid_of(kf_id)
-            if kf is None or grid is None or not pyramid.ready(int(kf_id)):
-                continue
-            measured = kf.depth_m is not None
-            seen, uv, dist = in_view(loc[None], kf, grid, cfg.pixel_stride,
-                                     cfg.depth_tol_rel if measured else BEHIND_REL,
-                                     cfg.voxel_m if measured else BEHIND_M)
-            if seen[0]:
-                r = ray(int(kf_id), kf, uv[0], float(dist[0]), scale_m)
-                if r is not None:
-                    rays.append(r)
-        return closest_point(rays, min_rays)
+        ids, kfs, pos, _, uv, dist = _reaching(loc[None], cset, by_id, pyramid, cfg)
+        cells.prefetch([ids[p] for p in pos])
+        rays = [ray(ids[p], kfs[p], uv[j], float(dist[j]), scale_m) for j, p in enumerate(pos.tolist())]
+        return closest_point([r for r in rays if r is not None], min_rays)
 
     return fn
+
+
+def _reaching(pts: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
+              cfg: CandidateConfig, keep=None):
+    """Every (keyframe, point) pair where the point lies in the keyframe's view up to its surface
+    (`candidates.in_view`: behind measured depth by the candidates' tolerance, behind rendered depth by
+    BEHIND_REL / BEHIND_M), all keyframes at once. ``keep(kf)``: only keyframes it accepts.
+    Returns (keyframe ids, keyframes, positions (O,) into them, point indices (O,), uv (O, 2), ray distances
+    (O,)), keyframe by keyframe in the candidate set's order."""
+    rows, ids, kfs = _usable(cset, frames, pyramid)
+    if keep is not None:
+        chosen = [i for i, kf in enumerate(kfs) if keep(kf)]
+        rows, ids, kfs = [rows[i] for i in chosen], [ids[i] for i in chosen], [kfs[i] for i in chosen]
+    parts = []
+    for measured in (False, True):  # a depth sensor's surface hides what lies behind it
+        sel = [i for i, kf in enumerate(kfs) if (kf.depth_m is not None) == measured]
+        if not sel:
+            continue
+        test = (in_view_test(cfg.depth_tol_rel, cfg.voxel_m) if measured
+                else in_view_test(BEHIND_REL, BEHIND_M))
+        p, idx, uv, dist = seen_pairs(pts, [kfs[i] for i in sel], cset.grids[[rows[i] for i in sel]],
+                                      cfg.pixel_stride, test)
+        parts.append((np.asarray(sel, dtype=np.int64)[p], idx, uv, dist))
+    if not parts:
+        return ids, kfs, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(0)
+    pos, idx, uv, dist = (np.concatenate([q[i] for q in parts]) for i in range(4))
+    order = np.argsort(pos, kind="stable")
+    return ids, kfs, pos[order], idx[order], uv[order], dist[order]
 
 
 def closest_point(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
@@ -349,24 +488,15 @@ def hull_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: Cl
             pts = pts[np.all((pts >= box[0]) & (pts <= box[1]), axis=1)]
         total = np.zeros(pts.shape[0])
         count = np.zeros(pts.shape[0])
-        for kf_id in ([] if cset.grid_ids is None else cset.grid_ids.tolist()):
-            kf = by_id.get(int(kf_id))
-            grid = cset.grid_of(kf_id)
-            if (kf is None or grid is None or not pyramid.ready(int(kf_id))
-                    or not _may_see(kf, location, reach)):
-                continue
-            measured = kf.depth_m is not None  # a depth sensor's surface: what lies behind it is hidden
-            seen, uv, dist = in_view(pts, kf, grid, cfg.pixel_stride,
-                                     cfg.depth_tol_rel if measured else BEHIND_REL,
-                                     cfg.voxel_m if measured else BEHIND_M)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                frac = scale_m * kf.intrinsics.fy / (kf.intrinsics.height * dist)
-            idx = np.nonzero(seen)[0]
-            if idx.size == 0:
-                continue
-            r = cells.sample(int(kf_id), uv[idx], frac[idx])
-            total[idx] += r.double().cpu().numpy()
-            count[idx] += 1
+        ids, kfs, pos, idx, uv, dist = _reaching(pts, cset, by_id, pyramid, cfg,
+                                                 keep=lambda kf: _may_see(kf, location, reach))
+        cells.prefetch([ids[p] for p in np.unique(pos)])
+        for p in np.unique(pos).tolist():
+            rows = np.nonzero(pos == p)[0]
+            k = kfs[p].intrinsics
+            r = cells.sample(ids[p], uv[rows], scale_m * k.fy / (k.height * dist[rows]))
+            total[idx[rows]] += r.double().cpu().numpy()
+            count[idx[rows]] += 1
         if count.size == 0 or count.max() < min_views:
             return None
         enough = count >= max(min_views, 0.5 * count.max())

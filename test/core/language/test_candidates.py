@@ -144,3 +144,38 @@ def test_rendered_candidates_use_the_median_depth_of_each_ray():
     skewed = {"weights": torch.tensor([[0.6, 0.0, 0.0, 0.39]]), "samples": SimpleNamespace(
         t_mid=torch.tensor([[1.0, 2.0, 3.0, 9.0]])), "depth": torch.tensor([4.11])}
     assert float(cand._median_depth(skewed)[0]) == 1.0  # the surface, not the mean pulled behind it
+
+
+def _turned_kf(x: float, yaw_deg: float, depth: float) -> Frame:
+    """Camera at (x, 0, 0), turned by yaw about the world y axis; flat depth."""
+    a = np.radians(yaw_deg)
+    T = np.eye(4)
+    T[:3, :3] = [[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]]
+    T[0, 3] = x
+    return Frame(np.zeros((H, W, 3), np.uint8), INTR, T, 0, np.full((H, W), depth, np.float32))
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 19])
+def test_seen_pairs_is_the_per_keyframe_loop_of_visible_and_in_view(monkeypatch, chunk):
+    """All keyframes at once, in chunks of any size: the same pairs, pixels and distances as calling
+    `visible` / `in_view` keyframe by keyframe (a point behind, beside or in front of each surface)."""
+    monkeypatch.setattr(cand, "PAIR_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    kfs = [_turned_kf(x, yaw, d) for x, yaw, d in ((0.0, 0.0, 2.0), (1.0, -20.0, 1.5), (-0.5, 15.0, 3.0))]
+    grids = np.stack([k.depth_m for k in kfs])
+    pts = rng.uniform([-2.0, -1.0, -0.5], [2.0, 1.0, 3.5], size=(400, 3))
+    for single, test in ((lambda p, kf, g: cand.visible(p, kf, g, 1, CFG), cand.visible_test(CFG)),
+                         (lambda p, kf, g: cand.in_view(p, kf, g, 1, 0.1, 0.1), cand.in_view_test(0.1, 0.1))):
+        pos, idx, uv, dist = cand.seen_pairs(pts, kfs, grids, 1, test)
+        want = []
+        for k, kf in enumerate(kfs):
+            seen, uv_k, dist_k = single(pts, kf, grids[k])
+            hit = np.nonzero(seen)[0]
+            want += [(k, i, *uv_k[i], dist_k[i]) for i in hit]
+        got = list(zip(pos, idx, uv[:, 0], uv[:, 1], dist, strict=True))
+        assert 0 < len(want) < 3 * len(pts)
+        assert [g[:2] for g in got] == [w[:2] for w in want]
+        np.testing.assert_allclose(np.array([g[2:] for g in got]), np.array([w[2:] for w in want]),
+                                   rtol=1e-12, atol=1e-12)
+    empty = cand.seen_pairs(np.zeros((0, 3)), kfs, grids, 1, cand.visible_test(CFG))
+    assert all(a.shape[0] == 0 for a in empty)

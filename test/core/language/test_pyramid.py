@@ -117,6 +117,31 @@ def test_per_crop_scalars_blend_like_embeddings(pyr):
         pyr.sample_cells(3, values, torch.zeros(2, 2), torch.tensor([0.25]))
 
 
+def test_corner_table_reads_many_keyframes_of_several_sizes_as_each_alone(pyr):
+    """`corner_table` over the concatenated grids of keyframes of two image sizes gives, row by row, what
+    `sample_cells` gives for the row's own keyframe (so one gather serves every keyframe of a query)."""
+    small = torch.nn.functional.interpolate(ramp_image()[None], size=(30, 44), mode="bilinear")[0]
+    pyr.add(5, small)
+    pyr.add(7, ramp_image().flip(2))
+    ids = [7, 3, 5]
+    def fn(g):
+        return g[:, 0] * 3.0 + g[:, 1]
+
+    values = fn(pyr.grids_of(ids))
+    assert values.shape[0] == sum(pyr.cell_values(k, fn).shape[0] for k in ids)
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 3, (50,), generator=gen)
+    uv = torch.rand(50, 2, generator=gen) * torch.tensor([W - 1.0, H - 1.0])
+    frac = 0.25 + 0.25 * torch.rand(50, generator=gen)
+    cells, w = pyr.corner_table(ids, pos, uv)
+    assert cells.shape == w.shape == (2, 50, 4)
+    got = pyr.blend_levels((values[cells] * w).sum(-1), frac)
+    for r in range(50):
+        k = ids[int(pos[r])]
+        want = pyr.sample_cells(k, pyr.cell_values(k, fn), uv[r:r + 1], frac[r:r + 1])
+        torch.testing.assert_close(got[r:r + 1], want, atol=1e-5, rtol=0)
+
+
 def test_between_scales(pyr):
     # (14.5, 14.5) is a level-0 centre and the midpoint of four level-1 centres (9.5 / 19.5)
     e0 = _sample(pyr, 14.5, 14.5, 0.25)

@@ -100,3 +100,23 @@ def test_scale_search_validates_scales_and_counts():
         scale_search(lambda s: torch.zeros(1, 2), q, c, [0.1, -1.0])
     with pytest.raises(ValueError, match="embed_at_scale"):
         scale_search(lambda s: torch.zeros(1 if s < 0.5 else 2, 2), q, c, [0.1, 1.0])
+
+
+def test_relevancy_is_the_minimum_pairwise_softmax_over_many_negatives():
+    """The closest negative's sigmoid (how `relevancy` computes it) is the minimum of the K pairwise
+    softmaxes of eq. 3, written out here with exp; and every phrase of a vocabulary at once
+    (`query._phrase_relevancy`) is the same as one `relevancy` call per phrase."""
+    from lerf_ros.core.language.query import _phrase_relevancy
+
+    gen = torch.Generator().manual_seed(0)
+    phi = torch.nn.functional.normalize(torch.randn(200, 8, generator=gen, dtype=torch.float64), dim=1)
+    q, negs = torch.nn.functional.normalize(torch.randn(9, 8, generator=gen, dtype=torch.float64), dim=1).split(
+        [1, 8])
+    tau = 10.0
+    pairwise = torch.exp(tau * phi @ q.T) / (torch.exp(tau * phi @ q.T) + torch.exp(tau * phi @ negs.T))
+    torch.testing.assert_close(relevancy(phi, q[0], negs, tau).double(), pairwise.min(dim=1).values,
+                               atol=1e-6, rtol=0)
+    phrases = torch.nn.functional.normalize(torch.randn(5, 8, generator=gen), dim=1)
+    each = torch.stack([relevancy(phi.float(), p, negs[:4].float(), tau) for p in phrases])
+    torch.testing.assert_close(_phrase_relevancy(phi.float(), phrases, negs[:4].float(), tau), each,
+                               atol=1e-6, rtol=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lerf_ros.core.encoders import DEMO_CLIP, load_encoder
-from lerf_ros.core.language import view_evidence
+from lerf_ros.core.language import candidates, view_evidence
 from lerf_ros.core.language.candidates import CandidateSet
 from lerf_ros.core.language.pyramid import ClipPyramid
 from lerf_ros.core.language.relevancy import CANONICAL_NEGATIVES, relevancy
@@ -116,6 +116,84 @@ def test_views_relevancy_is_high_on_the_named_object_and_low_elsewhere(scene):
         assert r[2] == r[:2].median()  # seen by no keyframe: the median of the others
     # the same points tensor for every scale: visibility is worked out once
     assert fn(points, 0.2).shape == (3,)
+
+
+def _surface_points(cset, kfs, every=3):
+    stride = CFG.candidates.pixel_stride
+    pts = np.concatenate([candidates.lift_depth(kf, stride, grid=cset.grids[i]) for i, kf in kfs])
+    return torch.tensor(np.concatenate([pts[::every], [[0.0, 0.0, 30.0]]]), dtype=torch.float32)
+
+
+def _views_relevancy_by_loop(points, scale, cset, kfs, pyr, text, negs):
+    """The views' relevancy spelt out keyframe by keyframe (`visible`, `sample_cells`, weights 1 / 1e-3)."""
+    pts = points.double().numpy()
+    total, weight = np.zeros(len(pts)), np.zeros(len(pts))
+    lo = CFG.pyramid.tile_fracs[0] / view_evidence.FRAC_SLACK
+    hi = CFG.pyramid.tile_fracs[-1] * view_evidence.FRAC_SLACK
+    def cell_fn(g):
+        return relevancy(torch.nn.functional.normalize(g, dim=1), text, negs, CFG.query.temperature)
+
+    for i, kf in kfs:
+        seen, uv, dist = candidates.visible(pts, kf, cset.grids[i], CFG.candidates.pixel_stride, CFG.candidates)
+        idx = np.nonzero(seen)[0]
+        frac = scale * kf.intrinsics.fy / (kf.intrinsics.height * dist[idx])
+        w = np.where((frac >= lo) & (frac <= hi), 1.0, 1e-3)
+        r = pyr.sample_cells(i, pyr.cell_values(i, cell_fn), torch.from_numpy(uv[idx]).float(),
+                             torch.from_numpy(frac).float()).double().numpy()
+        np.add.at(total, idx, r * w)
+        np.add.at(weight, idx, w)
+    out = np.where(weight > 0, total / np.maximum(weight, 1e-12), np.nan)
+    seen = np.sort(out[weight > 0])
+    out[weight == 0] = seen[(seen.size - 1) // 2]  # torch's median: the lower middle value
+    return out
+
+
+def test_views_relevancy_is_the_weighted_mean_of_every_views_crop_relevancy(scene):
+    """`ViewIndex` (all keyframes in one gather, blend plans per scale) gives what the keyframe-by-keyframe
+    loop gives, at scales inside and outside the views' tile ranges."""
+    _, _, _, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    points = _surface_points(cset, kfs)
+    fn = view_evidence.views_relevancy_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:],
+                                          CFG.query.temperature)
+    for scale in (0.03, 0.1, 0.25, 0.6, 2.0):
+        want = _views_relevancy_by_loop(points, scale, cset, kfs, pyr, emb[0], emb[1:])
+        got = fn(points, scale).double().numpy()
+        assert got.shape == want.shape and np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        assert scale != 0.1 or got.max() > 0.8  # the box is among the points
+
+
+def test_view_index_cache_serves_the_same_points_until_the_views_change(scene):
+    _, _, _, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", "green sphere", *CANONICAL_NEGATIVES]).float()
+    points = _surface_points(cset, kfs, every=5)
+    cache = view_evidence.ViewIndexCache()
+
+    def rel(text, pts, c=cset, p=pyr, frames=kfs, index_cache=cache):
+        return view_evidence.views_relevancy_fn(c, frames, p, CFG.candidates, text, emb[2:],
+                                                CFG.query.temperature, index_cache=index_cache)(pts, 0.1)
+
+    a = rel(emb[0], points)
+    b = rel(emb[1], points.clone())  # another query, the same points by content: the index is reused
+    assert cache.hits == 1 and not torch.equal(a, b)
+    torch.testing.assert_close(rel(emb[0], points), a, atol=0, rtol=0)
+    assert cache.hits == 2
+    rel(emb[0], points[:-1])  # other points
+    rel(emb[0], points[:-1], c=dataclasses.replace(cset))  # another candidate set
+    rel(emb[0], points[:-1], frames=kfs[:-1])  # a keyframe fewer
+    assert cache.hits == 2
+    # a keyframe's pyramid computed again from another image: not the index it was built with
+    other = ClipPyramid(enc, CFG.pyramid, "cpu")
+    for i, kf in kfs:
+        other.add(i, kf.image if i else np.ascontiguousarray(kf.image[:, ::-1]))
+    rel(emb[0], points[:-1], p=other)
+    assert cache.hits == 2
+    # over its budget an index is built, used and not kept
+    small = view_evidence.ViewIndexCache(budget_bytes=0)
+    torch.testing.assert_close(rel(emb[0], points, index_cache=small), a, atol=0, rtol=0)
+    rel(emb[0], points, index_cache=small)
+    assert small.hits == 0
 
 
 def test_triangulation_pins_an_answer_placed_in_front_of_the_object_along_each_view(scene):
