@@ -110,8 +110,8 @@ def test_relevancy_is_the_minimum_pairwise_softmax_over_many_negatives():
 
     gen = torch.Generator().manual_seed(0)
     phi = torch.nn.functional.normalize(torch.randn(200, 8, generator=gen, dtype=torch.float64), dim=1)
-    q, negs = torch.nn.functional.normalize(torch.randn(9, 8, generator=gen, dtype=torch.float64), dim=1).split(
-        [1, 8])
+    texts = torch.nn.functional.normalize(torch.randn(9, 8, generator=gen, dtype=torch.float64), dim=1)
+    q, negs = texts[:1], texts[1:]
     tau = 10.0
     pairwise = torch.exp(tau * phi @ q.T) / (torch.exp(tau * phi @ q.T) + torch.exp(tau * phi @ negs.T))
     torch.testing.assert_close(relevancy(phi, q[0], negs, tau).double(), pairwise.min(dim=1).values,

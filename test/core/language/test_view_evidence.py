@@ -134,7 +134,8 @@ def _views_relevancy_by_loop(points, scale, cset, kfs, pyr, text, negs):
         return relevancy(torch.nn.functional.normalize(g, dim=1), text, negs, CFG.query.temperature)
 
     for i, kf in kfs:
-        seen, uv, dist = candidates.visible(pts, kf, cset.grids[i], CFG.candidates.pixel_stride, CFG.candidates)
+        seen, uv, dist = candidates.visible(pts, kf, cset.grids[i], CFG.candidates.pixel_stride,
+                                            CFG.candidates)
         idx = np.nonzero(seen)[0]
         frac = scale * kf.intrinsics.fy / (kf.intrinsics.height * dist[idx])
         w = np.where((frac >= lo) & (frac <= hi), 1.0, 1e-3)
