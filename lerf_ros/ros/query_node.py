@@ -235,6 +235,8 @@ class QueryNode(LifecycleNode):
                 from lerf_ros.ros.main import report_encoders
 
                 report_encoders(self.get_logger(), engine)
+                threading.Thread(target=self._warm_up, args=(engine,), name="lerf_query_warm_up",
+                                 daemon=True).start()
         elif self._shared_slot is not None:
             self.slot = self._shared_slot
         else:
@@ -243,6 +245,17 @@ class QueryNode(LifecycleNode):
             self.get_logger().error(self.slot.error)
         self.get_logger().info("configured")
         return lifecycle.SUCCESS
+
+    def _warm_up(self, engine) -> None:
+        """A loaded map's query caches, built off the executor (`LERFEngine.warm_up_queries`); a failure
+        only costs the first query its speed."""
+        try:
+            seconds = engine.warm_up_queries()
+        except Exception as exc:  # noqa: BLE001 - the node answers queries either way
+            self.get_logger().warning(f"query warm-up failed ({type(exc).__name__}: {exc}); the first "
+                                      "query builds its caches itself")
+        else:
+            self.get_logger().info(f"query caches built in {seconds:.1f} s")
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._active.set()

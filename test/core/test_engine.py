@@ -736,6 +736,17 @@ def test_grid_feature_cache_keeps_the_multiscale_embeddings_within_its_budget(ro
     assert cache.hits == hits + 1
 
 
+def test_warm_up_builds_the_caches_the_first_idle_query_reuses(room_frames):
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    assert engine.warm_up_queries() == 0.0  # no model yet: nothing to build
+    _train_a_little(engine, room_frames[:3], steps=2)
+    engine._last_train_time = -1e9  # idle, as a loaded map
+    assert engine.warm_up_queries() > 0.0
+    grid_hits, view_hits = engine._grid_features.hits, engine._view_index.hits
+    engine.query("purple teapot", with_cloud=False)  # nothing there: the field and the views are searched
+    assert engine._grid_features.hits > grid_hits and engine._view_index.hits > view_hits
+
+
 def test_auto_backend_becomes_torch_for_cpu_engines():
     """A CPU engine must never get tinycudann modules, even where "auto" would pick them (CUDA present)."""
 
