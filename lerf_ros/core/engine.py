@@ -37,7 +37,7 @@ from .language.pyramid import ClipPyramid
 from .language.query import QueryResult, locate
 from .language.query_embed import GridFeatureCache, multiscale_embed_fn
 from .language.relevancy import CANONICAL_NEGATIVES, negative_texts
-from .model import LanguageSnapshot, LERFModel
+from .model import LanguageSnapshot, LERFModel, geometry_snapshot
 from .presets import EngineConfig
 from .training import salience
 from .training.convergence import ConvergenceSignals
@@ -232,6 +232,8 @@ class LERFEngine:
         self.trainer: Trainer | None = None
         self._serving: LanguageSnapshot | None = None  # the queries' copy of the language field
         self._serving_key: tuple | None = None
+        self._geometry = None  # the copy of the model candidate grids are rendered from (`_render_grids`)
+        self._geometry_key: tuple | None = None
         self._generator = torch.Generator(device=self.device).manual_seed(0)
         self._losses: dict[str, float] = {}
         self._rays_per_s = 0.0
@@ -696,12 +698,35 @@ class LERFEngine:
                     self._depends_key = self._kf_version
                 if self.model is None or not self._depends:
                     break
-                t = time.perf_counter()
-                if not self.candidates.refresh(self.store.ids(), self.store.frames(), self.train_step,
-                                               self.model):
+                cache, step = self.candidates, self.train_step
+                todo = cache.stale(self.store.ids(), step)
+                if not todo:
                     break
-                self._refresh_cost = time.perf_counter() - t
+                kf_id, kf = todo[0], self.store.get(todo[0])
+                t = time.perf_counter()
+                model = self._geometry_model()
+                if model is None:  # no copy (tinycudann): rendered under the lock, as the model itself
+                    cache.put_grid(kf_id, cache.grid_of(kf, step, self.model))
+                    self._refresh_cost = time.perf_counter() - t
+                    continue
+            # Rendered from the copy outside the lock (seconds for a large keyframe on a CPU): queries,
+            # frames and status go on meanwhile; a keyframe evicted or fields restarted meanwhile drop it.
+            grid = cache.grid_of(kf, step, model)
+            with self.lock.background():
+                if self.candidates is cache and kf_id in self.store:
+                    cache.put_grid(kf_id, grid)
+            self._refresh_cost = time.perf_counter() - t
         self._last_refresh = time.perf_counter()
+
+    def _geometry_model(self):
+        """The copy of the model that candidate grids are rendered from outside the lock
+        (`model.geometry_snapshot`), made again once the weights may have changed; None when the model
+        cannot be copied. Caller holds the lock."""
+        key = (id(self.model), self.train_step, self._training_calls)
+        if self._geometry_key != key:
+            self._geometry = geometry_snapshot(self.model)
+            self._geometry_key = key
+        return self._geometry
 
     def ready(self) -> bool:
         """A model exists and has trained at least one step on enough keyframes."""

@@ -361,6 +361,18 @@ class LERFModel(LanguagePointQueries, nn.Module):
         return torch.cat(out) if out else points.new_zeros(0, 3)
 
 
+def geometry_snapshot(model: LERFModel) -> LERFModel | None:
+    """A frozen copy (eval mode, no gradients) of ``model`` for rendering rgb and depth outside the engine
+    lock while training changes the model: the radiance field, proposal sampler and buffers are copied; the
+    language field is left out (an empty module in its place: ``forward`` without ``clip_scale_factor``
+    never reads it). None when a module cannot be copied (tinycudann's native objects)."""
+    try:
+        snap = copy.deepcopy(model, memo={id(model.language): nn.Module()})
+    except Exception:  # a backend whose modules do not copy
+        return None
+    return snap.eval().requires_grad_(False)
+
+
 class LanguageSnapshot(LanguagePointQueries):
     """A frozen copy of a model's language field (``copy.deepcopy``, eval mode) with the model's point
     queries: the engine answers queries from it outside its lock while training goes on changing the

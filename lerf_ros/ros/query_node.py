@@ -251,7 +251,7 @@ class QueryNode(LifecycleNode):
         only costs the first query its speed."""
         try:
             seconds = engine.warm_up_queries()
-        except Exception as exc:  # noqa: BLE001 - the node answers queries either way
+        except Exception as exc:  # the node answers queries either way
             self.get_logger().warning(f"query warm-up failed ({type(exc).__name__}: {exc}); the first "
                                       "query builds its caches itself")
         else:

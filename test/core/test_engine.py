@@ -497,6 +497,38 @@ def test_candidates_from_rendered_depth_without_measured_depth(room_frames):
     assert r.model_step == engine.train_step and isinstance(r.found, bool)
 
 
+def test_candidate_grids_render_from_a_copy_outside_the_lock(room_frames, monkeypatch):
+    """The worker renders a keyframe's depth grid (seconds for a large image on a CPU) from a frozen copy of
+    the model without holding the engine lock; the grid is the one the model itself renders. A model that
+    cannot be copied (tinycudann) is rendered from under the lock, as before."""
+    frames = [dataclasses.replace(f, depth_m=None) for f in room_frames[:4]]
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, frames, steps=2)
+    real = candidates.render_depth_grid
+    seen = []
+
+    def watching(model, kf, *a, **k):
+        seen.append((engine.lock._owner == threading.get_ident(), model is engine.model))
+        return real(model, kf, *a, **k)
+
+    monkeypatch.setattr(candidates, "render_depth_grid", watching)
+    engine._refresh_cost, engine._last_refresh = 0.01, time.perf_counter() - 100.0
+    engine.step(1)
+    assert seen and all(not held and not live for held, live in seen)
+    kf_id = max(engine.candidates._grids, key=lambda i: engine.candidates._grids[i][1])
+    grid, step = engine.candidates._grids[kf_id]
+    assert step == engine.train_step
+    want = real(engine.model, engine.store.get(kf_id), engine.config.candidates.pixel_stride, engine.device)
+    np.testing.assert_array_equal(grid, want)
+    assert engine.model.language is not None and engine._geometry.language is not engine.model.language
+
+    seen.clear()
+    monkeypatch.setattr(engine_mod, "geometry_snapshot", lambda model: None)
+    engine._refresh_cost, engine._last_refresh = 0.01, time.perf_counter() - 100.0
+    engine.step(1)
+    assert seen and all(held and live for held, live in seen)
+
+
 # --------------------------------------------------------------------------- lock fairness
 
 

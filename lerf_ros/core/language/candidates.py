@@ -441,13 +441,30 @@ class CandidateCache:
         """Render up to ``max_renders`` grids: keyframes without one first, then rendered grids older than
         ``min_age_steps`` (stalest first); returns how many. The next `get` merges them in."""
         by_id = {int(i): f for i, f in zip(ids, frames, strict=True)}
-        missing = [(-3, i) for i in by_id if i not in self._grids]  # keyframes with no grid come first
-        stale = missing + sorted((st, i) for i, (_, st) in self._grids.items() if i in by_id and (
-            (st >= 0 and step - st >= min_age_steps) or st == _UNFILLED))
-        for _, kf_id in stale[:max_renders]:
-            self._grids[kf_id] = self._grid(by_id[kf_id], step, model)
-            self._grids_version += 1
+        stale = self.stale(ids, step, min_age_steps)
+        for kf_id in stale[:max_renders]:
+            self.put_grid(kf_id, self.grid_of(by_id[kf_id], step, model))
         return min(len(stale), max_renders)
+
+    def stale(self, ids: Sequence[int], step: int, min_age_steps: int = 1) -> list[int]:
+        """Keyframes whose grid `refresh` would render next, in its order: those without one, then rendered
+        grids older than ``min_age_steps`` and measured ones with holes not filled yet, stalest first."""
+        order = [int(i) for i in ids]
+        present = set(order)
+        missing = [i for i in order if i not in self._grids]  # keyframes with no grid come first
+        old = sorted((st, i) for i, (_, st) in self._grids.items() if i in present and (
+            (st >= 0 and step - st >= min_age_steps) or st == _UNFILLED))
+        return missing + [i for _, i in old]
+
+    def grid_of(self, kf: Frame, step: int, model) -> tuple[np.ndarray, int]:
+        """The depth grid of ``kf`` and the step it is valid for (`_grid`); touches no state of the cache,
+        so it may run outside the engine lock on a copy of the model (`model.geometry_snapshot`)."""
+        return self._grid(kf, step, model)
+
+    def put_grid(self, kf_id: int, grid: tuple[np.ndarray, int]) -> None:
+        """Store a grid from `grid_of`; the next merge takes it in."""
+        self._grids[int(kf_id)] = grid
+        self._grids_version += 1
 
     def adopt(self, cset: CandidateSet, version: int, ids: Sequence[int], frames: Sequence[Frame],
               step: int) -> bool:
