@@ -881,7 +881,8 @@ class LERFEngine:
                                                    np.asarray(self.scene_box.max_xyz, dtype=np.float64))
         return view_evidence.refine_fn(cset, kfs, self.pyramid, self.config.candidates, text, canon,
                                        qcfg.temperature, qcfg.refine_radius_m, qcfg.refine_step_m, box=box,
-                                       window_m=qcfg.triangulate_window_m)
+                                       window_m=qcfg.triangulate_window_m,
+                                       ground_z=self.config.scene.ground_z_m)
 
     def _candidate_points(self, render_missing: bool = True, merge: bool = True) -> tuple[torch.Tensor, ...]:
         """Query candidates (`core.language.candidates`): points (P, 3) float32 world, rgb (P, 3) uint8,

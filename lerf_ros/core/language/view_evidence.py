@@ -324,22 +324,28 @@ def views_relevancy_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], 
 def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
               cfg: CandidateConfig, text: Tensor, canon: Tensor, temperature: float, radius_m: float,
               step_m: float, min_views: int = 3, box: tuple[np.ndarray, np.ndarray] | None = None,
-              window_m: float = 0.3):
+              window_m: float = 0.3, ground_z: float | None = None):
     """``fn(location (3,), scale_m) -> (3,) | None`` for `locate`: where the keyframes' views place the
     target found at ``location`` (module docstring): `triangulate_fn` (window half-size ``window_m``; 0 =
-    off) when the rays meet within the hull's search cube's reach (``radius_m`` x sqrt 3) of ``location``
-    (and inside ``box``), else the views' hull (`hull_fn`)."""
+    off) when its first pass's rays meet within the hull's search cube's reach (``radius_m`` x sqrt 3) of
+    ``location`` (and the answer lies inside ``box``), else the views' hull (`hull_fn`). With a ground
+    plane (world z ``ground_z``) a placement under it is lifted onto it: cameras above the floor see nothing
+    below it, and rays from a robot's camera that meet at a grazing angle put a floor object's answer under
+    the floor as easily as above it."""
     reach = radius_m * math.sqrt(3.0)
     cells = _CellRelevancy(pyramid, text, canon, temperature)
     hull = hull_fn(cset, frames, pyramid, cfg, cells, radius_m, step_m, min_views, box)
-    rays = triangulate_fn(cset, frames, pyramid, cfg, cells, window_m) if window_m > 0 else None
+    rays = (triangulate_fn(cset, frames, pyramid, cfg, cells, window_m, reach_m=reach) if window_m > 0
+            else None)
 
     def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:
         where = None if rays is None else rays(location, scale_m)
-        if where is not None and (np.linalg.norm(where - location) > reach
-                                  or (box is not None and not np.all((where >= box[0]) & (where <= box[1])))):
+        if where is not None and box is not None and not np.all((where >= box[0]) & (where <= box[1])):
             where = None
-        return hull(location, scale_m) if where is None else where
+        where = hull(location, scale_m) if where is None else where
+        if where is not None and ground_z is not None and where[2] < ground_z:
+            where = np.array([where[0], where[1], ground_z])
+        return where
 
     return fn
 
@@ -351,7 +357,8 @@ TRI_SAMPLES, TRI_MIN_SPREAD_DEG, TRI_OUTLIER_M = 15, 5.0, 0.1
 
 
 def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
-                   cfg: CandidateConfig, cells: _CellRelevancy, window_m: float, min_rays: int = 2):
+                   cfg: CandidateConfig, cells: _CellRelevancy, window_m: float, min_rays: int = 2,
+                   reach_m: float = math.inf):
     """``fn(location (3,), scale_m) -> (3,) | None``: the point closest to the rays through each view's
     relevancy peak around ``location``.
 
@@ -359,8 +366,10 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     on a TRI_SAMPLES² pixel window spanning ±window_m there (at least half inside the image); a view whose
     window peaks at or below 0.5 (it does not favour the query) is left out; else the ray through the
     centroid of the window's pixels within 20 % of the peak above the window median, weighted by the
-    peak's excess. A second pass re-centres the windows on the first pass's point. None with fewer than
-    ``min_rays`` rays or rays within TRI_MIN_SPREAD_DEG of one direction."""
+    peak's excess. A second pass re-centres the windows on the first pass's point; its answer stands when
+    it lies within ``window_m`` of the first (farther, the re-centred windows caught something else: the
+    first stands). None with fewer than ``min_rays`` rays, rays within TRI_MIN_SPREAD_DEG of one direction,
+    or a first answer farther than ``reach_m`` from ``location`` (the rays met on something else)."""
     by_id = dict(frames)
     ax = np.linspace(-1.0, 1.0, TRI_SAMPLES)
     offsets = np.stack(np.meshgrid(ax, ax), axis=-1).reshape(-1, 2)
@@ -389,9 +398,16 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:
         # Windows centred off the object cut its peak on one side and pull the rays towards the start;
         # a second pass centred on the first answer removes most of that.
-        first = once(np.asarray(location, dtype=np.float64), scale_m)
-        second = None if first is None else once(first, scale_m)
-        return first if second is None else second
+        start = np.asarray(location, dtype=np.float64)
+        first = once(start, scale_m)
+        if first is None or np.linalg.norm(first - start) > reach_m:
+            return None
+        second = once(first, scale_m)
+        # A second answer beyond the windows' reach of the first came from rays the re-centred windows
+        # caught on something else (their peaks at the windows' edges): the first stands.
+        if second is None or np.linalg.norm(second - first) > window_m:
+            return first
+        return second
 
     def once(loc: np.ndarray, scale_m: float) -> np.ndarray | None:
         ids, kfs, pos, _, uv, dist = _reaching(loc[None], cset, by_id, pyramid, cfg)

@@ -215,6 +215,49 @@ def test_triangulation_pins_an_answer_placed_in_front_of_the_object_along_each_v
     assert view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3)(obj.center, 0.1) is None
 
 
+def test_triangulation_keeps_its_first_answer_near_the_start_and_the_second_near_the_first(scene, monkeypatch):
+    """The first pass must land within ``reach_m`` of where the answer started (else the rays met on
+    something else: None); the re-centred second pass counts only within the window of the first."""
+    _, obj, eyes, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    ray = obj.center - eyes[2]
+    start = obj.center - 0.3 * ray / np.linalg.norm(ray)  # short of the box along one view: rays reach it
+    assert view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3)(start, 0.1) is not None
+    answers = []
+    real = view_evidence.closest_point
+
+    def scripted(rays, min_rays=2):
+        real(rays, min_rays)
+        return answers.pop(0)
+
+    monkeypatch.setattr(view_evidence, "closest_point", scripted)
+    tri = view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3, reach_m=0.5)
+    first = start + np.array([0.2, 0.0, 0.0])
+    answers[:] = [first, first + np.array([0.0, 0.1, 0.0])]  # second within the window: it stands
+    np.testing.assert_allclose(tri(start, 0.1), first + np.array([0.0, 0.1, 0.0]))
+    answers[:] = [first, first + np.array([0.0, 0.4, 0.0])]  # second beyond the window: the first stands
+    np.testing.assert_allclose(tri(start, 0.1), first)
+    answers[:] = [start + np.array([0.6, 0.0, 0.0]), first]  # first beyond reach: no answer
+    assert tri(start, 0.1) is None
+
+
+def test_a_placement_under_the_ground_plane_is_lifted_onto_it(scene):
+    _, obj, eyes, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    ray = obj.center - eyes[2]
+    start = obj.center + 0.3 * ray / np.linalg.norm(ray)
+    free = view_evidence.refine_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
+                                   0.4, 0.03)(start, 0.1)
+    ground = float(free[2]) + 0.05  # a ground plane above that answer
+    lifted = view_evidence.refine_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
+                                     0.4, 0.03, ground_z=ground)(start, 0.1)
+    np.testing.assert_allclose(lifted, [free[0], free[1], ground])
+    below = view_evidence.refine_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
+                                    0.4, 0.03, ground_z=ground - 1.0)(start, 0.1)
+    np.testing.assert_allclose(below, free)  # above the ground: unchanged
+
+
 def _rays(point, origins, weights=None):
     weights = np.ones(len(origins)) if weights is None else weights
     out = []
