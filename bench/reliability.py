@@ -151,6 +151,8 @@ def _ingest_figures(status, diag: Diagnostics) -> dict:
             "lost_in_dds": diag.value("camera input", "images lost in DDS (sequence gaps)"),
             "missing_by_stamps": diag.value("camera input", "images missing by header stamps"),
             "max_lock_hold_s": diag.value("training", "longest engine-lock hold, training (s)"),
+            "max_lock_hold_urgent_s": diag.value("training",
+                                                 "longest engine-lock hold, queries/frames/status (s)"),
             "max_lock_wait_s": diag.value("training", "longest wait for the engine lock (s)"),
             "step": int(status.step), "keyframes": int(status.keyframes)}
 

@@ -202,6 +202,7 @@ class LERFEngine:
         # once no query reads them: a freed slot may be refilled by another keyframe's features)
         self._readers_lock = threading.Lock()
         self._readers = 0
+        self._steps_in_flight = 0  # engine.step calls that train, running now (a worker waiting counts)
         self._deferred_removals: list[tuple[ClipPyramid, int]] = []
         self._reset_state()
         warm_up_optimizers()  # its lazy imports would otherwise hold the lock for seconds at the first step
@@ -533,6 +534,10 @@ class LERFEngine:
     def step(self, max_steps: int = 1) -> StepStats:
         """Compute pending keyframe features (bounded), then up to ``max_steps`` training steps."""
         t0 = time.perf_counter()
+        training = max_steps > 0
+        if training:
+            with self._readers_lock:
+                self._steps_in_flight += 1
         try:
             stats = self._step(max_steps, t0)
         except Exception as exc:
@@ -541,6 +546,10 @@ class LERFEngine:
                 self._last_error = f"{type(exc).__name__}: {oom_reason(exc)}"
                 release_cuda_cache(exc)
             raise
+        finally:
+            if training:
+                with self._readers_lock:
+                    self._steps_in_flight -= 1
         self.checkpoint_journal()
         return stats
 
@@ -775,7 +784,10 @@ class LERFEngine:
             embeds = self._text_embeds([text, *negs, *competitors])
             # While training runs, the worker makes the rendered grids (`_refresh_candidates`) and a query
             # leaves out keyframes it has not reached; an idle engine (a loaded map) renders them here.
-            training = time.perf_counter() - self._last_train_time < TRAINING_ACTIVE_S
+            # (a step call in flight counts: a worker waiting for the lock behind a query storm is training,
+            # and a query that then merged or rendered under the lock would hold it off longer still)
+            training = (self._steps_in_flight > 0
+                        or time.perf_counter() - self._last_train_time < TRAINING_ACTIVE_S)
             points, rgb, views = self._candidate_points(render_missing=not training, merge=not training)
             cset = self.candidates.current
             fracs = self.config.pyramid.tile_fracs

@@ -497,6 +497,25 @@ def test_candidates_from_rendered_depth_without_measured_depth(room_frames):
     assert r.model_step == engine.train_step and isinstance(r.found, bool)
 
 
+def test_a_training_call_in_flight_keeps_queries_from_rendering_or_merging(room_frames):
+    """A worker's step call waiting for the lock (behind a query storm) still counts as training: a query
+    then reads the last merged candidates instead of rendering and merging under the lock."""
+    frames = [dataclasses.replace(f, depth_m=None) for f in room_frames[:4]]
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, frames, steps=2)
+    engine.query("red box", with_cloud=False)
+    for f in room_frames[4:6]:
+        engine.add_frame(dataclasses.replace(f, depth_m=None))  # new keyframes without grids
+    engine._last_train_time = -1e9  # no step finished lately
+    engine._steps_in_flight = 1  # but one is under way
+    calls, tensors = candidates.render_calls(), engine.candidates._tensors
+    engine.query("red box", with_cloud=False)
+    assert candidates.render_calls() == calls and engine.candidates._tensors is tensors
+    engine._steps_in_flight = 0  # idle: the query makes the missing grids and merges them itself
+    engine.query("red box", with_cloud=False)
+    assert candidates.render_calls() > calls and engine.candidates._tensors is not tensors
+
+
 def test_candidate_grids_render_from_a_copy_outside_the_lock(room_frames, monkeypatch):
     """The worker renders a keyframe's depth grid (seconds for a large image on a CPU) from a frozen copy of
     the model without holding the engine lock; the grid is the one the model itself renders. A model that
@@ -560,6 +579,44 @@ def test_priority_lock_urgent_caller_waits_for_at_most_one_background_hold():
     assert max(waits) <= 2, waits  # the hold in progress (+1 that began while this thread read `held`)
     with pytest.raises(RuntimeError, match="does not hold"):
         lock.release()
+
+
+def test_priority_lock_background_caller_is_not_starved_by_back_to_back_urgent_callers():
+    """Two clients that take the lock one after the other without a gap (a query storm) keep an urgent caller
+    waiting at every moment: a background caller (a training step, a candidate merge) still goes next once
+    it has waited its patience, and an urgent caller then waits for that one hold only."""
+    lock = PriorityLock(patience_s=0.05)
+    stop = threading.Event()
+    urgent_holds = [0]
+
+    def client():
+        while not stop.is_set():
+            with lock:
+                urgent_holds[0] += 1
+                end = time.perf_counter() + 0.003
+                while time.perf_counter() < end:
+                    pass
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for c in clients:
+        c.start()
+    try:
+        assert _wait(lambda: urgent_holds[0] > 20)
+        waits = []
+        for _ in range(10):
+            t = time.perf_counter()
+            with lock.background():
+                waits.append(time.perf_counter() - t)
+                time.sleep(0.002)
+        before = urgent_holds[0]
+        time.sleep(0.05)
+        assert urgent_holds[0] > before  # the clients go on between background holds
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(5)
+    assert max(waits) < 0.05 + 0.5, waits  # its patience, then the client hold in progress (slack: 2 cores)
+    assert min(waits) >= 0.03, waits  # it did give way first: the clients always had a caller waiting
 
 
 def test_query_and_status_while_worker_trains_flat_out(room_frames):

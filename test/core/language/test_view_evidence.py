@@ -215,7 +215,8 @@ def test_triangulation_pins_an_answer_placed_in_front_of_the_object_along_each_v
     assert view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3)(obj.center, 0.1) is None
 
 
-def test_triangulation_keeps_its_first_answer_near_the_start_and_the_second_near_the_first(scene, monkeypatch):
+def test_triangulation_keeps_its_first_answer_near_the_start_and_its_second_near_the_first(scene,
+                                                                                        monkeypatch):
     """The first pass must land within ``reach_m`` of where the answer started (else the rays met on
     something else: None); the re-centred second pass counts only within the window of the first."""
     _, obj, eyes, enc, pyr, cset, kfs = scene
