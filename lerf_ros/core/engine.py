@@ -715,12 +715,12 @@ class LERFEngine:
                 t = time.perf_counter()
                 model = self._geometry_model()
                 if model is None:  # no copy (tinycudann): rendered under the lock, as the model itself
-                    cache.put_grid(kf_id, cache.grid_of(kf, step, self.model))
+                    cache.put_grid(kf_id, cache.depth_grid(kf, step, self.model))
                     self._refresh_cost = time.perf_counter() - t
                     continue
             # Rendered from the copy outside the lock (seconds for a large keyframe on a CPU): queries,
             # frames and status go on meanwhile; a keyframe evicted or fields restarted meanwhile drop it.
-            grid = cache.grid_of(kf, step, model)
+            grid = cache.depth_grid(kf, step, model)
             with self.lock.background():
                 if self.candidates is cache and kf_id in self.store:
                     cache.put_grid(kf_id, grid)

@@ -378,12 +378,14 @@ class CandidateCache:
         for kf_id, kf in zip(ids, frames, strict=True):
             if int(kf_id) in self._grids or (not render_missing and kf.depth_m is None):
                 continue
-            self._grids[int(kf_id)] = self._grid(kf, step, model if render_missing else None)
+            self._grids[int(kf_id)] = self.depth_grid(kf, step, model if render_missing else None)
             self._grids_version += 1
 
-    def _grid(self, kf: Frame, step: int, model) -> tuple[np.ndarray, int]:
+    def depth_grid(self, kf: Frame, step: int, model) -> tuple[np.ndarray, int]:
         """Measured depth (step -1); where it has holes (black, shiny, glass surfaces, out of range) and a
-        model exists, the holes filled from rendered depth (step = the model's); else rendered depth."""
+        model exists, the holes filled from rendered depth (step = the model's); else rendered depth.
+        Touches no state of the cache, so it may run outside the engine lock on a copy of the model
+        (`model.geometry_snapshot`); `put_grid` stores the result."""
         s = self.cfg.pixel_stride
         if kf.depth_m is None:
             return render_depth_grid(model, kf, s, self.device), int(step)
@@ -443,7 +445,7 @@ class CandidateCache:
         by_id = {int(i): f for i, f in zip(ids, frames, strict=True)}
         stale = self.stale(ids, step, min_age_steps)
         for kf_id in stale[:max_renders]:
-            self.put_grid(kf_id, self.grid_of(by_id[kf_id], step, model))
+            self.put_grid(kf_id, self.depth_grid(by_id[kf_id], step, model))
         return min(len(stale), max_renders)
 
     def stale(self, ids: Sequence[int], step: int, min_age_steps: int = 1) -> list[int]:
@@ -456,13 +458,8 @@ class CandidateCache:
             (st >= 0 and step - st >= min_age_steps) or st == _UNFILLED))
         return missing + [i for _, i in old]
 
-    def grid_of(self, kf: Frame, step: int, model) -> tuple[np.ndarray, int]:
-        """The depth grid of ``kf`` and the step it is valid for (`_grid`); touches no state of the cache,
-        so it may run outside the engine lock on a copy of the model (`model.geometry_snapshot`)."""
-        return self._grid(kf, step, model)
-
     def put_grid(self, kf_id: int, grid: tuple[np.ndarray, int]) -> None:
-        """Store a grid from `grid_of`; the next merge takes it in."""
+        """Store a grid from `depth_grid`; the next merge takes it in."""
         self._grids[int(kf_id)] = grid
         self._grids_version += 1
 

@@ -321,7 +321,7 @@ class ClipPyramid:
         idx, w = bilinear_corners(gx, gy, geo["nx"][level], geo["ny"][level])
         return idx + geo["offset"][level].unsqueeze(1), w
 
-    def _level_pair(self, tile_frac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def level_pair(self, tile_frac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The two pyramid levels around each tile fraction (clamped to the range) and the blend t (R,)."""
         f = tile_frac.to(self.device, torch.float32).reshape(-1).clamp(self.config.tile_fracs[0],
                                                                         self.config.tile_fracs[-1])
@@ -349,7 +349,7 @@ class ClipPyramid:
         """
         r = self._check_rows(kf_ids, uv, tile_frac)
         uv = uv.to(self.device, torch.float32)
-        lo, hi, t = self._level_pair(tile_frac)
+        lo, hi, t = self.level_pair(tile_frac)
         levels, uv2, tm = torch.cat([lo, hi]), uv.repeat(2, 1), t.unsqueeze(1)
 
         def interpolate(li: int, slots: Tensor) -> Tensor:
@@ -421,7 +421,7 @@ class ClipPyramid:
     def blend_levels(self, per_level: Tensor, tile_frac: Tensor) -> Tensor:
         """(n_levels, R) values (`cell_levels`) at tile fractions (R,) (clamped to the range), linear between
         the two nearest levels as `sample` blends embeddings -> (R,)."""
-        lo, hi, t = self._level_pair(tile_frac)
+        lo, hi, t = self.level_pair(tile_frac)
         cols = torch.arange(per_level.shape[1], device=per_level.device)
         return (1 - t) * per_level[lo, cols] + t * per_level[hi, cols]
 
@@ -432,7 +432,7 @@ class ClipPyramid:
         with self.store.lock:
             size = self.store.layout(int(kf_id))
         _, geo = self._layout(*size)
-        lo, hi, t = self._level_pair(tile_frac)  # only the two levels each row needs
+        lo, hi, t = self.level_pair(tile_frac)  # only the two levels each row needs
         cells, w = self._corners(geo, torch.cat([lo, hi]), uv.to(self.device, torch.float32).repeat(2, 1))
         both = (values.to(self.device, torch.float32)[cells] * w).sum(dim=1)
         return (1 - t) * both[:r] + t * both[r:]

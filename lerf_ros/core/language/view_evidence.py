@@ -50,6 +50,11 @@ _OUT_OF_RANGE_WEIGHT = 1e-3
 BEHIND_REL, BEHIND_M = 0.1, 0.1
 
 
+def _tile_range(pyramid: ClipPyramid) -> tuple[float, float]:
+    """Tile fractions a view reads within its supervised range: the pyramid's, widened by FRAC_SLACK."""
+    return pyramid.config.tile_fracs[0] / FRAC_SLACK, pyramid.config.tile_fracs[-1] * FRAC_SLACK
+
+
 @dataclass(frozen=True)
 class Sightings:
     """Every (keyframe, point) pair where a keyframe with a depth grid and features sees a point
@@ -102,7 +107,7 @@ def observations(points: Tensor, scale_m: float | Tensor, cset: CandidateSet, fr
     pts = points.detach().double().cpu().numpy()
     scale = (scale_m.detach().double().cpu().numpy().reshape(-1) if isinstance(scale_m, Tensor)
              else np.full(pts.shape[0], float(scale_m)))
-    lo, hi = pyramid.config.tile_fracs[0] / FRAC_SLACK, pyramid.config.tile_fracs[-1] * FRAC_SLACK
+    lo, hi = _tile_range(pyramid)
     seen = sightings(pts, cset, frames, pyramid, cfg)
     frac = scale[seen.idx] / seen.extent if seen.idx.size else np.zeros(0)
     ok = (frac >= lo) & (frac <= hi) if in_range_only else np.ones(frac.size, dtype=bool)
@@ -199,8 +204,9 @@ class ViewIndex:
                                                    torch.from_numpy(seen.uv).float())
         self.cells = cells.cpu()
         self.weights = self.weights.cpu()
-        self.fracs = pyramid.fracs.cpu()
-        self.lo_hi = (pyramid.config.tile_fracs[0] / FRAC_SLACK, pyramid.config.tile_fracs[-1] * FRAC_SLACK)
+        self.n_levels = pyramid.fracs.numel()
+        self.lo_hi = _tile_range(pyramid)
+        self._level_pair = pyramid.level_pair
         self._plans: dict[float, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self.plan_budget_bytes = int(plan_budget_bytes)
 
@@ -214,7 +220,7 @@ class ViewIndex:
         """(n_levels, O) float32: ``cell_fn`` ((cells, D) crop embeddings -> (cells,)) of every stored crop,
         interpolated at every sighting on every level (`ClipPyramid.cell_levels`, all keyframes at once)."""
         if self.idx.numel() == 0:
-            return torch.zeros(self.fracs.numel(), 0)
+            return torch.zeros(self.n_levels, 0)
         values = cell_fn(pyramid.grids_of(self.kf_ids)).float().cpu()
         return (torch.take(values, self.cells) * self.weights).sum(dim=-1)
 
@@ -228,14 +234,10 @@ class ViewIndex:
         hit = self._plans.get(key)
         if hit is not None:
             return hit
-        o, n_lv = self.idx.numel(), self.fracs.numel()
+        o = self.idx.numel()
         frac = scale_m / self.extent
         w = torch.where((frac >= self.lo_hi[0]) & (frac <= self.lo_hi[1]), 1.0, _OUT_OF_RANGE_WEIGHT).half()
-        f = frac.clamp(float(self.fracs[0]), float(self.fracs[-1]))
-        lo = (torch.searchsorted(self.fracs, f, right=True) - 1).clamp(0, max(n_lv - 2, 0))
-        hi = (lo + 1).clamp(max=n_lv - 1)
-        span = self.fracs[hi] - self.fracs[lo]
-        t = torch.where(span > 0, (f - self.fracs[lo]) / torch.where(span > 0, span, 1.0), 0.0)
+        lo, _, t = (x.cpu() for x in self._level_pair(frac))  # the pyramid's own blend (hi = lo + 1)
         flat = (lo * o + torch.arange(o)).to(torch.int32)
         plan = (flat, t, w, torch.zeros(self.n_points).index_add_(0, self.idx, w.float()))
         held = sum(x.numel() * x.element_size() for p in self._plans.values() for x in p)
@@ -252,7 +254,7 @@ class ViewIndex:
             lv = levels.reshape(-1)
             flat = flat.long()
             a = torch.take(lv, flat)
-            b = torch.take(lv, flat + (self.idx.numel() if self.fracs.numel() > 1 else 0))
+            b = torch.take(lv, flat + (self.idx.numel() if self.n_levels > 1 else 0))
             out.index_add_(0, self.idx, (a + t * (b - a)) * w.float())
         return torch.where(total_w > 0, out / total_w.clamp_min(1e-12), float("nan"))
 
