@@ -153,6 +153,9 @@ def _ingest_figures(status, diag: Diagnostics) -> dict:
             "max_lock_hold_s": diag.value("training", "longest engine-lock hold, training (s)"),
             "max_lock_hold_urgent_s": diag.value("training",
                                                  "longest engine-lock hold, queries/frames/status (s)"),
+            "max_lock_hold_at": diag.value("training", "longest engine-lock hold, training, taken in"),
+            "max_lock_hold_urgent_at": diag.value(
+                "training", "longest engine-lock hold, queries/frames/status, taken in"),
             "max_lock_wait_s": diag.value("training", "longest wait for the engine lock (s)"),
             "step": int(status.step), "keyframes": int(status.keyframes)}
 
@@ -346,6 +349,11 @@ def main(argv=None) -> int:
     print(" | ".join(h for _, h in cols))
     for row in rows:
         print(" | ".join(_fmt(row.get(k, "")) for k, _ in cols))
+    for row in rows:
+        if row.get("max_lock_hold_at"):
+            print(f"{row['scenario']}: longest hold, training {_fmt(row.get('max_lock_hold_s', ''))} s in "
+                  f"{row['max_lock_hold_at']}; urgent {_fmt(row.get('max_lock_hold_urgent_s', ''))} s in "
+                  f"{row.get('max_lock_hold_urgent_at', '')}")
     for row in rows:
         if "accepted_after_jump_pct" in row:
             print(f"bag loop: {row['accepted_after_jump']} of 20 images accepted after the jump "

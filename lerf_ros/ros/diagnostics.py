@@ -239,10 +239,19 @@ def training_diagnostic(status, state: str, last_error: str = "", lock=None) -> 
     ]
     if lock is not None:
         values += [("longest engine-lock hold, training (s)", f"{lock.max_hold_background_s:.3f}"),
+                   ("longest engine-lock hold, training, taken in",
+                    _hold_site(lock.max_hold_background_at, lock.max_hold_background_cpu_s)),
                    ("longest engine-lock hold, queries/frames/status (s)", f"{lock.max_hold_urgent_s:.3f}"),
+                   ("longest engine-lock hold, queries/frames/status, taken in",
+                    _hold_site(lock.max_hold_urgent_at, lock.max_hold_urgent_cpu_s)),
                    ("longest wait for the engine lock (s)", f"{lock.max_wait_urgent_s:.3f}")]
     return Diagnostic(TRAINING_TASK, level, message, str(status.device) or "none",
                       tuple(values))
+
+
+def _hold_site(at: str, cpu_s: float) -> str:
+    """Where a lock hold was taken and its thread's CPU seconds meanwhile ("n/a" before any hold)."""
+    return f"{at} (thread CPU {cpu_s:.3f} s)" if at else "n/a"
 
 
 def model_diagnostic(status, source: str, load_error: str = "") -> Diagnostic:

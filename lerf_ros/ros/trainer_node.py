@@ -304,7 +304,7 @@ class TrainerNode(LifecycleNode):
         with self._lock:
             self._active = True
             if self._worker.state == "stopped":
-                self._worker.start()
+                self._worker.start(paused=self._paused or self._no_map)
             if self._paused or self._no_map:
                 self._worker.pause()
             else:
@@ -687,9 +687,7 @@ class TrainerNode(LifecycleNode):
         change()
         self._worker = self._new_worker()
         if self._active:
-            self._worker.start()
-            if self._paused:
-                self._worker.pause()
+            self._worker.start(paused=self._paused)  # a paused node's new map takes no step
 
     def _reset_engine(self) -> None:
         engine = self.slot.get()

@@ -332,6 +332,29 @@ def test_worker_states_and_idle_without_spinning():
     assert w.state == "stopped" and not w.alive
 
 
+def test_worker_started_paused_takes_no_step_until_resumed():
+    # A paused node that loads a map starts a fresh worker on it: a step between start() and pause()
+    # would train the map the user paused.
+    for _ in range(20):  # the race needs the thread to get in first; try it a few times
+        eng = _FakeEngine()
+        eng.add()
+        w = TrainingWorker(eng, steps_per_tick=5, max_steps=20, idle_poll_s=5.0)
+        w.start(paused=True)
+        try:
+            assert w.state == "paused"
+            threading.Event().wait(0.02)
+            assert eng.train_step == 0 and eng.calls == 0 and w.state == "paused"
+        finally:
+            w.stop(timeout=5)
+    w = TrainingWorker(eng, steps_per_tick=5, max_steps=20, idle_poll_s=5.0)
+    w.start(paused=True)
+    try:
+        w.resume()
+        assert _wait(lambda: w.state == "ready") and eng.train_step == 20
+    finally:
+        w.stop(timeout=5)
+
+
 def test_worker_catches_errors_and_recovers():
     eng = _FakeEngine(fail_at=10)
     eng.add()

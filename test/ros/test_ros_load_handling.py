@@ -99,6 +99,24 @@ def test_metered_lock_reports_the_longest_hold_and_wait():
     stats = lock.stats()
     assert stats.holds == 3 and stats.max_hold_background_s >= 0.19 and stats.max_wait_urgent_s >= 0.1
     assert stats.max_hold_s == stats.max_hold_background_s
+    # Where the longest hold was taken, and that it slept rather than computed.
+    assert stats.max_hold_background_at == "test_ros_load_handling.train_step"
+    assert stats.max_hold_background_cpu_s < 0.1 < stats.max_hold_background_s
+
+
+def test_metered_lock_tells_a_hold_that_computed_from_one_that_waited():
+    lock = lock_meter.MeteredLock()
+
+    def busy():
+        with lock:
+            end = time.thread_time() + 0.1
+            while time.thread_time() < end:
+                pass
+
+    busy()
+    stats = lock.stats()
+    assert stats.max_hold_urgent_at == "test_ros_load_handling.busy"
+    assert stats.max_hold_urgent_cpu_s >= 0.09 and stats.max_hold_background_at == ""
 
 
 def test_engines_in_a_slot_get_a_metered_lock_once():
@@ -115,6 +133,7 @@ def test_engines_in_a_slot_get_a_metered_lock_once():
     assert lock_meter.stats_of(engine).holds >= 1
     d = diagnostics.training_diagnostic(engine.status(), "waiting", lock=lock_meter.stats_of(engine))
     assert float(d.value("longest engine-lock hold, queries/frames/status (s)")) >= 0.0
+    assert d.value("longest engine-lock hold, queries/frames/status, taken in").startswith("engine.status (")
 
 
 def test_torch_threads_leave_a_core_to_the_executor():

@@ -105,7 +105,7 @@ def test_pause_and_load_map_publish_status(session):
         child=node)
     assert reply.success, reply.message
     assert status.keyframes == session["keyframes"] == KEYFRAMES and status.step == 0
-    # load_map restarts the worker on the new map, paused again (the status may catch it before it pauses).
+    # load_map starts a fresh worker on the new map, paused from its start (it takes no step).
     client.wait_status(lambda s: s.state_name == "paused" and s.keyframes == KEYFRAMES, 3.0,
                        "the loaded map, paused", node)
 

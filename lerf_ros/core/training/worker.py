@@ -70,14 +70,15 @@ class TrainingWorker:
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- commands
-    def start(self) -> None:
-        """Start the thread (idempotent while running)."""
+    def start(self, paused: bool = False) -> None:
+        """Start the thread (idempotent while running); ``paused``: it takes no step until ``resume`` (a
+        ``start()`` then ``pause()`` may let a step in between)."""
         with self._cond:
             if self._thread is not None and self._thread.is_alive():
                 return
             self._stop = False
-            self._paused = False
-            self._state = "waiting"
+            self._paused = bool(paused)
+            self._state = "paused" if paused else "waiting"
             self._thread = threading.Thread(target=self._run, name="lerf-training-worker", daemon=True)
             self._thread.start()
 
