@@ -312,6 +312,7 @@ def _fmt(v, spec=".2f"):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--flood-s", type=float, default=20.0)
+    p.add_argument("--logs", type=Path, default=None, help="keep the nodes' logs here (default: a temp dir)")
     p.add_argument("--storm-s", type=float, default=20.0)
     p.add_argument("--kills", type=int, default=4)
     p.add_argument("--only", nargs="*", default=["flood720", "flood1080", "storm", "bag", "kill"])
@@ -331,7 +332,8 @@ def main(argv=None) -> int:
     rclpy.init()
     rows = []
     with tempfile.TemporaryDirectory(prefix="lerf_reliability_") as tmp:
-        logs = Path(tmp)
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
         runs = {"flood720": lambda: flood(logs, 1280, 720, 30.0, args.flood_s),
                 "flood1080": lambda: flood(logs, 1920, 1080, 60.0, args.flood_s),
                 "storm": lambda: storm(logs, args.storm_s), "bag": lambda: bag_loop(logs),

@@ -129,6 +129,26 @@ def set_torch_threads(requested: int, logger) -> int:
     return threads
 
 
+#: Python's GIL switch interval in the node process, seconds (CPython's default: 0.005).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+def set_gil_switch_interval(logger, interval_s: float = GIL_SWITCH_INTERVAL_S) -> float:
+    """Shorten how long a thread that wants the GIL back waits for the thread running Python bytecode.
+
+    A training step is thousands of small torch operators, and each one gives the GIL up and takes it back.
+    Beside a thread running Python (the executor's callbacks, the TF listener, a query's bookkeeping) every
+    take-back waited up to the default 5 ms: steps of 60 ms held the engine lock for 1.1-1.3 s with 0.07-0.1 s
+    of their own CPU (``bench/reliability.py``, query storm and flood), and a thread spinning Python made one
+    step last 35 s (0.5 ms: 1.1 s). The cost is more frequent switches between Python threads."""
+    import sys
+
+    sys.setswitchinterval(interval_s)
+    logger.info(f"GIL switch interval: {sys.getswitchinterval() * 1e3:.2f} ms (training steps wait less "
+                f"for the GIL behind Python threads)")
+    return sys.getswitchinterval()
+
+
 class TrainerNode(LifecycleNode):
     """Subscribes to the camera, trains the shared engine, publishes ``lerf/status``. A lifecycle node
     (``ros/lifecycle.py``): configure builds the engine (encoders, weights) and starts the journal and the
@@ -235,6 +255,7 @@ class TrainerNode(LifecycleNode):
         try:
             if self.slot.get() is None:
                 set_torch_threads(self.settings.torch_threads, self.get_logger())
+                set_gil_switch_interval(self.get_logger())
                 self.slot.set(make_engine(self.params))
                 built = True
             if self.params.journal is not None and self.journal is None:
