@@ -7,7 +7,8 @@ rosbag2 with and without depth, then per condition goes the CLI's way, in proces
 (``cli.main``) -> ``cli.load_engine`` -> ``engine.query`` for every object in the room and for its
 absent names. Conditions are ``<rgbd|rgb>-<colour|cliplike>``: RGB-D trains on the depth bag, RGB on
 the bag without depth (``--depth-topic ''``); ``colour`` is the demo colour encoder, ``cliplike`` the
-CLIP-like test encoder (``test/doubles/lerf_test_doubles/cliplike.py``).
+CLIP-like test encoder (``test/doubles/lerf_test_doubles/cliplike.py``), ``cliphard`` its harder variant
+(target ~0.61, look-alikes ~0.57, three times the noise).
 
 Scoring (ground truth from the generator):
   located      found, and the answer lies in the object's box grown by 5 cm (a colour concept with two
@@ -51,7 +52,8 @@ from lerf_ros.sim.rooms import adjacent_colours, colour_word, random_room  # noq
 
 GROW_M = 0.05
 LOCATED_FRACTION = 0.9
-ENCODERS = {"colour": DEMO_CLIP, "cliplike": "lerf_test_doubles.cliplike:cliplike_encoder"}
+ENCODERS = {"colour": DEMO_CLIP, "cliplike": "lerf_test_doubles.cliplike:cliplike_encoder",
+            "cliphard": "lerf_test_doubles.cliplike:cliplike_hard_encoder"}
 DEPTH_TOPIC = "/camera/depth/image_rect_raw"
 _HEAVY_FIELDS = {"cloud_xyz", "cloud_relevancy", "cloud_rgb"}
 
@@ -88,7 +90,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def require_encoder(encoder: str) -> None:
     """Make the test doubles importable; fail clearly when the CLIP-like encoder is not there."""
-    if encoder != "cliplike":
+    if encoder not in ("cliplike", "cliphard"):
         return
     if str(DOUBLES) not in sys.path:
         sys.path.insert(0, str(DOUBLES))

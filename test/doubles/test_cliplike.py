@@ -75,3 +75,17 @@ def test_selectable_as_a_plugin():
     assert e.name.startswith("test-cliplike") and e.dim == 64
     t = e.encode_texts(["red box", "red"])
     assert np.isclose(float(t[0] @ t[1]), 1.0)  # shape words are ignored
+
+
+def test_the_hard_variant_has_smaller_margins_and_more_noise(enc):
+    hard = load_encoder("lerf_test_doubles.cliplike:cliplike_hard_encoder", "cpu")
+    for name in ("red", "green", "blue", "purple"):
+        crops = _crops(HUE_RGB[name], n=200)
+        target, look_alike = _rel(hard, crops, name), _rel(hard, crops, related(name)[0])
+        assert 0.57 <= float(target.mean()) <= 0.645, (name, target.mean())
+        assert 0.53 <= float(look_alike.mean()) <= 0.60, (name, look_alike.mean())
+        assert 0.02 <= float(target.mean() - look_alike.mean()) <= 0.06  # ~0.04, against ~0.085 for `enc`
+        assert float(target.mean() - look_alike.mean()) < float(
+            _rel(enc, crops, name).mean() - _rel(enc, crops, related(name)[0]).mean())
+    noisy = torch.cat([_crops(HUE_RGB["red"], seed=s) for s in range(4)])
+    assert float(_rel(hard, noisy, "orange").std()) > 2 * float(_rel(enc, noisy, "orange").std())
