@@ -9,6 +9,7 @@ any thread uses it, and ``LockStats`` is what ``/diagnostics`` reports.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -40,12 +41,13 @@ class LockStats:
 
 
 #: Files whose frames are the lock's own machinery, not the caller that took it.
-_LOCK_FILES = (__file__, sys.modules[PriorityLock.__module__].__file__, __import__("contextlib").__file__)
+_LOCK_FILES = (__file__, sys.modules[PriorityLock.__module__].__file__, contextlib.__file__)
 
 
-def _caller(depth: int = 2) -> str:
-    """``module.function`` of the first frame above ``depth`` that is not the lock's own code."""
-    frame = sys._getframe(depth)
+def _caller() -> str:
+    """``module.function`` of the innermost frame that is not the lock's own code (called in ``release``,
+    whose caller is the one that took the lock: ``with`` and ``background()`` release where they acquired)."""
+    frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename in _LOCK_FILES:
         frame = frame.f_back
     if frame is None:
@@ -65,7 +67,6 @@ class MeteredLock(PriorityLock):
         self._stats = LockStats()
         self._since = 0.0
         self._since_cpu = 0.0
-        self._at = ""
         self._background = False
 
     def acquire(self, background: bool = False) -> bool:
@@ -76,7 +77,7 @@ class MeteredLock(PriorityLock):
             return True
         now = self._clock()
         self._since, self._background = now, background  # we own the lock now
-        self._since_cpu, self._at = time.thread_time(), _caller()
+        self._since_cpu = time.thread_time()
         if not background:
             with self._stats_lock:
                 s = self._stats
@@ -87,17 +88,19 @@ class MeteredLock(PriorityLock):
         outermost = self._owner == threading.get_ident() and self._depth == 1
         held = self._clock() - self._since
         cpu = time.thread_time() - self._since_cpu
-        background, at = self._background, self._at
+        background = self._background
         super().release()
         if not outermost:
             return
         with self._stats_lock:
             s = replace(self._stats, holds=self._stats.holds + 1)
+            # Where: looked up only for a new longest hold (the stack walk stays off every other release).
             if background and held > s.max_hold_background_s:
-                s = replace(s, max_hold_background_s=held, max_hold_background_at=at,
+                s = replace(s, max_hold_background_s=held, max_hold_background_at=_caller(),
                             max_hold_background_cpu_s=cpu)
             elif not background and held > s.max_hold_urgent_s:
-                s = replace(s, max_hold_urgent_s=held, max_hold_urgent_at=at, max_hold_urgent_cpu_s=cpu)
+                s = replace(s, max_hold_urgent_s=held, max_hold_urgent_at=_caller(),
+                            max_hold_urgent_cpu_s=cpu)
             self._stats = s
 
     def stats(self) -> LockStats:
