@@ -715,6 +715,18 @@ def test_multiscale_embed_matches_per_scale_and_evaluates_grids_once_per_block(r
         assert calls["multi"] == -(-len(scales) // 5)  # one grid pass per block of 5 scales
         torch.testing.assert_close(fn(pts, 0.1234), single(pts, 0.1234))  # not a configured scale
 
+        # a subset at its own scales is read from the block held (the last one: scales 10 and 11)
+        calls["multi"] = 0
+        idx = torch.tensor([3, 17, 17, 39])
+        own = torch.tensor([scales[10], scales[11], scales[10], scales[11]], dtype=torch.float32)
+        got = fn.rows(pts, idx, own)
+        want = torch.stack([single(pts[i:i + 1], float(s))[0]
+                            for i, s in zip(idx.tolist(), own.tolist(), strict=True)])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert calls["multi"] == 0
+        assert fn.rows(pts, idx, own.fill_(float(scales[0]))) is None  # a scale the block does not hold
+        assert fn.rows(pts.clone(), idx, own.fill_(float(scales[10]))) is None  # not the block's points
+
     # the engine's queries read a copy of the language field (`LanguageSnapshot`): counted on the class
     calls["multi"] = 0
     monkeypatch.setattr(LanguagePointQueries, "clip_multiscale",

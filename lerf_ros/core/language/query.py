@@ -229,19 +229,18 @@ def cluster_labels(points: Tensor, radius_m: float) -> Tensor:
     if points.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=points.device)
     cells = torch.floor(points.double() / radius_m).long()
-    cells = cells - cells.min(dim=0).values + 1  # >= 1 so neighbour offsets stay non-negative
+    cells = cells - cells.min(dim=0).values + 1  # >= 1 so neighbour offsets stay inside the extent
     ext = cells.max(dim=0).values + 2
-    uniq, inverse = torch.unique(cells, dim=0, return_inverse=True)  # lexicographic = key order below
 
-    def key(c):
+    def key(c):  # one integer per cell, linear in the cell: key(c + o) = key(c) + key(o)
         return (c[..., 0] * ext[1] + c[..., 1]) * ext[2] + c[..., 2]
 
-    keys = key(uniq)
+    keys, inverse = torch.unique(key(cells), return_inverse=True)  # sorted
     n = keys.shape[0]
     r = torch.arange(-1, 2, device=points.device)
     offsets = torch.cartesian_prod(r, r, r)
     offsets = offsets[(offsets != 0).any(dim=1)]  # (26, 3)
-    nb_keys = key(uniq.unsqueeze(1) + offsets.unsqueeze(0))  # (V, 26)
+    nb_keys = keys.unsqueeze(1) + key(offsets).unsqueeze(0)  # (V, 26)
     pos = torch.searchsorted(keys, nb_keys).clamp(max=n - 1)
     hit = keys[pos] == nb_keys
     src = torch.arange(n, device=points.device).unsqueeze(1).expand_as(pos)[hit]
@@ -370,7 +369,9 @@ def locate(
     points_world: (N, 3) float32 world metres; rgb: (N, 3) uint8; view_counts: (N,) int keyframes that
     saw each point (numpy or torch); embed_fn(points (M, 3), scale_m) -> (M, D) unit language
     embeddings (an embed_fn with a true ``per_point_scale`` attribute also takes scale_m as an (M,) tensor,
-    one scale per point, which saves a call per scale); text_embed (D,) unit; negative_embeds (K, D) unit,
+    one scale per point, which saves a call per scale; one with a ``rows(points, idx, scale_m)`` attribute
+    reads a subset's embeddings from what it computed for the scale search, or returns None);
+    text_embed (D,) unit; negative_embeds (K, D) unit,
     the first ``canonical_count`` of them the canonical ones (default: all); threshold (confidence, [0, 1])
     overrides config.threshold.
     scale_range: (N, 2) metres, the language scales each point was supervised at (NaN = unknown).
@@ -430,8 +431,13 @@ def locate(
 
     per_point = bool(getattr(embed_fn, "per_point_scale", False))
 
-    def embed_at(points: Tensor, scale_m: float | Tensor) -> Tensor:
-        e = embed_fn(points, scale_m)
+    cached_rows = getattr(embed_fn, "rows", None)
+
+    def embed_at(points: Tensor, scale_m: float | Tensor, rows: Tensor | None = None) -> Tensor:
+        # points = pts[rows]: an embed_fn that keeps the scale search's embeddings reads them there
+        e = None if rows is None or cached_rows is None else cached_rows(pts, rows, scale_m)
+        if e is None:
+            e = embed_fn(points, scale_m)
         if not isinstance(e, Tensor) or tuple(e.shape) != (points.shape[0], d) or not _all_finite(e):
             shape = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
             raise ValueError(
@@ -633,7 +639,7 @@ def _embed_members(embed_at, pts: Tensor, members: Tensor, read: Tensor, scales:
     embed_fn takes one (``per_point``), else one call per scale."""
     idx = read[members]
     if per_point:
-        return embed_at(pts[members], scales[idx])
+        return embed_at(pts[members], scales[idx], rows=members)
     out = None
     for s in torch.unique(idx).tolist():
         m = idx == s

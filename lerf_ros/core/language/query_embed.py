@@ -109,5 +109,20 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
             block.update(pts=pts, start=i, emb=emb)
         return block["emb"][i - block["start"]]
 
+    def rows(pts: torch.Tensor, idx: torch.Tensor, scale_m: torch.Tensor) -> torch.Tensor | None:
+        """(M, D) embeddings of ``pts[idx]``, each at its own scale ``scale_m`` (M,), read from the block
+        already computed for ``pts`` (a cluster's members after the scale search); None when the block
+        is not these points' or lacks one of the scales (the caller then evaluates them)."""
+        if block["pts"] is not pts or idx.numel() == 0:
+            return None
+        uniq, inverse = torch.unique(scale_m.reshape(-1), return_inverse=True)
+        at = [index.get(float(np.float32(s))) for s in uniq.tolist()]
+        n = block["emb"].shape[0]
+        if any(i is None or not block["start"] <= i < block["start"] + n for i in at):
+            return None
+        local = torch.tensor(at, dtype=torch.long, device=idx.device) - block["start"]
+        return block["emb"][local[inverse], idx]
+
     embed_fn.per_point_scale = True
+    embed_fn.rows = rows
     return embed_fn

@@ -49,9 +49,11 @@ def relevancy(embeds: Tensor, query: Tensor, negatives: Tensor, temperature: flo
     if not (temperature > 0):
         raise ValueError(f"temperature must be > 0, got {temperature}")
     e = embeds.float()
-    sims = e @ torch.cat([query.reshape(1, d), negatives]).to(e).T  # (N, 1 + K)
-    # sigmoid is increasing: the min over negatives is the sigmoid at the closest negative (one per row)
-    return torch.sigmoid(temperature * (sims[:, 0] - sims[:, 1:].max(dim=1).values))
+    # (1 + K, N): phrases along rows, so the max over the negatives runs down contiguous rows (a max
+    # along a short last dimension is several times slower on the CPU)
+    sims = torch.cat([query.reshape(1, d), negatives]).to(e) @ e.T
+    # sigmoid is increasing: the min over negatives is the sigmoid at the closest negative (one per point)
+    return torch.sigmoid(temperature * (sims[0] - sims[1:].amax(dim=0)))
 
 
 def _robust_max(values: Tensor, top_k: int) -> Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -186,77 +187,116 @@ class _CellRelevancy:
         return self.pyramid.sample_cells(kf_id, self._values(kf_id), torch.from_numpy(uv).float(),
                                          torch.from_numpy(frac).float())
 
+    def sample_many(self, kf_ids: Sequence[int], pos: np.ndarray, uv: np.ndarray, frac: np.ndarray) -> Tensor:
+        """`sample` for rows of several keyframes in one pass: row r reads keyframe kf_ids[pos[r]] at pixel
+        uv[r] and tile fraction frac[r] (`ClipPyramid.corner_table`, then the pyramid's level blend).
+        Returns (R,) float32."""
+        if pos.size == 0:
+            return torch.zeros(0)
+        used, local = np.unique(pos, return_inverse=True)  # only the keyframes read
+        ids = [int(kf_ids[u]) for u in used]
+        self.prefetch(ids)
+        values = torch.cat([self._values(k).float().cpu() for k in ids])
+        cells, w = self.pyramid.corner_table(ids, torch.from_numpy(local.reshape(-1)),
+                                             torch.from_numpy(uv).float())
+        levels = (values[cells.cpu()] * w.cpu()).sum(dim=-1)  # (n_levels, R)
+        lo, hi, t = (x.cpu() for x in self.pyramid.level_pair(torch.from_numpy(frac).float()))
+        rows = torch.arange(pos.size)
+        return (1 - t) * levels[lo, rows] + t * levels[hi, rows]
+
+
+def _csr(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """A float32 CSR matrix (n_rows, n_cols) with int32 indices from (row, col, value) triples whose rows
+    are sorted ascending (several per row). A matrix-vector product with it is one pass over the values,
+    several times faster on the CPU than gathering, weighting and scattering the same entries."""
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    index = torch.int32 if max(n_cols, int(values.numel())) < 2**31 else torch.int64
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is not
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow.to(index), cols.to(index), values.float(),
+                                       size=(n_rows, n_cols), check_invariants=False)
+
+
+def _csr_bytes(m: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in (m.crow_indices(), m.col_indices(), m.values()))
+
 
 class ViewIndex:
-    """The query-independent part of `views_relevancy_fn` for one set of points: their `Sightings`, per
-    sighting and pyramid level the crop cells and bilinear weights to read (`ClipPyramid.corner_table`),
-    and per searched scale which two levels each sighting blends and with what weights (`plan`). A query
-    then costs one relevancy per stored crop, a gather, and a blend and a sum per scale."""
+    """The query-independent part of `views_relevancy_fn` for one set of points, as two kinds of sparse
+    matrices: ``interp`` reads every sighting (`Sightings`: a keyframe that sees a point) on every pyramid
+    level from that keyframe's stored crops (bilinear, `ClipPyramid.corner_table`), and per searched scale
+    a `plan` blends the two levels around each sighting's tile fraction and averages the sightings of each
+    point. A query then costs one relevancy per stored crop and one sparse product per level and scale."""
 
     def __init__(self, points: Tensor, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
                  cfg: CandidateConfig, plan_budget_bytes: int = 128 * 2**20) -> None:
         seen = sightings(points.detach().double().cpu().numpy(), cset, frames, pyramid, cfg)
         self.n_points = int(points.shape[0])
         self.kf_ids = seen.kf_ids
-        self.idx = torch.from_numpy(seen.idx)
-        self.extent = torch.from_numpy(seen.extent).float()
-        cells, self.weights = pyramid.corner_table(seen.kf_ids, torch.from_numpy(seen.pos),
-                                                   torch.from_numpy(seen.uv).float())
-        self.cells = cells.cpu()
-        self.weights = self.weights.cpu()
+        order = torch.from_numpy(np.argsort(seen.idx, kind="stable"))  # sightings grouped by point
+        self.idx = torch.from_numpy(seen.idx)[order]
+        self.extent = torch.from_numpy(seen.extent).float()[order]
         self.n_levels = pyramid.fracs.numel()
+        o = self.idx.numel()
+        cells, weights = pyramid.corner_table(seen.kf_ids, torch.from_numpy(seen.pos)[order],
+                                              torch.from_numpy(seen.uv).float()[order])
+        cells, weights = cells.cpu(), weights.cpu()  # (n_levels, O, 4): row l * O + o of ``interp``
+        self.n_cells = int(cells.max()) + 1 if o else 0
+        self.interp = _csr(torch.arange(self.n_levels * o).repeat_interleave(4), cells.reshape(-1),
+                           weights.reshape(-1), self.n_levels * o, self.n_cells)
         self.lo_hi = _tile_range(pyramid)
         self._level_pair = pyramid.level_pair
-        self._plans: dict[float, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._plans: dict[float, tuple[Tensor, Tensor]] = {}
         self.plan_budget_bytes = int(plan_budget_bytes)
 
     @property
     def nbytes(self) -> int:
-        plans = (t for plan in self._plans.values() for t in plan)
-        held = (self.idx, self.extent, self.cells, self.weights, *plans)
-        return sum(t.numel() * t.element_size() for t in held)
+        held = sum(_csr_bytes(m) + seen.numel() * seen.element_size() for m, seen in self._plans.values())
+        own = sum(t.numel() * t.element_size() for t in (self.idx, self.extent))
+        return held + own + _csr_bytes(self.interp)
 
     def levels(self, pyramid: ClipPyramid, cell_fn) -> Tensor:
-        """(n_levels, O) float32: ``cell_fn`` ((cells, D) crop embeddings -> (cells,)) of every stored crop,
-        interpolated at every sighting on every level (`ClipPyramid.cell_levels`, all keyframes at once)."""
+        """(n_levels * O,) float32: ``cell_fn`` ((cells, D) crop embeddings -> (cells,)) of every stored
+        crop, interpolated at every sighting on every level (all keyframes at once)."""
         if self.idx.numel() == 0:
-            return torch.zeros(self.n_levels, 0)
-        values = cell_fn(pyramid.grids_of(self.kf_ids)).float().cpu()
-        return (torch.take(values, self.cells) * self.weights).sum(dim=-1)
+            return torch.zeros(0)
+        values = cell_fn(pyramid.grids_of(self.kf_ids)).float().cpu()[: self.n_cells]
+        return self.interp @ values
 
-    def plan(self, scale_m: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """At ``scale_m``, per sighting: the flat index (int32, into the (n_levels, O) `levels`) of the
-        lower of the two levels its tile fraction falls between, the blend t (float32) towards the next
-        level, and its weight (float16: 1, or 1e-3 out of the tile range, as in `views_embed_fn`); per point
-        the sum of those weights (float32). Kept per scale while the plans fit ``plan_budget_bytes`` (an
-        idle map's queries search the same scales)."""
+    def plan(self, scale_m: float) -> tuple[Tensor, Tensor]:
+        """At ``scale_m``: the (n_points, n_levels * O) sparse matrix that blends each sighting's two levels
+        around its tile fraction (the pyramid's own blend) and averages a point's sightings with weight 1,
+        or 1e-3 out of the tile range (as in `views_embed_fn`); and per point whether any keyframe sees it.
+        Kept per scale while the plans fit ``plan_budget_bytes`` (an idle map's queries search the same
+        scales)."""
         key = float(scale_m)
         hit = self._plans.get(key)
         if hit is not None:
             return hit
         o = self.idx.numel()
         frac = scale_m / self.extent
-        w = torch.where((frac >= self.lo_hi[0]) & (frac <= self.lo_hi[1]), 1.0, _OUT_OF_RANGE_WEIGHT).half()
-        lo, _, t = (x.cpu() for x in self._level_pair(frac))  # the pyramid's own blend (hi = lo + 1)
-        flat = (lo * o + torch.arange(o)).to(torch.int32)
-        plan = (flat, t, w, torch.zeros(self.n_points).index_add_(0, self.idx, w.float()))
-        held = sum(x.numel() * x.element_size() for p in self._plans.values() for x in p)
-        if held + sum(x.numel() * x.element_size() for x in plan) <= self.plan_budget_bytes:
+        w = torch.where((frac >= self.lo_hi[0]) & (frac <= self.lo_hi[1]), 1.0, _OUT_OF_RANGE_WEIGHT)
+        total = torch.zeros(self.n_points).index_add_(0, self.idx, w)
+        w = w / total[self.idx]
+        lo, _, t = (x.cpu() for x in self._level_pair(frac))  # hi = lo + 1, or lo with a single level
+        col = lo * o + torch.arange(o)
+        step = o if self.n_levels > 1 else 0
+        rows = self.idx.repeat_interleave(2)
+        cols = torch.stack([col, col + step], dim=1).reshape(-1)
+        vals = torch.stack([w * (1 - t), w * t], dim=1).reshape(-1)
+        plan = (_csr(rows, cols, vals, self.n_points, self.n_levels * o), total > 0)
+        held = sum(_csr_bytes(m) + seen.numel() for m, seen in self._plans.values())
+        if held + _csr_bytes(plan[0]) + plan[1].numel() <= self.plan_budget_bytes:
             self._plans[key] = plan
         return plan
 
     def relevancy(self, levels: Tensor, scale_m: float) -> Tensor:
         """(n_points,) float32 at ``scale_m``: per point the weighted mean over its sightings of ``levels``
-        ((n_levels, O), `levels`) blended at the sighting's tile fraction; NaN where no keyframe sees it."""
-        flat, t, w, total_w = self.plan(scale_m)
-        out = torch.zeros(self.n_points)
-        if self.idx.numel():
-            lv = levels.reshape(-1)
-            flat = flat.long()
-            a = torch.take(lv, flat)
-            b = torch.take(lv, flat + (self.idx.numel() if self.n_levels > 1 else 0))
-            out.index_add_(0, self.idx, (a + t * (b - a)) * w.float())
-        return torch.where(total_w > 0, out / total_w.clamp_min(1e-12), float("nan"))
+        (`levels`) blended at the sighting's tile fraction; NaN where no keyframe sees it."""
+        blend, seen = self.plan(scale_m)
+        out = blend @ levels if self.idx.numel() else torch.zeros(self.n_points)
+        return torch.where(seen, out, float("nan"))
 
 
 class ViewIndexCache:
@@ -376,16 +416,18 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     ax = np.linspace(-1.0, 1.0, TRI_SAMPLES)
     offsets = np.stack(np.meshgrid(ax, ax), axis=-1).reshape(-1, 2)
 
-    def ray(kf_id: int, kf: Frame, uv: np.ndarray, dist: float, scale_m: float):
+    def window(kf: Frame, uv: np.ndarray, dist: float) -> np.ndarray | None:
+        """The window's pixels inside the image; None when fewer than half are."""
         k = kf.intrinsics
         pix = uv + offsets * (window_m * k.fy / dist)
         inside = ((pix[:, 0] >= 0) & (pix[:, 0] <= k.width - 1) & (pix[:, 1] >= 0)
                   & (pix[:, 1] <= k.height - 1))
-        if inside.mean() < 0.5:
-            return None
-        pix = pix[inside]
-        frac = np.full(pix.shape[0], scale_m * k.fy / (k.height * dist))
-        r = cells.sample(kf_id, pix, frac).double().cpu().numpy()
+        return pix[inside] if inside.mean() >= 0.5 else None
+
+    def ray(kf: Frame, pix: np.ndarray, r: np.ndarray):
+        """The ray through the window's relevancy peak ``r`` at ``pix``; None if the view does not favour
+        the query there."""
+        k = kf.intrinsics
         peak, med = float(r.max()), float(np.median(r))
         if peak <= 0.5:
             return None
@@ -413,8 +455,18 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
 
     def once(loc: np.ndarray, scale_m: float) -> np.ndarray | None:
         ids, kfs, pos, _, uv, dist = _reaching(loc[None], cset, by_id, pyramid, cfg)
-        cells.prefetch([ids[p] for p in pos])
-        rays = [ray(ids[p], kfs[p], uv[j], float(dist[j]), scale_m) for j, p in enumerate(pos.tolist())]
+        wins = [(p, window(kfs[p], uv[j], float(dist[j]))) for j, p in enumerate(pos.tolist())]
+        wins = [(p, pix, scale_m * kfs[p].intrinsics.fy / (kfs[p].intrinsics.height * float(dist[j])))
+                for j, (p, pix) in enumerate(wins) if pix is not None]
+        if not wins:
+            return closest_point([], min_rays)
+        sizes = [pix.shape[0] for _, pix, _ in wins]
+        # every window of every keyframe in one interpolation (not one call per keyframe)
+        r_all = cells.sample_many(ids, np.repeat([p for p, _, _ in wins], sizes),
+                                  np.concatenate([pix for _, pix, _ in wins]),
+                                  np.repeat([f for _, _, f in wins], sizes)).double().numpy()
+        rays = [ray(kfs[p], pix, r) for (p, pix, _), r in zip(wins, np.split(r_all, np.cumsum(sizes)[:-1]),
+                                                               strict=True)]
         return closest_point([r for r in rays if r is not None], min_rays)
 
     return fn

@@ -289,3 +289,20 @@ def test_closest_point_refuses_what_the_rays_cannot_pin():
     # rays that meet only behind their cameras
     behind = [(o, -d, w) for o, d, w in _rays(target, [np.array([3.0, 2.0, 1.0]), np.array([1.0, 4.0, 1.0])])]
     assert view_evidence.closest_point(behind) is None
+
+
+def test_cell_relevancy_of_several_keyframes_in_one_pass_is_each_keyframes_own(scene):
+    """`_CellRelevancy.sample_many` (the triangulation's windows of every view at once) reads what
+    `sample` reads keyframe by keyframe, at tile fractions across and outside the pyramid's range."""
+    _, _, _, enc, pyr, _, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    rng = np.random.default_rng(3)
+    ids = [i for i, _ in kfs]
+    pos = np.array([4, 1, 4, 5, 1, 0, 4])  # unsorted, repeated, some keyframes not read at all
+    uv = rng.uniform([0, 0], [95, 71], size=(pos.size, 2))
+    frac = np.array([0.02, 0.1, 0.3, 0.5, 0.9, 0.15, 2.0])
+    got = cells.sample_many(ids, pos, uv, frac)
+    want = torch.cat([cells.sample(ids[p], uv[j:j + 1], frac[j:j + 1]) for j, p in enumerate(pos)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert float(want.max() - want.min()) > 0.05  # the rows differ: a wrong row would show
