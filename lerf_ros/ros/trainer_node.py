@@ -70,7 +70,7 @@ from lerf_ros.compat import image as image_conv
 from lerf_ros.compat import tf as compat_tf
 from lerf_ros.core.frames import scene_region
 from lerf_ros.core.frames.frame import Frame
-from lerf_ros.core.training.worker import TrainingWorker
+from lerf_ros.core.training.worker import TrainingWorker, set_gil_switch_interval
 from lerf_ros.ros import cameras, diagnostics, ingest, lifecycle, lock_meter, map_io
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_to_ns, training_status_msg
@@ -127,26 +127,6 @@ def set_torch_threads(requested: int, logger) -> int:
     logger.info(f"torch CPU threads: {threads} ({'torch_threads' if requested > 0 else 'cores - 1'}, "
                 f"{os.cpu_count()} cores)")
     return threads
-
-
-#: Python's GIL switch interval in the node process, seconds (CPython's default: 0.005).
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
-def set_gil_switch_interval(logger, interval_s: float = GIL_SWITCH_INTERVAL_S) -> float:
-    """Shorten how long a thread that wants the GIL back waits for the thread running Python bytecode.
-
-    A training step is thousands of small torch operators, and each one gives the GIL up and takes it back.
-    Beside a thread running Python (the executor's callbacks, the TF listener, a query's bookkeeping) every
-    take-back waited up to the default 5 ms: steps of 60 ms held the engine lock for 1.1-1.3 s with 0.07-0.1 s
-    of their own CPU (``bench/reliability.py``, query storm and flood), and a thread spinning Python made one
-    step last 35 s (0.5 ms: 1.1 s). The cost is more frequent switches between Python threads."""
-    import sys
-
-    sys.setswitchinterval(interval_s)
-    logger.info(f"GIL switch interval: {sys.getswitchinterval() * 1e3:.2f} ms (training steps wait less "
-                f"for the GIL behind Python threads)")
-    return sys.getswitchinterval()
 
 
 class TrainerNode(LifecycleNode):
@@ -255,7 +235,7 @@ class TrainerNode(LifecycleNode):
         try:
             if self.slot.get() is None:
                 set_torch_threads(self.settings.torch_threads, self.get_logger())
-                set_gil_switch_interval(self.get_logger())
+                set_gil_switch_interval(self.get_logger().info)
                 self.slot.set(make_engine(self.params))
                 built = True
             if self.params.journal is not None and self.journal is None:

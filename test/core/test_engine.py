@@ -22,7 +22,7 @@ from lerf_ros.core.language.query_embed import GridFeatureCache, multiscale_embe
 from lerf_ros.core.model import LanguagePointQueries, LanguageSnapshot
 from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
 from lerf_ros.core.training.engine_lock import PriorityLock
-from lerf_ros.core.training.worker import TrainingWorker
+from lerf_ros.core.training.worker import GIL_SWITCH_INTERVAL_S, TrainingWorker, set_gil_switch_interval
 from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
 
 # --------------------------------------------------------------------------- broken encoders
@@ -353,6 +353,31 @@ def test_worker_started_paused_takes_no_step_until_resumed():
         assert _wait(lambda: w.state == "ready") and eng.train_step == 20
     finally:
         w.stop(timeout=5)
+
+
+def test_gil_switch_interval_is_shortened_once_for_training_beside_python_threads():
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        lines = []
+        got = set_gil_switch_interval(lines.append)
+        assert got == pytest.approx(GIL_SWITCH_INTERVAL_S) == pytest.approx(sys.getswitchinterval())
+        assert GIL_SWITCH_INTERVAL_S < 0.005  # under CPython's default (an earlier test may have set it)
+        assert lines == ["GIL switch interval: 0.50 ms (training steps wait less for the GIL behind "
+                         "Python threads)"]
+        # a worker's start shortens a longer interval, and leaves a shorter one as it is
+        sys.setswitchinterval(0.005)
+        worker = TrainingWorker(_FakeEngine())
+        worker.start(paused=True)
+        worker.stop()
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+        sys.setswitchinterval(0.0001)
+        worker.start(paused=True)
+        worker.stop()
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_worker_catches_errors_and_recovers():

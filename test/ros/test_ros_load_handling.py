@@ -15,12 +15,7 @@ from lerf_ros.core.frames.transforms import make_transform
 from lerf_ros.ros import diagnostics, ingest, lock_meter
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_from_ns
-from lerf_ros.ros.trainer_node import (
-    GIL_SWITCH_INTERVAL_S,
-    TrainerNode,
-    set_gil_switch_interval,
-    torch_threads_for,
-)
+from lerf_ros.ros.trainer_node import TrainerNode, torch_threads_for
 
 NS = 1_000_000_000
 MS = 1_000_000
@@ -139,26 +134,6 @@ def test_engines_in_a_slot_get_a_metered_lock_once():
     d = diagnostics.training_diagnostic(engine.status(), "waiting", lock=lock_meter.stats_of(engine))
     assert float(d.value("longest engine-lock hold, queries/frames/status (s)")) >= 0.0
     assert d.value("longest engine-lock hold, queries/frames/status, taken in").startswith("engine.status (")
-
-
-def test_the_node_process_shortens_the_gil_switch_interval():
-    import sys
-
-    lines = []
-
-    class Log:
-        def info(self, text):
-            lines.append(text)
-
-    before = sys.getswitchinterval()
-    try:
-        got = set_gil_switch_interval(Log())
-        assert got == pytest.approx(GIL_SWITCH_INTERVAL_S) == pytest.approx(sys.getswitchinterval())
-        assert GIL_SWITCH_INTERVAL_S < 0.005  # under CPython's default (an earlier test may have set it)
-        assert lines == ["GIL switch interval: 0.50 ms (training steps wait less for the GIL behind "
-                             "Python threads)"]
-    finally:
-        sys.setswitchinterval(before)
 
 
 def test_torch_threads_leave_a_core_to_the_executor():

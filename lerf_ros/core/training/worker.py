@@ -11,15 +11,42 @@ keyframe; the event is cleared again once the thread has ended.
 
 An exception raised by ``step`` is caught, recorded in ``last_error`` and puts the worker in state
 ``"error"``; the thread stays alive and idle until ``resume()`` (retry) or ``stop()``.
+
+``start`` shortens the interpreter's GIL switch interval (`set_gil_switch_interval`) when it is longer
+than ``GIL_SWITCH_INTERVAL_S``: beside any thread running Python, a training step otherwise crawls.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 #: The states ``TrainingWorker.state`` can report.
 STATES = ("stopped", "waiting", "training", "paused", "ready", "error")
+
+GIL_SWITCH_INTERVAL_S = 0.0005
+_log = logging.getLogger(__name__)
+
+
+def set_gil_switch_interval(info: Callable[[str], None] | None = None,
+                            interval_s: float = GIL_SWITCH_INTERVAL_S) -> float:
+    """Shorten how long a thread that wants the GIL back waits for the thread running Python bytecode
+    (process-wide, ``sys.setswitchinterval``); ``info`` gets one line saying so. Returns the interval.
+
+    A training step is thousands of small torch operators, and each one gives the GIL up and takes it back.
+    Beside a thread running Python (the executor's callbacks, the TF listener, a query's bookkeeping) every
+    take-back waited up to the default 5 ms: steps of 60 ms held the engine lock for 1.1-1.3 s with 0.07-0.1 s
+    of their own CPU (``bench/reliability.py``, query storm and flood), and a thread spinning Python made one
+    step last 35 s (0.5 ms: 1.1 s); a worker beside a thread querying once a second took 1 step in 40 s
+    (``bench/query_latency.py``; 376 without the queries). The cost is more frequent switches between Python
+    threads."""
+    sys.setswitchinterval(interval_s)
+    (info or _log.info)(f"GIL switch interval: {sys.getswitchinterval() * 1e3:.2f} ms (training steps wait "
+                        f"less for the GIL behind Python threads)")
+    return sys.getswitchinterval()
 
 
 class SteppableEngine(Protocol):
@@ -72,10 +99,13 @@ class TrainingWorker:
     # ----------------------------------------------------------------- commands
     def start(self, paused: bool = False) -> None:
         """Start the thread (idempotent while running); ``paused``: it takes no step until ``resume`` (a
-        ``start()`` then ``pause()`` may let a step in between)."""
+        ``start()`` then ``pause()`` may let a step in between). Shortens the GIL switch interval to
+        ``GIL_SWITCH_INTERVAL_S`` when it is longer (module docstring)."""
         with self._cond:
             if self._thread is not None and self._thread.is_alive():
                 return
+            if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+                set_gil_switch_interval()
             self._stop = False
             self._paused = bool(paused)
             self._state = "paused" if paused else "waiting"
