@@ -814,7 +814,8 @@ class LERFEngine:
         try:
             def run(from_views: bool) -> QueryResult:
                 if from_views:
-                    embed_fn = view_evidence.views_embed_fn(cset, kfs, pyramid, ccfg)
+                    embed_fn = view_evidence.views_embed_fn(cset, kfs, pyramid, ccfg,
+                                                            index_cache=self._view_index)
                     rel_fn = view_evidence.views_relevancy_fn(cset, kfs, pyramid, ccfg, embeds[0],
                                                               embeds[1:1 + n_neg], qcfg.temperature,
                                                               index_cache=self._view_index)
@@ -830,7 +831,8 @@ class LERFEngine:
                               with_cloud, scale_range=scale_range, query_text=text,
                               competitor_embeds=embeds[1 + n_neg:], competitor_names=competitors,
                               canonical_count=len(CANONICAL_NEGATIVES),
-                              view_fn=view_evidence.view_fn(cset, kfs, pyramid, ccfg),
+                              view_fn=view_evidence.view_fn(cset, kfs, pyramid, ccfg,
+                                                            index_cache=self._view_index),
                               refine_fn=refine,
                               relevancy_fn=rel_fn, max_results=max_results)
 

@@ -504,7 +504,7 @@ def locate(
             conf *= _sigmoid((ex.competitor_margin - gap) / ex.competitor_width)
         support = float("nan")
         if view_fn is not None:
-            support = _view_support(view_fn, pts[members], rel[members], float(scales[read[c.peak]]),
+            support = _view_support(view_fn, pts, members, rel[members], float(scales[read[c.peak]]),
                                     text_embed, canon,
                                     max(0.5, q_median), cfg)
             if math.isfinite(support):
@@ -650,12 +650,15 @@ def _embed_members(embed_at, pts: Tensor, members: Tensor, read: Tensor, scales:
     return out
 
 
-def _view_support(view_fn, member_pts: Tensor, member_rel: Tensor, scale_m: float, text: Tensor,
+def _view_support(view_fn, pts: Tensor, members: Tensor, member_rel: Tensor, scale_m: float, text: Tensor,
                   canon: Tensor, floor: float, cfg: QueryConfig) -> float:
     """Fraction of the keyframes seeing the cluster's strongest points whose own crop embeddings there
-    score the query above ``floor`` (max of 0.5 and the scene's median) + min_excess; NaN if none."""
-    top = member_rel.topk(min(8, member_rel.numel())).indices
-    emb, view = view_fn(member_pts[top], scale_m)
+    score the query above ``floor`` (max of 0.5 and the scene's median) + min_excess; NaN if none.
+    A view_fn with a ``rows(pts, idx, scale_m)`` attribute reads them by index when it can (None: not)."""
+    top = members[member_rel.topk(min(8, member_rel.numel())).indices]
+    by_rows = getattr(view_fn, "rows", None)
+    got = None if by_rows is None else by_rows(pts, top, scale_m)
+    emb, view = got if got is not None else view_fn(pts[top], scale_m)
     if emb.shape[0] == 0:
         return float("nan")
     q = relevancy(emb, text, canon, cfg.temperature)

@@ -96,9 +96,10 @@ def sightings(pts: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyr
 
 
 def observations(points: Tensor, scale_m: float | Tensor, cset: CandidateSet, frames: dict[int, Frame],
-                 pyramid: ClipPyramid, cfg: CandidateConfig, in_range_only: bool = True):
+                 pyramid: ClipPyramid, cfg: CandidateConfig, in_range_only: bool = True,
+                 seen: Sightings | None = None):
     """Crop embeddings of ``points`` (M, 3) world metres at ``scale_m`` (metres, or (M,): one per point)
-    from every keyframe that sees them.
+    from every keyframe that sees them (``seen``: their `Sightings` when already known, `ViewIndex.subset`).
 
     Returns embeds (O, D) float32 unit, point (O,) long index into points, view (O,) long keyframe id,
     in_range (O,) bool (the tile fraction lies within the pyramid's, up to FRAC_SLACK); with
@@ -109,7 +110,7 @@ def observations(points: Tensor, scale_m: float | Tensor, cset: CandidateSet, fr
     scale = (scale_m.detach().double().cpu().numpy().reshape(-1) if isinstance(scale_m, Tensor)
              else np.full(pts.shape[0], float(scale_m)))
     lo, hi = _tile_range(pyramid)
-    seen = sightings(pts, cset, frames, pyramid, cfg)
+    seen = sightings(pts, cset, frames, pyramid, cfg) if seen is None else seen
     frac = scale[seen.idx] / seen.extent if seen.idx.size else np.zeros(0)
     ok = (frac >= lo) & (frac <= hi) if in_range_only else np.ones(frac.size, dtype=bool)
     if not ok.any():
@@ -124,27 +125,64 @@ def observations(points: Tensor, scale_m: float | Tensor, cset: CandidateSet, fr
     return emb, idx, view, (frac_t >= lo) & (frac_t <= hi)
 
 
-def view_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
-            cfg: CandidateConfig):
-    """``fn(points (M, 3), scale_m) -> (embeds (O, D), view (O,))`` for `locate` (in-range rows only)."""
-    by_id = dict(frames)
+class _Indexed:
+    """The `ViewIndex` that ``index_cache`` already holds for a points tensor, looked up once per tensor
+    object (a `locate` call scores one): `subset` then gives the sightings of some of its points without
+    projecting them into every keyframe again. Never builds an index (None when the cache has none)."""
 
-    def fn(points: Tensor, scale_m: float) -> tuple[Tensor, Tensor]:
-        emb, _, view, _ = observations(points, scale_m, cset, by_id, pyramid, cfg)
+    def __init__(self, index_cache: ViewIndexCache | None, cset: CandidateSet, by_id: dict[int, Frame],
+                 pyramid: ClipPyramid, cfg: CandidateConfig) -> None:
+        self._args = (cset, by_id, pyramid, cfg)
+        self._cache = index_cache
+        self._looked: tuple = ()  # (points, the cache's version) of the last lookup
+        self._index: ViewIndex | None = None
+
+    def subset(self, points: Tensor, rows: Tensor) -> Sightings | None:
+        if self._cache is None:
+            return None
+        if (len(self._looked) != 2 or self._looked[0] is not points
+                or (self._index is None and self._looked[1] != self._cache.version)):
+            self._looked = (points, self._cache.version)  # a miss is looked up again once the cache changed
+            self._index = self._cache.peek(points, *self._args)
+        return None if self._index is None else self._index.subset(rows)
+
+
+def view_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
+            cfg: CandidateConfig, index_cache: ViewIndexCache | None = None):
+    """``fn(points (M, 3), scale_m) -> (embeds (O, D), view (O,))`` for `locate` (in-range rows only);
+    ``fn.rows(points, rows, scale_m)``: the same for ``points[rows]`` from the sightings ``index_cache``
+    holds for ``points``, or None when it holds none."""
+    by_id = dict(frames)
+    indexed = _Indexed(index_cache, cset, by_id, pyramid, cfg)
+
+    def fn(points: Tensor, scale_m: float, seen: Sightings | None = None) -> tuple[Tensor, Tensor]:
+        emb, _, view, _ = observations(points, scale_m, cset, by_id, pyramid, cfg, seen=seen)
         return emb, view
 
+    def rows(points: Tensor, idx: Tensor, scale_m: float) -> tuple[Tensor, Tensor] | None:
+        seen = indexed.subset(points, idx)
+        return None if seen is None else fn(points[idx], scale_m, seen)
+
+    fn.rows = rows
     return fn
 
 
 def views_embed_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
-                   cfg: CandidateConfig):
+                   cfg: CandidateConfig, index_cache: ViewIndexCache | None = None):
     """``embed_fn(points (M, 3), scale_m) -> (M, D)`` unit: per point the mean crop embedding over the
     keyframes that see it at that scale (views out of their tile range count 1e-3; a point no keyframe
-    sees gets the mean over all observations, so the output is always defined)."""
+    sees gets the mean over all observations, so the output is always defined). ``embed_fn.rows`` as in
+    `view_fn` (the protocol `locate` reads)."""
     by_id = dict(frames)
+    indexed = _Indexed(index_cache, cset, by_id, pyramid, cfg)
 
-    def fn(points: Tensor, scale_m: float | Tensor) -> Tensor:
-        emb, idx, _, in_range = observations(points, scale_m, cset, by_id, pyramid, cfg, in_range_only=False)
+    def rows(points: Tensor, idx: Tensor, scale_m: float | Tensor) -> Tensor | None:
+        seen = indexed.subset(points, idx)
+        return None if seen is None else fn(points[idx], scale_m, seen)
+
+    def fn(points: Tensor, scale_m: float | Tensor, seen: Sightings | None = None) -> Tensor:
+        emb, idx, _, in_range = observations(points, scale_m, cset, by_id, pyramid, cfg, in_range_only=False,
+                                             seen=seen)
         m = points.shape[0]
         out = torch.zeros(m, pyramid.dim, device=emb.device)
         if emb.shape[0] == 0:
@@ -157,6 +195,7 @@ def views_embed_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         return F.normalize(out, dim=1).to(points.device)
 
     fn.per_point_scale = True
+    fn.rows = rows
     return fn
 
 
@@ -239,6 +278,12 @@ class ViewIndex:
         self.extent = torch.from_numpy(seen.extent).float()[order]
         self.n_levels = pyramid.fracs.numel()
         o = self.idx.numel()
+        # for `subset`: the sightings in that order (compact), and where each point's begin
+        on = order.numpy()
+        self._pos = seen.pos[on].astype(np.int32)
+        self._uv, self._dist, self._extent = seen.uv[on], seen.dist[on], seen.extent[on]
+        self.offsets = torch.zeros(self.n_points + 1, dtype=torch.int64)
+        self.offsets[1:] = torch.bincount(self.idx, minlength=self.n_points).cumsum(0)
         cells, weights = pyramid.corner_table(seen.kf_ids, torch.from_numpy(seen.pos)[order],
                                               torch.from_numpy(seen.uv).float()[order])
         cells, weights = cells.cpu(), weights.cpu()  # (n_levels, O, 4): row l * O + o of ``interp``
@@ -253,8 +298,23 @@ class ViewIndex:
     @property
     def nbytes(self) -> int:
         held = sum(_csr_bytes(m) + seen.numel() * seen.element_size() for m, seen in self._plans.values())
-        own = sum(t.numel() * t.element_size() for t in (self.idx, self.extent))
+        own = sum(t.numel() * t.element_size() for t in (self.idx, self.extent, self.offsets))
+        own += sum(a.nbytes for a in (self._pos, self._uv, self._dist, self._extent))
         return held + own + _csr_bytes(self.interp)
+
+    def subset(self, rows: Tensor) -> Sightings:
+        """`Sightings` of the points ``rows`` (M,) (indices into the indexed points; their ``idx`` then
+        counts 0..M-1 in that order), from the index instead of projecting them into every keyframe."""
+        rows = rows.detach().reshape(-1).cpu().long()
+        start = self.offsets[rows]
+        counts = self.offsets[rows + 1] - start
+        first = counts.cumsum(0) - counts
+        total = int(counts.sum())
+        sel = (start - first).repeat_interleave(counts, output_size=total) + torch.arange(total)
+        which = torch.arange(rows.numel()).repeat_interleave(counts, output_size=total)
+        s = sel.numpy()
+        return Sightings(self.kf_ids, self._pos[s].astype(np.int64), which.numpy(), self._uv[s],
+                         self._dist[s], self._extent[s])
 
     def levels(self, pyramid: ClipPyramid, cell_fn) -> Tensor:
         """(n_levels * O,) float32: ``cell_fn`` ((cells, D) crop embeddings -> (cells,)) of every stored
@@ -311,12 +371,26 @@ class ViewIndexCache:
         self._index: ViewIndex | None = None
         self.budget_bytes = int(budget_bytes)
         self.hits = 0
+        self.version = 0  # counts the indexes kept
+
+    @staticmethod
+    def _key_of(points: Tensor, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
+                cfg: CandidateConfig) -> tuple:
+        ids = tuple(sorted(frames))
+        return (points_digest(points), id(cset), id(pyramid), ids, tuple(id(frames[i]) for i in ids),
+                tuple(pyramid.key(i) for i in ids), cfg)
+
+    def peek(self, points: Tensor, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
+             cfg: CandidateConfig) -> ViewIndex | None:
+        """The index kept for exactly these inputs, or None (nothing is built)."""
+        key = self._key_of(points, cset, frames, pyramid, cfg)
+        with self._lock:
+            return self._index if self._key == key else None
 
     def get(self, points: Tensor, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
             cfg: CandidateConfig) -> ViewIndex:
         ids = tuple(sorted(frames))
-        key = (points_digest(points), id(cset), id(pyramid), ids, tuple(id(frames[i]) for i in ids),
-               tuple(pyramid.key(i) for i in ids), cfg)
+        key = self._key_of(points, cset, frames, pyramid, cfg)
         with self._lock:
             if self._key == key and self._index is not None:
                 self.hits += 1
@@ -326,6 +400,7 @@ class ViewIndexCache:
             if index.nbytes <= self.budget_bytes:
                 self._key, self._index = key, index
                 self._held = (cset, pyramid, tuple(frames[i] for i in ids))
+                self.version += 1
         return index
 
 

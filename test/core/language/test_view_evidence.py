@@ -306,3 +306,32 @@ def test_cell_relevancy_of_several_keyframes_in_one_pass_is_each_keyframes_own(s
     want = torch.cat([cells.sample(ids[p], uv[j:j + 1], frac[j:j + 1]) for j, p in enumerate(pos)])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert float(want.max() - want.min()) > 0.05  # the rows differ: a wrong row would show
+
+
+def test_sightings_and_embeddings_of_some_points_read_from_the_index_match_a_fresh_projection(scene):
+    """`ViewIndex.subset` (a cluster's members, without projecting them into every keyframe again) holds
+    the same (keyframe, point, pixel) sightings as `sightings`, and `views_embed_fn.rows` / `view_fn.rows`
+    give what the functions give for those points; with no index kept for the points they answer None."""
+    _, _, _, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    points = _surface_points(cset, kfs, every=3)
+    cache = view_evidence.ViewIndexCache()
+    embed = view_evidence.views_embed_fn(cset, kfs, pyr, CFG.candidates, index_cache=cache)
+    views = view_evidence.view_fn(cset, kfs, pyr, CFG.candidates, index_cache=cache)
+    rows = torch.tensor([7, 0, 42, 5, 19])
+    assert embed.rows(points, rows, 0.1) is None and views.rows(points, rows, 0.1) is None  # nothing kept
+    view_evidence.views_relevancy_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
+                                     index_cache=cache)(points, 0.1)  # keeps the index of these points
+
+    want = view_evidence.sightings(points[rows].double().numpy(), cset, dict(kfs), pyr, CFG.candidates)
+    got = cache.peek(points, cset, dict(kfs), pyr, CFG.candidates).subset(rows)
+    assert want.idx.size > rows.numel()  # several views per point
+    key = lambda s: sorted(zip(s.idx.tolist(), (np.asarray(s.kf_ids)[s.pos]).tolist(),  # noqa: E731
+                               np.round(s.uv, 4).tolist(), np.round(s.extent, 6).tolist(), strict=True))
+    assert key(got) == key(want)
+    scales = torch.tensor([0.05, 0.1, 0.3, 0.1, 0.6])
+    torch.testing.assert_close(embed.rows(points, rows, scales), embed(points[rows], scales), atol=1e-6, rtol=0)
+    e_rows, v_rows = views.rows(points, rows, 0.1)
+    e_all, v_all = views(points[rows], 0.1)
+    assert sorted(v_rows.tolist()) == sorted(v_all.tolist())
+    torch.testing.assert_close(e_rows.sum(0), e_all.sum(0), atol=1e-5, rtol=0)
