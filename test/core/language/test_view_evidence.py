@@ -330,7 +330,8 @@ def test_sightings_and_embeddings_of_some_points_read_from_the_index_match_a_fre
                                np.round(s.uv, 4).tolist(), np.round(s.extent, 6).tolist(), strict=True))
     assert key(got) == key(want)
     scales = torch.tensor([0.05, 0.1, 0.3, 0.1, 0.6])
-    torch.testing.assert_close(embed.rows(points, rows, scales), embed(points[rows], scales), atol=1e-6, rtol=0)
+    torch.testing.assert_close(embed.rows(points, rows, scales), embed(points[rows], scales),
+                               atol=1e-6, rtol=0)
     e_rows, v_rows = views.rows(points, rows, 0.1)
     e_all, v_all = views(points[rows], 0.1)
     assert sorted(v_rows.tolist()) == sorted(v_all.tolist())
