@@ -336,3 +336,16 @@ def test_sightings_and_embeddings_of_some_points_read_from_the_index_match_a_fre
     e_all, v_all = views(points[rows], 0.1)
     assert sorted(v_rows.tolist()) == sorted(v_all.tolist())
     torch.testing.assert_close(e_rows.sum(0), e_all.sum(0), atol=1e-5, rtol=0)
+
+
+def test_sparse_sampling_of_several_keyframes_is_the_pyramids_own_sampling(scene):
+    _, _, _, _, pyr, _, kfs = scene
+    rng = np.random.default_rng(5)
+    ids = [i for i, _ in kfs]
+    pos = np.array([2, 0, 2, 5, 5, 1, 3, 2])
+    uv = torch.from_numpy(rng.uniform([0, 0], [95, 71], size=(pos.size, 2))).float()
+    frac = torch.tensor([0.02, 0.1, 0.3, 0.5, 0.9, 0.15, 2.0, 0.07])
+    got = view_evidence.sample_sparse(pyr, ids, pos, uv, frac)
+    want = pyr.sample(torch.tensor(ids)[torch.from_numpy(pos)], uv, frac)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert float((want @ want.T).min()) < 0.9  # the rows differ: a wrong row would show
