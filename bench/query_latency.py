@@ -8,6 +8,10 @@ A random room (``lerf_ros.sim``) is rendered along its drive and every frame is 
 the candidates current, a query must not re-render them); then the map is saved, loaded into a fresh
 engine, its query caches built (`LERFEngine.warm_up_queries`, as the query node does after loading a map;
 timed apart) and queried idle. Prints one table and writes JSON (bench/out/query_latency_<preset>.json).
+
+    .venv/bin/python bench/query_latency.py --seed 44 --map W/map_room44_rgbd_cliplike
+
+times a saved map of room 44 idle instead (a `bench/quality.py --workdir W` map, RGB-D or RGB-only).
 """
 
 from __future__ import annotations
@@ -37,9 +41,28 @@ def _pct(values, q):
     return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
 
 
+def idle_latency(loaded: LERFEngine, room) -> tuple[float, list[float], list[float]]:
+    """What the query node does after loading a map (build the query caches, timed), then each present
+    name and each absent name three times: (warm-up s, present latencies, absent latencies)."""
+    warm_up_s = loaded.warm_up_queries()
+    idle, idle_absent = [], []
+    for name in list(room.names) * 3:
+        t = time.perf_counter()
+        loaded.query(name)
+        idle.append(time.perf_counter() - t)
+    for name in list(room.absent_names) * 3:  # the field shows nothing: the keyframe views are searched
+        t = time.perf_counter()
+        loaded.query(name)
+        idle_absent.append(time.perf_counter() - t)
+    return warm_up_s, idle, idle_absent
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--map", type=Path, default=None,
+                   help="time this saved map of room --seed idle (e.g. a bench/quality.py map; its encoders "
+                        "must import: test/doubles is put on the path) instead of training one")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--depth", action="store_true", help="RGB-D instead of RGB-only")
     p.add_argument("--train-s", type=float, default=40.0, help="seconds of training with queries")
@@ -51,6 +74,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     room = random_room(args.seed)
+    if args.map is not None:
+        sys.path.insert(0, str(ROOT / "test" / "doubles"))
+        warm_up_s, idle, idle_absent = idle_latency(LERFEngine.load(args.map, "cpu"), room)
+        return _report(args, f"map {args.map} of room {args.seed}", 0, warm_up_s,
+                       {"map loaded, idle (present objects)": idle,
+                        "map loaded, idle (absent names)": idle_absent}, 0)
     drive = drive_through(room)
     cfg = make_preset(args.preset)
     engine = LERFEngine(cfg, "cpu")
@@ -74,29 +103,23 @@ def main(argv=None) -> int:
         i += 1
     worker.stop()
     steps = engine.train_step
-    idle, idle_absent = [], []
     with tempfile.TemporaryDirectory() as tmp:
         engine.save(tmp)
-        loaded = LERFEngine.load(tmp, "cpu")
-        # what the query node does after loading a map, before the first client's query
-        warm_up_s = loaded.warm_up_queries()
-        for name in names * 3:
-            t = time.perf_counter()
-            loaded.query(name)
-            idle.append(time.perf_counter() - t)
-        for name in list(room.absent_names) * 3:  # the field shows nothing: the keyframe views are searched
-            t = time.perf_counter()
-            loaded.query(name)
-            idle_absent.append(time.perf_counter() - t)
+        warm_up_s, idle, idle_absent = idle_latency(LERFEngine.load(tmp, "cpu"), room)
     rows = {"during training": during, "map loaded, idle (present objects)": idle,
             "map loaded, idle (absent names)": idle_absent}
-    print(f"room {args.seed}, {'RGB-D' if args.depth else 'RGB-only'}, preset {args.preset}, {steps} steps, "
-          f"{len(engine.store)} keyframes; after loading, the query caches took {warm_up_s:.2f} s to build "
+    kind = "RGB-D" if args.depth else "RGB-only"
+    label = f"room {args.seed}, {kind}, preset {args.preset}, {steps} steps, {len(engine.store)} keyframes"
+    return _report(args, label, steps, warm_up_s, rows, renders_in_queries)
+
+
+def _report(args, label: str, steps: int, warm_up_s: float, rows: dict, renders_in_queries: int) -> int:
+    print(f"{label}; after loading, the query caches took {warm_up_s:.2f} s to build "
           f"(LERFEngine.warm_up_queries, as the query node does at start)")
     print("| queries | n | p50 (s) | p95 (s) | max (s) |")
     print("|---|---|---|---|---|")
-    for label, v in rows.items():
-        print(f"| {label} | {len(v)} | {statistics.median(v):.3f} | {_pct(v, 0.95):.3f} | {max(v):.3f} |")
+    for name, v in rows.items():
+        print(f"| {name} | {len(v)} | {statistics.median(v):.3f} | {_pct(v, 0.95):.3f} | {max(v):.3f} |")
     out = args.out or ROOT / "bench" / "out" / f"query_latency_{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "steps": steps,
