@@ -506,10 +506,13 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     """``fn(location (3,), scale_m) -> (3,) | None``: the point closest to the rays through each view's
     relevancy peak around ``location``.
 
-    Per keyframe that reaches ``location`` (`in_view`, as in `hull_fn`): the query's relevancy at scale_m
-    on a TRI_SAMPLES² pixel window spanning ±window_m there (at least half inside the image); a view whose
-    window peaks at or below 0.5 (it does not favour the query) is left out; else the ray through the
-    centroid of the window's pixels within 20 % of the peak above the window median, weighted by the
+    Per keyframe whose image holds ``location`` (in front of the camera, whatever its depth there: an
+    RGB-only answer often lies behind the object, where the model rendered it, and a view whose rendered
+    surface lies in front of that spot still shows the object at that pixel): the query's relevancy at
+    scale_m on a TRI_SAMPLES² pixel window spanning ±window_m there (at least half inside the image); a view
+    whose window peaks at or below 0.5 (it does not favour the query, e.g. the object is hidden there) is
+    left out, a ray far from the others is dropped as an outlier (`closest_point`); else the ray through
+    the centroid of the window's pixels within 20 % of the peak above the window median, weighted by the
     peak's excess. A second pass re-centres the windows on the first pass's point; its answer stands when
     it lies within ``window_m`` of the first (farther, the re-centred windows caught something else: the
     first stands). None with fewer than ``min_rays`` rays, rays within TRI_MIN_SPREAD_DEG of one direction,
@@ -556,7 +559,7 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         return second
 
     def once(loc: np.ndarray, scale_m: float) -> np.ndarray | None:
-        ids, kfs, pos, _, uv, dist = _reaching(loc[None], cset, by_id, pyramid, cfg)
+        ids, kfs, pos, _, uv, dist = _reaching(loc[None], cset, by_id, pyramid, cfg, occlusion=False)
         wins = [(p, window(kfs[p], uv[j], float(dist[j]))) for j, p in enumerate(pos.tolist())]
         wins = [(p, pix, scale_m * kfs[p].intrinsics.fy / (kfs[p].intrinsics.height * float(dist[j])))
                 for j, (p, pix) in enumerate(wins) if pix is not None]
@@ -575,10 +578,11 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
 
 
 def _reaching(pts: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
-              cfg: CandidateConfig, keep=None):
+              cfg: CandidateConfig, keep=None, occlusion: bool = True):
     """Every (keyframe, point) pair where the point lies in the keyframe's view up to its surface
     (`candidates.in_view`: behind measured depth by the candidates' tolerance, behind rendered depth by
-    BEHIND_REL / BEHIND_M), all keyframes at once. ``keep(kf)``: only keyframes it accepts.
+    BEHIND_REL / BEHIND_M), all keyframes at once; occlusion=False: anywhere in front of the camera inside
+    the image, whatever the depth there. ``keep(kf)``: only keyframes it accepts.
     Returns (keyframe ids, keyframes, positions (O,) into them, point indices (O,), uv (O, 2), ray distances
     (O,)), keyframe by keyframe in the candidate set's order."""
     rows, ids, kfs = _usable(cset, frames, pyramid)
@@ -592,6 +596,8 @@ def _reaching(pts: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyr
             continue
         test = (in_view_test(cfg.depth_tol_rel, cfg.voxel_m) if measured
                 else in_view_test(BEHIND_REL, BEHIND_M))
+        if not occlusion:
+            test = _in_front
         p, idx, uv, dist = seen_pairs(pts, [kfs[i] for i in sel], cset.grids[[rows[i] for i in sel]],
                                       cfg.pixel_stride, test)
         parts.append((np.asarray(sel, dtype=np.int64)[p], idx, uv, dist))
@@ -600,6 +606,11 @@ def _reaching(pts: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyr
     pos, idx, uv, dist = (np.concatenate([q[i] for q in parts]) for i in range(4))
     order = np.argsort(pos, kind="stable")
     return ids, kfs, pos[order], idx[order], uv[order], dist[order]
+
+
+def _in_front(z: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """`seen_pairs`'s accept test without occlusion: every point in front of the camera."""
+    return z > 0
 
 
 def closest_point(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],

@@ -349,3 +349,22 @@ def test_sparse_sampling_of_several_keyframes_is_the_pyramids_own_sampling(scene
     want = pyr.sample(torch.tensor(ids)[torch.from_numpy(pos)], uv, frac)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert float((want @ want.T).min()) < 0.9  # the rows differ: a wrong row would show
+
+
+def test_triangulation_uses_every_view_that_holds_an_answer_placed_behind_the_object(scene):
+    """An RGB-only answer often lies behind its object (where the model rendered the object's pixels):
+    views whose surface lies in front of that spot still show the object there, and their rays pin it.
+    With only the views that reach the spot up to their surface (the depth grids here are the truth),
+    the rays come from the few views that see past the box and do not meet on it."""
+    _, obj, eyes, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    tri = view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3, reach_m=0.69)
+    ray = obj.center - eyes[2]
+    start = obj.center + 0.5 * ray / np.linalg.norm(ray)  # 50 cm behind the centre along one view
+    hidden = view_evidence._reaching(start[None], cset, dict(kfs), pyr, CFG.candidates)[2].size
+    shown = view_evidence._reaching(start[None], cset, dict(kfs), pyr, CFG.candidates,
+                                    occlusion=False)[2].size
+    assert shown == len(kfs) and hidden < shown  # the box's own views do not reach the spot behind it
+    out = tri(start, 0.1)
+    assert out is not None and np.linalg.norm(out - obj.center) < 0.05, (out, obj.center)
