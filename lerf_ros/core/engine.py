@@ -5,8 +5,9 @@ for a query / ``add_frame`` / ``status`` / ``save``. Training takes it in backgr
 caller waits for at most the one step in progress, whichever thread trains (worker, CLI, benchmark).
 
 Work is incremental: ``add_frame`` only validates, undistorts, downsizes and selects keyframes; each
-``step`` call computes the CLIP pyramid + dense features of at most ``ingest.pyramid_keyframes_per_step``
-new keyframes, then trains. The scene box is fixed when training starts (see `SceneBoxConfig`).
+``step`` call computes the CLIP pyramid + dense features of ``ingest.pyramid_keyframes_per_step`` new
+keyframes (more while a backlog waits, for as long as the last call trained), then trains. The scene box
+is fixed when training starts (see `SceneBoxConfig`).
 """
 
 from __future__ import annotations
@@ -128,7 +129,10 @@ class EngineStatus:
 
 
 #: Scene-box refit (`LERFEngine._maybe_refit_box`): how often it is checked, when it happens, how often.
+#: A box from camera frusta is checked every FRUSTA_CHECK_STEPS steps (the test is cheap, and a robot that
+#: drives out of it is best followed while the fields are young: a refit starts them over).
 REFIT_CHECK_STEPS = 200
+FRUSTA_CHECK_STEPS = 50
 REFIT_OUTSIDE_FRACTION = 0.25
 MAX_BOX_REFITS = 3
 #: A box from camera frusta (no measured depth) is tightened once to the surfaces the model renders after
@@ -139,8 +143,17 @@ TIGHTEN_STRIDE = 10
 TIGHTEN_VOLUME = 0.5
 #: A training step within this many seconds means "training": queries then render no candidate grids.
 TRAINING_ACTIVE_S = 2.0
-#: Share of the training worker's wall time spent re-rendering query candidates (RGB-only keyframes).
+#: Share of the training worker's wall time spent re-rendering query candidates (RGB-only keyframes):
+#: REFRESH_FRACTION for the routine round (stalest first), URGENT_REFRESH_FRACTION while a keyframe has no
+#: grid or its grid is from a model trained for less than URGENT_AGE_RATIO of the steps trained now (a
+#: query during training cannot see what such keyframes show: after a start or a box refit, or while the
+#: robot drives into new places, candidates are what a query is missing, not training steps). Not before
+#: the fields trained URGENT_MIN_STEPS steps, nor while a frustum box waits to be tightened (its grids die
+#: with its fields).
 REFRESH_FRACTION = 0.1
+URGENT_REFRESH_FRACTION = 0.4
+URGENT_AGE_RATIO = 0.5
+URGENT_MIN_STEPS = 50
 MAX_REFRESH_GRIDS = 8
 
 
@@ -226,6 +239,7 @@ class LERFEngine:
         # surfaces), "frusta, checked" (they filled it) or "rendered" (tightened to them)
         self.box_source = ""
         self._last_refresh, self._refresh_cost = 0.0, 0.0
+        self._last_train_s = 0.0  # seconds the last step call spent training (`_step`: features' share)
         self._last_merge, self._merge_cost = 0.0, 0.0
         self._last_train_time = -1e9
         self._depends, self._depends_key = False, None  # candidates need rendered depth (per kf version)
@@ -451,11 +465,18 @@ class LERFEngine:
     def _maybe_refit_box(self) -> None:
         """A live robot's box comes from its first keyframes. When, later, a keyframe's camera lies outside
         it or most keyframes look out of it, the fields start over in a box that also holds what they see
-        (the keyframes and their features are kept; training restarts). Every REFIT_CHECK_STEPS steps, at
+        (the keyframes and their features are kept; training restarts). Every REFIT_CHECK_STEPS steps
+        (FRUSTA_CHECK_STEPS for a frustum box, which is tightened once TIGHTEN_MIN_STEPS are trained), at
         most MAX_BOX_REFITS times; never for a given box. Caller holds the lock."""
         sc = self.config.scene
-        if (not sc.refit or sc.box_min is not None or self.model is None or self._box_refits >= MAX_BOX_REFITS
-                or self.train_step - self._box_checked_step < REFIT_CHECK_STEPS):
+        if not sc.refit or sc.box_min is not None or self.model is None or self._box_refits >= MAX_BOX_REFITS:
+            return
+        # A frustum box is tightened as soon as it may be (every step of fields in a box about to be
+        # replaced is lost), not at the next multiple of REFIT_CHECK_STEPS.
+        frusta = self.box_source == "frusta"
+        tighten_due = frusta and self.train_step >= TIGHTEN_MIN_STEPS
+        every = FRUSTA_CHECK_STEPS if frusta else REFIT_CHECK_STEPS
+        if not tighten_due and self.train_step - self._box_checked_step < every:
             return
         self._box_checked_step = self.train_step
         if self._maybe_tighten_box():
@@ -555,7 +576,11 @@ class LERFEngine:
 
     def _step(self, max_steps: int, t0: float) -> StepStats:
         n_features = 0
-        for _ in range(self.config.ingest.pyramid_keyframes_per_step):
+        # pyramid_keyframes_per_step keyframes, and more while a backlog waits, for as long as the last
+        # call trained: a keyframe without features is not trained on at all (`_ready_ids`), so while the
+        # robot drives into new places they are worth as much as training steps.
+        while (n_features < self.config.ingest.pyramid_keyframes_per_step
+               or (max_steps > 0 and time.perf_counter() - t0 < self._last_train_s)):
             try:
                 if not self._compute_features():
                     break
@@ -606,7 +631,8 @@ class LERFEngine:
         if done:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self._rays_per_s = rays_done / max(time.perf_counter() - t_train, 1e-9)
+            self._last_train_s = time.perf_counter() - t_train
+            self._rays_per_s = rays_done / max(self._last_train_s, 1e-9)
             self._losses = losses
             self._last_train_time = time.perf_counter()
             self._refresh_candidates()
@@ -693,9 +719,14 @@ class LERFEngine:
     def _render_grids(self) -> None:
         """`_refresh_candidates`' grids: ~REFRESH_FRACTION of the wall time, the lock taken per grid."""
         now = time.perf_counter()
+        with self.lock.background():
+            urgent = (self.candidates is not None and self.train_step >= URGENT_MIN_STEPS
+                      and self.box_source != "frusta"
+                      and self.candidates.urgent(self.store.ids(), self.train_step, URGENT_AGE_RATIO))
+        share = URGENT_REFRESH_FRACTION if urgent else REFRESH_FRACTION
         # Grids this call may render: the wall time since the last refresh, times the share it may take,
         # over the cost of one grid (at most MAX_REFRESH_GRIDS per call; the lock is taken per grid).
-        budget = (now - self._last_refresh) * REFRESH_FRACTION / (1.0 - REFRESH_FRACTION)
+        budget = (now - self._last_refresh) * share / (1.0 - share)
         n = min(int(budget / max(self._refresh_cost, 1e-6)), MAX_REFRESH_GRIDS)
         if n < 1:
             return

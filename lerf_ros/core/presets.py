@@ -84,8 +84,10 @@ class IngestConfig:
     max_image_side:             keyframes larger than this (pixels, longer side) are downsized (area
                                 filter; intrinsics scaled); 0 = keep the input size.
     min_keyframes:              training starts once this many keyframes have their language targets.
-    pyramid_keyframes_per_step: at most this many keyframes get their CLIP pyramid + dense features per
-                                ``engine.step`` call, so training keeps going while frames arrive.
+    pyramid_keyframes_per_step: this many keyframes get their CLIP pyramid + dense features per
+                                ``engine.step`` call, so training keeps going while frames arrive; while
+                                more wait, further ones for as long as the call's training took before
+                                (keyframes without features are not trained on).
     """
 
     max_image_side: int = 640

@@ -545,6 +545,61 @@ def test_candidates_from_rendered_depth_without_measured_depth(room_frames):
     assert r.model_step == engine.train_step and isinstance(r.found, bool)
 
 
+def test_keyframes_without_a_grid_or_with_a_young_models_grid_get_the_larger_share(room_frames, monkeypatch):
+    """Right after a start or a box refit, and while new keyframes come in, a query during training cannot
+    see what keyframes without a grid show: the refresh then takes URGENT_REFRESH_FRACTION of the wall time
+    instead of REFRESH_FRACTION; a grid from a model trained for under URGENT_AGE_RATIO of the steps trained
+    now counts as missing. Not while a frustum box waits to be tightened (its grids die with its fields)."""
+    monkeypatch.setattr(engine_mod, "URGENT_MIN_STEPS", 0)
+    frames = [dataclasses.replace(f, depth_m=None) for f in room_frames[:4]]
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, frames, steps=4)
+    engine._candidate_points()  # idle: every keyframe's grid, at step 4
+    cache = engine.candidates
+    ids = engine.store.ids()
+    assert not cache.urgent(ids, 4, engine_mod.URGENT_AGE_RATIO)
+    assert not cache.urgent(ids, 8, 0.5) and cache.urgent(ids, 9, 0.5)  # step 4 < half of 9
+
+    def grids_in(seconds_since_last: float) -> int:
+        calls = candidates.render_calls()
+        engine._refresh_cost, engine._last_refresh = 1.0, time.perf_counter() - seconds_since_last
+        engine._render_grids()
+        return candidates.render_calls() - calls
+
+    # 2 s at the routine share (0.1 / 0.9 of it: 0.22 s) affords no 1 s grid ...
+    assert grids_in(2.0) == 0
+    # ... with a keyframe missing its grid, the urgent share (0.4 / 0.6: 1.33 s) affords one
+    del cache._grids[ids[-1]]
+    assert cache.urgent(ids, engine.train_step, engine_mod.URGENT_AGE_RATIO)
+    assert engine.box_source == "frusta" and grids_in(2.0) == 0  # a tightening to come: routine share
+    engine.box_source = "rendered"
+    assert grids_in(2.0) == 1 and ids[-1] in cache._grids
+    # the rendered grids are all current again: back to the routine share
+    assert not cache.urgent(ids, engine.train_step, engine_mod.URGENT_AGE_RATIO)
+    assert grids_in(2.0) == 0
+
+
+def test_a_feature_backlog_is_worked_off_for_as_long_as_the_last_call_trained(room_frames):
+    """pyramid_keyframes_per_step keyframes get features per step call; while more wait, further ones for
+    as long as the previous call spent training (keyframes without features are not trained on)."""
+    engine = LERFEngine(_tiny(min_keyframes=2, pyramid_keyframes_per_step=1), "cpu")
+    for f in room_frames[:2]:
+        engine.add_frame(f)
+    while engine.train_step < 1:
+        engine.step(1)
+    for f in room_frames[2:8]:
+        engine.add_frame(f)
+    waiting = engine.status().keyframes_pending
+    assert waiting >= 4
+    engine._last_train_s = 0.0  # the last call took no time training: one keyframe, as configured
+    engine.step(1)
+    assert engine.status().keyframes_pending == waiting - 1
+    engine._last_train_s = 60.0  # a long training call: the whole backlog
+    engine.step(1)
+    assert engine.status().keyframes_pending == 0
+    assert engine._last_train_s < 60.0  # measured again by that call
+
+
 def test_a_training_call_in_flight_keeps_queries_from_rendering_or_merging(room_frames):
     """A worker's step call waiting for the lock (behind a query storm) still counts as training: a query
     then reads the last merged candidates instead of rendering and merging under the lock."""

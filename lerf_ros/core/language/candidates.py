@@ -458,6 +458,15 @@ class CandidateCache:
             (st >= 0 and step - st >= min_age_steps) or st == _UNFILLED))
         return missing + [i for _, i in old]
 
+    def urgent(self, ids: Sequence[int], step: int, age_ratio: float) -> bool:
+        """Whether a keyframe of ``ids`` has no grid, or a rendered grid from a model trained for fewer than
+        ``age_ratio`` x ``step`` steps (the model has changed much since: a young model's geometry)."""
+        for i in ids:
+            grid = self._grids.get(int(i))
+            if grid is None or 0 <= grid[1] < age_ratio * step:
+                return True
+        return False
+
     def put_grid(self, kf_id: int, grid: tuple[np.ndarray, int]) -> None:
         """Store a grid from `depth_grid`; the next merge takes it in."""
         self._grids[int(kf_id)] = grid
