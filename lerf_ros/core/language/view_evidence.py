@@ -318,11 +318,15 @@ class ViewIndex:
         self.lo_hi = _tile_range(pyramid)
         self._level_pair = pyramid.level_pair
         self._plans: dict[float, tuple[Tensor, Tensor]] = {}
+        # A kept index serves concurrent queries (outside the engine lock): the plans are read and added
+        # under this lock (a sum over them while another query adds one raised "dictionary changed size")
+        self._plans_lock = threading.Lock()
         self.plan_budget_bytes = int(plan_budget_bytes)
 
     @property
     def nbytes(self) -> int:
-        held = sum(_csr_bytes(m) + seen.numel() * seen.element_size() for m, seen in self._plans.values())
+        with self._plans_lock:
+            held = sum(_csr_bytes(m) + seen.numel() * seen.element_size() for m, seen in self._plans.values())
         own = sum(t.numel() * t.element_size() for t in (self.idx, self.extent, self.offsets))
         own += sum(a.nbytes for a in (self._pos, self._uv, self._dist, self._extent))
         return held + own + _csr_bytes(self.interp)
@@ -356,7 +360,8 @@ class ViewIndex:
         Kept per scale while the plans fit ``plan_budget_bytes`` (an idle map's queries search the same
         scales)."""
         key = float(scale_m)
-        hit = self._plans.get(key)
+        with self._plans_lock:
+            hit = self._plans.get(key)
         if hit is not None:
             return hit
         o = self.idx.numel()
@@ -371,9 +376,11 @@ class ViewIndex:
         cols = torch.stack([col, col + step], dim=1).reshape(-1)
         vals = torch.stack([w * (1 - t), w * t], dim=1).reshape(-1)
         plan = (_csr(rows, cols, vals, self.n_points, self.n_levels * o), total > 0)
-        held = sum(_csr_bytes(m) + seen.numel() for m, seen in self._plans.values())
-        if held + _csr_bytes(plan[0]) + plan[1].numel() <= self.plan_budget_bytes:
-            self._plans[key] = plan
+        with self._plans_lock:
+            held = sum(_csr_bytes(m) + seen.numel() for m, seen in self._plans.values())
+            fits = held + _csr_bytes(plan[0]) + plan[1].numel() <= self.plan_budget_bytes
+            if fits and key not in self._plans:
+                self._plans[key] = plan
         return plan
 
     def relevancy(self, levels: Tensor, scale_m: float) -> Tensor:

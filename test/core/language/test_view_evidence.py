@@ -197,6 +197,46 @@ def test_view_index_cache_serves_the_same_points_until_the_views_change(scene):
     assert small.hits == 0
 
 
+def test_a_kept_view_index_serves_concurrent_queries(scene):
+    """A kept `ViewIndex` is shared by the queries that run at once outside the engine lock (the query
+    node's warm-up and a planner's first query): plans made and counted by several threads at a time
+    raise nothing and are the plans one thread makes (CI once saw "dictionary changed size during
+    iteration" from a query racing the warm-up)."""
+    import sys
+    import threading
+
+    _, _, _, _, pyr, cset, kfs = scene
+    points = _surface_points(cset, kfs, every=5)
+    index = view_evidence.ViewIndex(points, cset, dict(kfs), pyr, CFG.candidates)
+    scales = [float(s) for s in np.geomspace(0.02, 2.0, 240)]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between nearly every bytecode: the race shows at once
+    errors = []
+
+    def work(k):
+        try:
+            for s in scales[k::4] + scales:
+                index.plan(s)
+                index.nbytes
+        except Exception as exc:  # noqa: BLE001 - any error here is the failure
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == []
+    alone = view_evidence.ViewIndex(points, cset, dict(kfs), pyr, CFG.candidates)
+    for s in scales[::40]:
+        a, b = index.plan(s), alone.plan(s)
+        torch.testing.assert_close(a[0].to_dense(), b[0].to_dense(), atol=0, rtol=0)
+        assert torch.equal(a[1], b[1])
+
+
 def test_triangulation_pins_an_answer_placed_in_front_of_the_object_along_each_view(scene):
     _, obj, eyes, enc, pyr, cset, kfs = scene
     emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
