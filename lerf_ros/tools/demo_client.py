@@ -125,7 +125,9 @@ class PlannerClient:
             if st is not None and st["last_error"] and st["state"] == "error":
                 raise RuntimeError(f"training failed: {st['last_error']}")
             if st is not None and st["state"] == "ready" and st["pending"] == 0:
-                player.destroy()
+                # The player's publishers stay until the node goes (`__exit__`, after the executor stops):
+                # destroying them while the spin thread waits on them killed that thread (rclpy
+                # InvalidHandle in add_to_wait_set), and every later service call timed out (CI).
                 return st
             if st is not None and time.monotonic() - last_print > 10.0:
                 last_print = time.monotonic()
