@@ -473,7 +473,7 @@ class LERFEngine:
             return
         # A frustum box is tightened as soon as it may be (every step of fields in a box about to be
         # replaced is lost), not at the next multiple of REFIT_CHECK_STEPS.
-        frusta = self.box_source == "frusta"
+        frusta = self._box_awaits_tightening
         tighten_due = frusta and self.train_step >= TIGHTEN_MIN_STEPS
         every = FRUSTA_CHECK_STEPS if frusta else REFIT_CHECK_STEPS
         if not tighten_due and self.train_step - self._box_checked_step < every:
@@ -508,11 +508,17 @@ class LERFEngine:
         self._box_refits += 1
         self._box_checked_step = 0
 
+    @property
+    def _box_awaits_tightening(self) -> bool:
+        """A box from camera frusta not yet checked against the rendered surfaces (`_maybe_tighten_box`):
+        the fields in it, and the candidate grids they render, will likely start over."""
+        return self.box_source == "frusta"
+
     def _maybe_tighten_box(self) -> bool:
         """A box from camera frusta, cut down to the surfaces the model renders after TIGHTEN_MIN_STEPS
         (a coarse depth grid per keyframe, every TIGHTEN_STRIDE-th pixel: well under a second); True
         when the fields restarted in the tighter box (at most TIGHTEN_VOLUME of the volume)."""
-        if self.box_source != "frusta" or self.train_step < TIGHTEN_MIN_STEPS:
+        if not self._box_awaits_tightening or self.train_step < TIGHTEN_MIN_STEPS:
             return False
         frames = [f for f in self.store.frames() if f.depth_m is None]
         seen = [candidates.lift_depth(f, TIGHTEN_STRIDE, candidates.render_depth_grid(
@@ -716,12 +722,24 @@ class LERFEngine:
         self._last_merge = time.perf_counter()
         self._merge_cost = self._last_merge - now
 
+    def _grids_depend_on_model(self) -> bool:
+        """Whether some keyframe's candidate grid is rendered (no depth, or holes in it): every depth image
+        scanned once per keyframe set. Caller holds the lock."""
+        if self._depends_key != self._kf_version:
+            self._depends = candidates.depends_on_model(self.store.frames(),
+                                                        self.config.candidates.pixel_stride)
+            self._depends_key = self._kf_version
+        return self._depends
+
     def _render_grids(self) -> None:
         """`_refresh_candidates`' grids: ~REFRESH_FRACTION of the wall time, the lock taken per grid."""
         now = time.perf_counter()
         with self.lock.background():
+            if not self._grids_depend_on_model():  # measured depth everywhere: nothing to render
+                self._last_refresh = now
+                return
             urgent = (self.candidates is not None and self.train_step >= URGENT_MIN_STEPS
-                      and self.box_source != "frusta"
+                      and not self._box_awaits_tightening
                       and self.candidates.urgent(self.store.ids(), self.train_step, URGENT_AGE_RATIO))
         share = URGENT_REFRESH_FRACTION if urgent else REFRESH_FRACTION
         # Grids this call may render: the wall time since the last refresh, times the share it may take,
@@ -732,11 +750,7 @@ class LERFEngine:
             return
         for _ in range(n):
             with self.lock.background():
-                if self._depends_key != self._kf_version:  # scanning every depth image once per kf set
-                    self._depends = candidates.depends_on_model(self.store.frames(),
-                                                                self.config.candidates.pixel_stride)
-                    self._depends_key = self._kf_version
-                if self.model is None or not self._depends:
+                if self.model is None or not self._grids_depend_on_model():
                     break
                 cache, step = self.candidates, self.train_step
                 todo = cache.stale(self.store.ids(), step)
