@@ -197,6 +197,26 @@ def test_query_before_training_not_found(room_frames):
     assert engine.status().step == 0 and not engine.ready()
 
 
+def test_a_cpu_engine_flushes_denormals_in_the_thread_that_trains_it(room_frames):
+    """Adam's moments of rarely-touched hash rows go denormal, ~100x slower on a CPU: the training thread
+    flushes them to zero (the flag is per thread, so the worker's own thread must set it)."""
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    for f in room_frames[:3]:
+        engine.add_frame(f)
+    seen = {}
+
+    def train():
+        seen["before"] = (torch.tensor([1e-39]) * 1.0).item()
+        engine.step(2)
+        seen["after"] = (torch.tensor([1e-39]) * 1.0).item()
+
+    t = threading.Thread(target=train)
+    t.start()
+    t.join()
+    assert engine.train_step > 0
+    assert seen["before"] > 0.0 and seen["after"] == 0.0
+
+
 # --------------------------------------------------------------------------- broken encoders
 
 

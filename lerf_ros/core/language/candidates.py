@@ -348,6 +348,28 @@ def merge_candidates(frames: Sequence[Frame], grids: Sequence[np.ndarray], cfg: 
     return CandidateSet(centres, colours, counts, key, footprint, *stacked)
 
 
+def spread_order(have: np.ndarray) -> list[int]:
+    """Indices of the False entries of ``have`` (keyframes in the order of the drive, True = has a grid),
+    each next one the farthest, in places along the drive, from the True entries and those before it (ties:
+    the earlier); with no True entry the first pick is the middle of the drive. Greedy farthest-point
+    order in one dimension: the first k picks split the route into gaps of about n / k keyframes."""
+    have = np.asarray(have, dtype=bool)
+    n = have.shape[0]
+    pos = np.arange(n)
+    if have.any():
+        dist = np.min(np.abs(pos[:, None] - pos[have][None, :]), axis=1).astype(np.float64)
+    else:  # the drive's two ends as virtual neighbours: the first pick is its middle
+        dist = np.minimum(pos + 1, n - pos).astype(np.float64)
+    dist[have] = -1.0
+    out = []
+    for _ in range(n - int(have.sum())):
+        k = int(np.argmax(dist))
+        out.append(k)
+        dist = np.minimum(dist, np.abs(pos - k))
+        dist[k] = -1.0
+    return out
+
+
 class CandidateCache:
     """The engine's current `CandidateSet`, kept up to date incrementally, and its device tensors.
 
@@ -453,7 +475,10 @@ class CandidateCache:
         grids older than ``min_age_steps`` and measured ones with holes not filled yet, stalest first."""
         order = [int(i) for i in ids]
         present = set(order)
-        missing = [i for i in order if i not in self._grids]  # keyframes with no grid come first
+        have = np.array([i in self._grids for i in order], dtype=bool)
+        # Keyframes with no grid come first, spread along the drive (`spread_order`): after a restart the
+        # first few grids already cover the whole route instead of its beginning.
+        missing = [order[k] for k in spread_order(have)]
         old = sorted((st, i) for i, (_, st) in self._grids.items() if i in present and (
             (st >= 0 and step - st >= min_age_steps) or st == _UNFILLED))
         return missing + [i for _, i in old]

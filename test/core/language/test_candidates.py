@@ -179,3 +179,22 @@ def test_seen_pairs_is_the_per_keyframe_loop_of_visible_and_in_view(monkeypatch,
                                    rtol=1e-12, atol=1e-12)
     empty = cand.seen_pairs(np.zeros((0, 3)), kfs, grids, 1, cand.visible_test(CFG))
     assert all(a.shape[0] == 0 for a in empty)
+
+
+def test_grids_missing_after_a_restart_are_rendered_spread_along_the_drive():
+    """The first grids of a restart split the route evenly (in id order they covered only its start)."""
+    first = cand.spread_order(np.zeros(96, bool))[:8]
+    gaps = np.diff(np.sort(np.concatenate([[-1], first, [96]])))
+    assert gaps.max() <= 16, first  # 8 picks leave no stretch of more than 16 keyframes uncovered
+    have = np.zeros(96, bool)
+    have[:48] = True  # the first half has grids: the second half is split, its far end before its middle
+    order = cand.spread_order(have)
+    assert sorted(order) == list(range(48, 96)) and order[0] == 95
+    assert 65 <= order[1] <= 78, order[:4]
+    # the cache's render order follows it; stale rendered grids still come after every missing one
+    cache = cand.CandidateCache(CFG, torch.device("cpu"))
+    for i in range(4):
+        cache.put_grid(i, (np.ones((2, 2), np.float32), 1))
+    todo = cache.stale(list(range(10)), 9)
+    assert todo[0] == 9 and set(todo[:6]) == set(range(4, 10))
+    assert todo[6:] == [0, 1, 2, 3]
