@@ -387,17 +387,22 @@ class ClipPyramid:
             return torch.cat([self.store.grid(int(k)).float() for k in kf_ids]) if len(kf_ids) else \
                 torch.zeros(0, self.dim, device=self.device)
 
-    def corner_table(self, kf_ids: Sequence[int], pos: Tensor, uv: Tensor) -> tuple[Tensor, Tensor]:
+    def corner_table(self, kf_ids: Sequence[int], pos: Tensor, uv: Tensor,
+                     levels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`cell_levels`'s interpolation for rows of several keyframes at once, before any values: row r
         of keyframe kf_ids[pos[r]] at pixel uv[r] reads, on level l, the cells ``cells[l, r]`` (4,) of the
         `grids_of(kf_ids)` concatenation with bilinear weights ``weights[l, r]`` (4,).
         pos (R,) long, uv (R, 2) -> cells (n_levels, R, 4) long, weights (n_levels, R, 4) float32; then
-        ``(values[cells] * weights).sum(-1)`` is (n_levels, R) as `cell_levels` gives per keyframe."""
+        ``(values[cells] * weights).sum(-1)`` is (n_levels, R) as `cell_levels` gives per keyframe.
+        ``levels`` (K, R) long: only those levels, row r's k-th at ``cells[k, r]`` (K instead of n_levels)."""
         with self.store.lock:
             sizes = [self.store.layout(int(k)) for k in kf_ids]
-        n_lv, r = self.fracs.numel(), uv.shape[0]
+        r = uv.shape[0]
         pos = pos.to(self.device, torch.long)
         uv = uv.to(self.device, torch.float32)
+        if levels is not None:
+            levels = levels.to(self.device, torch.long).reshape(-1, r)
+        n_lv = self.fracs.numel() if levels is None else levels.shape[0]
         cells = torch.zeros(n_lv, r, 4, dtype=torch.long, device=self.device)
         weights = torch.zeros(n_lv, r, 4, dtype=torch.float32, device=self.device)
         counts = torch.tensor([0] + [sum(lv.nx * lv.ny for lv in self._layout(*sz)[0]) for sz in sizes],
@@ -411,7 +416,8 @@ class ClipPyramid:
             if rows.numel() == 0:
                 continue
             _, geo = self._layout(*size)
-            level = torch.arange(n_lv, device=self.device).repeat_interleave(rows.numel())
+            level = (torch.arange(n_lv, device=self.device).repeat_interleave(rows.numel()) if levels is None
+                     else levels[:, rows].reshape(-1))
             c, w = self._corners(geo, level, uv[rows].repeat(n_lv, 1))
             c = c + base[pos[rows]].repeat(n_lv).unsqueeze(1)
             cells[:, rows] = c.reshape(n_lv, rows.numel(), 4)

@@ -139,12 +139,14 @@ def sample_sparse(pyramid: ClipPyramid, kf_ids: Sequence[int], pos: np.ndarray, 
         return torch.zeros(0, pyramid.dim)
     used, local = np.unique(pos, return_inverse=True)
     ids = [int(kf_ids[u]) for u in used]
-    cells, w = pyramid.corner_table(ids, torch.from_numpy(local.reshape(-1)), uv.cpu().float())
-    cells, w = cells.cpu(), w.cpu()
     lo, hi, t = (x.cpu() for x in pyramid.level_pair(tile_frac.cpu()))
+    # the corners of each row's two levels only (not of every level)
+    cells, w = pyramid.corner_table(ids, torch.from_numpy(local.reshape(-1)), uv.cpu().float(),
+                                    levels=torch.stack([lo, hi]))
+    cells, w = cells.cpu(), w.cpu()
     rows = torch.arange(r)
-    c = torch.cat([cells[lo, rows], cells[hi, rows]], dim=1)  # (R, 8)
-    wt = torch.cat([w[lo, rows] * (1 - t)[:, None], w[hi, rows] * t[:, None]], dim=1)
+    c = torch.cat([cells[0], cells[1]], dim=1)  # (R, 8)
+    wt = torch.cat([w[0] * (1 - t)[:, None], w[1] * t[:, None]], dim=1)
     grids = pyramid.grids_of(ids).float().cpu()
     m = _csr(rows.repeat_interleave(8), c.reshape(-1), wt.reshape(-1), r, grids.shape[0])
     return F.normalize(m @ grids, dim=1)
@@ -261,12 +263,11 @@ class _CellRelevancy:
         ids = [int(kf_ids[u]) for u in used]
         self.prefetch(ids)
         values = torch.cat([self._values(k).float().cpu() for k in ids])
-        cells, w = self.pyramid.corner_table(ids, torch.from_numpy(local.reshape(-1)),
-                                             torch.from_numpy(uv).float())
-        levels = (values[cells.cpu()] * w.cpu()).sum(dim=-1)  # (n_levels, R)
         lo, hi, t = (x.cpu() for x in self.pyramid.level_pair(torch.from_numpy(frac).float()))
-        rows = torch.arange(pos.size)
-        return (1 - t) * levels[lo, rows] + t * levels[hi, rows]
+        cells, w = self.pyramid.corner_table(ids, torch.from_numpy(local.reshape(-1)),
+                                             torch.from_numpy(uv).float(), levels=torch.stack([lo, hi]))
+        both = (values[cells.cpu()] * w.cpu()).sum(dim=-1)  # (2, R): each row's two levels
+        return (1 - t) * both[0] + t * both[1]
 
 
 def _csr(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:

@@ -140,6 +140,13 @@ def test_corner_table_reads_many_keyframes_of_several_sizes_as_each_alone(pyr):
         k = ids[int(pos[r])]
         want = pyr.sample_cells(k, pyr.cell_values(k, fn), uv[r:r + 1], frac[r:r + 1])
         torch.testing.assert_close(got[r:r + 1], want, atol=1e-5, rtol=0)
+    # only the levels asked for, per row: the same cells and weights as the full table's
+    pick = torch.stack([torch.randint(0, 2, (50,), generator=gen), torch.randint(0, 2, (50,), generator=gen)])
+    some, sw = pyr.corner_table(ids, pos, uv, levels=pick)
+    rows = torch.arange(50)
+    assert some.shape == (2, 50, 4)
+    for k in range(2):
+        assert torch.equal(some[k], cells[pick[k], rows]) and torch.equal(sw[k], w[pick[k], rows])
 
 
 def test_between_scales(pyr):
