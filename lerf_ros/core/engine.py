@@ -13,6 +13,7 @@ is fixed when training starts (see `SceneBoxConfig`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
 import time
@@ -183,6 +184,30 @@ def describe_backends(model: torch.nn.Module) -> str:
             mlps.append(module.implementation)
     return f"hash grid: {'/'.join(sorted(set(grids))) or 'none'}, " \
            f"MLP: {'/'.join(sorted(set(mlps))) or 'none'}"
+
+
+def _denormals_flushed() -> bool:
+    """Whether this thread flushes float32 denormals to zero (`torch.set_flush_denormal`)."""
+    return float((torch.tensor([1e-39]) * 1.0).item()) == 0.0
+
+
+@contextlib.contextmanager
+def _flushed_denormals(enabled: bool):
+    """This thread flushes float32 denormals to zero inside the block, and is as it was after it.
+
+    Adam's second moments of hash-table rows that see almost no gradient sink into float32's denormal
+    range, where a CPU is ~100x slower: the optimiser took ~30 % of a tiny-preset step (flushed, as a GPU
+    does, the steps are ~30 % faster). Only inside the block: the flag is per thread and threads started
+    later inherit it, and elsewhere a denormal may be data (a point cloud's packed RGB is one as a float32
+    whenever red < 128; read with the flag set, it is zero)."""
+    if not enabled or _denormals_flushed():
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -562,17 +587,12 @@ class LERFEngine:
         """Compute pending keyframe features (bounded), then up to ``max_steps`` training steps."""
         t0 = time.perf_counter()
         training = max_steps > 0
-        if self.device.type == "cpu":
-            # Adam's second moments of hash-table rows that see almost no gradient sink into float32's
-            # denormal range, where a CPU is ~100x slower: the optimiser took ~30 % of a tiny-preset step.
-            # Flushed to zero (what GPUs do) this thread's steps are ~30 % faster. The flag is per thread,
-            # so it is set in whichever thread trains.
-            torch.set_flush_denormal(True)
         if training:
             with self._readers_lock:
                 self._steps_in_flight += 1
         try:
-            stats = self._step(max_steps, t0)
+            with _flushed_denormals(self.device.type == "cpu"):
+                stats = self._step(max_steps, t0)
         except Exception as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, torch.cuda.OutOfMemoryError):  # features, candidate grids, evaluation
