@@ -21,7 +21,8 @@ Scoring (ground truth from the generator):
   t90          streaming: the bag's frames enter an ``LERFEngine`` at their stamps (the clock is the
                engine's wall time: adding frames + training), every ``--query-every-s`` the objects are
                queried (query time not counted); the clock when >= 90 % are first located, or "-"
-               (with the best fraction reached) within ``--stream-cap-s``
+               (with the best fraction reached) within ``--stream-cap-s``; the "all" row adds the
+               objects located at each room's last query round (its t90, or the cap), pooled over rooms
 
 Prints one table per condition (a row per room, then all rooms) and writes every query answer to
 ``bench/out/quality_<preset>_<device>.json`` (not committed).
@@ -296,13 +297,16 @@ def table(cond: Condition, results: list[dict]) -> str:
     head = ("| room | objects located | absent rejected | look-alike confusions | median error (m) "
             "| t90 (s) | steps | train (s) |")
     lines = [f"### {cond.name}", "", head, "|" + "---|" * 8]
-    all_rows, t90s = [], []
+    all_rows, t90s, pooled = [], [], [0, 0]
     for r in results:
         s = summarise(r["rows"])
         all_rows += r["rows"]
         t90 = r.get("stream", {}).get("t90_s")
         t90s.append(t90)
         curve = r.get("stream", {}).get("curve", [])
+        if curve:  # objects located at the stream's last round (its t90, or the cap)
+            pooled[0] += round(curve[-1]["located"] * s["objects"])
+            pooled[1] += s["objects"]
         best = f" (max {100 * max(p['located'] for p in curve):.0f} %)" if curve and t90 is None else ""
         err = "-" if s["median_error_m"] is None else f"{s['median_error_m']:.2f}"
         size = "x".join(f"{v:.1f}" for v in r["room"]["size_m"][:2])
@@ -315,6 +319,8 @@ def table(cond: Condition, results: list[dict]) -> str:
     err = "-" if s["median_error_m"] is None else f"{s['median_error_m']:.2f}"
     done = [t for t in t90s if t is not None]
     t90 = f"{statistics.median(done):.1f} (median, {len(done)}/{len(t90s)} rooms)" if done else "-"
+    if pooled[1]:
+        t90 += f"; located within the cap, pooled: {_fmt(*pooled)}"
     lines.append(f"| **all {len(results)}** | {_fmt(s['located'], s['objects'])} | "
                  f"{_fmt(s['rejected'], s['absent'])} | "
                  f"{s['lookalike_confusions']}/{s['lookalike_queries']} | {err} | {t90} | | |")

@@ -887,7 +887,7 @@ class LERFEngine:
             with self._readers_lock:
                 self._readers += 1
         try:
-            def run(from_views: bool) -> QueryResult:
+            def run(from_views: bool, report_rejected: bool = True) -> QueryResult:
                 if from_views:
                     embed_fn = view_evidence.views_embed_fn(cset, kfs, pyramid, ccfg,
                                                             index_cache=self._view_index)
@@ -909,14 +909,16 @@ class LERFEngine:
                               view_fn=view_evidence.view_fn(cset, kfs, pyramid, ccfg,
                                                             index_cache=self._view_index),
                               refine_fn=refine,
-                              relevancy_fn=rel_fn, max_results=max_results)
+                              relevancy_fn=rel_fn, max_results=max_results,
+                              report_rejected=report_rejected)
 
             result = run(views_only)
             from_views = views_only
             if not result.found and not views_only and qcfg.views_fallback:
                 # The field may not have learnt an object its keyframes' crops show (few rays on a small
-                # or dark object): the views are searched on their own, with the same existence tests.
-                alt = run(True)
+                # or dark object): the views are searched on their own, with the same existence tests
+                # (only a found answer is used: candidates that cannot reach the threshold are not scored).
+                alt = run(True, report_rejected=False)
                 if alt.found:
                     result, from_views = alt, True
         finally:

@@ -363,6 +363,7 @@ def locate(
     refine_fn: Callable[[np.ndarray, float], np.ndarray | None] | None = None,
     relevancy_fn: Callable[[Tensor, float], Tensor] | None = None,
     max_results: int = 1,
+    report_rejected: bool = True,
 ) -> QueryResult:
     """Locate a query among candidate surface points (module docstring).
 
@@ -384,6 +385,9 @@ def locate(
     point, for the scale search, when that is cheaper than embedding every point (`embed_fn` is then asked
     only for cluster members and a sample); called with the same points tensor for every scale.
     max_results: 1..100 targets at most.
+    report_rejected: False for a caller that uses the answer only when something is found (the engine's
+    search over the views after the field found nothing): clusters that cannot reach the threshold are
+    not scored, so a not-found answer names no best rejected candidate (its confidence is 0).
     """
     cfg = (config or QueryConfig()).validate()
     ex = cfg.existence
@@ -471,10 +475,17 @@ def locate(
     med = float(rel.median())
     spread = max(1.4826 * float((rel - med).abs().median()), ex.min_spread)
     link = max(cfg.cluster_radius_m, 1.5 * cfg.voxel_m)
-    cands = _clusters(pts, rel, med, spread, scales[read], link, cfg, max_results)
     cloud_mask = rel >= max(0.5, med + 2.0 * spread)
     cap = cfg.max_cloud_points if with_cloud else 0
     cloud = _cloud(pts[cloud_mask], rel[cloud_mask], col[cloud_mask], cap)
+    # A cluster's score is a mean of its members' relevancies, so no cluster's bound exceeds the bound at
+    # the highest relevancy: when that cannot reach the threshold, nothing can be found.
+    if not report_rejected and _bound(float(rel.max()), med, spread, ex)[0] < thr:
+        return _not_found(f"nothing can reach confidence {thr:.2f}: best relevancy {float(rel.max()):.3f}, "
+                          f"scene median {med:.3f}", 0.0, scale_m, cloud)
+    # (likewise a seed's relevancy bounds every later cluster's score: seeding stops below the threshold's)
+    floor = None if report_rejected else _score_for(thr, med, spread, ex)
+    cands = _clusters(pts, rel, med, spread, scales[read], link, cfg, max_results, floor)
     if not cands:
         score = _padded_top_k_mean(rel, cfg.top_k)
         return _not_found(f"nothing stands out: best relevancy {score:.3f}, scene median {med:.3f} "
@@ -520,18 +531,17 @@ def locate(
 
     # The competing-phrase and view factors only lower a confidence (each <= 1), so the clusters are weighed
     # in order of their confidence without them, and the rest are skipped once none can change the answer.
-    bounds = []
-    for c in cands:
-        z = (c.score - med) / spread
-        bound = (_sigmoid((c.score - 0.5 - ex.min_excess) / ex.excess_width)
-                 * _sigmoid((z - ex.z0) / ex.z_width))
-        bounds.append((bound, z, c))
-    bounds.sort(key=lambda b: b[0], reverse=True)
+    bounds = sorted(((*_bound(c.score, med, spread, ex), c) for c in cands), key=lambda b: b[0],
+                    reverse=True)
     targets: list[Target] = []
     for bound, z, c in bounds:
-        if targets and not _may_matter(bound, targets, thr, int(max_results)):
+        if (targets or not report_rejected) and not _may_matter(bound, targets, thr, int(max_results),
+                                                                report_rejected):
             break
         targets.append(evidence(c, bound, z))
+    if not targets:
+        return _not_found(f"no candidate can reach confidence {thr:.2f}: best bound {bounds[0][0]:.2f}",
+                          0.0, scale_m, cloud)
 
     # 5. best first; the found ones up to max_results.
     targets.sort(key=lambda t: (t.confidence, t.relevancy), reverse=True)
@@ -571,7 +581,7 @@ def _competitors(embeds, names, query_text: str, d: int, dev) -> tuple[Tensor | 
 
 
 def _clusters(pts: Tensor, rel: Tensor, med: float, spread: float, point_scale_m: Tensor, link: float,
-              cfg: QueryConfig, max_results: int) -> list[_Candidate]:
+              cfg: QueryConfig, max_results: int, floor: float | None = None) -> list[_Candidate]:
     """Clusters grown from the strongest peaks that stand out of the scene (> median + 3 spread), each
     within grow_scale_factor times its peak's scale (point_scale_m (N,) metres) of the peak.
 
@@ -581,20 +591,25 @@ def _clusters(pts: Tensor, rel: Tensor, med: float, spread: float, point_scale_m
     own; the earlier cluster keeps its own members, so its location is not pulled off the object.
 
     Every seed lies above median + 3 spread and every growth level above median + 1.5 spread, so only
-    the points above that take part (the same clusters, from a few per cent of the points)."""
+    the points above that take part (the same clusters, from a few per cent of the points).
+
+    ``floor``: no seed below this relevancy (the clusters before it are the same). Every point still free
+    when a seed is reached has at most the seed's relevancy (a higher one was a seed or spent before), so
+    no later cluster scores above its seed."""
     sub = (rel >= med + 1.5 * spread).nonzero().squeeze(1)
-    out = _clusters_among(pts[sub], rel[sub], med, spread, point_scale_m[sub], link, cfg, max_results)
+    out = _clusters_among(pts[sub], rel[sub], med, spread, point_scale_m[sub], link, cfg, max_results, floor)
     return [_Candidate(sub[c.members], c.score, int(sub[c.peak]), c.level) for c in out]
 
 
 def _clusters_among(pts: Tensor, rel: Tensor, med: float, spread: float, point_scale_m: Tensor, link: float,
-                    cfg: QueryConfig, max_results: int) -> list[_Candidate]:
+                    cfg: QueryConfig, max_results: int, floor: float | None = None) -> list[_Candidate]:
     """`_clusters` over the points that can take part; indices into these points."""
     free = torch.ones_like(rel, dtype=torch.bool)
     out: list[_Candidate] = []
     budget = max_results + 11  # extra: look-alikes and noisy peaks may come before the real target
+    lowest = max(med + 3.0 * spread, -math.inf if floor is None else floor - 1e-12)
     for seed in rel.argsort(descending=True).tolist():
-        if len(out) >= budget or float(rel[seed]) <= med + 3.0 * spread:
+        if len(out) >= budget or float(rel[seed]) <= lowest:
             break
         if not bool(free[seed]):
             continue
@@ -667,13 +682,35 @@ def _view_support(view_fn, pts: Tensor, members: Tensor, member_rel: Tensor, sca
     return float(np.mean(votes))
 
 
-def _may_matter(bound: float, targets: list[Target], thr: float, k: int) -> bool:
+def _bound(score: float, med: float, spread: float, ex: ExistenceConfig) -> tuple[float, float]:
+    """(confidence bound, z score) of a cluster of relevancy ``score`` in a scene of median ``med`` and
+    spread ``spread``: its confidence before the competing-phrase and view factors (each <= 1), increasing
+    in the score."""
+    z = (score - med) / spread
+    return _sigmoid((score - 0.5 - ex.min_excess) / ex.excess_width) * _sigmoid((z - ex.z0) / ex.z_width), z
+
+
+def _score_for(thr: float, med: float, spread: float, ex: ExistenceConfig) -> float:
+    """The lowest relevancy score whose `_bound` reaches ``thr`` (within 1e-9; above 1 when none does):
+    the bound is increasing in the score, so this is a bisection."""
+    lo, hi = 0.0, 1.0
+    if _bound(hi, med, spread, ex)[0] < thr:
+        return 1.0 + 1e-6
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _bound(mid, med, spread, ex)[0] < thr else (lo, mid)
+    return lo
+
+
+def _may_matter(bound: float, targets: list[Target], thr: float, k: int,
+                report_rejected: bool = True) -> bool:
     """Whether a cluster whose confidence is at most ``bound`` could still be among the k found targets or,
-    when nothing is found, be the best rejected one (ties count: relevancy breaks them)."""
+    when nothing is found and ``report_rejected``, be the best rejected one (ties count: relevancy breaks
+    them)."""
     found = sorted((t.confidence for t in targets if t.confidence >= thr), reverse=True)
     if bound >= thr:
         return len(found) < k or bound >= found[k - 1]
-    return not found and bound >= max(t.confidence for t in targets)
+    return report_rejected and not found and bound >= max(t.confidence for t in targets)
 
 
 def _checked_relevancy(r, n: int) -> Tensor:

@@ -62,7 +62,8 @@ class Sightings:
     (`candidates.visible`): kf_ids (K,) those keyframes; pos (O,) int64 index into kf_ids; idx (O,)
     int64 point index; uv (O, 2) pixels; dist (O,) ray distances (metres); extent (O,) metres the
     keyframe's full image height spans at the point (``H * dist / fy``: a crop of tile fraction f covers
-    f times that)."""
+    f times that). From a `ViewIndex` (`ViewIndex.subset`): ``index`` that index and ``rows`` (O,) where
+    each sighting lies in it, so that its crops are read from the index's tables (`ViewIndex.sample`)."""
 
     kf_ids: tuple[int, ...]
     pos: np.ndarray
@@ -70,6 +71,8 @@ class Sightings:
     uv: np.ndarray
     dist: np.ndarray
     extent: np.ndarray
+    index: ViewIndex | None = None
+    rows: np.ndarray | None = None
 
 
 def _usable(cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid):
@@ -121,7 +124,9 @@ def observations(points: Tensor, scale_m: float | Tensor, cset: CandidateSet, fr
     uv = torch.from_numpy(seen.uv[ok]).float().to(dev)
     frac_t = torch.from_numpy(frac[ok]).float().to(dev)
     view = torch.tensor(seen.kf_ids, dtype=torch.long)[torch.from_numpy(seen.pos[ok])].to(dev)
-    if dev.type == "cpu":
+    if dev.type == "cpu" and seen.index is not None:
+        emb = seen.index.sample(pyramid, torch.from_numpy(seen.rows[ok]), frac_t)
+    elif dev.type == "cpu":
         emb = sample_sparse(pyramid, seen.kf_ids, seen.pos[ok], uv, frac_t)
     else:
         emb = pyramid.sample(view, uv, frac_t)
@@ -316,6 +321,8 @@ class ViewIndex:
         self.n_cells = int(cells.max()) + 1 if o else 0
         self.interp = _csr(torch.arange(self.n_levels * o).repeat_interleave(4), cells.reshape(-1),
                            weights.reshape(-1), self.n_levels * o, self.n_cells)
+        # the crops of these keyframes, unit (stored ones are unit up to their storage precision), once
+        self.unit_grids = F.normalize(pyramid.grids_of(seen.kf_ids).float(), dim=1)[: self.n_cells]
         self.lo_hi = _tile_range(pyramid)
         self._level_pair = pyramid.level_pair
         self._plans: dict[float, tuple[Tensor, Tensor]] = {}
@@ -328,7 +335,8 @@ class ViewIndex:
     def nbytes(self) -> int:
         with self._plans_lock:
             held = sum(_csr_bytes(m) + seen.numel() * seen.element_size() for m, seen in self._plans.values())
-        own = sum(t.numel() * t.element_size() for t in (self.idx, self.extent, self.offsets))
+        own = sum(t.numel() * t.element_size()
+                  for t in (self.idx, self.extent, self.offsets, self.unit_grids))
         own += sum(a.nbytes for a in (self._pos, self._uv, self._dist, self._extent))
         return held + own + _csr_bytes(self.interp)
 
@@ -344,15 +352,30 @@ class ViewIndex:
         which = torch.arange(rows.numel()).repeat_interleave(counts, output_size=total)
         s = sel.numpy()
         return Sightings(self.kf_ids, self._pos[s].astype(np.int64), which.numpy(), self._uv[s],
-                         self._dist[s], self._extent[s])
+                         self._dist[s], self._extent[s], index=self, rows=s)
 
-    def levels(self, pyramid: ClipPyramid, cell_fn) -> Tensor:
-        """(n_levels * O,) float32: ``cell_fn`` ((cells, D) crop embeddings -> (cells,)) of every stored
-        crop, interpolated at every sighting on every level (all keyframes at once)."""
+    def sample(self, pyramid: ClipPyramid, rows: Tensor, tile_frac: Tensor) -> Tensor:
+        """`sample_sparse` for sightings ``rows`` (R,) of this index at tile fractions (R,): each reads the
+        two levels around its fraction through the bilinear corners ``interp`` already holds (no corner
+        table is built) from the unit crops. Returns (R, D) float32 unit, on the CPU."""
+        r, o = int(rows.numel()), self.idx.numel()
+        if r == 0:
+            return torch.zeros(0, self.unit_grids.shape[1])
+        lo, hi, t = (x.cpu() for x in pyramid.level_pair(tile_frac.cpu()))
+        rows = rows.long()
+        cols = self.interp.col_indices().view(self.n_levels * o, 4)
+        vals = self.interp.values().view(self.n_levels * o, 4)
+        c = torch.cat([cols[lo * o + rows], cols[hi * o + rows]], dim=1)  # (R, 8)
+        w = torch.cat([vals[lo * o + rows] * (1 - t)[:, None], vals[hi * o + rows] * t[:, None]], dim=1)
+        m = _csr(torch.arange(r).repeat_interleave(8), c.reshape(-1), w.reshape(-1), r, self.n_cells)
+        return F.normalize(m @ self.unit_grids.cpu(), dim=1)
+
+    def levels(self, cell_fn) -> Tensor:
+        """(n_levels * O,) float32: ``cell_fn`` ((cells, D) unit crop embeddings -> (cells,)) of every
+        stored crop, interpolated at every sighting on every level (all keyframes at once)."""
         if self.idx.numel() == 0:
             return torch.zeros(0)
-        values = cell_fn(pyramid.grids_of(self.kf_ids)).float().cpu()[: self.n_cells]
-        return self.interp @ values
+        return self.interp @ cell_fn(self.unit_grids).float().cpu()
 
     def plan(self, scale_m: float) -> tuple[Tensor, Tensor]:
         """At ``scale_m``: the (n_points, n_levels * O) sparse matrix that blends each sighting's two levels
@@ -450,8 +473,8 @@ def views_relevancy_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], 
     median of the others."""
     by_id = dict(frames)
 
-    def cell_fn(grid: Tensor) -> Tensor:
-        return relevancy(F.normalize(grid, dim=1), text, negatives, temperature)
+    def cell_fn(unit_grid: Tensor) -> Tensor:
+        return relevancy(unit_grid, text, negatives, temperature)
 
     state: dict = {"points": None}
 
@@ -459,7 +482,7 @@ def views_relevancy_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], 
         if state["points"] is not points:
             index = (index_cache.get(points, cset, by_id, pyramid, cfg) if index_cache is not None
                      else ViewIndex(points, cset, by_id, pyramid, cfg))
-            state.update(points=points, index=index, levels=index.levels(pyramid, cell_fn))
+            state.update(points=points, index=index, levels=index.levels(cell_fn))
         return state
 
     def fn(points: Tensor, scale_m: float) -> Tensor:

@@ -391,3 +391,53 @@ def test_refine_fn_moves_found_targets_and_their_boxes_but_not_rejected_ones():
     calls.clear()
     absent = locate(pts, rgb, views, toy_field, GREEN, NEGS, CFG, refine_fn=refine)
     assert not absent.found and calls == []
+
+
+def test_a_caller_that_uses_only_found_answers_scores_nothing_that_cannot_be_found():
+    """``report_rejected=False`` (the engine's views pass, used only when it finds something): the same
+    found answer; a threshold no cluster's confidence bound reaches scores no cluster (no view evidence,
+    no member embeddings) and names no rejected candidate. With the default the best rejected one is
+    scored and reported."""
+    calls = []
+
+    def agree(p, s):
+        calls.append(p.shape[0])
+        return like_field(p, s), torch.arange(p.shape[0]) % 3
+
+    full = _like_locate("red", view_fn=agree)
+    lean = _like_locate("red", view_fn=agree, report_rejected=False)
+    assert full.found and lean.found
+    np.testing.assert_allclose(lean.location_world, full.location_world)
+    assert lean.confidence == full.confidence and lean.competitor == full.competitor
+    # the cluster's confidence before its evidence (no competing phrases, no views) is its bound
+    bound = _like_locate("red", competitor_embeds=None, competitor_names=()).confidence
+    assert 0.5 < bound < 1.0
+    calls.clear()
+    rejected = _like_locate("red", view_fn=agree, threshold=1.0)
+    assert not rejected.found and calls and rejected.confidence > 0.0 and rejected.competitor
+    calls.clear()
+    skipped = _like_locate("red", view_fn=agree, threshold=1.0, report_rejected=False)
+    assert not skipped.found and calls == [] and skipped.confidence == 0.0 and not skipped.targets
+
+
+def test_clusters_seeded_down_to_a_floor_are_the_first_clusters_of_the_full_search():
+    """The clustering's ``floor`` stops seeding below a relevancy: the clusters before it are the same as
+    without it (a later seed cannot change an earlier cluster)."""
+    from lerf_ros.core.language.query import _clusters
+
+    pts, _, _ = _scene()
+    twin_c = torch.tensor([0.0, -0.8, 0.2])
+    pts = torch.cat([pts, _sphere(twin_c, 0.1, 400, 5)])
+    near = lambda c, r: ((pts - c).norm(dim=1) < r).float()  # noqa: E731
+    rel = 0.5 + 0.3 * near(RED_C, 0.12) + 0.2 * near(twin_c, 0.12) + 0.1 * near(BLUE_C, 0.17)
+    rel = rel + 0.002 * torch.sin(pts * 37.0).sum(dim=1)
+    scale = torch.full((pts.shape[0],), 0.2)
+    med = float(rel.median())
+    args = (pts, rel, med, 0.01, scale, 0.05, CFG, 5)
+    every = _clusters(*args)
+    assert len(every) == 3 and [c.score for c in every] == sorted((c.score for c in every), reverse=True)
+    for floor, n in ((0.65, 2), (0.75, 1), (0.9, 0)):
+        some = _clusters(*args, floor)
+        assert len(some) == n
+        for a, b in zip(some, every, strict=False):
+            assert a.peak == b.peak and torch.equal(a.members, b.members)

@@ -391,6 +391,26 @@ def test_sparse_sampling_of_several_keyframes_is_the_pyramids_own_sampling(scene
     assert float((want @ want.T).min()) < 0.9  # the rows differ: a wrong row would show
 
 
+def test_a_view_index_samples_its_sightings_as_the_pyramid_does(scene):
+    """`ViewIndex.sample` reads a sighting's two levels through the corners the index holds, from its unit
+    crops: the pyramid's own sampling of that keyframe, pixel and tile fraction (the pyramid stores float16
+    crops, unit up to that precision)."""
+    _, _, _, _, pyr, cset, kfs = scene
+    assert pyr.config.dtype == "float16"
+    points = _surface_points(cset, kfs)
+    index = view_evidence.ViewIndex(points, cset, dict(kfs), pyr, CFG.candidates)
+    o = index.idx.numel()
+    rng = np.random.default_rng(3)
+    rows = torch.from_numpy(rng.choice(o, size=64, replace=False))
+    frac = torch.from_numpy(rng.uniform(0.01, 2.0, size=64)).float()  # in range, and clamped at both ends
+    got = index.sample(pyr, rows, frac)
+    kf = torch.tensor(index.kf_ids)[torch.from_numpy(index._pos[rows.numpy()]).long()]
+    want = pyr.sample(kf, torch.from_numpy(index._uv[rows.numpy()]).float(), frac)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    assert float((want @ want.T).min()) < 0.9  # the rows differ: a wrong row would show
+    assert index.sample(pyr, rows[:0], frac[:0]).shape == (0, pyr.dim)
+
+
 def test_triangulation_uses_every_view_that_holds_an_answer_placed_behind_the_object(scene):
     """An RGB-only answer often lies behind its object (where the model rendered the object's pixels):
     views whose surface lies in front of that spot still show the object there, and their rays pin it.
