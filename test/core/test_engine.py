@@ -17,8 +17,9 @@ from lerf_ros.core.encoders import EncoderSpec
 from lerf_ros.core.engine import LERFEngine, StepStats, _auto_to_torch
 from lerf_ros.core.frames.frame import Frame
 from lerf_ros.core.frames.scene_region import BELOW_GROUND_M
-from lerf_ros.core.language import candidates
+from lerf_ros.core.language import candidates, query_embed
 from lerf_ros.core.language.query_embed import GridFeatureCache, multiscale_embed_fn
+from lerf_ros.core.language.relevancy import closest_negative
 from lerf_ros.core.model import LanguagePointQueries, LanguageSnapshot
 from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
 from lerf_ros.core.training.engine_lock import PriorityLock
@@ -962,6 +963,55 @@ def test_grid_feature_cache_keeps_the_multiscale_embeddings_within_its_budget(ro
     fn2 = multiscale_embed_fn(model, engine.config.query.scales_m, cache=cache, version="v1")
     fn2(pts, s0)
     assert cache.hits == hits + 1
+
+
+def test_the_scale_searchs_closest_negatives_are_kept_with_the_embeddings_checked_once(room_frames,
+                                                                                      monkeypatch):
+    """Each candidate point's closest negative per scale (the query-independent half of the scale search's
+    relevancy) is kept with the block's embeddings: the next query's search reads it. A block is checked
+    finite once, when computed (a non-finite one raises and is not kept); locate does not check it again."""
+    engine = LERFEngine(_tiny(min_keyframes=2), "cpu")
+    _train_a_little(engine, room_frames[:3], steps=2)
+    model = engine.model.eval()
+    pts = engine._candidate_points()[0][:50]
+    scales = engine.config.query.scales_m
+    g = torch.Generator().manual_seed(0)
+    negs = torch.nn.functional.normalize(torch.randn(4, model.clip_dim, generator=g), dim=1)
+    counted = []
+    real_closest = query_embed.closest_negative
+    monkeypatch.setattr(query_embed, "closest_negative", lambda *a: counted.append(1) or real_closest(*a))
+    cache = GridFeatureCache()
+    s = float(np.float32(scales[2]))  # as locate passes it
+    fn = multiscale_embed_fn(model, scales, cache=cache, version="v1")
+    with torch.no_grad():
+        e = fn(pts, s)
+        near = fn.closest(pts, s, negs)
+    torch.testing.assert_close(near, closest_negative(e, negs), atol=0, rtol=0)
+    block = len(scales) - 2  # the block holds scales 2.. (one grid pass for them)
+    assert len(counted) == block  # one per scale of the block, once
+    assert fn.verified(pts, s) and not fn.verified(pts.clone(), s)
+    assert fn.closest(pts.clone(), s, negs) is None  # not the block's points
+    nxt = multiscale_embed_fn(model, scales, cache=cache, version="v1")  # the next query
+    with torch.no_grad():
+        nxt(pts, s)
+        torch.testing.assert_close(nxt.closest(pts, s, negs), near, atol=0, rtol=0)
+    assert len(counted) == block  # read, not computed
+    with torch.no_grad():
+        nxt.closest(pts, s, negs[:2])  # other negatives: computed
+    assert len(counted) == 2 * block
+    plain = multiscale_embed_fn(model, scales)  # no cache: computed, never taken as checked
+    with torch.no_grad():
+        plain(pts, s)
+        torch.testing.assert_close(plain.closest(pts, s, negs), near, atol=0, rtol=0)
+    assert not plain.verified(pts, s)
+
+    real = LanguagePointQueries.clip_multiscale
+    monkeypatch.setattr(LanguagePointQueries, "clip_multiscale",
+                        lambda self, *a, **k: real(self, *a, **k) * float("nan"))
+    bad = GridFeatureCache()
+    with pytest.raises(ValueError, match="non-finite"), torch.no_grad():
+        bad.multiscale(model, pts, "v1", torch.tensor(scales[:3]))
+    assert bad._held() == 0
 
 
 def test_warm_up_builds_the_caches_the_first_idle_query_reuses(room_frames):

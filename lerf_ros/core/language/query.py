@@ -370,8 +370,12 @@ def locate(
     points_world: (N, 3) float32 world metres; rgb: (N, 3) uint8; view_counts: (N,) int keyframes that
     saw each point (numpy or torch); embed_fn(points (M, 3), scale_m) -> (M, D) unit language
     embeddings (an embed_fn with a true ``per_point_scale`` attribute also takes scale_m as an (M,) tensor,
-    one scale per point, which saves a call per scale; one with a ``rows(points, idx, scale_m)`` attribute
-    reads a subset's embeddings from what it computed for the scale search, or returns None);
+    one scale per point, which saves a call per scale; one with a ``rows(points, idx, scale_m, keep)``
+    attribute reads a subset's embeddings from what it computed for the scale search, or returns None
+    (``keep``: a subset every query over these points asks for, which it may keep); one with a
+    ``closest(points, scale_m, negatives)`` attribute gives the scale search's `closest_negative` of
+    those points at that scale when it keeps them, or None; one with a ``verified(points, scale_m)``
+    attribute says True for embeddings it checked finite when it made them, and they are not checked again);
     text_embed (D,) unit; negative_embeds (K, D) unit,
     the first ``canonical_count`` of them the canonical ones (default: all); threshold (confidence, [0, 1])
     overrides config.threshold.
@@ -436,13 +440,19 @@ def locate(
     per_point = bool(getattr(embed_fn, "per_point_scale", False))
 
     cached_rows = getattr(embed_fn, "rows", None)
+    verified = getattr(embed_fn, "verified", None)
 
-    def embed_at(points: Tensor, scale_m: float | Tensor, rows: Tensor | None = None) -> Tensor:
+    def embed_at(points: Tensor, scale_m: float | Tensor, rows: Tensor | None = None,
+                 keep: bool = False) -> Tensor:
         # points = pts[rows]: an embed_fn that keeps the scale search's embeddings reads them there
-        e = None if rows is None or cached_rows is None else cached_rows(pts, rows, scale_m)
+        # (keep: these rows are asked again by later queries over the same points)
+        e = None if rows is None or cached_rows is None else cached_rows(pts, rows, scale_m, keep=keep)
         if e is None:
             e = embed_fn(points, scale_m)
-        if not isinstance(e, Tensor) or tuple(e.shape) != (points.shape[0], d) or not _all_finite(e):
+        known = (verified is not None and rows is None and not isinstance(scale_m, Tensor)
+                 and verified(points, scale_m))  # kept embeddings, checked finite when they were made
+        if not isinstance(e, Tensor) or tuple(e.shape) != (points.shape[0], d) or \
+                not (known or _all_finite(e)):
             shape = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
             raise ValueError(
                 f"embed_fn returned {shape} (or non-finite values), expected ({points.shape[0]}, {d})"
@@ -452,8 +462,10 @@ def locate(
     # 1-2. relevancy at every scale, read only where trained; best scale by its robust top-k score.
     scales = torch.tensor(cfg.scales_m, dtype=torch.float32, device=dev)
     if relevancy_fn is None:
+        kept = getattr(embed_fn, "closest", None)
+        closest_fn = None if kept is None else lambda s: kept(pts, s, negative_embeds)
         _, _, table = scale_search(lambda s: embed_at(pts, s), text_embed, negative_embeds, scales,
-                                   cfg.temperature, cfg.top_k)
+                                   cfg.temperature, cfg.top_k, closest_fn)
     else:
         table = torch.stack([_checked_relevancy(relevancy_fn(pts, float(s)), pts.shape[0])
                              for s in cfg.scales_m]).to(dev)
@@ -497,7 +509,7 @@ def locate(
     if comp_emb is not None:
         g = torch.Generator(device="cpu").manual_seed(0)
         sample = torch.randperm(pts.shape[0], generator=g)[:_MEDIAN_SAMPLE].to(dev)
-        emb_s = _embed_members(embed_at, pts, sample, read, scales, per_point)
+        emb_s = _embed_members(embed_at, pts, sample, read, scales, per_point, keep=True)  # the same rows
         comp_median = _phrase_relevancy(emb_s, comp_emb, canon, cfg.temperature).median(dim=1).values
         q_median = float(relevancy(emb_s, text_embed, canon, cfg.temperature).median())
     def evidence(c: _Candidate, conf: float, z: float) -> Target:
@@ -649,12 +661,12 @@ def _halo(pts: Tensor, c: _Candidate, seed: int, seed_scale_m: float) -> bool:
 
 
 def _embed_members(embed_at, pts: Tensor, members: Tensor, read: Tensor, scales: Tensor,
-                   per_point: bool = False) -> Tensor:
+                   per_point: bool = False, keep: bool = False) -> Tensor:
     """(M, D) embeddings of the members, each at its read scale: one call with a (M,) scale tensor when the
-    embed_fn takes one (``per_point``), else one call per scale."""
+    embed_fn takes one (``per_point``), else one call per scale. ``keep``: the same rows every query."""
     idx = read[members]
     if per_point:
-        return embed_at(pts[members], scales[idx], rows=members)
+        return embed_at(pts[members], scales[idx], rows=members, keep=keep)
     out = None
     for s in torch.unique(idx).tolist():
         m = idx == s

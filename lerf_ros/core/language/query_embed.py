@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .relevancy import closest_negative
+
 if TYPE_CHECKING:
     from ..model import LERFModel
 
@@ -43,6 +45,7 @@ class GridFeatureCache:
         self._owner = None
         self._features: torch.Tensor | None = None
         self._embeds: dict[tuple, torch.Tensor] = {}  # scales of a block -> (S, N, D), for self._key
+        self._closest: dict[tuple, torch.Tensor] = {}  # (scales, negatives' digest) -> (S, N), likewise
         self.embed_budget_bytes = int(embed_budget_bytes)
         self.hits = 0
 
@@ -53,7 +56,7 @@ class GridFeatureCache:
             self.hits += 1
             return key, self._features
         self._features = model.language_features(points)
-        self._key, self._owner, self._embeds = key, model.language, {}
+        self._key, self._owner, self._embeds, self._closest = key, model.language, {}, {}
         return key, self._features
 
     def get(self, model: LERFModel, points: torch.Tensor, version: object) -> torch.Tensor:
@@ -63,7 +66,8 @@ class GridFeatureCache:
     def multiscale(self, model: LERFModel, points: torch.Tensor, version: object,
                    scales_m: torch.Tensor) -> torch.Tensor:
         """``model.clip_multiscale(points, scales_m)`` (S, N, D), from the cache when these points, weights
-        and scales were asked for before (and fitted the budget). Treat the result as read-only."""
+        and scales were asked for before (and fitted the budget); checked finite once, when computed
+        (ValueError if not). Treat the result as read-only."""
         with self._lock:
             _, feats = self._current(model, points, version)
             scales = tuple(float(s) for s in scales_m.reshape(-1).tolist())
@@ -71,10 +75,30 @@ class GridFeatureCache:
             if hit is not None:
                 return hit
             emb = model.clip_multiscale(points, scales_m, feats)
-            held = sum(e.numel() * e.element_size() for e in self._embeds.values())
-            if held + emb.numel() * emb.element_size() <= self.embed_budget_bytes:
+            if not bool(torch.isfinite(emb.sum())):  # a NaN or inf anywhere makes the sum one
+                raise ValueError(f"the language field gave non-finite embeddings at {points.shape[0]} points")
+            if self._held() + emb.numel() * emb.element_size() <= self.embed_budget_bytes:
                 self._embeds[scales] = emb
             return emb
+
+    def closest(self, emb: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """(S, N) `closest_negative` of a block ``emb`` (S, N, D) that `multiscale` returned, kept with it
+        (per set of negatives) when it was kept: the query-independent half of the scale search."""
+        with self._lock:
+            scales = next((k for k, e in self._embeds.items() if e is emb), None)
+            key = (scales, hashlib.sha1(negatives.detach().float().contiguous().cpu().numpy().tobytes())
+                   .hexdigest())
+            hit = self._closest.get(key) if scales is not None else None
+            if hit is not None:
+                return hit
+            out = torch.stack([closest_negative(e, negatives) for e in emb])
+            fits = self._held() + out.numel() * out.element_size() <= self.embed_budget_bytes
+            if scales is not None and fits:
+                self._closest[key] = out
+            return out
+
+    def _held(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self._embeds, self._closest) for t in d.values())
 
 
 def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_bytes: int = 256 * 2**20,
@@ -86,7 +110,11 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
     alone (``clip_at_points``). With a ``cache`` the grids' features of those blocks' points come from
     it (`GridFeatureCache`, ``version`` naming the weights' state)."""
     index = {float(np.float32(s)): i for i, s in enumerate(scales_m)}  # locate passes float32 values
-    block: dict = {"pts": None, "start": 0, "emb": None}
+    block: dict = {"pts": None, "start": 0, "emb": None, "closest": None, "negatives": None}
+
+    def in_block(pts: torch.Tensor, i: int | None) -> bool:  # scale i of these points is in the block
+        start = block["start"]
+        return i is not None and block["pts"] is pts and start <= i < start + len(block["emb"])
 
     def embed_fn(pts: torch.Tensor, scale_m: float | torch.Tensor) -> torch.Tensor:
         if isinstance(scale_m, torch.Tensor) and (scale_m.numel() != 1 or pts.shape[0] == 1):
@@ -101,28 +129,50 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
         if i is None:
             with torch.no_grad():
                 return model.clip_at_points(pts, scale_m)
-        if block["pts"] is not pts or not block["start"] <= i < block["start"] + block["emb"].shape[0]:
+        if not in_block(pts, i):
             n = max(1, budget_bytes // max(1, pts.shape[0] * model.clip_dim * 4))
             scales = torch.tensor(scales_m[i:i + n], dtype=torch.float32, device=pts.device)
             emb = (model.clip_multiscale(pts, scales) if cache is None
                    else cache.multiscale(model, pts, version, scales))
-            block.update(pts=pts, start=i, emb=emb)
+            block.update(pts=pts, start=i, emb=emb, closest=None)
         return block["emb"][i - block["start"]]
 
-    def rows(pts: torch.Tensor, idx: torch.Tensor, scale_m: torch.Tensor) -> torch.Tensor | None:
+    def closest(pts: torch.Tensor, scale_m: float, negatives: torch.Tensor) -> torch.Tensor | None:
+        """(N,) `closest_negative` of ``pts`` at ``scale_m`` for `locate`'s scale search, from the block
+        just read for them (kept in the cache with the block's embeddings); None when the block is not
+        these points' or lacks the scale."""
+        i = index.get(float(np.float32(scale_m)))
+        if not in_block(pts, i):
+            return None
+        if block["closest"] is None or block["negatives"] is not negatives:
+            emb = block["emb"]
+            block["closest"] = (torch.stack([closest_negative(e, negatives) for e in emb]) if cache is None
+                                else cache.closest(emb, negatives))
+            block["negatives"] = negatives
+        return block["closest"][i - block["start"]]
+
+    def verified(pts: torch.Tensor, scale_m: float) -> bool:
+        """Whether ``pts`` at ``scale_m`` is read from a block the cache checked finite (`locate` then does
+        not check it again: a sum over every embedding, each query, for each scale)."""
+        return cache is not None and in_block(pts, index.get(float(np.float32(scale_m))))
+
+    def rows(pts: torch.Tensor, idx: torch.Tensor, scale_m: torch.Tensor,
+             keep: bool = False) -> torch.Tensor | None:
         """(M, D) embeddings of ``pts[idx]``, each at its own scale ``scale_m`` (M,), read from the block
         already computed for ``pts`` (a cluster's members after the scale search); None when the block
-        is not these points' or lacks one of the scales (the caller then evaluates them)."""
+        is not these points' or lacks one of the scales (the caller then evaluates them). ``keep`` changes
+        nothing here: the block is kept already."""
         if block["pts"] is not pts or idx.numel() == 0:
             return None
         uniq, inverse = torch.unique(scale_m.reshape(-1), return_inverse=True)
         at = [index.get(float(np.float32(s))) for s in uniq.tolist()]
-        n = block["emb"].shape[0]
-        if any(i is None or not block["start"] <= i < block["start"] + n for i in at):
+        if not all(in_block(pts, i) for i in at):
             return None
         local = torch.tensor(at, dtype=torch.long, device=idx.device) - block["start"]
         return block["emb"][local[inverse], idx]
 
     embed_fn.per_point_scale = True
     embed_fn.rows = rows
+    embed_fn.closest = closest
+    embed_fn.verified = verified
     return embed_fn

@@ -31,12 +31,15 @@ def negative_texts(extra: Sequence[str] = ()) -> tuple[str, ...]:
     return tuple(out)
 
 
-def relevancy(embeds: Tensor, query: Tensor, negatives: Tensor, temperature: float = 10.0) -> Tensor:
+def relevancy(embeds: Tensor, query: Tensor, negatives: Tensor, temperature: float = 10.0,
+              closest: Tensor | None = None) -> Tensor:
     """Relevancy of N embeddings to one query.
 
     embeds:    (N, D) unit embeddings (rendered or evaluated at points)
     query:     (D,) unit text embedding
     negatives: (K, D) unit text embeddings, K ≥ 1 (canonical + caller negatives)
+    closest:   (N,) the embeddings' highest similarity to any of the negatives when already known
+               (`closest_negative`, e.g. kept for an idle map's points): only the query's is computed
     Returns (N,) float32 in (0, 1).
     """
     if embeds.ndim != 2:
@@ -49,11 +52,21 @@ def relevancy(embeds: Tensor, query: Tensor, negatives: Tensor, temperature: flo
     if not (temperature > 0):
         raise ValueError(f"temperature must be > 0, got {temperature}")
     e = embeds.float()
-    # (1 + K, N): phrases along rows, so the max over the negatives runs down contiguous rows (a max
-    # along a short last dimension is several times slower on the CPU)
-    sims = torch.cat([query.reshape(1, d), negatives]).to(e) @ e.T
+    if closest is None:
+        closest = closest_negative(e, negatives)
+    elif tuple(closest.shape) != (e.shape[0],):
+        raise ValueError(f"closest must be ({e.shape[0]},), got shape {tuple(closest.shape)}")
     # sigmoid is increasing: the min over negatives is the sigmoid at the closest negative (one per point)
-    return torch.sigmoid(temperature * (sims[0] - sims[1:].amax(dim=0)))
+    return torch.sigmoid(temperature * (e @ query.to(e) - closest.to(e)))
+
+
+def closest_negative(embeds: Tensor, negatives: Tensor) -> Tensor:
+    """(N,) float32: each of the (N, D) embeddings' highest similarity to any of the (K, D) negatives (the
+    query-independent half of `relevancy`). The (K, N) products run along rows, so the max over the
+    negatives runs down contiguous rows (a max along a short last dimension is several times slower on
+    the CPU)."""
+    e = embeds.float()
+    return (negatives.to(e) @ e.T).amax(dim=0)
 
 
 def _robust_max(values: Tensor, top_k: int) -> Tensor:
@@ -69,6 +82,7 @@ def scale_search(
     scales_m: Tensor | Sequence[float],
     temperature: float = 10.0,
     top_k: int = 1,
+    closest_at_scale: Callable[[float], Tensor | None] | None = None,
 ) -> tuple[int, Tensor, Tensor]:
     """Evaluate relevancy at every language scale and pick the best one (LERF: highest relevancy).
 
@@ -76,6 +90,8 @@ def scale_search(
     query: (D,); negatives: (K, D); scales_m: (S,) metres, S ≥ 1
     top_k: a scale's score is the mean of its top_k point relevancies (1 = the max, as in LERF;
            larger values keep one noisy point from choosing the scale)
+    closest_at_scale: scale in metres -> (N,) `closest_negative` of that scale's embeddings when known
+           (None: computed here); asked after embed_at_scale for the same scale
     Returns (best_scale_idx, relevancy (N,) at that scale, table (S, N) of all relevancies).
     """
     scales = torch.as_tensor(scales_m, dtype=torch.float32).reshape(-1)
@@ -83,7 +99,9 @@ def scale_search(
         raise ValueError("scales_m is empty")
     if not torch.isfinite(scales).all() or (scales <= 0).any():
         raise ValueError(f"scales_m must be finite and > 0, got {scales.tolist()}")
-    rows = [relevancy(embed_at_scale(float(s)), query, negatives, temperature) for s in scales]
+    rows = [relevancy(embed_at_scale(float(s)), query, negatives, temperature,
+                      closest=None if closest_at_scale is None else closest_at_scale(float(s)))
+            for s in scales]
     n = rows[0].shape[0]
     for s, r in zip(scales.tolist(), rows, strict=True):
         if r.shape[0] != n:

@@ -23,6 +23,7 @@ rays from a few tens of degrees apart pin it to centimetres. The hull serves whe
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import warnings
@@ -45,6 +46,9 @@ from .relevancy import relevancy
 #: out of the scales that view supervised; `views_embed_fn` still uses them with a tiny weight.
 FRAC_SLACK = 1.25
 _OUT_OF_RANGE_WEIGHT = 1e-3
+#: `ViewIndex.kept_rows` keeps at most this many bytes of embeddings (the sample of 4096 points at the tiny
+#: preset's 12 scales and CLIP-like 64 dims: 12.6 MB; at CLIP's 512 dims the first 7 scales asked for).
+KEEP_BYTES = 64 * 2**20
 #: `refine_fn` counts a view for grid points up to this far behind its rendered depth there (relative,
 #: metres): rendered depth without a depth sensor is often short by a few centimetres to a decimetre.
 #: Behind measured depth, the candidates' own tolerance applies.
@@ -169,14 +173,18 @@ class _Indexed:
         self._looked: tuple = ()  # (points, the cache's version) of the last lookup
         self._index: ViewIndex | None = None
 
-    def subset(self, points: Tensor, rows: Tensor) -> Sightings | None:
+    def index(self, points: Tensor) -> ViewIndex | None:
         if self._cache is None:
             return None
         if (len(self._looked) != 2 or self._looked[0] is not points
                 or (self._index is None and self._looked[1] != self._cache.version)):
             self._looked = (points, self._cache.version)  # a miss is looked up again once the cache changed
             self._index = self._cache.peek(points, *self._args)
-        return None if self._index is None else self._index.subset(rows)
+        return self._index
+
+    def subset(self, points: Tensor, rows: Tensor) -> Sightings | None:
+        index = self.index(points)
+        return None if index is None else index.subset(rows)
 
 
 def view_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
@@ -208,9 +216,18 @@ def views_embed_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     by_id = dict(frames)
     indexed = _Indexed(index_cache, cset, by_id, pyramid, cfg)
 
-    def rows(points: Tensor, idx: Tensor, scale_m: float | Tensor) -> Tensor | None:
-        seen = indexed.subset(points, idx)
-        return None if seen is None else fn(points[idx], scale_m, seen)
+    def rows(points: Tensor, idx: Tensor, scale_m: float | Tensor, keep: bool = False) -> Tensor | None:
+        index = indexed.index(points)
+        if index is None:
+            return None
+        if keep and isinstance(scale_m, Tensor):  # the same rows every query: kept per scale by the index
+            def compute(sub: Tensor, scale: Tensor) -> Tensor:
+                return fn(points[idx[sub]], scale, index.subset(idx[sub]))
+
+            kept = index.kept_rows(idx, scale_m, compute)
+            if kept is not None:
+                return kept.to(points.device)
+        return fn(points[idx], scale_m, index.subset(idx))
 
     def fn(points: Tensor, scale_m: float | Tensor, seen: Sightings | None = None) -> Tensor:
         emb, idx, _, in_range = observations(points, scale_m, cset, by_id, pyramid, cfg, in_range_only=False,
@@ -323,6 +340,8 @@ class ViewIndex:
                            weights.reshape(-1), self.n_levels * o, self.n_cells)
         # the crops of these keyframes, unit (stored ones are unit up to their storage precision), once
         self.unit_grids = F.normalize(pyramid.grids_of(seen.kf_ids).float(), dim=1)[: self.n_cells]
+        self._kept_lock = threading.Lock()  # `kept_rows`, for concurrent queries
+        self._kept: dict = {}
         self.lo_hi = _tile_range(pyramid)
         self._level_pair = pyramid.level_pair
         self._plans: dict[float, tuple[Tensor, Tensor]] = {}
@@ -338,6 +357,8 @@ class ViewIndex:
         own = sum(t.numel() * t.element_size()
                   for t in (self.idx, self.extent, self.offsets, self.unit_grids))
         own += sum(a.nbytes for a in (self._pos, self._uv, self._dist, self._extent))
+        with self._kept_lock:
+            own += sum(t.numel() * t.element_size() for t in self._kept.get("emb", {}).values())
         return held + own + _csr_bytes(self.interp)
 
     def subset(self, rows: Tensor) -> Sightings:
@@ -353,6 +374,52 @@ class ViewIndex:
         s = sel.numpy()
         return Sightings(self.kf_ids, self._pos[s].astype(np.int64), which.numpy(), self._uv[s],
                          self._dist[s], self._extent[s], index=self, rows=s)
+
+    def kept_rows(self, rows: Tensor, scale_m: Tensor, compute) -> Tensor | None:
+        """(M, D) embeddings of the indexed points ``rows`` (M,), each at its scale ``scale_m`` (M,), for a
+        set of rows asked for again and again (`locate`'s sample for the competing phrases' medians): kept
+        per (row, scale) as computed, so each pair is computed once. ``compute(sub (K,) positions in rows,
+        scales (K,)) -> (K, D)`` computes the missing ones; a point's embedding depends on its own
+        sightings only, so computing a part of the rows gives the same values as all of them. One set of
+        rows is kept (a new one replaces it); None (the caller computes them all) when a row has no
+        sighting (its embedding would depend on the other rows) or the rows would exceed KEEP_BYTES."""
+        rows = rows.detach().reshape(-1).cpu().long()
+        scale = scale_m.detach().reshape(-1).cpu().float()
+        if rows.numel() == 0 or bool((self.offsets[rows + 1] == self.offsets[rows]).any()):
+            return None
+        key = hashlib.sha1(rows.numpy().tobytes()).hexdigest()
+        uniq, inverse = torch.unique(scale, return_inverse=True)
+        with self._kept_lock:
+            if self._kept.get("key") != key:
+                self._kept = {"key": key, "emb": {}, "have": {}}
+            kept = self._kept
+            todo = []
+            for j, s in enumerate(uniq.tolist()):
+                if s not in kept["emb"]:
+                    if (len(kept["emb"]) + 1) * rows.numel() * self.unit_grids.shape[1] * 4 > KEEP_BYTES:
+                        return None
+                    kept["emb"][s] = torch.zeros(rows.numel(), self.unit_grids.shape[1])
+                    kept["have"][s] = torch.zeros(rows.numel(), dtype=torch.bool)
+                need = ((inverse == j) & ~kept["have"][s]).nonzero().squeeze(1)
+                if need.numel():
+                    todo.append(need)
+        if todo:
+            need = torch.cat(todo)
+            got = compute(need, scale[need]).float().cpu()
+            with self._kept_lock:
+                if self._kept is kept:
+                    for j, s in enumerate(uniq.tolist()):
+                        mine = inverse[need] == j
+                        kept["emb"][s][need[mine]] = got[mine]
+                        kept["have"][s][need[mine]] = True
+        out = torch.empty(rows.numel(), self.unit_grids.shape[1])
+        with self._kept_lock:
+            for j, s in enumerate(uniq.tolist()):
+                mine = inverse == j
+                out[mine] = kept["emb"][s][mine]
+        if todo:  # values computed now (a concurrent query may have replaced the kept set meanwhile)
+            out[need] = got
+        return out
 
     def sample(self, pyramid: ClipPyramid, rows: Tensor, tile_frac: Tensor) -> Tensor:
         """`sample_sparse` for sightings ``rows`` (R,) of this index at tile fractions (R,): each reads the

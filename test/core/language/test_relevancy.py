@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from lerf_ros.core.language.relevancy import CANONICAL_NEGATIVES, negative_texts, relevancy, scale_search
+from lerf_ros.core.language.relevancy import (
+    CANONICAL_NEGATIVES,
+    closest_negative,
+    negative_texts,
+    relevancy,
+    scale_search,
+)
 
 
 def _unit(*v):
@@ -33,6 +39,26 @@ def test_extra_negative_takes_the_minimum():
     assert float(only_c1) == pytest.approx(math.exp(10) / (math.exp(10) + math.exp(0)), abs=1e-6)
     assert float(both) == pytest.approx(math.exp(10) / (math.exp(10) + math.exp(6)), abs=1e-6)
     assert float(both) < float(only_c1)
+
+
+def test_a_known_closest_negative_gives_the_same_relevancy_and_is_used():
+    g = torch.Generator().manual_seed(0)
+    phi = torch.nn.functional.normalize(torch.randn(50, 6, generator=g), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(6, generator=g), dim=0)
+    negs = torch.nn.functional.normalize(torch.randn(3, 6, generator=g), dim=1)
+    near = closest_negative(phi, negs)
+    assert near.tolist() == pytest.approx((phi @ negs.T).max(dim=1).values.tolist(), abs=1e-6)
+    torch.testing.assert_close(relevancy(phi, q, negs, closest=near), relevancy(phi, q, negs), atol=0, rtol=0)
+    # what is passed is what is used: a closest negative of 1 gives sigmoid(tau (q.phi - 1))
+    ones = torch.ones(50)
+    torch.testing.assert_close(relevancy(phi, q, negs, closest=ones), torch.sigmoid(10.0 * (phi @ q - 1.0)))
+    with pytest.raises(ValueError, match="closest"):
+        relevancy(phi, q, negs, closest=torch.ones(49))
+    # the scale search asks for it after the same scale's embeddings
+    asked = []
+    _, _, table = scale_search(lambda s: phi * 1.0, q, negs, [0.1, 0.2],
+                               closest_at_scale=lambda s: asked.append(s) or near)
+    assert asked == pytest.approx([0.1, 0.2]) and table.shape == (2, 50)
 
 
 def test_temperature_and_stability_at_large_tau():

@@ -378,6 +378,53 @@ def test_sightings_and_embeddings_of_some_points_read_from_the_index_match_a_fre
     torch.testing.assert_close(e_rows.sum(0), e_all.sum(0), atol=1e-5, rtol=0)
 
 
+def test_rows_asked_every_query_are_kept_per_scale_with_the_same_values(scene, monkeypatch):
+    """`views_embed_fn.rows(..., keep=True)` (locate's sample for the competing phrases' medians, the same
+    rows every query over the same points): each (row, scale) is computed once and kept by the index, with
+    the values that computing all the rows at once from the index gives; a new set of rows replaces the
+    kept one; rows with a point no keyframe sees are not kept (its embedding would depend on the others)."""
+    _, _, _, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    points = _surface_points(cset, kfs, every=3)
+    points = torch.cat([points, torch.tensor([[50.0, 50.0, 50.0]])])  # seen by no keyframe
+    cache = view_evidence.ViewIndexCache()
+    embed = view_evidence.views_embed_fn(cset, kfs, pyr, CFG.candidates, index_cache=cache)
+    view_evidence.views_relevancy_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
+                                     index_cache=cache)(points, 0.1)  # keeps the index of these points
+    index = cache.peek(points, cset, dict(kfs), pyr, CFG.candidates)
+    computed = []
+    real = view_evidence.observations
+
+    def counting(pts, *a, **k):
+        computed.append(pts.shape[0])
+        return real(pts, *a, **k)
+
+    monkeypatch.setattr(view_evidence, "observations", counting)
+    rows = torch.tensor([7, 0, 42, 5, 19, 3])
+    first = torch.tensor([0.05, 0.1, 0.3, 0.1, 0.6, 0.05])
+    got = embed.rows(points, rows, first, keep=True)
+    torch.testing.assert_close(got, embed.rows(points, rows, first), atol=0, rtol=0)
+    assert computed[0] == 6
+    computed.clear()
+    second = torch.tensor([0.05, 0.3, 0.3, 0.1, 0.05, 0.6])  # rows 0, 2, 3 at a scale they had
+    got = embed.rows(points, rows, second, keep=True)
+    assert computed == [3]  # only the three new (row, scale) pairs
+    torch.testing.assert_close(got, embed.rows(points, rows, second), atol=0, rtol=0)
+    computed.clear()
+    assert embed.rows(points, rows, second, keep=True).shape == (6, pyr.dim) and computed == []
+    other = torch.tensor([1, 2])
+    kept = embed.rows(points, other, first[:2], keep=True)
+    torch.testing.assert_close(kept, embed.rows(points, other, first[:2]), atol=0, rtol=0)
+    computed.clear()
+    embed.rows(points, rows, second, keep=True)
+    assert computed == [6]  # replaced by the other rows: computed again
+    unseen = torch.tensor([4, points.shape[0] - 1])
+    before = index._kept
+    kept = embed.rows(points, unseen, first[:2], keep=True)
+    torch.testing.assert_close(kept, embed.rows(points, unseen, first[:2]), atol=0, rtol=0)
+    assert index._kept is before  # not kept
+
+
 def test_sparse_sampling_of_several_keyframes_is_the_pyramids_own_sampling(scene):
     _, _, _, _, pyr, _, kfs = scene
     rng = np.random.default_rng(5)
