@@ -239,12 +239,14 @@ def cluster_labels(points: Tensor, radius_m: float) -> Tensor:
     n = keys.shape[0]
     r = torch.arange(-1, 2, device=points.device)
     offsets = torch.cartesian_prod(r, r, r)
-    offsets = offsets[(offsets != 0).any(dim=1)]  # (26, 3)
-    nb_keys = keys.unsqueeze(1) + key(offsets).unsqueeze(0)  # (V, 26)
+    # half of the 26 neighbours (key(o) > 0; every extent is >= 3, so that is o > 0 lexicographically):
+    # each touching pair of cells is found once, from its lower cell, then linked both ways
+    offsets = offsets[key(offsets) > 0]  # (13, 3)
+    nb_keys = keys.unsqueeze(1) + key(offsets).unsqueeze(0)  # (V, 13)
     pos = torch.searchsorted(keys, nb_keys).clamp(max=n - 1)
     hit = keys[pos] == nb_keys
-    src = torch.arange(n, device=points.device).unsqueeze(1).expand_as(pos)[hit]
-    dst = pos[hit]
+    lower = torch.arange(n, device=points.device).unsqueeze(1).expand_as(pos)[hit]
+    src, dst = torch.cat([lower, pos[hit]]), torch.cat([pos[hit], lower])
     labels = torch.arange(n, device=points.device)
     while True:  # min-label propagation with pointer jumping; converges in O(log diameter) rounds
         new = labels.scatter_reduce(0, src, labels[dst], reduce="amin")

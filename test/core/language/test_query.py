@@ -145,6 +145,33 @@ def test_cluster_labels_by_hand():
     assert int(labels.max()) == 2
 
 
+def test_cluster_labels_are_the_components_of_touching_cells():
+    """Against a breadth-first search over the cells (touching: every coordinate within one cell)."""
+    g = torch.Generator().manual_seed(4)
+    p = torch.rand(400, 3, generator=g) * torch.tensor([1.0, 1.0, 0.2]) - 0.5
+    cells = torch.floor(p.double() / 0.04).long().tolist()
+    by_cell: dict = {}
+    for i, c in enumerate(cells):
+        by_cell.setdefault(tuple(c), []).append(i)
+    ref, n = [-1] * len(cells), 0
+    for start in by_cell:
+        if ref[by_cell[start][0]] >= 0:
+            continue
+        todo = [start]
+        while todo:
+            c = todo.pop()
+            if ref[by_cell[c][0]] >= 0:
+                continue
+            for i in by_cell[c]:
+                ref[i] = n
+            todo += [d for d in by_cell if max(abs(a - b) for a, b in zip(c, d, strict=True)) <= 1]
+        n += 1
+    labels = cluster_labels(p, 0.04).tolist()
+    assert 10 < n < 300  # several components, most of several points
+    pairs = {(a, b) for a, b in zip(labels, ref, strict=True)}
+    assert len(pairs) == n == len(set(labels))  # the same partition
+
+
 def test_bad_inputs_raise():
     pts, rgb, views = _scene()
     with pytest.raises(ValueError, match="differ"):
