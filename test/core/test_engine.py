@@ -999,6 +999,10 @@ def test_the_scale_searchs_closest_negatives_are_kept_with_the_embeddings_checke
     with torch.no_grad():
         nxt.closest(pts, s, negs[:2])  # other negatives: computed
     assert len(counted) == 2 * block
+    with torch.no_grad():
+        for k in range(query_embed.MAX_NEGATIVE_SETS + 2):  # queries with negatives of their own
+            nxt.closest(pts, s, negs[: 1 + k % 4] * (1.0 + 0.01 * k))
+    assert len(cache._closest) == query_embed.MAX_NEGATIVE_SETS  # the oldest sets dropped
     plain = multiscale_embed_fn(model, scales)  # no cache: computed, never taken as checked
     with torch.no_grad():
         plain(pts, s)

@@ -44,6 +44,8 @@ DEFAULT_VOCABULARY: tuple[str, ...] = (
 MAX_RESULTS_LIMIT = 100
 #: Points sampled for each phrase's scene median (competitor test).
 _MEDIAN_SAMPLE = 4096
+#: A cluster's score (a float32 mean of its top relevancies) exceeds none of them by more than this.
+_SCORE_SLACK = 1e-6
 
 
 def _default_scales() -> tuple[float, ...]:
@@ -448,7 +450,8 @@ def locate(
                  keep: bool = False) -> Tensor:
         # points = pts[rows]: an embed_fn that keeps the scale search's embeddings reads them there
         # (keep: these rows are asked again by later queries over the same points)
-        e = None if rows is None or cached_rows is None else cached_rows(pts, rows, scale_m, keep=keep)
+        e = None if rows is None or cached_rows is None else \
+            cached_rows(pts, rows, scale_m, **({"keep": True} if keep else {}))
         if e is None:
             e = embed_fn(points, scale_m)
         known = (verified is not None and rows is None and not isinstance(scale_m, Tensor)
@@ -494,7 +497,8 @@ def locate(
     cloud = _cloud(pts[cloud_mask], rel[cloud_mask], col[cloud_mask], cap)
     # A cluster's score is a mean of its members' relevancies, so no cluster's bound exceeds the bound at
     # the highest relevancy: when that cannot reach the threshold, nothing can be found.
-    if not report_rejected and _bound(float(rel.max()), med, spread, ex)[0] < thr:
+    # (_SCORE_SLACK: a float32 top-k mean can exceed its largest member by a few ulps)
+    if not report_rejected and _bound(float(rel.max()) + _SCORE_SLACK, med, spread, ex)[0] < thr:
         return _not_found(f"nothing can reach confidence {thr:.2f}: best relevancy {float(rel.max()):.3f}, "
                           f"scene median {med:.3f}", 0.0, scale_m, cloud)
     # (likewise a seed's relevancy bounds every later cluster's score: seeding stops below the threshold's)
@@ -621,7 +625,7 @@ def _clusters_among(pts: Tensor, rel: Tensor, med: float, spread: float, point_s
     free = torch.ones_like(rel, dtype=torch.bool)
     out: list[_Candidate] = []
     budget = max_results + 11  # extra: look-alikes and noisy peaks may come before the real target
-    lowest = max(med + 3.0 * spread, -math.inf if floor is None else floor - 1e-12)
+    lowest = max(med + 3.0 * spread, -math.inf if floor is None else floor - _SCORE_SLACK)
     for seed in rel.argsort(descending=True).tolist():
         if len(out) >= budget or float(rel[seed]) <= lowest:
             break

@@ -26,6 +26,11 @@ def points_digest(points: torch.Tensor) -> str:
     return hashlib.sha1(points.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
+#: `GridFeatureCache.closest` keeps the closest negatives of this many sets of negatives per block (a query
+#: with negatives of its own adds one; the canonical set is every other query's).
+MAX_NEGATIVE_SETS = 4
+
+
 class GridFeatureCache:
     """The language hash grids' features (`LERFModel.language_features`) of the last points asked for,
     reused while neither the points nor the weights change: an idle map's queries all score the same
@@ -94,6 +99,8 @@ class GridFeatureCache:
             out = torch.stack([closest_negative(e, negatives) for e in emb])
             fits = self._held() + out.numel() * out.element_size() <= self.embed_budget_bytes
             if scales is not None and fits:
+                while len(self._closest) >= MAX_NEGATIVE_SETS * max(1, len(self._embeds)):
+                    self._closest.pop(next(iter(self._closest)))  # the oldest: sets of negatives come and go
                 self._closest[key] = out
             return out
 

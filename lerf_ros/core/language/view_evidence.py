@@ -47,8 +47,11 @@ from .relevancy import relevancy
 FRAC_SLACK = 1.25
 _OUT_OF_RANGE_WEIGHT = 1e-3
 #: `ViewIndex.kept_rows` keeps at most this many bytes of embeddings (the sample of 4096 points at the tiny
-#: preset's 12 scales and CLIP-like 64 dims: 12.6 MB; at CLIP's 512 dims the first 7 scales asked for).
+#: preset's 12 scales and CLIP-like 64 dims: 12.6 MB; at CLIP's 512 dims the first 8 scales asked for).
 KEEP_BYTES = 64 * 2**20
+#: A `ViewIndex` keeps its keyframes' crops, unit, up to this many bytes (96 keyframes of the tiny preset at
+#: the CLIP-like 64 dims: 22 MB); larger ones (CLIP's 512 dims: ~170 MB) are read from the pyramid per call.
+UNIT_GRIDS_BYTES = 64 * 2**20
 #: `refine_fn` counts a view for grid points up to this far behind its rendered depth there (relative,
 #: metres): rendered depth without a depth sensor is often short by a few centimetres to a decimetre.
 #: Behind measured depth, the candidates' own tolerance applies.
@@ -338,12 +341,17 @@ class ViewIndex:
         self.n_cells = int(cells.max()) + 1 if o else 0
         self.interp = _csr(torch.arange(self.n_levels * o).repeat_interleave(4), cells.reshape(-1),
                            weights.reshape(-1), self.n_levels * o, self.n_cells)
-        # the crops of these keyframes, unit (stored ones are unit up to their storage precision), once
-        self.unit_grids = F.normalize(pyramid.grids_of(seen.kf_ids).float(), dim=1)[: self.n_cells]
+        # the crops of these keyframes, unit (stored ones are unit up to their storage precision), once, when
+        # they fit UNIT_GRIDS_BYTES (else None: read from the pyramid per call, `sample_sparse`)
+        self.dim = pyramid.dim
+        fits = self.n_cells * self.dim * 4 <= UNIT_GRIDS_BYTES
+        self.unit_grids = (F.normalize(pyramid.grids_of(seen.kf_ids)[: self.n_cells].float(), dim=1) if fits
+                           else None)
         self._kept_lock = threading.Lock()  # `kept_rows`, for concurrent queries
         self._kept: dict = {}
         self.lo_hi = _tile_range(pyramid)
         self._level_pair = pyramid.level_pair
+        self._pyramid = pyramid
         self._plans: dict[float, tuple[Tensor, Tensor]] = {}
         # A kept index serves concurrent queries (outside the engine lock): the plans are read and added
         # under this lock (a sum over them while another query adds one raised "dictionary changed size")
@@ -354,8 +362,8 @@ class ViewIndex:
     def nbytes(self) -> int:
         with self._plans_lock:
             held = sum(_csr_bytes(m) + seen.numel() * seen.element_size() for m, seen in self._plans.values())
-        own = sum(t.numel() * t.element_size()
-                  for t in (self.idx, self.extent, self.offsets, self.unit_grids))
+        kept_crops = [] if self.unit_grids is None else [self.unit_grids]
+        own = sum(t.numel() * t.element_size() for t in (self.idx, self.extent, self.offsets, *kept_crops))
         own += sum(a.nbytes for a in (self._pos, self._uv, self._dist, self._extent))
         with self._kept_lock:
             own += sum(t.numel() * t.element_size() for t in self._kept.get("emb", {}).values())
@@ -372,8 +380,10 @@ class ViewIndex:
         sel = (start - first).repeat_interleave(counts, output_size=total) + torch.arange(total)
         which = torch.arange(rows.numel()).repeat_interleave(counts, output_size=total)
         s = sel.numpy()
+        mine = self.unit_grids is not None  # read through this index (`sample`), else from the pyramid
         return Sightings(self.kf_ids, self._pos[s].astype(np.int64), which.numpy(), self._uv[s],
-                         self._dist[s], self._extent[s], index=self, rows=s)
+                         self._dist[s], self._extent[s], index=self if mine else None,
+                         rows=s if mine else None)
 
     def kept_rows(self, rows: Tensor, scale_m: Tensor, compute) -> Tensor | None:
         """(M, D) embeddings of the indexed points ``rows`` (M,), each at its scale ``scale_m`` (M,), for a
@@ -396,9 +406,9 @@ class ViewIndex:
             todo = []
             for j, s in enumerate(uniq.tolist()):
                 if s not in kept["emb"]:
-                    if (len(kept["emb"]) + 1) * rows.numel() * self.unit_grids.shape[1] * 4 > KEEP_BYTES:
+                    if (len(kept["emb"]) + 1) * rows.numel() * self.dim * 4 > KEEP_BYTES:
                         return None
-                    kept["emb"][s] = torch.zeros(rows.numel(), self.unit_grids.shape[1])
+                    kept["emb"][s] = torch.zeros(rows.numel(), self.dim)
                     kept["have"][s] = torch.zeros(rows.numel(), dtype=torch.bool)
                 need = ((inverse == j) & ~kept["have"][s]).nonzero().squeeze(1)
                 if need.numel():
@@ -412,7 +422,7 @@ class ViewIndex:
                         mine = inverse[need] == j
                         kept["emb"][s][need[mine]] = got[mine]
                         kept["have"][s][need[mine]] = True
-        out = torch.empty(rows.numel(), self.unit_grids.shape[1])
+        out = torch.empty(rows.numel(), self.dim)
         with self._kept_lock:
             for j, s in enumerate(uniq.tolist()):
                 mine = inverse == j
@@ -424,10 +434,12 @@ class ViewIndex:
     def sample(self, pyramid: ClipPyramid, rows: Tensor, tile_frac: Tensor) -> Tensor:
         """`sample_sparse` for sightings ``rows`` (R,) of this index at tile fractions (R,): each reads the
         two levels around its fraction through the bilinear corners ``interp`` already holds (no corner
-        table is built) from the unit crops. Returns (R, D) float32 unit, on the CPU."""
+        table is built) from the kept unit crops (``unit_grids``; `sample_sparse` blends the stored ones,
+        unit up to their storage precision, float16 by default: the two differ by ~1e-3 at most). Returns
+        (R, D) float32 unit, on the CPU."""
         r, o = int(rows.numel()), self.idx.numel()
         if r == 0:
-            return torch.zeros(0, self.unit_grids.shape[1])
+            return torch.zeros(0, self.dim)
         lo, hi, t = (x.cpu() for x in pyramid.level_pair(tile_frac.cpu()))
         rows = rows.long()
         cols = self.interp.col_indices().view(self.n_levels * o, 4)
@@ -442,7 +454,10 @@ class ViewIndex:
         stored crop, interpolated at every sighting on every level (all keyframes at once)."""
         if self.idx.numel() == 0:
             return torch.zeros(0)
-        return self.interp @ cell_fn(self.unit_grids).float().cpu()
+        unit = self.unit_grids
+        if unit is None:
+            unit = F.normalize(self._pyramid.grids_of(self.kf_ids)[: self.n_cells].float(), dim=1)
+        return self.interp @ cell_fn(unit).float().cpu()
 
     def plan(self, scale_m: float) -> tuple[Tensor, Tensor]:
         """At ``scale_m``: the (n_points, n_levels * O) sparse matrix that blends each sighting's two levels

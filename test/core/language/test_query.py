@@ -447,6 +447,60 @@ def test_a_caller_that_uses_only_found_answers_scores_nothing_that_cannot_be_fou
     assert not skipped.found and calls == [] and skipped.confidence == 0.0 and not skipped.targets
 
 
+def test_a_cluster_too_small_to_reach_the_threshold_is_not_scored_for_a_found_only_caller():
+    """A two-point red speck on a floor: the highest relevancy could reach the threshold, the speck's
+    top-5 score (two members, padded) cannot. By default it is scored and reported as the best rejected
+    candidate; with ``report_rejected=False`` it is not scored (no view evidence) and nothing is reported."""
+    u = torch.linspace(-1.0, 1.0, 41)
+    floor = torch.stack(torch.meshgrid(u, u, indexing="ij"), dim=-1).reshape(-1, 2)
+    floor = torch.cat([floor, torch.zeros(floor.shape[0], 1)], dim=1)
+    speck_c = torch.tensor([0.32, 0.32, 0.01])
+    pts = torch.cat([floor, speck_c + torch.tensor([[0.0, 0.0, 0.0], [0.01, 0.0, 0.0]])])
+    rgb = torch.full((pts.shape[0], 3), 100, dtype=torch.uint8)
+    views = torch.full((pts.shape[0],), 5)
+
+    def field(p, s):
+        on = ((p - speck_c).norm(dim=1) < 0.02).float().unsqueeze(1)
+        return F.normalize(GENERIC + 2 * on * RED, dim=1)
+
+    calls = []
+
+    def view_fn(p, s):
+        calls.append(p.shape[0])
+        return field(p, s), torch.arange(p.shape[0]) % 3
+
+    full = locate(pts, rgb, views, field, RED, NEGS, CFG, view_fn=view_fn)
+    assert not full.found and calls and 0.3 < full.relevancy < 0.45  # 2 x 0.989 / 5
+    calls.clear()
+    lean = locate(pts, rgb, views, field, RED, NEGS, CFG, view_fn=view_fn, report_rejected=False)
+    assert not lean.found and calls == [] and "no candidate can reach" in lean.message, lean.message
+
+
+def test_locate_reads_what_an_embed_fn_keeps_for_the_scale_search(monkeypatch):
+    """An embed_fn's ``closest`` (each point's closest negative per scale) is what the scale search uses, and
+    its ``verified`` embeddings are not checked for finiteness again."""
+    from lerf_ros.core.language import query as query_mod
+
+    pts, rgb, views = _scene()
+    assert locate(pts, rgb, views, toy_field, RED, NEGS, CFG).found
+
+    def kept(p, s):
+        return toy_field(p, s)
+
+    kept.closest = lambda p, s, negs: torch.full((p.shape[0],), 2.0)  # closer than any text can be
+    assert not locate(pts, rgb, views, kept, RED, NEGS, CFG).found  # it was used: nothing stands out
+    checks = []
+    real = query_mod._all_finite
+    monkeypatch.setattr(query_mod, "_all_finite", lambda t: checks.append(t.shape[0]) or real(t))
+    locate(pts, rgb, views, toy_field, RED, NEGS, CFG)
+    unchecked = len(checks)
+    checks.clear()
+    toy_field_verified = lambda p, s: toy_field(p, s)  # noqa: E731
+    toy_field_verified.verified = lambda p, s: True
+    locate(pts, rgb, views, toy_field_verified, RED, NEGS, CFG)
+    assert len(checks) == unchecked - len(CFG.scales_m)  # the scale search's embeddings were not summed
+
+
 def test_clusters_seeded_down_to_a_floor_are_the_first_clusters_of_the_full_search():
     """The clustering's ``floor`` stops seeding below a relevancy: the clusters before it are the same as
     without it (a later seed cannot change an earlier cluster)."""

@@ -59,6 +59,8 @@ def test_a_known_closest_negative_gives_the_same_relevancy_and_is_used():
     _, _, table = scale_search(lambda s: phi * 1.0, q, negs, [0.1, 0.2],
                                closest_at_scale=lambda s: asked.append(s) or near)
     assert asked == pytest.approx([0.1, 0.2]) and table.shape == (2, 50)
+    _, _, shifted = scale_search(lambda s: phi * 1.0, q, negs, [0.1], closest_at_scale=lambda s: ones)
+    torch.testing.assert_close(shifted[0], torch.sigmoid(10.0 * (phi @ q - 1.0)))  # the value is used
 
 
 def test_temperature_and_stability_at_large_tau():

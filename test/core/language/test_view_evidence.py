@@ -425,6 +425,29 @@ def test_rows_asked_every_query_are_kept_per_scale_with_the_same_values(scene, m
     assert index._kept is before  # not kept
 
 
+def test_an_index_whose_crops_are_too_large_to_keep_reads_them_from_the_pyramid(scene, monkeypatch):
+    """Over UNIT_GRIDS_BYTES (CLIP's 512 dims) the index keeps no copy of the crops: its relevancy and the
+    embeddings of its points come from the pyramid per call, the same values up to storage precision."""
+    _, _, _, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    points = _surface_points(cset, kfs, every=3)
+    rows, scales = torch.tensor([7, 0, 42, 5]), torch.tensor([0.05, 0.1, 0.3, 0.6])
+    got, default = {}, view_evidence.UNIT_GRIDS_BYTES
+    for limit in (default, 0):
+        monkeypatch.setattr(view_evidence, "UNIT_GRIDS_BYTES", limit)
+        cache = view_evidence.ViewIndexCache()
+        rel = view_evidence.views_relevancy_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:],
+                                               CFG.query.temperature, index_cache=cache)(points, 0.1)
+        index = cache.peek(points, cset, dict(kfs), pyr, CFG.candidates)
+        embed = view_evidence.views_embed_fn(cset, kfs, pyr, CFG.candidates, index_cache=cache)
+        got[limit] = (rel, embed.rows(points, rows, scales), index.unit_grids is None,
+                      index.subset(rows).index is None)
+    kept, fresh = got[default], got[0]
+    assert not kept[2] and not kept[3] and fresh[2] and fresh[3]
+    torch.testing.assert_close(fresh[0], kept[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fresh[1], kept[1], atol=2e-3, rtol=0)
+
+
 def test_sparse_sampling_of_several_keyframes_is_the_pyramids_own_sampling(scene):
     _, _, _, _, pyr, _, kfs = scene
     rng = np.random.default_rng(5)
