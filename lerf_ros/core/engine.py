@@ -186,13 +186,13 @@ def describe_backends(model: torch.nn.Module) -> str:
            f"MLP: {'/'.join(sorted(set(mlps))) or 'none'}"
 
 
+_DENORMAL = np.float32(1e-39)
+
+
 def _denormals_flushed() -> bool:
     """Whether this thread flushes float32 denormals to zero (`torch.set_flush_denormal`: the CPU's own
     flags, so a numpy product shows them; a torch one would count as a host sync)."""
     return float(_DENORMAL * np.float32(1.0)) == 0.0
-
-
-_DENORMAL = np.float32(1e-39)
 
 
 @contextlib.contextmanager

@@ -495,13 +495,8 @@ def locate(
     cloud_mask = rel >= max(0.5, med + 2.0 * spread)
     cap = cfg.max_cloud_points if with_cloud else 0
     cloud = _cloud(pts[cloud_mask], rel[cloud_mask], col[cloud_mask], cap)
-    # A cluster's score is a mean of its members' relevancies, so no cluster's bound exceeds the bound at
-    # the highest relevancy: when that cannot reach the threshold, nothing can be found.
-    # (_SCORE_SLACK: a float32 top-k mean can exceed its largest member by a few ulps)
-    if not report_rejected and _bound(float(rel.max()) + _SCORE_SLACK, med, spread, ex)[0] < thr:
-        return _not_found(f"nothing can reach confidence {thr:.2f}: best relevancy {float(rel.max()):.3f}, "
-                          f"scene median {med:.3f}", 0.0, scale_m, cloud)
-    # (likewise a seed's relevancy bounds every later cluster's score: seeding stops below the threshold's)
+    # A seed's relevancy bounds the score of its cluster and of every later one (`_clusters`): for a caller
+    # that uses only a found answer, seeding stops below the relevancy whose bound reaches the threshold.
     floor = None if report_rejected else _score_for(thr, med, spread, ex)
     cands = _clusters(pts, rel, med, spread, scales[read], link, cfg, max_results, floor)
     if not cands:

@@ -91,12 +91,11 @@ class GridFeatureCache:
         (per set of negatives) when it was kept: the query-independent half of the scale search."""
         with self._lock:
             scales = next((k for k, e in self._embeds.items() if e is emb), None)
-            key = (scales, hashlib.sha1(negatives.detach().float().contiguous().cpu().numpy().tobytes())
-                   .hexdigest())
+            key = (scales, points_digest(negatives))
             hit = self._closest.get(key) if scales is not None else None
             if hit is not None:
                 return hit
-            out = torch.stack([closest_negative(e, negatives) for e in emb])
+            out = _closest_per_scale(emb, negatives)
             fits = self._held() + out.numel() * out.element_size() <= self.embed_budget_bytes
             if scales is not None and fits:
                 while len(self._closest) >= MAX_NEGATIVE_SETS * max(1, len(self._embeds)):
@@ -106,6 +105,11 @@ class GridFeatureCache:
 
     def _held(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self._embeds, self._closest) for t in d.values())
+
+
+def _closest_per_scale(emb: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """(S, N) `closest_negative` of each scale of a block (S, N, D)."""
+    return torch.stack([closest_negative(e, negatives) for e in emb])
 
 
 def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_bytes: int = 256 * 2**20,
@@ -118,6 +122,9 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
     it (`GridFeatureCache`, ``version`` naming the weights' state)."""
     index = {float(np.float32(s)): i for i, s in enumerate(scales_m)}  # locate passes float32 values
     block: dict = {"pts": None, "start": 0, "emb": None, "closest": None, "negatives": None}
+
+    def at(scale_m) -> int | None:  # the index of a configured scale (locate passes float32 values)
+        return index.get(float(np.float32(scale_m)))
 
     def in_block(pts: torch.Tensor, i: int | None) -> bool:  # scale i of these points is in the block
         start = block["start"]
@@ -132,7 +139,7 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
                 return model.clip_at_points(pts, scale_m)
         if isinstance(scale_m, torch.Tensor):
             scale_m = float(scale_m.reshape(-1)[0])
-        i = index.get(float(np.float32(scale_m)))
+        i = at(scale_m)
         if i is None:
             with torch.no_grad():
                 return model.clip_at_points(pts, scale_m)
@@ -148,12 +155,12 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
         """(N,) `closest_negative` of ``pts`` at ``scale_m`` for `locate`'s scale search, from the block
         just read for them (kept in the cache with the block's embeddings); None when the block is not
         these points' or lacks the scale."""
-        i = index.get(float(np.float32(scale_m)))
+        i = at(scale_m)
         if not in_block(pts, i):
             return None
         if block["closest"] is None or block["negatives"] is not negatives:
             emb = block["emb"]
-            block["closest"] = (torch.stack([closest_negative(e, negatives) for e in emb]) if cache is None
+            block["closest"] = (_closest_per_scale(emb, negatives) if cache is None
                                 else cache.closest(emb, negatives))
             block["negatives"] = negatives
         return block["closest"][i - block["start"]]
@@ -161,7 +168,7 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
     def verified(pts: torch.Tensor, scale_m: float) -> bool:
         """Whether ``pts`` at ``scale_m`` is read from a block the cache checked finite (`locate` then does
         not check it again: a sum over every embedding, each query, for each scale)."""
-        return cache is not None and in_block(pts, index.get(float(np.float32(scale_m))))
+        return cache is not None and in_block(pts, at(scale_m))
 
     def rows(pts: torch.Tensor, idx: torch.Tensor, scale_m: torch.Tensor,
              keep: bool = False) -> torch.Tensor | None:
@@ -172,10 +179,10 @@ def multiscale_embed_fn(model: LERFModel, scales_m: Sequence[float], budget_byte
         if block["pts"] is not pts or idx.numel() == 0:
             return None
         uniq, inverse = torch.unique(scale_m.reshape(-1), return_inverse=True)
-        at = [index.get(float(np.float32(s))) for s in uniq.tolist()]
-        if not all(in_block(pts, i) for i in at):
+        where = [at(s) for s in uniq.tolist()]
+        if not all(in_block(pts, i) for i in where):
             return None
-        local = torch.tensor(at, dtype=torch.long, device=idx.device) - block["start"]
+        local = torch.tensor(where, dtype=torch.long, device=idx.device) - block["start"]
         return block["emb"][local[inverse], idx]
 
     embed_fn.per_point_scale = True

@@ -132,7 +132,7 @@ def observations(points: Tensor, scale_m: float | Tensor, cset: CandidateSet, fr
     frac_t = torch.from_numpy(frac[ok]).float().to(dev)
     view = torch.tensor(seen.kf_ids, dtype=torch.long)[torch.from_numpy(seen.pos[ok])].to(dev)
     if dev.type == "cpu" and seen.index is not None:
-        emb = seen.index.sample(pyramid, torch.from_numpy(seen.rows[ok]), frac_t)
+        emb = seen.index.sample(torch.from_numpy(seen.rows[ok]), frac_t)
     elif dev.type == "cpu":
         emb = sample_sparse(pyramid, seen.kf_ids, seen.pos[ok], uv, frac_t)
     else:
@@ -344,14 +344,12 @@ class ViewIndex:
         # the crops of these keyframes, unit (stored ones are unit up to their storage precision), once, when
         # they fit UNIT_GRIDS_BYTES (else None: read from the pyramid per call, `sample_sparse`)
         self.dim = pyramid.dim
-        fits = self.n_cells * self.dim * 4 <= UNIT_GRIDS_BYTES
-        self.unit_grids = (F.normalize(pyramid.grids_of(seen.kf_ids)[: self.n_cells].float(), dim=1) if fits
-                           else None)
+        self._pyramid = pyramid
+        self.unit_grids = self._unit_crops() if self.n_cells * self.dim * 4 <= UNIT_GRIDS_BYTES else None
         self._kept_lock = threading.Lock()  # `kept_rows`, for concurrent queries
         self._kept: dict = {}
         self.lo_hi = _tile_range(pyramid)
         self._level_pair = pyramid.level_pair
-        self._pyramid = pyramid
         self._plans: dict[float, tuple[Tensor, Tensor]] = {}
         # A kept index serves concurrent queries (outside the engine lock): the plans are read and added
         # under this lock (a sum over them while another query adds one raised "dictionary changed size")
@@ -431,7 +429,11 @@ class ViewIndex:
             out[need] = got
         return out
 
-    def sample(self, pyramid: ClipPyramid, rows: Tensor, tile_frac: Tensor) -> Tensor:
+    def _unit_crops(self) -> Tensor:
+        """(n_cells, D) float32: the indexed keyframes' stored crops, unit."""
+        return F.normalize(self._pyramid.grids_of(self.kf_ids)[: self.n_cells].float(), dim=1)
+
+    def sample(self, rows: Tensor, tile_frac: Tensor) -> Tensor:
         """`sample_sparse` for sightings ``rows`` (R,) of this index at tile fractions (R,): each reads the
         two levels around its fraction through the bilinear corners ``interp`` already holds (no corner
         table is built) from the kept unit crops (``unit_grids``; `sample_sparse` blends the stored ones,
@@ -440,7 +442,7 @@ class ViewIndex:
         r, o = int(rows.numel()), self.idx.numel()
         if r == 0:
             return torch.zeros(0, self.dim)
-        lo, hi, t = (x.cpu() for x in pyramid.level_pair(tile_frac.cpu()))
+        lo, hi, t = (x.cpu() for x in self._level_pair(tile_frac.cpu()))
         rows = rows.long()
         cols = self.interp.col_indices().view(self.n_levels * o, 4)
         vals = self.interp.values().view(self.n_levels * o, 4)
@@ -454,9 +456,7 @@ class ViewIndex:
         stored crop, interpolated at every sighting on every level (all keyframes at once)."""
         if self.idx.numel() == 0:
             return torch.zeros(0)
-        unit = self.unit_grids
-        if unit is None:
-            unit = F.normalize(self._pyramid.grids_of(self.kf_ids)[: self.n_cells].float(), dim=1)
+        unit = self._unit_crops() if self.unit_grids is None else self.unit_grids
         return self.interp @ cell_fn(unit).float().cpu()
 
     def plan(self, scale_m: float) -> tuple[Tensor, Tensor]:

@@ -473,12 +473,12 @@ def test_a_view_index_samples_its_sightings_as_the_pyramid_does(scene):
     rng = np.random.default_rng(3)
     rows = torch.from_numpy(rng.choice(o, size=64, replace=False))
     frac = torch.from_numpy(rng.uniform(0.01, 2.0, size=64)).float()  # in range, and clamped at both ends
-    got = index.sample(pyr, rows, frac)
+    got = index.sample(rows, frac)
     kf = torch.tensor(index.kf_ids)[torch.from_numpy(index._pos[rows.numpy()]).long()]
     want = pyr.sample(kf, torch.from_numpy(index._uv[rows.numpy()]).float(), frac)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
     assert float((want @ want.T).min()) < 0.9  # the rows differ: a wrong row would show
-    assert index.sample(pyr, rows[:0], frac[:0]).shape == (0, pyr.dim)
+    assert index.sample(rows[:0], frac[:0]).shape == (0, pyr.dim)
 
 
 def test_triangulation_uses_every_view_that_holds_an_answer_placed_behind_the_object(scene):
