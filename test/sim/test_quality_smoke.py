@@ -2,13 +2,9 @@
 (bag -> ``lerf-ros train`` in process -> load map -> query every object and the absent names)."""
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
 SEED = 10
 #: A fixed budget (lerf-ros train's own stopping rule varies 1600-3000 steps, 45-100 s here) and a fixed
 #: torch seed (the engine does not seed its fields' initialisation: unseeded runs located 2/6 to 5/6).
@@ -19,19 +15,11 @@ STEPS, TORCH_SEED = 1600, 0
 MIN_LOCATED = 4 / 6
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("lerf_bench_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module by name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
-def test_one_room_rgbd_colour(tmp_path):
+def test_one_room_rgbd_colour(tmp_path, quality_bench):
     import torch
 
-    quality = _bench()
+    quality = quality_bench
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,21 +1,11 @@
 """bench/quality.py's streaming figures from a query-round curve (no training: hand-made curves)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
 
-
-@pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("lerf_bench_quality_table", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module by name
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def quality(quality_bench):
+    return quality_bench
 
 
 def _curve(*points):
