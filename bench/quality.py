@@ -322,17 +322,17 @@ def table(cond: Condition, results: list[dict]) -> str:
         if curve:  # objects located at the stream's last round (its t90, or the cap)
             pooled[0] += round(curve[-1]["located"] * s["objects"])
             pooled[1] += s["objects"]
-        best = f" (max {100 * max(p['located'] for p in curve):.0f} %)" if curve and t90 is None else ""
+        extra = f" (max {100 * max(p['located'] for p in curve):.0f} %)" if curve and t90 is None else ""
         cap = r.get("stream", {}).get("cap_s")
         if curve and cap:
             means.append(mean_located(curve, float(cap)))
-            best += f"; mean {means[-1]:.2f}"
+            extra += f"; mean {means[-1]:.2f}"
         err = "-" if s["median_error_m"] is None else f"{s['median_error_m']:.2f}"
         size = "x".join(f"{v:.1f}" for v in r["room"]["size_m"][:2])
         label = f"{r['room']['seed']} ({size} m)" + (f": {r['error']}" if "error" in r else "")
         lines.append(f"| {label} | {_fmt(s['located'], s['objects'])} | {_fmt(s['rejected'], s['absent'])} | "
                      f"{s['lookalike_confusions']}/{s['lookalike_queries']} | {err} | "
-                     f"{'-' if t90 is None else t90}{best} | {r.get('steps', '-')} | "
+                     f"{'-' if t90 is None else t90}{extra} | {r.get('steps', '-')} | "
                      f"{r.get('train_s', '-')} |")
     s = summarise(all_rows)
     err = "-" if s["median_error_m"] is None else f"{s['median_error_m']:.2f}"

@@ -349,7 +349,6 @@ class ViewIndex:
         self._kept_lock = threading.Lock()  # `kept_rows`, for concurrent queries
         self._kept: dict = {}
         self.lo_hi = _tile_range(pyramid)
-        self._level_pair = pyramid.level_pair
         self._plans: dict[float, tuple[Tensor, Tensor]] = {}
         # A kept index serves concurrent queries (outside the engine lock): the plans are read and added
         # under this lock (a sum over them while another query adds one raised "dictionary changed size")
@@ -442,7 +441,7 @@ class ViewIndex:
         r, o = int(rows.numel()), self.idx.numel()
         if r == 0:
             return torch.zeros(0, self.dim)
-        lo, hi, t = (x.cpu() for x in self._level_pair(tile_frac.cpu()))
+        lo, hi, t = (x.cpu() for x in self._pyramid.level_pair(tile_frac.cpu()))
         rows = rows.long()
         cols = self.interp.col_indices().view(self.n_levels * o, 4)
         vals = self.interp.values().view(self.n_levels * o, 4)
@@ -475,7 +474,7 @@ class ViewIndex:
         w = torch.where((frac >= self.lo_hi[0]) & (frac <= self.lo_hi[1]), 1.0, _OUT_OF_RANGE_WEIGHT)
         total = torch.zeros(self.n_points).index_add_(0, self.idx, w)
         w = w / total[self.idx]
-        lo, _, t = (x.cpu() for x in self._level_pair(frac))  # hi = lo + 1, or lo with a single level
+        lo, _, t = (x.cpu() for x in self._pyramid.level_pair(frac))  # hi = lo + 1, or lo with a single level
         col = lo * o + torch.arange(o)
         step = o if self.n_levels > 1 else 0
         rows = self.idx.repeat_interleave(2)
