@@ -17,8 +17,9 @@ what misplaces RGB-only answers. Before that, ``refine_fn`` triangulates: each k
 answer's neighbourhood gives the ray through the centre of its own relevancy peak there (the query's image
 position in that view), and the point closest to those rays (weighted least squares, outlier rays dropped)
 is where the views place the target. The hull's best region is flat along the mean viewing direction;
-rays from a few tens of degrees apart pin it to centimetres. The hull serves when the rays cannot
-(fewer than two views, or all from nearly one direction).
+rays from a few tens of degrees apart pin it to centimetres. With a depth sensor, rays that pin the depth
+poorly (a few degrees apart) give way to where they meet the measured surface. The hull serves when
+neither can (fewer than two views, or all from nearly one direction, without depth).
 """
 
 from __future__ import annotations
@@ -610,6 +611,9 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
 #: that can pin a point (below it the rays are near parallel: depth along them is undetermined); rays
 #: farther than max(TRI_OUTLIER_M, 2 x the median) from the solution are dropped and it is solved again.
 TRI_SAMPLES, TRI_MIN_SPREAD_DEG, TRI_OUTLIER_M = 15, 5.0, 0.1
+#: `triangulate_fn` with measured depth: a triangulated point whose `depth_uncertainty` exceeds this gives
+#: way to where its rays meet the measured surface (`surface_cut`), metres.
+TRI_PIN_M = 0.06
 
 
 def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
@@ -627,8 +631,12 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     the centroid of the window's pixels within 20 % of the peak above the window median, weighted by the
     peak's excess. A second pass re-centres the windows on the first pass's point; its answer stands when
     it lies within ``window_m`` of the first (farther, the re-centred windows caught something else: the
-    first stands). None with fewer than ``min_rays`` rays, rays within TRI_MIN_SPREAD_DEG of one direction,
-    or a first answer farther than ``reach_m`` from ``location`` (the rays met on something else)."""
+    first stands). Keyframes with measured depth also give each ray's point on their surface: where those
+    agree (`surface_cut`), they place the answer when the rays cannot (too few, or within
+    TRI_MIN_SPREAD_DEG of one direction) or pin its depth more loosely than TRI_PIN_M (`depth_uncertainty`:
+    a small object seen from one pass). None with fewer than ``min_rays`` rays, rays within
+    TRI_MIN_SPREAD_DEG of one direction (and no measured surface), or a first answer farther than
+    ``reach_m`` from ``location`` (the rays met on something else)."""
     by_id = dict(frames)
     ax = np.linspace(-1.0, 1.0, TRI_SAMPLES)
     offsets = np.stack(np.meshgrid(ax, ax), axis=-1).reshape(-1, 2)
@@ -654,7 +662,16 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         u, v = (pix[top] * w[:, None]).sum(axis=0) / w.sum()
         d_cam = np.array([(u - k.cx) / k.fx, (v - k.cy) / k.fy, 1.0])
         d_world = kf.T_world_cam[:3, :3] @ d_cam
-        return kf.T_world_cam[:3, 3], d_world / np.linalg.norm(d_world), peak - med
+        origin = kf.T_world_cam[:3, 3]
+        return origin, d_world / np.linalg.norm(d_world), peak - med, surface(kf, u, v, d_world)
+
+    def surface(kf: Frame, u: float, v: float, d_world: np.ndarray) -> np.ndarray | None:
+        """Where the ray through pixel (u, v) (world direction ``d_world``, unit optical z) meets the
+        keyframe's measured depth there; None without a valid measurement."""
+        if kf.depth_m is None:
+            return None
+        z = float(kf.depth_m[round(v), round(u)])
+        return kf.T_world_cam[:3, 3] + z * d_world if math.isfinite(z) and z > 0 else None
 
     def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:
         # Windows centred off the object cut its peak on one side and pull the rays towards the start;
@@ -684,7 +701,15 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
                                   np.repeat([f for _, _, f in wins], sizes)).double().numpy()
         rays = [ray(kfs[p], pix, r) for (p, pix, _), r in zip(wins, np.split(r_all, np.cumsum(sizes)[:-1]),
                                                                strict=True)]
-        return closest_point([r for r in rays if r is not None], min_rays)
+        rays = [r for r in rays if r is not None]
+        met = closest_point([r[:3] for r in rays], min_rays)
+        on_surface = surface_cut([r[3] for r in rays], min_rays)
+        # With a depth sensor, where the rays meet the measured surface stands for a triangulation that
+        # pins the depth along them more loosely than TRI_PIN_M (rays from one pass, a few degrees apart).
+        if met is None or (on_surface is not None
+                           and depth_uncertainty(met, [r[:3] for r in rays]) > TRI_PIN_M):
+            return on_surface
+        return met
 
     return fn
 
@@ -738,15 +763,12 @@ def closest_point(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
             b += w * p @ o
         return np.linalg.lstsq(a, b, rcond=None)[0]
 
-    def miss(x, rs):
-        return np.array([np.linalg.norm((np.eye(3) - np.outer(d, d)) @ (x - o)) for o, d, _ in rs])
-
     keep = list(rays)
     if len(keep) < max(2, min_rays):
         return None
     x = solve(keep)
     for _ in range(3):
-        m = miss(x, keep)
+        m = _misses(x, keep)
         kept = [r for r, e in zip(keep, m, strict=True) if e <= max(TRI_OUTLIER_M, 2.0 * float(np.median(m)))]
         if len(kept) < max(2, min_rays) or len(kept) == len(keep):
             break
@@ -759,6 +781,36 @@ def closest_point(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
     if any(float(np.dot(x - o, d)) <= 0 for o, d, _ in keep):  # behind a camera: not where those views look
         return None
     return x
+
+
+def _misses(x: np.ndarray, rays) -> np.ndarray:
+    """Each ray's distance from ``x``."""
+    return np.array([np.linalg.norm((np.eye(3) - np.outer(d, d)) @ (x - o)) for o, d, _ in rays])
+
+
+def depth_uncertainty(x: np.ndarray, rays: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> float:
+    """How loosely rays pin the depth of their meeting point ``x`` (`closest_point`'s answer) along them:
+    the median distance of the rays that count there (`closest_point`'s outlier rule) divided by the sine
+    of the largest angle between them; metres (inf when they are parallel). Rays a few degrees apart that
+    miss ``x`` by centimetres leave it decimetres loose along their direction."""
+    m = _misses(x, rays)
+    keep = [r for r, e in zip(rays, m, strict=True) if e <= max(TRI_OUTLIER_M, 2.0 * float(np.median(m)))]
+    dirs = np.stack([d for _, d, _ in keep])
+    sine = math.sin(math.radians(float(np.degrees(np.arccos(np.clip(dirs @ dirs.T, -1.0, 1.0))).max())))
+    return float(np.median(_misses(x, keep))) / sine if sine > 1e-6 else math.inf
+
+
+def surface_cut(points: Sequence[np.ndarray | None], min_rays: int = 2) -> np.ndarray | None:
+    """Where the views' rays meet the measured surface: ``points`` are each ray's point on its keyframe's
+    measured depth (None: no measurement). The per-axis median of the points within TRI_OUTLIER_M of their
+    median; None when fewer than ``min_rays`` (at least 2) and half of the measured points agree so (RGB-only
+    views have none; rays through the edge of a small object that hit what lies behind it scatter)."""
+    pts = np.array([p for p in points if p is not None]).reshape(-1, 3)
+    if pts.shape[0] < max(2, min_rays):
+        return None
+    near = pts[np.linalg.norm(pts - np.median(pts, axis=0), axis=1) <= TRI_OUTLIER_M]
+    enough = near.shape[0] >= max(2, min_rays) and 2 * near.shape[0] >= pts.shape[0]
+    return np.median(near, axis=0) if enough else None
 
 
 def hull_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,

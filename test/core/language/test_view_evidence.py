@@ -498,3 +498,79 @@ def test_triangulation_uses_every_view_that_holds_an_answer_placed_behind_the_ob
     assert shown == len(kfs) and hidden < shown  # the box's own views do not reach the spot behind it
     out = tri(start, 0.1)
     assert out is not None and np.linalg.norm(out - obj.center) < 0.05, (out, obj.center)
+
+
+@pytest.fixture(scope="module")
+def near_parallel():
+    """Three keyframes with measured depth looking at the red box from within 4 degrees of one direction."""
+    room = SyntheticRoom(0)
+    obj = next(o for o in room.objects if o.name == "red box")
+    eyes = [obj.center + np.array([1.6 * np.cos(a), 1.6 * np.sin(a), 0.9])
+            for a in np.radians([178, 180, 182])]
+    frames = make_frames(room, [look_at_pose(e, obj.center) for e in eyes], default_intrinsics(96, 72))
+    enc = load_encoder(DEMO_CLIP)
+    pyr = ClipPyramid(enc, CFG.pyramid, "cpu")
+    for i, f in enumerate(frames):
+        pyr.add(i, f.image)
+    stride = CFG.candidates.pixel_stride
+    cset = CandidateSet(np.zeros((0, 3)), np.zeros((0, 3), np.uint8), np.zeros(0, np.int64), "test",
+                        grid_ids=np.arange(len(frames)),
+                        grids=np.stack([f.depth_m[::stride, ::stride] for f in frames]))
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    return obj, eyes, list(enumerate(frames)), pyr, cset, cells
+
+
+def test_near_parallel_views_with_measured_depth_place_the_answer_where_their_rays_meet_the_surface(
+        near_parallel):
+    """Views from nearly one direction (rays within TRI_MIN_SPREAD_DEG: depth along them undetermined)
+    cannot be triangulated; with a depth sensor, each ray's point on the measured surface places the
+    answer on the object; without depth the views give nothing (the hull's turn)."""
+    obj, _, frames, pyr, cset, cells = near_parallel
+    start = obj.center + np.array([0.0, 0.15, 0.0])
+    out = view_evidence.triangulate_fn(cset, frames, pyr, CFG.candidates, cells, 0.3)(start, 0.1)
+    assert out is not None and _inside(obj, out), (out, obj.center)
+    rgb_only = [(i, dataclasses.replace(f, depth_m=None)) for i, f in frames]
+    assert view_evidence.triangulate_fn(cset, rgb_only, pyr, CFG.candidates, cells, 0.3)(start, 0.1) is None
+
+
+def test_a_loosely_pinned_triangulation_gives_way_to_the_measured_surface(near_parallel, monkeypatch):
+    """With measured depth, the triangulated point stands while its `depth_uncertainty` is within
+    TRI_PIN_M; looser, where the rays meet the measured surface stands (on the object)."""
+    obj, eyes, frames, pyr, cset, cells = near_parallel
+    view = (obj.center - eyes[1]) / np.linalg.norm(obj.center - eyes[1])
+    met = obj.center + 0.3 * view  # 30 cm behind the box centre along the views
+    monkeypatch.setattr(view_evidence, "closest_point", lambda rays, min_rays=2: met)
+    for loose, kept in ((0.5 * view_evidence.TRI_PIN_M, True), (2.0 * view_evidence.TRI_PIN_M, False)):
+        monkeypatch.setattr(view_evidence, "depth_uncertainty", lambda x, rays, loose=loose: loose)
+        out = view_evidence.triangulate_fn(cset, frames, pyr, CFG.candidates, cells, 0.3)(obj.center, 0.1)
+        if kept:
+            np.testing.assert_allclose(out, met)
+        else:
+            assert _inside(obj, out) and not _inside(obj, met), (out, met)
+
+
+def test_depth_uncertainty_grows_as_the_rays_close_up():
+    target = np.array([1.0, 2.0, 0.3])
+    rng = np.random.default_rng(1)
+
+    def rays(degrees):
+        origins = [target + 2.0 * np.array([np.cos(a), np.sin(a), 0.5]) for a in np.radians(degrees)]
+        out = []
+        for o, d, w in _rays(target + rng.normal(0, 0.01, 3), origins):  # each ray misses by ~1 cm
+            out.append((o, d, w))
+        return out
+
+    wide, narrow = rays([0, 30, 60, 90]), rays([0, 3, 6, 9])
+    u_wide = view_evidence.depth_uncertainty(target, wide)
+    u_narrow = view_evidence.depth_uncertainty(target, narrow)
+    assert 0.002 < u_wide < 0.05 and u_narrow > 4 * u_wide, (u_wide, u_narrow)
+    assert view_evidence.depth_uncertainty(target, [wide[0], wide[0]]) == np.inf  # parallel: unpinned
+
+
+def test_surface_cut_is_the_median_of_the_measured_points_without_the_outliers():
+    pts = [np.array([1.0, 2.0, 0.3]), np.array([1.02, 2.0, 0.31]), None, np.array([1.0, 2.03, 0.3]),
+           np.array([1.0, 2.0, 1.3])]  # one ray hit the wall behind
+    np.testing.assert_allclose(view_evidence.surface_cut(pts), [1.0, 2.0, 0.3])
+    assert view_evidence.surface_cut([pts[0], None]) is None  # one measured point: not enough
+    assert view_evidence.surface_cut([pts[0], pts[4]]) is None  # two that disagree
