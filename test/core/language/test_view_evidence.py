@@ -19,12 +19,13 @@ CFG = make_preset("tiny")
 GROW = 0.05
 
 
-@pytest.fixture(scope="module")
-def scene():
+def _looking_at_the_red_box(distance_m: float, degrees: list[float]):
+    """Keyframes of the demo room looking at its red box from ``distance_m`` (horizontally, 0.9 m above it)
+    at each azimuth, with their pyramids and their true depth as the candidates' grids."""
     room = SyntheticRoom(0)
     obj = next(o for o in room.objects if o.name == "red box")
-    eyes = [obj.center + np.array([1.4 * np.cos(a), 1.4 * np.sin(a), 0.9])
-            for a in np.radians([120, 150, 180, 210, 240, 270])]
+    eyes = [obj.center + np.array([distance_m * np.cos(a), distance_m * np.sin(a), 0.9])
+            for a in np.radians(degrees)]
     frames = make_frames(room, [look_at_pose(e, obj.center) for e in eyes], default_intrinsics(96, 72))
     enc = load_encoder(DEMO_CLIP)
     pyr = ClipPyramid(enc, CFG.pyramid, "cpu")
@@ -34,6 +35,12 @@ def scene():
     cset = CandidateSet(np.zeros((0, 3)), np.zeros((0, 3), np.uint8), np.zeros(0, np.int64), "test",
                         grid_ids=np.arange(len(frames)),
                         grids=np.stack([f.depth_m[::stride, ::stride] for f in frames]))
+    return room, obj, eyes, frames, enc, pyr, cset
+
+
+@pytest.fixture(scope="module")
+def scene():
+    room, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.4, [120, 150, 180, 210, 240, 270])
     # RGB-only keyframes: the grids stand for rendered depth (here the truth).
     rgb_only = [(i, dataclasses.replace(f, depth_m=None)) for i, f in enumerate(frames)]
     return room, obj, eyes, enc, pyr, cset, rgb_only
@@ -503,19 +510,7 @@ def test_triangulation_uses_every_view_that_holds_an_answer_placed_behind_the_ob
 @pytest.fixture(scope="module")
 def near_parallel():
     """Three keyframes with measured depth looking at the red box from within 4 degrees of one direction."""
-    room = SyntheticRoom(0)
-    obj = next(o for o in room.objects if o.name == "red box")
-    eyes = [obj.center + np.array([1.6 * np.cos(a), 1.6 * np.sin(a), 0.9])
-            for a in np.radians([178, 180, 182])]
-    frames = make_frames(room, [look_at_pose(e, obj.center) for e in eyes], default_intrinsics(96, 72))
-    enc = load_encoder(DEMO_CLIP)
-    pyr = ClipPyramid(enc, CFG.pyramid, "cpu")
-    for i, f in enumerate(frames):
-        pyr.add(i, f.image)
-    stride = CFG.candidates.pixel_stride
-    cset = CandidateSet(np.zeros((0, 3)), np.zeros((0, 3), np.uint8), np.zeros(0, np.int64), "test",
-                        grid_ids=np.arange(len(frames)),
-                        grids=np.stack([f.depth_m[::stride, ::stride] for f in frames]))
+    _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.6, [178, 180, 182])
     emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
     cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
     return obj, eyes, list(enumerate(frames)), pyr, cset, cells
