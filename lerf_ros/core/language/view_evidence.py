@@ -668,7 +668,7 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     def surface(kf: Frame, u: float, v: float, d_world: np.ndarray) -> np.ndarray | None:
         """Where the ray through pixel (u, v) (world direction ``d_world``, unit optical z) meets the
         keyframe's measured depth there; None without a valid measurement."""
-        if kf.depth_m is None:
+        if kf.depth_m is None or not (math.isfinite(u) and math.isfinite(v)):
             return None
         z = float(kf.depth_m[round(v), round(u)])
         return kf.T_world_cam[:3, 3] + z * d_world if math.isfinite(z) and z > 0 else None
