@@ -632,10 +632,10 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     peak's excess. A second pass re-centres the windows on the first pass's point; its answer stands when
     it lies within ``window_m`` of the first (farther, the re-centred windows caught something else: the
     first stands). Keyframes with measured depth also give each ray's point on their surface: where those
-    agree (`surface_cut`), they place the answer when the rays cannot (too few, or within
-    TRI_MIN_SPREAD_DEG of one direction) or pin its depth more loosely than TRI_PIN_M (`depth_uncertainty`:
-    a small object seen from one pass). None with fewer than ``min_rays`` rays, rays within
-    TRI_MIN_SPREAD_DEG of one direction (and no measured surface), or a first answer farther than
+    agree (`surface_cut`), they place the answer when the rays cannot (within TRI_MIN_SPREAD_DEG of one
+    direction, or meeting behind a camera) or pin its depth more loosely than TRI_PIN_M
+    (`depth_uncertainty`: a small object seen from one pass). None with fewer than ``min_rays`` rays, rays
+    within TRI_MIN_SPREAD_DEG of one direction (and no measured surface), or a first answer farther than
     ``reach_m`` from ``location`` (the rays met on something else)."""
     by_id = dict(frames)
     ax = np.linspace(-1.0, 1.0, TRI_SAMPLES)
@@ -653,6 +653,8 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         """The ray through the window's relevancy peak ``r`` at ``pix``; None if the view does not favour
         the query there."""
         k = kf.intrinsics
+        if not np.isfinite(r).all():
+            return None
         peak, med = float(r.max()), float(np.median(r))
         if peak <= 0.5:
             return None
@@ -790,21 +792,28 @@ def _misses(x: np.ndarray, rays) -> np.ndarray:
 
 def depth_uncertainty(x: np.ndarray, rays: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> float:
     """How loosely rays pin the depth of their meeting point ``x`` (`closest_point`'s answer) along them:
-    the median distance of the rays that count there (`closest_point`'s outlier rule) divided by the sine
-    of the largest angle between them; metres (inf when they are parallel). Rays a few degrees apart that
-    miss ``x`` by centimetres leave it decimetres loose along their direction."""
-    m = _misses(x, rays)
-    keep = [r for r, e in zip(rays, m, strict=True) if e <= max(TRI_OUTLIER_M, 2.0 * float(np.median(m)))]
+    the median distance from ``x`` of the rays that count there (`closest_point`'s outlier rule, applied at
+    ``x``) divided by the largest sine of the angle between two of them (the pair closest to 90 degrees:
+    rays from opposite sides pin a point as well as rays from one side); metres, inf when they are
+    parallel. Rays a few degrees apart that miss ``x`` by centimetres leave it decimetres loose along them."""
+    keep = list(rays)
+    for _ in range(3):
+        m = _misses(x, keep)
+        kept = [r for r, e in zip(keep, m, strict=True) if e <= max(TRI_OUTLIER_M, 2.0 * float(np.median(m)))]
+        if len(kept) < 2 or len(kept) == len(keep):
+            break
+        keep = kept
     dirs = np.stack([d for _, d, _ in keep])
-    sine = math.sin(math.radians(float(np.degrees(np.arccos(np.clip(dirs @ dirs.T, -1.0, 1.0))).max())))
+    sine = float(np.sqrt(np.clip(1.0 - (dirs @ dirs.T) ** 2, 0.0, 1.0)).max())
     return float(np.median(_misses(x, keep))) / sine if sine > 1e-6 else math.inf
 
 
 def surface_cut(points: Sequence[np.ndarray | None], min_rays: int = 2) -> np.ndarray | None:
     """Where the views' rays meet the measured surface: ``points`` are each ray's point on its keyframe's
     measured depth (None: no measurement). The per-axis median of the points within TRI_OUTLIER_M of their
-    median; None when fewer than ``min_rays`` (at least 2) and half of the measured points agree so (RGB-only
-    views have none; rays through the edge of a small object that hit what lies behind it scatter)."""
+    median; None unless at least ``min_rays`` (and 2) points, and at least half of the measured ones, lie
+    that close (RGB-only views have none; rays through the edge of a small object that hit what lies behind
+    it scatter)."""
     pts = np.array([p for p in points if p is not None]).reshape(-1, 3)
     if pts.shape[0] < max(2, min_rays):
         return None

@@ -552,15 +552,36 @@ def test_depth_uncertainty_grows_as_the_rays_close_up():
     def rays(degrees):
         origins = [target + 2.0 * np.array([np.cos(a), np.sin(a), 0.5]) for a in np.radians(degrees)]
         out = []
-        for o, d, w in _rays(target + rng.normal(0, 0.01, 3), origins):  # each ray misses by ~1 cm
-            out.append((o, d, w))
+        for o in origins:  # each ray aimed at its own point near the target: they miss each other by ~1 cm
+            d = target + rng.normal(0, 0.01, 3) - o
+            out.append((o, d / np.linalg.norm(d), 1.0))
         return out
 
-    wide, narrow = rays([0, 30, 60, 90]), rays([0, 3, 6, 9])
-    u_wide = view_evidence.depth_uncertainty(target, wide)
-    u_narrow = view_evidence.depth_uncertainty(target, narrow)
+    def uncertainty(rs):
+        return view_evidence.depth_uncertainty(view_evidence.closest_point(rs), rs)
+
+    u_wide, u_narrow = uncertainty(rays([0, 30, 60, 90])), uncertainty(rays([0, 3, 6, 9]))
     assert 0.002 < u_wide < 0.05 and u_narrow > 4 * u_wide, (u_wide, u_narrow)
-    assert view_evidence.depth_uncertainty(target, [wide[0], wide[0]]) == np.inf  # parallel: unpinned
+    assert uncertainty(rays([0, 90, 180])) < 0.05  # opposite sides and across: pinned
+    parallel = rays([0])
+    assert view_evidence.depth_uncertainty(target, parallel + parallel) == np.inf
+
+
+def test_views_from_around_the_object_keep_their_triangulated_point_with_measured_depth(scene):
+    """The measured surface is the object's front face: views spread around it (well pinned) keep the point
+    their rays meet, the same as without depth."""
+    _, obj, eyes, enc, pyr, cset, rgb_only = scene
+    *_, frames, _, _, _ = _looking_at_the_red_box(1.4, [120, 150, 180, 210, 240, 270])
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    ray = obj.center - eyes[2]
+    start = obj.center - 0.3 * ray / np.linalg.norm(ray)
+    with_depth = view_evidence.triangulate_fn(cset, list(enumerate(frames)), pyr, CFG.candidates, cells,
+                                              0.3)(start, 0.1)
+    without = view_evidence.triangulate_fn(cset, rgb_only, pyr, CFG.candidates, cells, 0.3)(start, 0.1)
+    assert with_depth is not None and without is not None
+    np.testing.assert_allclose(with_depth, without)
+    assert np.linalg.norm(with_depth - obj.center) < 0.04
 
 
 def test_surface_cut_is_the_median_of_the_measured_points_without_the_outliers():
@@ -569,3 +590,5 @@ def test_surface_cut_is_the_median_of_the_measured_points_without_the_outliers()
     np.testing.assert_allclose(view_evidence.surface_cut(pts), [1.0, 2.0, 0.3])
     assert view_evidence.surface_cut([pts[0], None]) is None  # one measured point: not enough
     assert view_evidence.surface_cut([pts[0], pts[4]]) is None  # two that disagree
+    far = [np.array([3.0, 0.0, 0.0]), np.array([0.0, 3.0, 0.0]), np.array([0.0, 0.0, 3.0])]
+    assert view_evidence.surface_cut(pts[:2] + far) is None  # two of five agree: fewer than half
