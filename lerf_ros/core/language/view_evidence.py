@@ -665,15 +665,15 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         d_cam = np.array([(u - k.cx) / k.fx, (v - k.cy) / k.fy, 1.0])
         d_world = kf.T_world_cam[:3, :3] @ d_cam
         origin = kf.T_world_cam[:3, 3]
-        return origin, d_world / np.linalg.norm(d_world), peak - med, surface(kf, u, v, d_world)
+        return origin, d_world / np.linalg.norm(d_world), peak - med, surface(kf, u, v, origin, d_world)
 
-    def surface(kf: Frame, u: float, v: float, d_world: np.ndarray) -> np.ndarray | None:
-        """Where the ray through pixel (u, v) (world direction ``d_world``, unit optical z) meets the
-        keyframe's measured depth there; None without a valid measurement."""
+    def surface(kf: Frame, u: float, v: float, origin: np.ndarray, d_world: np.ndarray) -> np.ndarray | None:
+        """Where the ray from ``origin`` through pixel (u, v) (world direction ``d_world``, unit optical z)
+        meets the keyframe's measured depth there; None without a valid measurement."""
         if kf.depth_m is None or not (math.isfinite(u) and math.isfinite(v)):
             return None
         z = float(kf.depth_m[round(v), round(u)])
-        return kf.T_world_cam[:3, 3] + z * d_world if math.isfinite(z) and z > 0 else None
+        return origin + z * d_world if math.isfinite(z) and z > 0 else None
 
     def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:
         # Windows centred off the object cut its peak on one side and pull the rays towards the start;
@@ -704,12 +704,12 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         rays = [ray(kfs[p], pix, r) for (p, pix, _), r in zip(wins, np.split(r_all, np.cumsum(sizes)[:-1]),
                                                                strict=True)]
         rays = [r for r in rays if r is not None]
-        met = closest_point([r[:3] for r in rays], min_rays)
+        lines = [r[:3] for r in rays]
+        met = closest_point(lines, min_rays)
         on_surface = surface_cut([r[3] for r in rays], min_rays)
         # With a depth sensor, where the rays meet the measured surface stands for a triangulation that
         # pins the depth along them more loosely than TRI_PIN_M (rays from one pass, a few degrees apart).
-        if met is None or (on_surface is not None
-                           and depth_uncertainty(met, [r[:3] for r in rays]) > TRI_PIN_M):
+        if met is None or (on_surface is not None and depth_uncertainty(met, lines) > TRI_PIN_M):
             return on_surface
         return met
 
@@ -770,8 +770,7 @@ def closest_point(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
         return None
     x = solve(keep)
     for _ in range(3):
-        m = _misses(x, keep)
-        kept = [r for r, e in zip(keep, m, strict=True) if e <= max(TRI_OUTLIER_M, 2.0 * float(np.median(m)))]
+        kept = _inliers(x, keep)
         if len(kept) < max(2, min_rays) or len(kept) == len(keep):
             break
         keep = kept
@@ -790,6 +789,12 @@ def _misses(x: np.ndarray, rays) -> np.ndarray:
     return np.array([np.linalg.norm((np.eye(3) - np.outer(d, d)) @ (x - o)) for o, d, _ in rays])
 
 
+def _inliers(x: np.ndarray, rays) -> list:
+    """The rays that count at ``x``: within max(TRI_OUTLIER_M, 2 x the median) of it."""
+    m = _misses(x, rays)
+    return [r for r, e in zip(rays, m, strict=True) if e <= max(TRI_OUTLIER_M, 2.0 * float(np.median(m)))]
+
+
 def depth_uncertainty(x: np.ndarray, rays: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> float:
     """How loosely rays pin the depth of their meeting point ``x`` (`closest_point`'s answer) along them:
     the median distance from ``x`` of the rays that count there (`closest_point`'s outlier rule, applied at
@@ -798,8 +803,7 @@ def depth_uncertainty(x: np.ndarray, rays: Sequence[tuple[np.ndarray, np.ndarray
     parallel. Rays a few degrees apart that miss ``x`` by centimetres leave it decimetres loose along them."""
     keep = list(rays)
     for _ in range(3):
-        m = _misses(x, keep)
-        kept = [r for r, e in zip(keep, m, strict=True) if e <= max(TRI_OUTLIER_M, 2.0 * float(np.median(m)))]
+        kept = _inliers(x, keep)
         if len(kept) < 2 or len(kept) == len(keep):
             break
         keep = kept

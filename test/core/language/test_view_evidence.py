@@ -2,6 +2,7 @@
 demo colour encoder; the depth grids are the rendered truth, the starting guess is wrong along a ray."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -17,11 +18,14 @@ from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, look_at_pose, 
 
 CFG = make_preset("tiny")
 GROW = 0.05
+AROUND = (120, 150, 180, 210, 240, 270)  # the scene's view azimuths, degrees
 
 
-def _looking_at_the_red_box(distance_m: float, degrees: list[float]):
+@functools.cache
+def _looking_at_the_red_box(distance_m: float, degrees: tuple[float, ...]):
     """Keyframes of the demo room looking at its red box from ``distance_m`` (horizontally, 0.9 m above it)
-    at each azimuth, with their pyramids and their true depth as the candidates' grids."""
+    at each azimuth, with their pyramids and their true depth as the candidates' grids (made once per
+    arguments: the module's tests read them, none changes them)."""
     room = SyntheticRoom(0)
     obj = next(o for o in room.objects if o.name == "red box")
     eyes = [obj.center + np.array([distance_m * np.cos(a), distance_m * np.sin(a), 0.9])
@@ -40,7 +44,7 @@ def _looking_at_the_red_box(distance_m: float, degrees: list[float]):
 
 @pytest.fixture(scope="module")
 def scene():
-    room, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.4, [120, 150, 180, 210, 240, 270])
+    room, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.4, AROUND)
     # RGB-only keyframes: the grids stand for rendered depth (here the truth).
     rgb_only = [(i, dataclasses.replace(f, depth_m=None)) for i, f in enumerate(frames)]
     return room, obj, eyes, enc, pyr, cset, rgb_only
@@ -510,7 +514,7 @@ def test_triangulation_uses_every_view_that_holds_an_answer_placed_behind_the_ob
 @pytest.fixture(scope="module")
 def near_parallel():
     """Three keyframes with measured depth looking at the red box from within 4 degrees of one direction."""
-    _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.6, [178, 180, 182])
+    _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.6, (178, 180, 182))
     emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
     cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
     return obj, eyes, list(enumerate(frames)), pyr, cset, cells
@@ -568,10 +572,12 @@ def test_depth_uncertainty_grows_as_the_rays_close_up():
 
 
 def test_views_from_around_the_object_keep_their_triangulated_point_with_measured_depth(scene):
-    """The measured surface is the object's front face: views spread around it (well pinned) keep the point
-    their rays meet, the same as without depth."""
+    """The measured surface is the object's front face: views spread around it keep the point their rays
+    meet, the same as without depth. (Here the rays' surface points lie on different faces of the 40 cm box
+    and do not agree, so `surface_cut` gives nothing: this checks that disagreeing surface points never
+    replace a triangulation, not the TRI_PIN_M threshold, which the scripted test above covers.)"""
     _, obj, eyes, enc, pyr, cset, rgb_only = scene
-    *_, frames, _, _, _ = _looking_at_the_red_box(1.4, [120, 150, 180, 210, 240, 270])
+    *_, frames, _, _, _ = _looking_at_the_red_box(1.4, AROUND)  # the scene's keyframes, with their depth
     emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
     cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
     ray = obj.center - eyes[2]
