@@ -18,8 +18,11 @@ answer's neighbourhood gives the ray through the centre of its own relevancy pea
 position in that view), and the point closest to those rays (weighted least squares, outlier rays dropped)
 is where the views place the target. The hull's best region is flat along the mean viewing direction;
 rays from a few tens of degrees apart pin it to centimetres. With a depth sensor, rays that pin the depth
-poorly (a few degrees apart) give way to where they meet the measured surface. The hull serves when
-neither can (fewer than two views, or all from nearly one direction, without depth).
+poorly (a few degrees apart) give way to where they meet the measured surface. Without one, such rays are
+followed instead: along their mean line, the place the other keyframes' views agree on (`sweep_fn`) is
+triangulated again, and stands when its rays pin it (an RGB-only cluster on floaters behind an object, or
+under the floor, gets rays only from the views along that line). The hull serves when none can (fewer than
+two views, or all from nearly one direction, without depth).
 """
 
 from __future__ import annotations
@@ -584,16 +587,18 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
               window_m: float = 0.3, ground_z: float | None = None):
     """``fn(location (3,), scale_m) -> (3,) | None`` for `locate`: where the keyframes' views place the
     target found at ``location`` (module docstring): `triangulate_fn` (window half-size ``window_m``; 0 =
-    off) when its first pass's rays meet within the hull's search cube's reach (``radius_m`` x sqrt 3) of
-    ``location`` (and the answer lies inside ``box``), else the views' hull (`hull_fn`). With a ground
+    off; its loose first passes followed along their rays by `sweep_fn`) when its first pass's rays pass
+    within the hull's search cube's reach (``radius_m`` x sqrt 3) of ``location`` (and the answer lies
+    inside ``box``), else the views' hull (`hull_fn`). With a ground
     plane (world z ``ground_z``) a placement under it is lifted onto it: cameras above the floor see nothing
     below it, and rays from a robot's camera that meet at a grazing angle put a floor object's answer under
     the floor as easily as above it."""
     reach = radius_m * math.sqrt(3.0)
     cells = _CellRelevancy(pyramid, text, canon, temperature)
     hull = hull_fn(cset, frames, pyramid, cfg, cells, radius_m, step_m, min_views, box)
-    rays = (triangulate_fn(cset, frames, pyramid, cfg, cells, window_m, reach_m=reach) if window_m > 0
-            else None)
+    sweep = sweep_fn(cset, frames, pyramid, cfg, cells, step_m, min_views, box, ground_z)
+    rays = (triangulate_fn(cset, frames, pyramid, cfg, cells, window_m, reach_m=reach, sweep=sweep)
+            if window_m > 0 else None)
 
     def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:
         where = None if rays is None else rays(location, scale_m)
@@ -614,11 +619,13 @@ TRI_SAMPLES, TRI_MIN_SPREAD_DEG, TRI_OUTLIER_M = 15, 5.0, 0.1
 #: `triangulate_fn` with measured depth: a triangulated point whose `depth_uncertainty` exceeds this gives
 #: way to where its rays meet the measured surface (`surface_cut`), metres.
 TRI_PIN_M = 0.06
+#: `sweep_fn`: the stretch of a line searched, metres from its origin (a camera).
+SWEEP_NEAR_M, SWEEP_FAR_M = 0.2, 10.0
 
 
 def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
                    cfg: CandidateConfig, cells: _CellRelevancy, window_m: float, min_rays: int = 2,
-                   reach_m: float = math.inf):
+                   reach_m: float = math.inf, sweep=None):
     """``fn(location (3,), scale_m) -> (3,) | None``: the point closest to the rays through each view's
     relevancy peak around ``location``.
 
@@ -634,9 +641,18 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     first stands). Keyframes with measured depth also give each ray's point on their surface: where those
     agree (`surface_cut`), they place the answer when the rays cannot (within TRI_MIN_SPREAD_DEG of one
     direction, or meeting behind a camera) or pin its depth more loosely than TRI_PIN_M
-    (`depth_uncertainty`: a small object seen from one pass). None with fewer than ``min_rays`` rays, rays
-    within TRI_MIN_SPREAD_DEG of one direction (and no measured surface), or a first answer farther than
-    ``reach_m`` from ``location`` (the rays met on something else)."""
+    (`depth_uncertainty`: a small object seen from one pass). Without an agreeing surface, a first pass
+    that pins the depth that loosely is checked along its rays (``sweep``, `sweep_fn`: where along their
+    mean line the other views agree most on the query): windows centred there that triangulate within
+    TRI_PIN_M, within ``window_m`` of that line, place the answer. Rays from one pass through an object and
+    on to a floater behind it, or under the floor, meet anywhere along that stretch, and the windows around
+    their far end hold only the views along it; the swept place alone is not trusted (with ambiguous
+    relevancy the best-scored point of a long line can lie on something else), its triangulation is.
+    None with fewer than ``min_rays`` rays, rays within TRI_MIN_SPREAD_DEG of one direction (and no measured
+    surface), or first-pass rays that pass farther than ``reach_m`` from ``location`` (their mean line
+    through their meeting point; a surface point: its own distance): they met on something else. How far
+    along them they meet is not held against them: an RGB-only cluster often lies on floaters behind its
+    object, on those rays."""
     by_id = dict(frames)
     ax = np.linspace(-1.0, 1.0, TRI_SAMPLES)
     offsets = np.stack(np.meshgrid(ax, ax), axis=-1).reshape(-1, 2)
@@ -679,23 +695,33 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         # Windows centred off the object cut its peak on one side and pull the rays towards the start;
         # a second pass centred on the first answer removes most of that.
         start = np.asarray(location, dtype=np.float64)
-        first = once(start, scale_m)
-        if first is None or np.linalg.norm(first - start) > reach_m:
+        first, line, loose = once(start, scale_m)
+        # How far the rays pass from the start, not how far along them they meet: an RGB-only cluster
+        # often lies on floaters behind its object, along those rays.
+        if first is None or (_line_miss(start, line) if line else np.linalg.norm(first - start)) > reach_m:
             return None
-        second = once(first, scale_m)
+        if loose and sweep is not None and line is not None:
+            swept = sweep(*line, scale_m)
+            there, _, still_loose = (None, None, True) if swept is None else once(swept, scale_m)
+            if there is not None and not still_loose and _line_miss(there, line) <= window_m:
+                return there
+        second, _, _ = once(first, scale_m)
         # A second answer beyond the windows' reach of the first came from rays the re-centred windows
         # caught on something else (their peaks at the windows' edges): the first stands.
         if second is None or np.linalg.norm(second - first) > window_m:
             return first
         return second
 
-    def once(loc: np.ndarray, scale_m: float) -> np.ndarray | None:
+    def once(loc: np.ndarray, scale_m: float) -> tuple[np.ndarray | None, tuple | None, bool]:
+        """The views' point around ``loc``; when it is the rays' meeting point, their mean line
+        (`mean_line`, else None); whether it is a triangulation that pins its depth more loosely than
+        TRI_PIN_M with no measured surface to stand for it."""
         ids, kfs, pos, _, uv, dist = _reaching(loc[None], cset, by_id, pyramid, cfg, occlusion=False)
         wins = [(p, window(kfs[p], uv[j], float(dist[j]))) for j, p in enumerate(pos.tolist())]
         wins = [(p, pix, scale_m * kfs[p].intrinsics.fy / (kfs[p].intrinsics.height * float(dist[j])))
                 for j, (p, pix) in enumerate(wins) if pix is not None]
         if not wins:
-            return closest_point([], min_rays)
+            return None, None, False
         sizes = [pix.shape[0] for _, pix, _ in wins]
         # every window of every keyframe in one interpolation (not one call per keyframe)
         r_all = cells.sample_many(ids, np.repeat([p for p, _, _ in wins], sizes),
@@ -709,9 +735,12 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         on_surface = surface_cut([r[3] for r in rays], min_rays)
         # With a depth sensor, where the rays meet the measured surface stands for a triangulation that
         # pins the depth along them more loosely than TRI_PIN_M (rays from one pass, a few degrees apart).
-        if met is None or (on_surface is not None and depth_uncertainty(met, lines) > TRI_PIN_M):
-            return on_surface
-        return met
+        if met is None:
+            return on_surface, None, False
+        loose = depth_uncertainty(met, lines) > TRI_PIN_M
+        if loose and on_surface is not None:
+            return on_surface, None, False
+        return met, mean_line(_inliers(met, lines), met), loose
 
     return fn
 
@@ -784,6 +813,56 @@ def closest_point(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
     return x
 
 
+def _line_miss(x: np.ndarray, line: tuple[np.ndarray, np.ndarray]) -> float:
+    """How far ``x`` lies from ``line`` (origin, unit direction), metres."""
+    o, d = line
+    return float(np.linalg.norm((np.eye(3) - np.outer(d, d)) @ (np.asarray(x, dtype=np.float64) - o)))
+
+
+def mean_line(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
+              through: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The line through ``through`` (the rays' meeting point) along ``rays``' weighted mean direction, the
+    direction their meeting point is loosest along: (origin (3,): the foot of the rays' weighted mean origin
+    on it, unit direction (3,)); None without rays or when their directions cancel."""
+    if not rays:
+        return None
+    w = np.array([r[2] for r in rays], dtype=np.float64)
+    o = (np.stack([r[0] for r in rays]) * w[:, None]).sum(axis=0) / w.sum()
+    d = (np.stack([r[1] for r in rays]) * w[:, None]).sum(axis=0)
+    n = float(np.linalg.norm(d))
+    if n <= 1e-9:
+        return None
+    d = d / n
+    x = np.asarray(through, dtype=np.float64)
+    return x - float(np.dot(x - o, d)) * d, d
+
+
+def sweep_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
+             cfg: CandidateConfig, cells: _CellRelevancy, step_m: float, min_views: int = 3,
+             box: tuple[np.ndarray, np.ndarray] | None = None, ground_z: float | None = None):
+    """``fn(origin (3,), direction (3,) unit, scale_m) -> (3,) | None``: where along the line from
+    ``origin`` the keyframes' views agree most on the query (`view_scores` of points every ``step_m`` from
+    SWEEP_NEAR_M to SWEEP_FAR_M, inside ``box`` and not under the ground plane at world z ``ground_z``).
+    Rays from one pass that cross an object and end on a floater behind it, or under the floor, leave
+    the depth along them open; views from elsewhere see the object only where it is, and a point under a
+    surface is reached by few of them. None when no point scores (`view_scores`)."""
+    score = view_scores(cset, frames, pyramid, cfg, cells, min_views)
+    t = np.arange(SWEEP_NEAR_M, SWEEP_FAR_M, step_m)
+
+    def fn(origin: np.ndarray, direction: np.ndarray, scale_m: float) -> np.ndarray | None:
+        pts = np.asarray(origin, dtype=np.float64) + t[:, None] * np.asarray(direction, dtype=np.float64)
+        ok = np.ones(pts.shape[0], dtype=bool)
+        if box is not None:
+            ok &= np.all((pts >= box[0]) & (pts <= box[1]), axis=1)
+        if ground_z is not None:
+            ok &= pts[:, 2] >= ground_z
+        pts = pts[ok]
+        s = None if pts.shape[0] == 0 else score(pts, scale_m)
+        return None if s is None else pts[int(np.argmax(s))]
+
+    return fn
+
+
 def _misses(x: np.ndarray, rays) -> np.ndarray:
     """Each ray's distance from ``x``."""
     return np.array([np.linalg.norm((np.eye(3) - np.outer(d, d)) @ (x - o)) for o, d, _ in rays])
@@ -831,25 +910,46 @@ def hull_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: Cl
             box: tuple[np.ndarray, np.ndarray] | None = None):
     """``fn(location (3,), scale_m) -> (3,) | None``: the centre of the region around ``location`` (a cube
     of half-size radius_m, grid step step_m, clipped to ``box``) where the keyframes' crops at scale_m
-    agree most on the query (module docstring). Views farther than their smallest crop covers scale_m read
-    that smallest crop: its cone is still narrow, and far views are what pin the depth. A grid point
-    counts when at least ``max(min_views, half the best-covered point's)`` keyframes reach it
-    (`in_view`); the region is the points scoring within 20 % of the best above the median, weighted by
-    their excess. None when no point is reached by enough views or none scores above 0.5 (no view favours
-    the query there)."""
-    by_id = dict(frames)
+    agree most on the query (module docstring; each grid point scored by `view_scores`): the centre of the
+    points scoring within 20 % of the best above the median, weighted by their excess. None when
+    `view_scores` gives None (too few views reach the cube, or none favours the query there)."""
     ax = np.arange(-radius_m, radius_m + 0.5 * step_m, step_m)
     cube = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3)
     reach = radius_m * math.sqrt(3.0)
+    score = view_scores(cset, frames, pyramid, cfg, cells, min_views)
 
     def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:
         pts = cube + np.asarray(location, dtype=np.float64)
         if box is not None:
             pts = pts[np.all((pts >= box[0]) & (pts <= box[1]), axis=1)]
+        s = score(pts, scale_m, keep=lambda kf: _may_see(kf, location, reach))
+        if s is None:
+            return None
+        good = np.isfinite(s)
+        med = float(np.median(s[good]))
+        level = med + 0.8 * (s.max() - med)
+        top = s >= level
+        w = s[top] - level + 1e-3
+        return (pts[top] * w[:, None]).sum(axis=0) / w.sum()
+
+    return fn
+
+
+def view_scores(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
+                cfg: CandidateConfig, cells: _CellRelevancy, min_views: int = 3):
+    """``fn(points (P, 3), scale_m, keep=None) -> (P,) | None``: each point's mean relevancy at scale_m over
+    the keyframes that reach it (`_reaching`: in view up to their surface; ``keep(kf)`` narrows the
+    keyframes looked at). Views farther than their smallest crop covers scale_m read that smallest crop:
+    its cone is still narrow, and far views are what pin the depth. A point scores only when at least
+    ``max(min_views, half the best-covered point's)`` keyframes reach it (else -inf: a point under a surface
+    that few views reach, or at the edge of what they saw). None when no point is reached by enough views
+    or none scores above 0.5 (no view favours the query there)."""
+    by_id = dict(frames)
+
+    def fn(pts: np.ndarray, scale_m: float, keep=None) -> np.ndarray | None:
         total = np.zeros(pts.shape[0])
         count = np.zeros(pts.shape[0])
-        ids, kfs, pos, idx, uv, dist = _reaching(pts, cset, by_id, pyramid, cfg,
-                                                 keep=lambda kf: _may_see(kf, location, reach))
+        ids, kfs, pos, idx, uv, dist = _reaching(pts, cset, by_id, pyramid, cfg, keep=keep)
         cells.prefetch([ids[p] for p in np.unique(pos)])
         for p in np.unique(pos).tolist():
             rows = np.nonzero(pos == p)[0]
@@ -861,14 +961,7 @@ def hull_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: Cl
             return None
         enough = count >= max(min_views, 0.5 * count.max())
         score = np.where(enough, total / np.maximum(count, 1), -np.inf)
-        best = score.max()
-        if best <= 0.5:  # the views do not favour the query anywhere here: they cannot place it
-            return None
-        med = float(np.median(score[enough]))
-        level = med + 0.8 * (best - med)
-        top = score >= level
-        w = score[top] - level + 1e-3
-        return (pts[top] * w[:, None]).sum(axis=0) / w.sum()
+        return score if score.max() > 0.5 else None
 
     return fn
 
