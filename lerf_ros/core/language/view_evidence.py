@@ -18,11 +18,12 @@ answer's neighbourhood gives the ray through the centre of its own relevancy pea
 position in that view), and the point closest to those rays (weighted least squares, outlier rays dropped)
 is where the views place the target. The hull's best region is flat along the mean viewing direction;
 rays from a few tens of degrees apart pin it to centimetres. With a depth sensor, rays that pin the depth
-poorly (a few degrees apart) give way to where they meet the measured surface. Without one, such rays are
-followed instead: along their mean line, the place the other keyframes' views agree on (`sweep_fn`) is
-triangulated again, and stands when its rays pin it (an RGB-only cluster on floaters behind an object, or
-under the floor, gets rays only from the views along that line). The hull serves when none can (fewer than
-two views, or all from nearly one direction, without depth).
+poorly (a few degrees apart) give way to where they meet the measured surface. Without one (or where those
+surface points disagree), such rays are followed instead: along the line they pin least, the place the
+other keyframes' views agree on (`sweep_fn`) is triangulated again, and stands when its rays pin it (an
+RGB-only cluster on floaters behind an object, or under the floor, gets rays only from the views along that
+line). The hull serves when none can (fewer than two views, or all from nearly one direction, without
+depth).
 """
 
 from __future__ import annotations
@@ -587,9 +588,9 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
               window_m: float = 0.3, ground_z: float | None = None):
     """``fn(location (3,), scale_m) -> (3,) | None`` for `locate`: where the keyframes' views place the
     target found at ``location`` (module docstring): `triangulate_fn` (window half-size ``window_m``; 0 =
-    off; its loose first passes followed along their rays by `sweep_fn`) when its first pass's rays pass
-    within the hull's search cube's reach (``radius_m`` x sqrt 3) of ``location`` (and the answer lies
-    inside ``box``), else the views' hull (`hull_fn`). With a ground
+    off; its loose first passes followed along their rays by `sweep_fn`) when its first pass meets within
+    the hull's search cube's reach (``radius_m`` x sqrt 3) of ``location``, or pins a point in front of it
+    (and the answer lies inside ``box``), else the views' hull (`hull_fn`). With a ground
     plane (world z ``ground_z``) a placement under it is lifted onto it: cameras above the floor see nothing
     below it, and rays from a robot's camera that meet at a grazing angle put a floor object's answer under
     the floor as easily as above it."""
@@ -619,8 +620,8 @@ TRI_SAMPLES, TRI_MIN_SPREAD_DEG, TRI_OUTLIER_M = 15, 5.0, 0.1
 #: `triangulate_fn` with measured depth: a triangulated point whose `depth_uncertainty` exceeds this gives
 #: way to where its rays meet the measured surface (`surface_cut`), metres.
 TRI_PIN_M = 0.06
-#: `sweep_fn`: the stretch of a line searched, metres from its origin (a camera).
-SWEEP_NEAR_M, SWEEP_FAR_M = 0.2, 10.0
+#: `triangulate_fn`'s sweep along loose rays starts this far (metres) in front of the nearest camera.
+SWEEP_NEAR_M = 0.2
 
 
 def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
@@ -642,17 +643,18 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     agree (`surface_cut`), they place the answer when the rays cannot (within TRI_MIN_SPREAD_DEG of one
     direction, or meeting behind a camera) or pin its depth more loosely than TRI_PIN_M
     (`depth_uncertainty`: a small object seen from one pass). Without an agreeing surface, a first pass
-    that pins the depth that loosely is checked along its rays (``sweep``, `sweep_fn`: where along their
-    mean line the other views agree most on the query): windows centred there that triangulate within
-    TRI_PIN_M, within ``window_m`` of that line, place the answer. Rays from one pass through an object and
-    on to a floater behind it, or under the floor, meet anywhere along that stretch, and the windows around
-    their far end hold only the views along it; the swept place alone is not trusted (with ambiguous
-    relevancy the best-scored point of a long line can lie on something else), its triangulation is.
-    None with fewer than ``min_rays`` rays, rays within TRI_MIN_SPREAD_DEG of one direction (and no measured
-    surface), or first-pass rays that pass farther than ``reach_m`` from ``location`` (their mean line
-    through their meeting point; a surface point: its own distance): they met on something else. How far
-    along them they meet is not held against them: an RGB-only cluster often lies on floaters behind its
-    object, on those rays."""
+    that pins the depth that loosely is checked along its rays (``sweep``, `sweep_fn`): on the line through
+    their meeting point that they pin least (`loosest_line`), from SWEEP_NEAR_M in front of the nearest
+    camera to ``window_m`` past the meeting point, the place the other views agree on most is triangulated
+    again; that answer stands when it pins its depth within TRI_PIN_M and lies within ``window_m`` of the
+    line. Rays from one pass through an object and on to a floater behind it, or under the floor, meet
+    anywhere along that stretch, and the windows around their far end hold only the views along it. The
+    swept place alone is not trusted (with ambiguous relevancy the best-scored point of a line can lie on
+    something else); its triangulation is. None with fewer than ``min_rays`` rays, rays within
+    TRI_MIN_SPREAD_DEG of one direction (and no measured surface), or a first answer (not confirmed by the
+    sweep) farther than ``reach_m`` from ``location`` (the rays met on something else), unless it pins its
+    depth within TRI_PIN_M and ``location`` lies behind it as the cameras look (an RGB-only cluster on
+    floaters behind its object, which the rays met on)."""
     by_id = dict(frames)
     ax = np.linspace(-1.0, 1.0, TRI_SAMPLES)
     offsets = np.stack(np.meshgrid(ax, ax), axis=-1).reshape(-1, 2)
@@ -696,15 +698,19 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         # a second pass centred on the first answer removes most of that.
         start = np.asarray(location, dtype=np.float64)
         first, line, loose = once(start, scale_m)
-        # How far the rays pass from the start, not how far along them they meet: an RGB-only cluster
-        # often lies on floaters behind its object, along those rays.
-        if first is None or (_line_miss(start, line) if line else np.linalg.norm(first - start)) > reach_m:
+        if first is None:
             return None
         if loose and sweep is not None and line is not None:
-            swept = sweep(*line, scale_m)
+            # From the nearest camera to just past where the loose rays met: the object lies in front of
+            # the floaters its rays ended on, not behind them.
+            o, d, near = line
+            near += SWEEP_NEAR_M
+            swept = sweep(o + near * d, d, window_m - near, scale_m) if window_m > near else None
             there, _, still_loose = (None, None, True) if swept is None else once(swept, scale_m)
-            if there is not None and not still_loose and _line_miss(there, line) <= window_m:
+            if there is not None and not still_loose and _line_miss(there, (o, d)) <= window_m:
                 return there
+        if np.linalg.norm(first - start) > reach_m and (loose or line is None or not _behind(start, line)):
+            return None
         second, _, _ = once(first, scale_m)
         # A second answer beyond the windows' reach of the first came from rays the re-centred windows
         # caught on something else (their peaks at the windows' edges): the first stands.
@@ -713,9 +719,9 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         return second
 
     def once(loc: np.ndarray, scale_m: float) -> tuple[np.ndarray | None, tuple | None, bool]:
-        """The views' point around ``loc``; when it is the rays' meeting point, their mean line
-        (`mean_line`, else None); whether it is a triangulation that pins its depth more loosely than
-        TRI_PIN_M with no measured surface to stand for it."""
+        """The views' point around ``loc``; when it is the rays' meeting point, the line its depth is
+        loosest along (`loosest_line`, else None); whether it is a triangulation that pins its depth more
+        loosely than TRI_PIN_M with no measured surface to stand for it."""
         ids, kfs, pos, _, uv, dist = _reaching(loc[None], cset, by_id, pyramid, cfg, occlusion=False)
         wins = [(p, window(kfs[p], uv[j], float(dist[j]))) for j, p in enumerate(pos.tolist())]
         wins = [(p, pix, scale_m * kfs[p].intrinsics.fy / (kfs[p].intrinsics.height * float(dist[j])))
@@ -740,7 +746,7 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         loose = depth_uncertainty(met, lines) > TRI_PIN_M
         if loose and on_surface is not None:
             return on_surface, None, False
-        return met, mean_line(_inliers(met, lines), met), loose
+        return met, loosest_line(_kept(met, lines), met), loose
 
     return fn
 
@@ -813,43 +819,61 @@ def closest_point(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
     return x
 
 
-def _line_miss(x: np.ndarray, line: tuple[np.ndarray, np.ndarray]) -> float:
-    """How far ``x`` lies from ``line`` (origin, unit direction), metres."""
-    o, d = line
+def _line_miss(x: np.ndarray, line: tuple) -> float:
+    """How far ``x`` lies from ``line`` (origin, unit direction, ...), metres."""
+    o, d = line[0], line[1]
     return float(np.linalg.norm((np.eye(3) - np.outer(d, d)) @ (np.asarray(x, dtype=np.float64) - o)))
 
 
-def mean_line(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
-              through: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """The line through ``through`` (the rays' meeting point) along ``rays``' weighted mean direction, the
-    direction their meeting point is loosest along: (origin (3,): the foot of the rays' weighted mean origin
-    on it, unit direction (3,)); None without rays or when their directions cancel."""
+def _behind(x: np.ndarray, line: tuple) -> bool:
+    """Whether ``x`` lies past ``line``'s origin as its cameras look (`loosest_line`): farther from them
+    than where their rays met, as a cluster on floaters behind the object the rays met on."""
+    return float(np.dot(np.asarray(x, dtype=np.float64) - line[0], line[1])) > 0.0
+
+
+def _kept(x: np.ndarray, rays) -> list:
+    """The rays `closest_point` keeps at its answer ``x`` (its outlier rule, up to three rounds)."""
+    keep = list(rays)
+    for _ in range(3):
+        kept = _inliers(x, keep)
+        if len(kept) < 2 or len(kept) == len(keep):
+            break
+        keep = kept
+    return keep
+
+
+def loosest_line(rays: Sequence[tuple[np.ndarray, np.ndarray, float]], through: np.ndarray) -> tuple | None:
+    """The line through ``through`` (the rays' meeting point) along which the rays pin it least: the
+    eigenvector of the least-squares normal matrix sum w (I - d d^T) with the smallest eigenvalue (for rays
+    from one side, about their mean direction; for rays from two opposite sides, the axis they share),
+    pointed away from the cameras. Returns (origin = ``through``, unit direction, near: the signed distance
+    along it of the nearest camera, negative for cameras in front); None without rays."""
     if not rays:
         return None
-    w = np.array([r[2] for r in rays], dtype=np.float64)
-    o = (np.stack([r[0] for r in rays]) * w[:, None]).sum(axis=0) / w.sum()
-    d = (np.stack([r[1] for r in rays]) * w[:, None]).sum(axis=0)
-    n = float(np.linalg.norm(d))
-    if n <= 1e-9:
-        return None
-    d = d / n
     x = np.asarray(through, dtype=np.float64)
-    return x - float(np.dot(x - o, d)) * d, d
+    a = np.zeros((3, 3))
+    for _, d, w in rays:
+        a += w * (np.eye(3) - np.outer(d, d))
+    d = np.linalg.eigh(a)[1][:, 0]
+    if sum(w * float(np.dot(d, r)) for _, r, w in rays) < 0:
+        d = -d
+    near = min(float(np.dot(o - x, d)) for o, _, _ in rays)
+    return x, d, near
 
 
 def sweep_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: ClipPyramid,
              cfg: CandidateConfig, cells: _CellRelevancy, step_m: float, min_views: int = 3,
              box: tuple[np.ndarray, np.ndarray] | None = None, ground_z: float | None = None):
-    """``fn(origin (3,), direction (3,) unit, scale_m) -> (3,) | None``: where along the line from
-    ``origin`` the keyframes' views agree most on the query (`view_scores` of points every ``step_m`` from
-    SWEEP_NEAR_M to SWEEP_FAR_M, inside ``box`` and not under the ground plane at world z ``ground_z``).
-    Rays from one pass that cross an object and end on a floater behind it, or under the floor, leave
-    the depth along them open; views from elsewhere see the object only where it is, and a point under a
-    surface is reached by few of them. None when no point scores (`view_scores`)."""
+    """``fn(origin (3,), direction (3,) unit, length, scale_m) -> (3,) | None``: where along the segment
+    from ``origin`` (``length`` metres long) the keyframes' views agree most on the query (`view_scores` of
+    points every ``step_m``, inside ``box`` and not under the ground plane at world z ``ground_z``). Rays
+    from one pass that cross an object and end on a floater behind it, or under the floor, leave the depth
+    along them open; views from elsewhere see the object only where it is, and a point under a surface is
+    reached by few of them. None when no point scores (`view_scores`)."""
     score = view_scores(cset, frames, pyramid, cfg, cells, min_views)
-    t = np.arange(SWEEP_NEAR_M, SWEEP_FAR_M, step_m)
 
-    def fn(origin: np.ndarray, direction: np.ndarray, scale_m: float) -> np.ndarray | None:
+    def fn(origin: np.ndarray, direction: np.ndarray, length: float, scale_m: float) -> np.ndarray | None:
+        t = np.arange(0.0, float(length) + 0.5 * step_m, step_m)
         pts = np.asarray(origin, dtype=np.float64) + t[:, None] * np.asarray(direction, dtype=np.float64)
         ok = np.ones(pts.shape[0], dtype=bool)
         if box is not None:
@@ -880,12 +904,7 @@ def depth_uncertainty(x: np.ndarray, rays: Sequence[tuple[np.ndarray, np.ndarray
     ``x``) divided by the largest sine of the angle between two of them (the pair closest to 90 degrees:
     rays from opposite sides pin a point as well as rays from one side); metres, inf when they are
     parallel. Rays a few degrees apart that miss ``x`` by centimetres leave it decimetres loose along them."""
-    keep = list(rays)
-    for _ in range(3):
-        kept = _inliers(x, keep)
-        if len(kept) < 2 or len(kept) == len(keep):
-            break
-        keep = kept
+    keep = _kept(x, rays)
     dirs = np.stack([d for _, d, _ in keep])
     sine = float(np.sqrt(np.clip(1.0 - (dirs @ dirs.T) ** 2, 0.0, 1.0)).max())
     return float(np.median(_misses(x, keep))) / sine if sine > 1e-6 else math.inf

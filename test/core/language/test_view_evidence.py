@@ -275,9 +275,10 @@ def test_triangulation_pins_an_answer_placed_in_front_of_the_object_along_each_v
 
 def test_triangulation_keeps_its_first_answer_near_the_start_and_its_second_near_the_first(scene,
                                                                                         monkeypatch):
-    """The first pass's rays must pass within ``reach_m`` of where the answer started (else they met on
-    something else: None), wherever along them they meet (an RGB-only cluster often lies on floaters
-    behind its object); the re-centred second pass counts only within the window of the first."""
+    """The first pass must land within ``reach_m`` of where the answer started (else the rays met on
+    something else: None), unless it pins its depth within TRI_PIN_M and the start lies behind it as the
+    cameras look (an RGB-only cluster on floaters behind its object); the re-centred second pass counts only
+    within the window of the first."""
     _, obj, eyes, enc, pyr, cset, kfs = scene
     emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
     cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
@@ -298,15 +299,21 @@ def test_triangulation_keeps_its_first_answer_near_the_start_and_its_second_near
     np.testing.assert_allclose(tri(start, 0.1), first + np.array([0.0, 0.1, 0.0]))
     answers[:] = [first, first + np.array([0.0, 0.4, 0.0])]  # second beyond the window: the first stands
     np.testing.assert_allclose(tri(start, 0.1), first)
-    views = [(obj.center - e) / np.linalg.norm(obj.center - e) for e in eyes]
-    along = sum(views) / np.linalg.norm(sum(views))  # the rays' mean direction (they meet on the box)
-    across = np.cross(along, [0.0, 0.0, 1.0])
-    across /= np.linalg.norm(across)
-    answers[:] = [start + 0.6 * across, first]  # rays 0.6 m to the side of the start: no answer
+    answers[:] = [start + np.array([0.6, 0.0, 0.0]), first]  # first beyond reach: no answer
     assert tri(start, 0.1) is None
-    far = start + 0.6 * along  # 0.6 m from the start, but along the rays through it: it counts
-    answers[:] = [far, far + np.array([0.0, 0.1, 0.0])]
-    np.testing.assert_allclose(tri(start, 0.1), far + np.array([0.0, 0.1, 0.0]))
+    # 0.6 m from the start along the line the rays (from the views, through the box) pin least:
+    along = view_evidence.loosest_line(_rays(obj.center, eyes), obj.center)[1]
+    nearer, farther = start - 0.6 * along, start + 0.6 * along
+    for pin, first, kept in ((0.0, nearer, True),  # tight, the start behind it: it stands
+                             (0.0, farther, False),  # tight, the start in front of it: no answer
+                             (1.0, nearer, False)):  # loose: no answer
+        monkeypatch.setattr(view_evidence, "depth_uncertainty", lambda x, rays, pin=pin: pin)
+        answers[:] = [first, first + np.array([0.0, 0.1, 0.0])]
+        out = tri(start, 0.1)
+        if kept:
+            np.testing.assert_allclose(out, first + np.array([0.0, 0.1, 0.0]))
+        else:
+            assert out is None, (pin, out)
 
 
 def test_a_placement_under_the_ground_plane_is_lifted_onto_it(scene):
@@ -586,19 +593,24 @@ def test_depth_uncertainty_grows_as_the_rays_close_up():
     assert view_evidence.depth_uncertainty(target, parallel + parallel) == np.inf
 
 
-def test_the_mean_line_runs_through_the_meeting_point_along_the_mean_direction():
+def test_the_loosest_line_is_the_direction_the_rays_pin_least_pointing_away_from_the_cameras():
     target = np.array([1.0, 2.0, 0.3])
-    rays = _rays(target, [np.array([-1.0, 2.0, 1.3]), np.array([-1.0, 2.4, 1.3])], weights=[1.0, 3.0])
-    through = target + np.array([0.0, 0.0, 0.05])
-    o, d = view_evidence.mean_line(rays, through)
+    origins = [np.array([-1.0, 2.0, 1.3]), np.array([-1.0, 2.4, 1.3])]  # one side, ~10 degrees apart
+    rays = _rays(target, origins, weights=[1.0, 3.0])
+    o, d, near = view_evidence.loosest_line(rays, target)
+    np.testing.assert_allclose(o, target)
     mean = rays[0][1] + 3.0 * rays[1][1]
-    np.testing.assert_allclose(d, mean / np.linalg.norm(mean))
-    assert view_evidence._line_miss(through, (o, d)) < 1e-9  # through the meeting point
-    mean_origin = (rays[0][0] + 3.0 * rays[1][0]) / 4.0
-    assert abs(float(np.dot(mean_origin - o, d))) < 1e-9  # its origin: the foot of the mean origin
-    assert view_evidence.mean_line([], through) is None
-    opposite = _rays(target, [target + np.array([1.0, 0.0, 0.0]), target - np.array([1.0, 0.0, 0.0])])
-    assert view_evidence.mean_line(opposite, target) is None  # no mean direction
+    assert float(np.dot(d, mean / np.linalg.norm(mean))) > 0.99  # about their mean direction, away from them
+    assert near == pytest.approx(min(float(np.dot(c - target, d)) for c in origins))  # nearest camera
+    assert near < -2.0
+    # moving the point along the line changes the rays' misses least (to first order)
+    a = sum(w * (np.eye(3) - np.outer(r, r)) for _, r, w in rays)
+    assert float(d @ a @ d) <= min(float(v @ a @ v) for v in np.eye(3)) + 1e-12
+    # views from two opposite sides: the axis they share, not their cancelling mean
+    opposite = _rays(target, [target + np.array([1.4, 0.0, 0.3]), target - np.array([1.4, 0.0, -0.3])])
+    d = view_evidence.loosest_line(opposite, target)[1]
+    assert abs(float(d[0])) > 0.99, d
+    assert view_evidence.loosest_line([], target) is None
 
 
 def _along_a_view_past_the_box(scene, eye_index=2):
@@ -617,33 +629,38 @@ def test_a_sweep_along_a_line_through_the_object_finds_it_where_the_other_views_
     eye, d, past = _along_a_view_past_the_box(scene)
     assert past[2] < 0.0  # the line goes on under the floor
     sweep = view_evidence.sweep_fn(cset, kfs, pyr, CFG.candidates, cells, 0.03, ground_z=0.0)
-    out = sweep(eye, d, 0.1)
+    length = float(np.linalg.norm(past - eye)) + 1.0  # on under the floor
+    out = sweep(eye, d, length, 0.1)
     assert out is not None and _inside(obj, out), (out, obj.center)
     # a ground plane above the box, or a box that leaves the object out: the sweep does not place it there
     raised = view_evidence.sweep_fn(cset, kfs, pyr, CFG.candidates, cells, 0.03,
-                                    ground_z=float(obj.box_max[2]) + 0.1)(eye, d, 0.1)
+                                    ground_z=float(obj.box_max[2]) + 0.1)(eye, d, length, 0.1)
     assert raised is None or not _inside(obj, raised), raised
     low, high = obj.box_max + np.array([0.1, -10.0, -10.0]), np.full(3, 10.0)
     clipped = view_evidence.sweep_fn(cset, kfs, pyr, CFG.candidates, cells, 0.03,
-                                     box=(low, high))(eye, d, 0.1)
+                                     box=(low, high))(eye, d, length, 0.1)
     assert clipped is None or not _inside(obj, clipped), clipped
     # a concept the views do not show: nothing
     emb = enc.encode_texts(["purple torus", *CANONICAL_NEGATIVES]).float()
     cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
-    assert view_evidence.sweep_fn(cset, kfs, pyr, CFG.candidates, cells, 0.03)(eye, d, 0.1) is None
+    assert view_evidence.sweep_fn(cset, kfs, pyr, CFG.candidates, cells, 0.03)(eye, d, length, 0.1) is None
 
 
 def test_a_loose_first_triangulation_past_the_object_is_replaced_by_the_views_triangulation_along_its_rays(
-        scene, monkeypatch):
-    """A first pass whose rays meet loosely 0.6 m past the box along one view (as rays from one pass through
-    an object meet on a floater behind it) is checked along their line: the windows at the place the other
-    views agree on triangulate tightly on the box, and that stands. Without the sweep the loose point is
-    kept; with every triangulation loose, the swept place is not trusted and the answer is the one without
-    it."""
-    _, obj, _, enc, pyr, cset, kfs = scene
+        monkeypatch):
+    """RGB-only views: three from within 4 degrees of one direction, two from the sides. A first pass that
+    meets loosely 1 m past the box along the three (as rays from one pass through an object meet on a
+    floater behind it, here under the floor) is checked along the line they pin least: the side views agree
+    on the box only at its place, the windows there triangulate tightly on it, and that stands. Without the
+    sweep the loose point is kept; with every triangulation loose, the swept place is not trusted and the
+    answer is the one without it; a tight first pass is not swept."""
+    _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.4, (176, 180, 184, 90, 270))
+    kfs = [(i, dataclasses.replace(f, depth_m=None)) for i, f in enumerate(frames)]
     emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
     cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
-    past = _along_a_view_past_the_box(scene)[2]
+    view = (obj.center - eyes[1]) / np.linalg.norm(obj.center - eyes[1])
+    past = obj.center + 1.0 * view
+    assert past[2] < 0.0
     real = view_evidence.closest_point
     scripted = []
 
@@ -652,20 +669,33 @@ def test_a_loose_first_triangulation_past_the_object_is_replaced_by_the_views_tr
         return scripted.pop(0) if scripted else x
 
     monkeypatch.setattr(view_evidence, "closest_point", first_past_the_box)
-    sweep = view_evidence.sweep_fn(cset, kfs, pyr, CFG.candidates, cells, 0.03, ground_z=0.0)
-    start = past + np.array([0.0, 0.0, 0.1])
+    real_sweep = view_evidence.sweep_fn(cset, kfs, pyr, CFG.candidates, cells, 0.03, ground_z=0.0)
+    swept = []
 
-    def answer(with_sweep):
+    def sweep(*args):
+        swept.append(real_sweep(*args))
+        return swept[-1]
+
+    def answer(with_sweep, start=past):
         scripted[:] = [past]  # the first pass meets past the box; every later one is real
         return view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3, reach_m=0.69,
                                             sweep=sweep if with_sweep else None)(start, 0.1)
 
     out = answer(True)
-    assert out is not None and _inside(obj, out), (out, obj.center)
+    assert out is not None and np.linalg.norm(out - obj.center) < 0.04, (out, obj.center)
+    # the swept place was triangulated again: the answer is not the swept point itself
+    assert len(swept) == 1 and swept[0] is not None and np.linalg.norm(out - swept[0]) > 1e-3, (out, swept)
     without = answer(False)
     assert without is not None and not _inside(obj, without), without
+    # a tight first pass (the real one, from short of the box) is not swept
+    swept.clear()
+    scripted.clear()
+    tight = view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3, reach_m=0.69,
+                                         sweep=sweep)(obj.center - 0.2 * view, 0.1)
+    assert tight is not None and _inside(obj, tight) and not swept, (tight, swept)
     monkeypatch.setattr(view_evidence, "depth_uncertainty", lambda x, rays: 2.0 * view_evidence.TRI_PIN_M)
     np.testing.assert_allclose(answer(True), answer(False))
+
 
 def test_views_from_around_the_object_keep_their_triangulated_point_with_measured_depth(scene):
     """The measured surface is the object's front face: views spread around it keep the point their rays
