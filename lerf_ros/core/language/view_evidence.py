@@ -698,8 +698,6 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         # a second pass centred on the first answer removes most of that.
         start = np.asarray(location, dtype=np.float64)
         first, line, loose = once(start, scale_m)
-        if first is None:
-            return None
         if loose and sweep is not None and line is not None:
             # From the nearest camera to just past where the loose rays met: the object lies in front of
             # the floaters its rays ended on, not behind them.
@@ -709,6 +707,8 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
             there, _, still_loose = (None, None, True) if swept is None else once(swept, scale_m)
             if there is not None and not still_loose and _line_miss(there, (o, d)) <= window_m:
                 return there
+        if first is None:
+            return None
         if np.linalg.norm(first - start) > reach_m and (loose or line is None or not _behind(start, line)):
             return None
         second, _, _ = once(first, scale_m)
@@ -719,9 +719,10 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         return second
 
     def once(loc: np.ndarray, scale_m: float) -> tuple[np.ndarray | None, tuple | None, bool]:
-        """The views' point around ``loc``; when it is the rays' meeting point, the line its depth is
-        loosest along (`loosest_line`, else None); whether it is a triangulation that pins its depth more
-        loosely than TRI_PIN_M with no measured surface to stand for it."""
+        """The views' point around ``loc`` (None: none); the line the rays pin least (`loosest_line`, through
+        their meeting point, or for rays within TRI_MIN_SPREAD_DEG of one direction through their point
+        nearest ``loc``; else None); whether the rays leave the depth along it open (pinned more loosely
+        than TRI_PIN_M, or not at all) with no measured surface to stand for them."""
         ids, kfs, pos, _, uv, dist = _reaching(loc[None], cset, by_id, pyramid, cfg, occlusion=False)
         wins = [(p, window(kfs[p], uv[j], float(dist[j]))) for j, p in enumerate(pos.tolist())]
         wins = [(p, pix, scale_m * kfs[p].intrinsics.fy / (kfs[p].intrinsics.height * float(dist[j])))
@@ -742,7 +743,13 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
         # With a depth sensor, where the rays meet the measured surface stands for a triangulation that
         # pins the depth along them more loosely than TRI_PIN_M (rays from one pass, a few degrees apart).
         if met is None:
-            return on_surface, None, False
+            if on_surface is not None or len(lines) < max(2, min_rays):
+                return on_surface, None, False
+            near = nearest_on_rays(lines, loc)
+            kept = _kept(near, lines)
+            if len(kept) < max(2, min_rays) or _spread_deg(kept) >= TRI_MIN_SPREAD_DEG:
+                return None, None, False
+            return None, loosest_line(kept, near), True  # near-parallel rays: their line, not the depth
         loose = depth_uncertainty(met, lines) > TRI_PIN_M
         if loose and on_surface is not None:
             return on_surface, None, False
@@ -810,13 +817,32 @@ def closest_point(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
             break
         keep = kept
         x = solve(keep)
-    dirs = np.stack([d for _, d, _ in keep])
-    spread = np.degrees(np.arccos(np.clip(dirs @ dirs.T, -1.0, 1.0))).max()
-    if spread < TRI_MIN_SPREAD_DEG or not np.all(np.isfinite(x)):
+    if _spread_deg(keep) < TRI_MIN_SPREAD_DEG or not np.all(np.isfinite(x)):
         return None
     if any(float(np.dot(x - o, d)) <= 0 for o, d, _ in keep):  # behind a camera: not where those views look
         return None
     return x
+
+
+def _spread_deg(rays) -> float:
+    """The largest angle between two of ``rays``' directions, degrees."""
+    dirs = np.stack([d for _, d, _ in rays])
+    return float(np.degrees(np.arccos(np.clip(dirs @ dirs.T, -1.0, 1.0))).max())
+
+
+def nearest_on_rays(rays: Sequence[tuple[np.ndarray, np.ndarray, float]], x: np.ndarray) -> np.ndarray:
+    """The point closest to ``rays`` (weighted least squares) that lies nearest ``x``: for rays that pin a
+    point, about that point; for near-parallel ones (the depth along them undetermined), the point of their
+    bundle beside ``x`` (a small pull towards ``x``, 1e-3 of the rays' weight, settles what they leave
+    open)."""
+    x = np.asarray(x, dtype=np.float64)
+    a, b = np.zeros((3, 3)), np.zeros(3)
+    for o, d, w in rays:
+        p = np.eye(3) - np.outer(d, d)
+        a += w * p
+        b += w * p @ o
+    eps = 1e-3 * sum(w for _, _, w in rays)
+    return np.linalg.solve(a + eps * np.eye(3), b + eps * x)
 
 
 def _line_miss(x: np.ndarray, line: tuple) -> float:

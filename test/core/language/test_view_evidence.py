@@ -697,6 +697,34 @@ def test_a_loose_first_triangulation_past_the_object_is_replaced_by_the_views_tr
     np.testing.assert_allclose(answer(True), answer(False))
 
 
+def test_near_parallel_rgb_only_rays_through_the_object_are_followed_to_where_the_side_views_see_it():
+    """Three RGB-only views within 4 degrees of one direction give the only rays around a start 1 m past
+    the box along them (the side views' windows there do not hold it): their depth is undetermined, so no
+    point is triangulated; followed along their line, the side views agree on the box, and the windows there
+    (all five views) pin it. Without the sweep: no answer (the hull's turn)."""
+    _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.6, (178, 180, 182, 90, 270))
+    kfs = [(i, dataclasses.replace(f, depth_m=None)) for i, f in enumerate(frames)]
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    view = (obj.center - eyes[1]) / np.linalg.norm(obj.center - eyes[1])
+    start = obj.center + 1.0 * view + np.array([0.0, 0.0, 0.3])
+    sweep = view_evidence.sweep_fn(cset, kfs, pyr, CFG.candidates, cells, 0.03, ground_z=0.0)
+    out = view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3, reach_m=0.69,
+                                       sweep=sweep)(start, 0.1)
+    assert out is not None and np.linalg.norm(out - obj.center) < 0.04, (out, obj.center)
+    assert view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3,
+                                        reach_m=0.69)(start, 0.1) is None
+
+
+def test_the_point_nearest_the_rays_beside_a_guess():
+    target = np.array([1.0, 2.0, 0.3])
+    crossing = _rays(target, [np.array([-1.0, 2.0, 1.3]), np.array([1.0, -1.0, 1.3])])
+    np.testing.assert_allclose(view_evidence.nearest_on_rays(crossing, np.zeros(3)), target, atol=0.01)
+    parallel = [(np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0]), 1.0),
+                (np.array([0.0, 0.02, 1.0]), np.array([1.0, 0.0, 0.0]), 1.0)]
+    near = view_evidence.nearest_on_rays(parallel, np.array([3.0, 1.0, 0.0]))
+    np.testing.assert_allclose(near, [3.0, 0.01, 1.0], atol=0.01)  # on the bundle, beside the guess
+
 def test_views_from_around_the_object_keep_their_triangulated_point_with_measured_depth(scene):
     """The measured surface is the object's front face: views spread around it keep the point their rays
     meet, the same as without depth. (Here the rays' surface points lie on different faces of the 40 cm box
