@@ -620,7 +620,8 @@ TRI_SAMPLES, TRI_MIN_SPREAD_DEG, TRI_OUTLIER_M = 15, 5.0, 0.1
 #: `triangulate_fn` with measured depth: a triangulated point whose `depth_uncertainty` exceeds this gives
 #: way to where its rays meet the measured surface (`surface_cut`), metres.
 TRI_PIN_M = 0.06
-#: `triangulate_fn`'s sweep along loose rays starts this far (metres) in front of the nearest camera.
+#: `triangulate_fn`'s sweep along loose rays starts this far (metres) past the camera farthest back along
+#: their line (`loosest_line`'s ``near``).
 SWEEP_NEAR_M = 0.2
 
 
@@ -643,18 +644,20 @@ def triangulate_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyra
     agree (`surface_cut`), they place the answer when the rays cannot (within TRI_MIN_SPREAD_DEG of one
     direction, or meeting behind a camera) or pin its depth more loosely than TRI_PIN_M
     (`depth_uncertainty`: a small object seen from one pass). Without an agreeing surface, a first pass
-    that pins the depth that loosely is checked along its rays (``sweep``, `sweep_fn`): on the line through
-    their meeting point that they pin least (`loosest_line`), from SWEEP_NEAR_M in front of the nearest
-    camera to ``window_m`` past the meeting point, the place the other views agree on most is triangulated
-    again; that answer stands when it pins its depth within TRI_PIN_M and lies within ``window_m`` of the
-    line. Rays from one pass through an object and on to a floater behind it, or under the floor, meet
-    anywhere along that stretch, and the windows around their far end hold only the views along it. The
-    swept place alone is not trusted (with ambiguous relevancy the best-scored point of a line can lie on
-    something else); its triangulation is. None with fewer than ``min_rays`` rays, rays within
-    TRI_MIN_SPREAD_DEG of one direction (and no measured surface), or a first answer (not confirmed by the
-    sweep) farther than ``reach_m`` from ``location`` (the rays met on something else), unless it pins its
-    depth within TRI_PIN_M and ``location`` lies behind it as the cameras look (an RGB-only cluster on
-    floaters behind its object, which the rays met on)."""
+    that pins the depth that loosely, or rays within TRI_MIN_SPREAD_DEG of one direction (no point at all;
+    their line through `nearest_on_rays` of ``location``), is checked along its rays (``sweep``,
+    `sweep_fn`): on the line they pin least (`loosest_line`), from SWEEP_NEAR_M past the camera farthest
+    back along it to ``window_m`` past the meeting point, the place the other views agree on most is
+    triangulated again; that answer stands when it pins its depth within TRI_PIN_M and lies within
+    ``window_m`` of the line (it is not held to ``reach_m``: the rays came from windows around
+    ``location``). Rays from one pass through an object and on to a floater behind it, or under the floor,
+    meet anywhere along that stretch, and the windows around their far end hold only the views along it.
+    The swept place alone is not trusted (with ambiguous relevancy the best-scored point of a line can lie
+    on something else); its triangulation is. None, unless the sweep confirms a place: with fewer than
+    ``min_rays`` rays, rays within TRI_MIN_SPREAD_DEG of one direction or meeting behind a camera (and no
+    measured surface), or a first answer farther than ``reach_m`` from ``location`` (the rays met on
+    something else), unless it pins its depth within TRI_PIN_M and ``location`` lies behind it as the
+    cameras look (an RGB-only cluster on floaters behind its object, which the rays met on)."""
     by_id = dict(frames)
     ax = np.linspace(-1.0, 1.0, TRI_SAMPLES)
     offsets = np.stack(np.meshgrid(ax, ax), axis=-1).reshape(-1, 2)
@@ -831,10 +834,10 @@ def _spread_deg(rays) -> float:
 
 
 def nearest_on_rays(rays: Sequence[tuple[np.ndarray, np.ndarray, float]], x: np.ndarray) -> np.ndarray:
-    """The point closest to ``rays`` (weighted least squares) that lies nearest ``x``: for rays that pin a
-    point, about that point; for near-parallel ones (the depth along them undetermined), the point of their
-    bundle beside ``x`` (a small pull towards ``x``, 1e-3 of the rays' weight, settles what they leave
-    open)."""
+    """The point closest to ``rays`` (weighted least squares) with a small pull towards ``x`` (1e-3 of the
+    rays' weight) that settles what they leave open: for rays that pin a point, about that point; for
+    exactly parallel ones, the point of their bundle beside ``x``; for rays a few degrees apart, a blend of
+    their meeting point and that (the pull is then comparable to how weakly they pin their depth)."""
     x = np.asarray(x, dtype=np.float64)
     a, b = np.zeros((3, 3)), np.zeros(3)
     for o, d, w in rays:
@@ -842,7 +845,7 @@ def nearest_on_rays(rays: Sequence[tuple[np.ndarray, np.ndarray, float]], x: np.
         a += w * p
         b += w * p @ o
     eps = 1e-3 * sum(w for _, _, w in rays)
-    return np.linalg.solve(a + eps * np.eye(3), b + eps * x)
+    return np.linalg.lstsq(a + eps * np.eye(3), b + eps * x, rcond=None)[0]  # zero weights: no error
 
 
 def _line_miss(x: np.ndarray, line: tuple) -> float:
@@ -873,7 +876,8 @@ def loosest_line(rays: Sequence[tuple[np.ndarray, np.ndarray, float]], through: 
     eigenvector of the least-squares normal matrix sum w (I - d d^T) with the smallest eigenvalue (for rays
     from one side, about their mean direction; for rays from two opposite sides, the axis they share),
     pointed away from the cameras. Returns (origin = ``through``, unit direction, near: the signed distance
-    along it of the nearest camera, negative for cameras in front); None without rays."""
+    along it of the camera farthest back, negative for cameras behind ``through`` as the line points);
+    None without rays."""
     if not rays:
         return None
     x = np.asarray(through, dtype=np.float64)

@@ -601,7 +601,7 @@ def test_the_loosest_line_is_the_direction_the_rays_pin_least_pointing_away_from
     np.testing.assert_allclose(o, target)
     mean = rays[0][1] + 3.0 * rays[1][1]
     assert float(np.dot(d, mean / np.linalg.norm(mean))) > 0.99  # about their mean direction, away from them
-    assert near == pytest.approx(min(float(np.dot(c - target, d)) for c in origins))  # nearest camera
+    assert near == pytest.approx(min(float(np.dot(c - target, d)) for c in origins))  # farthest back
     assert near < -2.0
     # moving the point along the line changes the rays' misses least (to first order)
     a = sum(w * (np.eye(3) - np.outer(r, r)) for _, r, w in rays)
