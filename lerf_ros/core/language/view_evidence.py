@@ -803,11 +803,7 @@ def closest_point(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
     dropping rays farther than max(TRI_OUTLIER_M, 2 x median) from it (three rounds). None with fewer than
     ``min_rays`` rays left or their directions all within TRI_MIN_SPREAD_DEG of each other."""
     def solve(rs):
-        a, b = np.zeros((3, 3)), np.zeros(3)
-        for o, d, w in rs:
-            p = np.eye(3) - np.outer(d, d)
-            a += w * p
-            b += w * p @ o
+        a, b = _normal_equations(rs)
         return np.linalg.lstsq(a, b, rcond=None)[0]
 
     keep = list(rays)
@@ -827,6 +823,17 @@ def closest_point(rays: Sequence[tuple[np.ndarray, np.ndarray, float]],
     return x
 
 
+def _normal_equations(rays) -> tuple[np.ndarray, np.ndarray]:
+    """(A, b) of the weighted least-squares point closest to ``rays``: A = sum w (I - d d^T),
+    b = sum w (I - d d^T) o; A's eigenvectors say how firmly the rays pin a point along each direction."""
+    a, b = np.zeros((3, 3)), np.zeros(3)
+    for o, d, w in rays:
+        p = np.eye(3) - np.outer(d, d)
+        a += w * p
+        b += w * p @ o
+    return a, b
+
+
 def _spread_deg(rays) -> float:
     """The largest angle between two of ``rays``' directions, degrees."""
     dirs = np.stack([d for _, d, _ in rays])
@@ -839,11 +846,7 @@ def nearest_on_rays(rays: Sequence[tuple[np.ndarray, np.ndarray, float]], x: np.
     exactly parallel ones, the point of their bundle beside ``x``; for rays a few degrees apart, a blend of
     their meeting point and that (the pull is then comparable to how weakly they pin their depth)."""
     x = np.asarray(x, dtype=np.float64)
-    a, b = np.zeros((3, 3)), np.zeros(3)
-    for o, d, w in rays:
-        p = np.eye(3) - np.outer(d, d)
-        a += w * p
-        b += w * p @ o
+    a, b = _normal_equations(rays)
     eps = 1e-3 * sum(w for _, _, w in rays)
     return np.linalg.lstsq(a + eps * np.eye(3), b + eps * x, rcond=None)[0]  # zero weights: no error
 
@@ -881,10 +884,7 @@ def loosest_line(rays: Sequence[tuple[np.ndarray, np.ndarray, float]], through: 
     if not rays:
         return None
     x = np.asarray(through, dtype=np.float64)
-    a = np.zeros((3, 3))
-    for _, d, w in rays:
-        a += w * (np.eye(3) - np.outer(d, d))
-    d = np.linalg.eigh(a)[1][:, 0]
+    d = np.linalg.eigh(_normal_equations(rays)[0])[1][:, 0]
     if sum(w * float(np.dot(d, r)) for _, r, w in rays) < 0:
         d = -d
     near = min(float(np.dot(o - x, d)) for o, _, _ in rays)
