@@ -364,7 +364,7 @@ def locate(
     competitor_names: Sequence[str] = (),
     canonical_count: int | None = None,
     view_fn: Callable[[Tensor, float], tuple[Tensor, Tensor]] | None = None,
-    refine_fn: Callable[[np.ndarray, float], np.ndarray | None] | None = None,
+    refine_fn: Callable[[np.ndarray, float, np.ndarray], np.ndarray | None] | None = None,
     relevancy_fn: Callable[[Tensor, float], Tensor] | None = None,
     max_results: int = 1,
     report_rejected: bool = True,
@@ -387,8 +387,9 @@ def locate(
     competitor_embeds (C, D) with competitor_names (C,): phrases that may explain a peak better.
     view_fn(points (M, 3), scale_m) -> (embeds (O, D), view (O,) long): the keyframes' own crop embeddings
     of those points at that scale, one row per observation (keyframe that sees a point).
-    refine_fn(location (3,), scale_m) -> (3,) or None: where the views place a found target near its
-    cluster's centre (`view_evidence.refine_fn`); the target (and its box) moves there.
+    refine_fn(location (3,), scale_m, extent_m (3,)) -> (3,) or None: where the views place a found target
+    near its cluster's centre (its extent: the cluster's, `view_evidence.refine_fn`); the target (and its
+    box) moves there.
     relevancy_fn(points (M, 3), scale_m) -> (M,): the query's relevancy (against all negatives) at every
     point, for the scale search, when that is cheaper than embedding every point (`embed_fn` is then asked
     only for cluster members and a sample); called with the same points tensor for every scale.
@@ -735,7 +736,7 @@ def _checked_relevancy(r, n: int) -> Tensor:
 
 def _refined(t: Target, refine_fn) -> Target:
     """The target moved to where the views place it (box shifted with it, size kept)."""
-    where = refine_fn(np.asarray(t.location_world, dtype=np.float64), t.scale_m)
+    where = refine_fn(np.asarray(t.location_world, dtype=np.float64), t.scale_m, t.extent_m)
     if where is None or not np.all(np.isfinite(where)):
         return t
     shift = np.asarray(where, dtype=np.float64) - t.location_world

@@ -586,14 +586,21 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
               cfg: CandidateConfig, text: Tensor, canon: Tensor, temperature: float, radius_m: float,
               step_m: float, min_views: int = 3, box: tuple[np.ndarray, np.ndarray] | None = None,
               window_m: float = 0.3, ground_z: float | None = None):
-    """``fn(location (3,), scale_m) -> (3,) | None`` for `locate`: where the keyframes' views place the
-    target found at ``location`` (module docstring): `triangulate_fn` (window half-size ``window_m``; 0 =
-    off; its loose first passes followed along their rays by `sweep_fn`) when its first pass meets within
-    the hull's search cube's reach (``radius_m`` x sqrt 3) of ``location``, or pins a point in front of it
-    (and the answer lies inside ``box``), else the views' hull (`hull_fn`). With a ground
-    plane (world z ``ground_z``) a placement under it is lifted onto it: cameras above the floor see nothing
-    below it, and rays from a robot's camera that meet at a grazing angle put a floor object's answer under
-    the floor as easily as above it."""
+    """``fn(location (3,), scale_m, extent_m=None) -> (3,) | None`` for `locate`: where the keyframes' views
+    place the target found at ``location`` (module docstring): `triangulate_fn` (window half-size
+    ``window_m``; 0 = off; its loose first passes followed along their rays by `sweep_fn`) when its first
+    pass meets within the hull's search cube's reach (``radius_m`` x sqrt 3) of ``location``, or pins a
+    point in front of it (and the answer lies inside ``box``), else the views' hull (`hull_fn`). With a
+    ground plane (world z ``ground_z``) a placement under it is lifted onto it: cameras above the floor see
+    nothing below it, and rays from a robot's camera that meet at a grazing angle put a floor object's
+    answer under the floor as easily as above it.
+
+    ``extent_m`` (3,): the found cluster's extent. Where most keyframes whose images hold ``location`` have
+    a depth sensor, the cluster is the object's measured surface, and the object's centre lies within
+    about the cluster's own size of it: a placement farther than `measured_reach` (the cluster's diagonal,
+    at least twice ``scale_m``) came from views whose windows peaked on a look-alike beside a small object,
+    and None is returned (the cluster's centre stands). Without depth, clusters often lie on floaters a
+    metre off their object, and no such bound holds."""
     reach = radius_m * math.sqrt(3.0)
     cells = _CellRelevancy(pyramid, text, canon, temperature)
     hull = hull_fn(cset, frames, pyramid, cfg, cells, radius_m, step_m, min_views, box)
@@ -601,16 +608,39 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
     rays = (triangulate_fn(cset, frames, pyramid, cfg, cells, window_m, reach_m=reach, sweep=sweep)
             if window_m > 0 else None)
 
-    def fn(location: np.ndarray, scale_m: float) -> np.ndarray | None:
+    by_id = dict(frames)
+
+    def fn(location: np.ndarray, scale_m: float, extent_m: np.ndarray | None = None) -> np.ndarray | None:
         where = None if rays is None else rays(location, scale_m)
         if where is not None and box is not None and not np.all((where >= box[0]) & (where <= box[1])):
             where = None
         where = hull(location, scale_m) if where is None else where
         if where is not None and ground_z is not None and where[2] < ground_z:
             where = np.array([where[0], where[1], ground_z])
+        if where is not None and extent_m is not None and \
+                np.linalg.norm(where - location) > measured_reach(extent_m, scale_m) and \
+                _measured_at(location, cset, by_id, pyramid, cfg):
+            return None
         return where
 
     return fn
+
+
+def measured_reach(extent_m: np.ndarray, scale_m: float) -> float:
+    """How far `refine_fn` may move a cluster of measured surface points of extent ``extent_m`` (3,) found
+    at language scale ``scale_m``: its diagonal, and at least twice the scale (a cluster of a few points
+    on a larger object's edge), metres."""
+    return max(float(np.linalg.norm(extent_m)), 2.0 * float(scale_m))
+
+
+def _measured_at(location: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
+                 cfg: CandidateConfig) -> bool:
+    """Whether most keyframes whose images hold ``location`` (in front of the camera) have a depth
+    sensor."""
+    _, kfs, pos, _, _, _ = _reaching(np.asarray(location, dtype=np.float64)[None], cset, frames, pyramid, cfg,
+                                     occlusion=False)
+    measured = sum(kfs[p].depth_m is not None for p in pos.tolist())
+    return pos.size > 0 and 2 * measured > pos.size
 
 
 #: `triangulate_fn`: relevancy samples per window side; the least spread of ray directions (degrees)

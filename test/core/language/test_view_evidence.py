@@ -332,6 +332,43 @@ def test_a_placement_under_the_ground_plane_is_lifted_onto_it(scene):
     np.testing.assert_allclose(below, free)  # above the ground: unchanged
 
 
+def test_a_measured_cluster_is_not_moved_farther_than_its_own_size(monkeypatch):
+    """With a depth sensor the cluster is the object's own surface: a placement farther from it than
+    `measured_reach` (its diagonal, at least twice the scale) is refused and the cluster's centre stands
+    (CLIP-like rooms: a 9 cm sphere's views peaked on a blue cylinder 0.3 m away). Nearer ones stand, and
+    without depth (clusters on floaters) or without an extent, any placement does."""
+    _, obj, _, frames, enc, pyr, cset = _looking_at_the_red_box(1.4, AROUND)
+    measured = list(enumerate(frames))
+    rgb_only = [(i, dataclasses.replace(f, depth_m=None)) for i, f in measured]
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    start = obj.center + np.array([0.0, 0.0, obj.size[2] / 2])  # on the top face every camera sees
+    extent = np.array([0.1, 0.1, 0.05])  # diagonal 0.15 m
+    placed = []
+    monkeypatch.setattr(view_evidence, "triangulate_fn",
+                        lambda *a, **k: (lambda loc, s: placed[0]))
+
+    def along(shift):
+        return start + np.array([shift, 0.0, 0.0])
+
+    def refine(kfs, shift, extent_m=extent, scale=0.05):
+        placed[:] = [along(shift)]
+        fn = view_evidence.refine_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
+                                     0.4, 0.03)
+        return fn(start, scale, extent_m)
+
+    assert view_evidence.measured_reach(extent, 0.05) == pytest.approx(0.15)
+    assert view_evidence.measured_reach(extent, 0.1) == pytest.approx(0.2)  # a few points: twice the scale
+    np.testing.assert_allclose(refine(measured, 0.14), along(0.14))
+    assert refine(measured, 0.3) is None
+    np.testing.assert_allclose(refine(measured, 0.18, scale=0.1), along(0.18))
+    np.testing.assert_allclose(refine(measured, 0.3, extent_m=None), along(0.3))
+    np.testing.assert_allclose(refine(rgb_only, 0.3), along(0.3))
+    # most of the views that hold it without depth: no bound; most with depth: the bound
+    mixed = measured[:2] + rgb_only[2:]
+    np.testing.assert_allclose(refine(mixed, 0.3), along(0.3))
+    assert refine(rgb_only[:2] + measured[2:], 0.3) is None
+
+
 def _rays(point, origins, weights=None):
     weights = np.ones(len(origins)) if weights is None else weights
     out = []
