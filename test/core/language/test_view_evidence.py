@@ -753,6 +753,79 @@ def test_near_parallel_rgb_only_rays_through_the_object_are_followed_to_where_th
                                         reach_m=0.69)(start, 0.1) is None
 
 
+def test_the_sweep_runs_from_behind_the_cameras_to_past_the_loose_meeting_point_and_its_answer_stays_near_it(
+        monkeypatch):
+    """A loose first pass (RGB-only, three views within 4 degrees) is swept along `loosest_line` from
+    SWEEP_NEAR_M past the camera farthest back along it to ``window_m`` past where the rays met; the swept
+    place's re-triangulation stands only when it pins its depth and lies within ``window_m`` of that line
+    (a tight point 0.5 m to the side came from windows on something else: the answer is then the one
+    without the sweep)."""
+    _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.4, (176, 180, 184, 90, 270))
+    kfs = [(i, dataclasses.replace(f, depth_m=None)) for i, f in enumerate(frames)]
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    view = (obj.center - eyes[1]) / np.linalg.norm(obj.center - eyes[1])
+    past = obj.center + 0.5 * view
+    side = np.cross(view, [0.0, 0.0, 1.0])
+    side /= np.linalg.norm(side)
+    real = view_evidence.closest_point
+    scripted = []
+    monkeypatch.setattr(view_evidence, "closest_point",
+                        lambda rays, min_rays=2: scripted.pop(0) if scripted else real(rays, min_rays))
+    monkeypatch.setattr(view_evidence, "depth_uncertainty",  # only the scripted first pass is loose
+                        lambda x, rays: 2.0 * view_evidence.TRI_PIN_M if np.allclose(x, past) else 0.0)
+    asked = []
+
+    def sweep(origin, direction, length, scale_m):
+        asked.append((origin, direction, length))
+        return obj.center  # the place the other views agree on
+
+    def answer(then, with_sweep=True):
+        scripted[:] = [past, *then]
+        return view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3, reach_m=0.69,
+                                            sweep=sweep if with_sweep else None)(past, 0.1)
+
+    near_side = obj.center + 0.1 * side
+    np.testing.assert_allclose(answer([near_side]), near_side)  # 0.1 m off the line: it stands
+    (origin, d, length), = asked
+    assert float(np.dot(d, view)) > 0.99  # the rays' own direction, away from the cameras
+    farthest_back = min(float(np.dot(eyes[i] - past, d)) for i in (0, 1, 2))
+    np.testing.assert_allclose(origin, past + (farthest_back + view_evidence.SWEEP_NEAR_M) * d, atol=1e-6)
+    np.testing.assert_allclose(origin + length * d, past + 0.3 * d, atol=1e-6)  # 0.3 m past where they met
+    far_side = obj.center + 0.5 * side
+    np.testing.assert_allclose(answer([far_side]), answer([], with_sweep=False))
+
+
+def test_near_parallel_rays_are_swept_only_while_they_stay_within_a_few_degrees(monkeypatch):
+    """Rays that meet nowhere (`closest_point` None) with no agreeing measured surface are swept along their
+    line only when the rays kept around their point nearest the start lie within TRI_MIN_SPREAD_DEG of one
+    direction; rays farther apart that still meet nowhere give nothing (the hull's turn). Keyframes with a
+    depth sensor whose surface points disagree are swept the same way."""
+    _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.6, (178, 180, 182, 90, 270))
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    monkeypatch.setattr(view_evidence, "closest_point", lambda rays, min_rays=2: None)
+    asked = []
+
+    def sweep(*args):
+        asked.append(args)
+        return None
+
+    def answer(kfs, start):
+        asked.clear()
+        return view_evidence.triangulate_fn(cset, kfs, pyr, CFG.candidates, cells, 0.3, reach_m=0.69,
+                                            sweep=sweep)(start, 0.1)
+
+    rgb_only = [(i, dataclasses.replace(f, depth_m=None)) for i, f in enumerate(frames)]
+    view = (obj.center - eyes[1]) / np.linalg.norm(obj.center - eyes[1])
+    beyond = obj.center + 1.0 * view + np.array([0.0, 0.0, 0.3])  # only the three near-parallel views
+    assert answer(rgb_only[:3], beyond) is None and len(asked) == 1
+    assert float(np.dot(asked[0][1], view)) > 0.99
+    assert answer(rgb_only, obj.center) is None and asked == []  # all five views: 90 degrees apart
+    monkeypatch.setattr(view_evidence, "surface_cut", lambda points, min_rays=2: None)  # disagreeing
+    assert answer(list(enumerate(frames))[:3], beyond) is None and len(asked) == 1
+
+
 def test_the_point_nearest_the_rays_beside_a_guess():
     target = np.array([1.0, 2.0, 0.3])
     crossing = _rays(target, [np.array([-1.0, 2.0, 1.3]), np.array([1.0, -1.0, 1.3])])
