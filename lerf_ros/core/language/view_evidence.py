@@ -941,7 +941,11 @@ def sweep_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: C
         if ground_z is not None:
             ok &= pts[:, 2] >= ground_z
         pts = pts[ok]
-        s = None if pts.shape[0] == 0 else score(pts, scale_m)
+        if pts.shape[0] == 0:
+            return None
+        mid = 0.5 * (pts[0] + pts[-1])  # every point within half the kept stretch of it
+        half = 0.5 * float(np.linalg.norm(pts[-1] - pts[0])) + 1e-6
+        s = score(pts, scale_m, keep=lambda kf: _may_see(kf, mid, half))
         return None if s is None else pts[int(np.argmax(s))]
 
     return fn
