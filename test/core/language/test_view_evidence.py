@@ -22,9 +22,11 @@ AROUND = (120, 150, 180, 210, 240, 270)  # the scene's view azimuths, degrees
 
 
 @functools.cache
-def _looking_at_the_red_box(distance_m: float, degrees: tuple[float, ...], size_m: float | None = None):
-    """Keyframes of the demo room looking at its red box from ``distance_m`` (horizontally, 0.9 m above it)
-    at each azimuth, with their pyramids and their true depth as the candidates' grids (made once per
+def _looking_at_the_red_box(distance_m: float | tuple[float, ...], degrees: tuple[float, ...],
+                            size_m: float | None = None):
+    """Keyframes of the demo room looking at its red box from ``distance_m`` (horizontally, 0.9 m above it;
+    one for all, or one per view) at each azimuth, with their pyramids and their true depth as the
+    candidates' grids (made once per
     arguments: the module's tests read them, none changes them). ``size_m``: the box shrunk to a cube of
     that side, resting on the floor where the box stands (None: the demo's 40 cm box)."""
     room = SyntheticRoom(0)
@@ -35,8 +37,9 @@ def _looking_at_the_red_box(distance_m: float, degrees: tuple[float, ...], size_
         obj = dataclasses.replace(obj, center=centre, size=2.0 * half, box_min=centre - half,
                                   box_max=centre + half)
         room.objects = tuple(obj if o.name == "red box" else o for o in room.objects)
-    eyes = [obj.center + np.array([distance_m * np.cos(a), distance_m * np.sin(a), 0.9])
-            for a in np.radians(degrees)]
+    dists = distance_m if isinstance(distance_m, tuple) else (distance_m,) * len(degrees)
+    eyes = [obj.center + np.array([r * np.cos(a), r * np.sin(a), 0.9])
+            for r, a in zip(dists, np.radians(degrees), strict=True)]
     frames = make_frames(room, [look_at_pose(e, obj.center) for e in eyes], default_intrinsics(96, 72))
     enc = load_encoder(DEMO_CLIP)
     pyr = ClipPyramid(enc, CFG.pyramid, "cpu")
@@ -367,6 +370,40 @@ def test_a_measured_cluster_is_not_moved_farther_than_its_own_size(monkeypatch):
     mixed = measured[:2] + rgb_only[2:]
     np.testing.assert_allclose(refine(mixed, 0.3), along(0.3))
     assert refine(rgb_only[:2] + measured[2:], 0.3) is None
+
+
+def test_views_that_resolve_a_small_object_are_not_drowned_by_far_views_of_it():
+    """`view_scores` of a 10 cm cube seen by three views from 0.8 m (the scale within their crops' range)
+    and three from 6 m (beyond it: their smallest crop is mostly floor around the cube): the far views weigh
+    1e-3, so the score is the near views' own; counted alike, the far views' low relevancy pulls it down."""
+    near, far = (0.8,) * 3, (6.0,) * 3
+    _, obj, _, frames, enc, pyr, cset = _looking_at_the_red_box(near + far, (150, 180, 210, 120, 240, 270),
+                                                                size_m=0.1)
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    kfs = list(enumerate(frames))
+    centre = obj.center[None]
+
+    def score(views, min_views=1):
+        s = view_evidence.view_scores(cset, views, pyr, CFG.candidates, cells, min_views)(centre, 0.1)
+        return None if s is None else float(s[0])
+
+    both, near_only = score(kfs), score(kfs[:3])
+    assert near_only is not None and near_only > 0.8, near_only
+    far_mean = float(np.mean([float(cells.sample(i, *_pixel_and_frac(kf, obj.center, 0.1))[0])
+                              for i, kf in kfs[3:]]))
+    assert far_mean < near_only - 0.2, (far_mean, near_only)  # the far views see mostly floor there
+    assert both == pytest.approx(near_only, abs=0.01)
+    assert both > 0.5 * (near_only + far_mean) + 0.1  # not the plain mean of all six
+    assert score(kfs[3:]) is None or score(kfs[3:]) == pytest.approx(far_mean, abs=1e-6)  # alone: alike
+
+
+def _pixel_and_frac(kf, point, scale_m):
+    """(uv (1, 2), tile fraction (1,)) where ``point`` projects into ``kf`` at language scale ``scale_m``."""
+    x = np.linalg.inv(kf.T_world_cam) @ np.append(point, 1.0)
+    k = kf.intrinsics
+    uv = np.array([[k.fx * x[0] / x[2] + k.cx, k.fy * x[1] / x[2] + k.cy]])
+    return uv, np.array([scale_m * k.fy / (k.height * float(np.linalg.norm(x[:3])))])
 
 
 def _rays(point, origins, weights=None):
