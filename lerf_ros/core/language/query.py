@@ -387,8 +387,8 @@ def locate(
     competitor_embeds (C, D) with competitor_names (C,): phrases that may explain a peak better.
     view_fn(points (M, 3), scale_m) -> (embeds (O, D), view (O,) long): the keyframes' own crop embeddings
     of those points at that scale, one row per observation (keyframe that sees a point).
-    refine_fn(location (3,), scale_m, extent_m (3,)) -> (3,) or None: where the views place a found target
-    near its cluster's centre (its extent: the cluster's, `view_evidence.refine_fn`); the target (and its
+    refine_fn(location (3,), scale_m, points (M, 3)) -> (3,) or None: where the views place a found target
+    near its cluster's centre (points: the cluster's own, `view_evidence.refine_fn`); the target (and its
     box) moves there.
     relevancy_fn(points (M, 3), scale_m) -> (M,): the query's relevancy (against all negatives) at every
     point, for the scale search, when that is cheaper than embedding every point (`embed_fn` is then asked
@@ -548,11 +548,13 @@ def locate(
     bounds = sorted(((*_bound(c.score, med, spread, ex), c) for c in cands), key=lambda b: b[0],
                     reverse=True)
     targets: list[Target] = []
+    cluster_points: dict[int, Tensor] = {}  # by id(target): its cluster's points, for refine_fn
     for bound, z, c in bounds:
         if (targets or not report_rejected) and not _may_matter(bound, targets, thr, int(max_results),
                                                                 report_rejected):
             break
         targets.append(evidence(c, bound, z))
+        cluster_points[id(targets[-1])] = pts[c.members]
     if not targets:
         return _not_found(f"no candidate can reach confidence {thr:.2f}: best bound {bounds[0][0]:.2f}",
                           0.0, scale_m, cloud)
@@ -561,7 +563,7 @@ def locate(
     targets.sort(key=lambda t: (t.confidence, t.relevancy), reverse=True)
     found = tuple(t for t in targets if t.confidence >= thr)[: int(max_results)]
     if refine_fn is not None:
-        found = tuple(_refined(t, refine_fn) for t in found)
+        found = tuple(_refined(t, refine_fn, cluster_points[id(t)]) for t in found)
     top = found[0] if found else targets[0]
     why = _explain(top, med, ex)
     if not found:
@@ -734,9 +736,11 @@ def _checked_relevancy(r, n: int) -> Tensor:
     return r.float()
 
 
-def _refined(t: Target, refine_fn) -> Target:
-    """The target moved to where the views place it (box shifted with it, size kept)."""
-    where = refine_fn(np.asarray(t.location_world, dtype=np.float64), t.scale_m, t.extent_m)
+def _refined(t: Target, refine_fn, points: Tensor) -> Target:
+    """The target moved to where the views place it (box shifted with it, size kept); ``points``: its
+    cluster's."""
+    where = refine_fn(np.asarray(t.location_world, dtype=np.float64), t.scale_m,
+                      points.detach().double().cpu().numpy())
     if where is None or not np.all(np.isfinite(where)):
         return t
     shift = np.asarray(where, dtype=np.float64) - t.location_world

@@ -586,7 +586,7 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
               cfg: CandidateConfig, text: Tensor, canon: Tensor, temperature: float, radius_m: float,
               step_m: float, min_views: int = 3, box: tuple[np.ndarray, np.ndarray] | None = None,
               window_m: float = 0.3, ground_z: float | None = None):
-    """``fn(location (3,), scale_m, extent_m=None) -> (3,) | None`` for `locate`: where the keyframes' views
+    """``fn(location (3,), scale_m, points=None) -> (3,) | None`` for `locate`: where the keyframes' views
     place the target found at ``location`` (module docstring): `triangulate_fn` (window half-size
     ``window_m``; 0 = off; its loose first passes followed along their rays by `sweep_fn`) when its first
     pass meets within the hull's search cube's reach (``radius_m`` x sqrt 3) of ``location``, or pins a
@@ -595,12 +595,13 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
     nothing below it, and rays from a robot's camera that meet at a grazing angle put a floor object's
     answer under the floor as easily as above it.
 
-    ``extent_m`` (3,): the found cluster's extent. Where most keyframes whose images hold ``location`` have
-    a depth sensor, the cluster is the object's measured surface, and the object's centre lies within
-    about the cluster's own size of it: a placement farther than `measured_reach` (the cluster's diagonal,
-    at least twice ``scale_m``) came from views whose windows peaked on a look-alike beside a small object,
-    and None is returned (the cluster's centre stands). Without depth, clusters often lie on floaters a
-    metre off their object, and no such bound holds."""
+    ``points`` (M, 3): the found cluster's own. Where most keyframes whose images hold ``location`` have a
+    depth sensor, a cluster with depth in every direction is the measured surface of one object, whose
+    centre lies within about the cluster's own size of it: a placement farther than `measured_reach` (the
+    cluster's diagonal, at least twice ``scale_m``) came from views whose windows peaked on a look-alike
+    beside a small object, and None is returned (the cluster's centre stands). A flat cluster is a patch
+    of one surface (a wall behind an object, which crops at that scale still show), and no bound holds;
+    nor without depth, where clusters often lie on floaters a metre off their object."""
     reach = radius_m * math.sqrt(3.0)
     cells = _CellRelevancy(pyramid, text, canon, temperature)
     hull = hull_fn(cset, frames, pyramid, cfg, cells, radius_m, step_m, min_views, box)
@@ -610,15 +611,15 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
 
     by_id = dict(frames)
 
-    def fn(location: np.ndarray, scale_m: float, extent_m: np.ndarray | None = None) -> np.ndarray | None:
+    def fn(location: np.ndarray, scale_m: float, points: np.ndarray | None = None) -> np.ndarray | None:
         where = None if rays is None else rays(location, scale_m)
         if where is not None and box is not None and not np.all((where >= box[0]) & (where <= box[1])):
             where = None
         where = hull(location, scale_m) if where is None else where
         if where is not None and ground_z is not None and where[2] < ground_z:
             where = np.array([where[0], where[1], ground_z])
-        if where is not None and extent_m is not None and \
-                np.linalg.norm(where - location) > measured_reach(extent_m, scale_m) and \
+        if where is not None and points is not None and \
+                np.linalg.norm(where - location) > measured_reach(points, scale_m) and \
                 _measured_at(location, cset, by_id, pyramid, cfg):
             return None
         return where
@@ -626,11 +627,22 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
     return fn
 
 
-def measured_reach(extent_m: np.ndarray, scale_m: float) -> float:
-    """How far `refine_fn` may move a cluster of measured surface points of extent ``extent_m`` (3,) found
-    at language scale ``scale_m``: its diagonal, and at least twice the scale (a cluster of a few points
-    on a larger object's edge), metres."""
-    return max(float(np.linalg.norm(extent_m)), 2.0 * float(scale_m))
+def measured_reach(points: np.ndarray, scale_m: float) -> float:
+    """How far `refine_fn` may move a cluster of measured surface points ``points`` (M, 3) found at
+    language scale ``scale_m``, metres: the diagonal of its extent along its principal axes, and at least
+    twice the scale (a cluster of a few points on a larger object's edge); no bound (inf) for a flat cluster,
+    thinner across its thinnest axis than FLAT_RATIO of its length (a patch of a wall, floor or table top
+    around an object in front of or on it: the object may stand anywhere in front of the patch)."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if p.shape[0] == 0:
+        return math.inf
+    c = p - p.mean(axis=0)
+    axes = np.linalg.svd(c, full_matrices=False)[2] if p.shape[0] > 1 else np.eye(3)
+    along = c @ axes.T
+    span = along.max(axis=0) - along.min(axis=0)  # longest axis first
+    if span.shape[0] < 3 or span[-1] < FLAT_RATIO * span[0]:
+        return math.inf
+    return max(float(np.linalg.norm(span)), 2.0 * float(scale_m))
 
 
 def _measured_at(location: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
@@ -650,6 +662,10 @@ TRI_SAMPLES, TRI_MIN_SPREAD_DEG, TRI_OUTLIER_M = 15, 5.0, 0.1
 #: `triangulate_fn` with measured depth: a triangulated point whose `depth_uncertainty` exceeds this gives
 #: way to where its rays meet the measured surface (`surface_cut`), metres.
 TRI_PIN_M = 0.06
+#: `measured_reach`: a cluster thinner than this fraction of its length (across its principal axes) is a
+#: patch of one surface, not an object's surface in depth (synthetic rooms: wall patches < 0.01, clusters
+#: on objects 0.4-0.9; a depth sensor's centimetre of noise on a 20 cm wall patch gives ~0.1).
+FLAT_RATIO = 0.25
 #: `triangulate_fn`'s sweep along loose rays starts this far (metres) past the camera farthest back along
 #: their line (`loosest_line`'s ``near``).
 SWEEP_NEAR_M = 0.2

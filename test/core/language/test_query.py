@@ -399,8 +399,8 @@ def test_refine_fn_moves_found_targets_and_their_boxes_but_not_rejected_ones():
     pts, rgb, views = _scene()
     calls = []
 
-    def refine(location, scale_m, extent_m):
-        calls.append((location.copy(), scale_m, extent_m.copy()))
+    def refine(location, scale_m, points):
+        calls.append((location.copy(), scale_m, points.copy()))
         return location + np.array([0.0, 0.0, 0.1])
 
     base = locate(pts, rgb, views, toy_field, RED, NEGS, CFG)
@@ -412,7 +412,8 @@ def test_refine_fn_moves_found_targets_and_their_boxes_but_not_rejected_ones():
     np.testing.assert_allclose([t.box_min, t.box_max], [t0.box_min + up, t0.box_max + up])
     np.testing.assert_allclose(t.extent_m, t0.extent_m)
     assert len(calls) == 1 and calls[0][1] == t0.scale_m
-    np.testing.assert_allclose(calls[0][2], t0.extent_m)  # the cluster's own extent
+    np.testing.assert_allclose(np.ptp(calls[0][2], axis=0), t0.extent_m, atol=1e-6)  # the cluster's points
+    assert calls[0][2].shape == (t0.point_count, 3)
     # None (the views cannot place it) keeps the cluster's centre; a rejected query is never refined
     kept = locate(pts, rgb, views, toy_field, RED, NEGS, CFG, refine_fn=lambda p, s, e: None)
     np.testing.assert_allclose(kept.location_world, t0.location_world)

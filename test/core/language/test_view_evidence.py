@@ -336,16 +336,18 @@ def test_a_placement_under_the_ground_plane_is_lifted_onto_it(scene):
 
 
 def test_a_measured_cluster_is_not_moved_farther_than_its_own_size(monkeypatch):
-    """With a depth sensor the cluster is the object's own surface: a placement farther from it than
-    `measured_reach` (its diagonal, at least twice the scale) is refused and the cluster's centre stands
-    (CLIP-like rooms: a 9 cm sphere's views peaked on a blue cylinder 0.3 m away). Nearer ones stand, and
-    without depth (clusters on floaters) or without an extent, any placement does."""
+    """With a depth sensor a cluster with depth in every direction is the object's own surface: a placement
+    farther from it than `measured_reach` (its diagonal, at least twice the scale) is refused and the
+    cluster's centre stands (CLIP-like rooms: a 9 cm sphere's views peaked on a blue cylinder 0.3 m away).
+    Nearer ones stand, and so does any placement for a flat cluster (a wall patch behind an object), without
+    depth (clusters on floaters) or without the cluster's points."""
     _, obj, _, frames, enc, pyr, cset = _looking_at_the_red_box(1.4, AROUND)
     measured = list(enumerate(frames))
     rgb_only = [(i, dataclasses.replace(f, depth_m=None)) for i, f in measured]
     emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
     start = obj.center + np.array([0.0, 0.0, obj.size[2] / 2])  # on the top face every camera sees
-    extent = np.array([0.1, 0.1, 0.05])  # diagonal 0.15 m
+    corners = np.array([[x, y, z] for x in (0, 0.12) for y in (0, 0.08) for z in (0, 0.05)])
+    blob = start + corners - corners.mean(axis=0)  # 12 x 8 x 5 cm: diagonal 0.153 m
     placed = []
     monkeypatch.setattr(view_evidence, "triangulate_fn",
                         lambda *a, **k: (lambda loc, s: placed[0]))
@@ -353,19 +355,29 @@ def test_a_measured_cluster_is_not_moved_farther_than_its_own_size(monkeypatch):
     def along(shift):
         return start + np.array([shift, 0.0, 0.0])
 
-    def refine(kfs, shift, extent_m=extent, scale=0.05):
+    def refine(kfs, shift, points=blob, scale=0.05):
         placed[:] = [along(shift)]
         fn = view_evidence.refine_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
                                      0.4, 0.03)
-        return fn(start, scale, extent_m)
+        return fn(start, scale, points)
 
-    assert view_evidence.measured_reach(extent, 0.05) == pytest.approx(0.15)
-    assert view_evidence.measured_reach(extent, 0.1) == pytest.approx(0.2)  # a few points: twice the scale
+    diagonal = float(np.linalg.norm([0.12, 0.08, 0.05]))
+    assert view_evidence.measured_reach(blob, 0.05) == pytest.approx(diagonal)
+    assert view_evidence.measured_reach(blob, 0.1) == pytest.approx(0.2)  # a few points: twice the scale
+    rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]  # any orientation: the same
+    assert view_evidence.measured_reach(blob @ rotation.T, 0.05) == pytest.approx(diagonal)
     np.testing.assert_allclose(refine(measured, 0.14), along(0.14))
     assert refine(measured, 0.3) is None
     np.testing.assert_allclose(refine(measured, 0.18, scale=0.1), along(0.18))
-    np.testing.assert_allclose(refine(measured, 0.3, extent_m=None), along(0.3))
+    np.testing.assert_allclose(refine(measured, 0.3, points=None), along(0.3))
     np.testing.assert_allclose(refine(rgb_only, 0.3), along(0.3))
+    # a patch of a wall, tilted in the world frame, 20 cm across with 3 mm of depth noise: flat, no bound
+    rng = np.random.default_rng(1)
+    patch = np.column_stack([rng.uniform(-0.1, 0.1, 60), rng.uniform(-0.1, 0.1, 60),
+                             rng.normal(0.0, 0.003, 60)])
+    wall = start + patch @ rotation.T
+    assert view_evidence.measured_reach(wall, 0.05) == np.inf
+    np.testing.assert_allclose(refine(measured, 0.3, points=wall), along(0.3))
     # most of the views that hold it without depth: no bound; most with depth: the bound
     mixed = measured[:2] + rgb_only[2:]
     np.testing.assert_allclose(refine(mixed, 0.3), along(0.3))
