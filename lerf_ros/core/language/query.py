@@ -548,13 +548,14 @@ def locate(
     bounds = sorted(((*_bound(c.score, med, spread, ex), c) for c in cands), key=lambda b: b[0],
                     reverse=True)
     targets: list[Target] = []
-    cluster_points: dict[int, Tensor] = {}  # by id(target): its cluster's points, for refine_fn
+    cluster_points: dict[Target, Tensor] = {}  # its cluster's points, for refine_fn (hashed by identity)
     for bound, z, c in bounds:
         if (targets or not report_rejected) and not _may_matter(bound, targets, thr, int(max_results),
                                                                 report_rejected):
             break
         targets.append(evidence(c, bound, z))
-        cluster_points[id(targets[-1])] = pts[c.members]
+        if refine_fn is not None:
+            cluster_points[targets[-1]] = pts[c.members]
     if not targets:
         return _not_found(f"no candidate can reach confidence {thr:.2f}: best bound {bounds[0][0]:.2f}",
                           0.0, scale_m, cloud)
@@ -563,7 +564,7 @@ def locate(
     targets.sort(key=lambda t: (t.confidence, t.relevancy), reverse=True)
     found = tuple(t for t in targets if t.confidence >= thr)[: int(max_results)]
     if refine_fn is not None:
-        found = tuple(_refined(t, refine_fn, cluster_points[id(t)]) for t in found)
+        found = tuple(_refined(t, refine_fn, cluster_points[t]) for t in found)
     top = found[0] if found else targets[0]
     why = _explain(top, med, ex)
     if not found:

@@ -630,19 +630,19 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
 def measured_reach(points: np.ndarray, scale_m: float) -> float:
     """How far `refine_fn` may move a cluster of measured surface points ``points`` (M, 3) found at
     language scale ``scale_m``, metres: the diagonal of its extent along its principal axes, and at least
-    twice the scale (a cluster of a few points on a larger object's edge); no bound (inf) for a flat cluster,
-    thinner across its thinnest axis than FLAT_RATIO of its length (a patch of a wall, floor or table top
-    around an object in front of or on it: the object may stand anywhere in front of the patch)."""
+    twice the scale (a cluster of a few points on a larger object's edge); no bound (inf) for a flat cluster
+    of at least four points, thinner across its thinnest axis than FLAT_RATIO of its length (a patch of a
+    wall, floor or table top around an object in front of or on it: the object may stand anywhere in front
+    of the patch). Fewer points (any three lie in a plane) or none apart say nothing of flatness."""
     p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    if p.shape[0] == 0:
-        return math.inf
-    c = p - p.mean(axis=0)
-    axes = np.linalg.svd(c, full_matrices=False)[2] if p.shape[0] > 1 else np.eye(3)
+    c = p - p.mean(axis=0) if p.shape[0] else p
+    axes = np.linalg.svd(c, full_matrices=True)[2] if p.shape[0] else np.eye(3)
     along = c @ axes.T
-    span = along.max(axis=0) - along.min(axis=0)  # longest axis first
-    if span.shape[0] < 3 or span[-1] < FLAT_RATIO * span[0]:
+    span = along.max(axis=0) - along.min(axis=0) if p.shape[0] else np.zeros(3)  # longest axis first
+    bound = max(float(np.linalg.norm(span)), 2.0 * float(scale_m))
+    if p.shape[0] >= 4 and span[0] > 1e-9 and span[-1] < FLAT_RATIO * span[0]:
         return math.inf
-    return max(float(np.linalg.norm(span)), 2.0 * float(scale_m))
+    return bound
 
 
 def _measured_at(location: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
@@ -1038,11 +1038,13 @@ def view_scores(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid
                 cfg: CandidateConfig, cells: _CellRelevancy, min_views: int = 3):
     """``fn(points (P, 3), scale_m, keep=None) -> (P,) | None``: each point's relevancy at scale_m averaged
     over the keyframes that reach it (`_reaching`: in view up to their surface; ``keep(kf)`` narrows the
-    keyframes looked at), each weighing 1 where scale_m lies in the tile range its crops were supervised at
-    and 1e-3 beyond it, as in `views_embed_fn`: a view farther than its smallest crop covers scale_m reads
-    that smallest crop, mostly background around a small object, and its low relevancy would drown the
-    nearer views that resolve the object (a 10 cm table sphere seen by 27 views from 1 to 6 m: mean 0.29,
-    near views 0.9); where no view's range holds scale_m, all count alike. A point scores only when at least
+    keyframes looked at). Where at least ``min_views`` of them resolve scale_m (its tile fraction there lies
+    in the range their crops were supervised at), the mean is weighted as in `views_embed_fn`: those weigh
+    1, the others 1e-3 (a view too far for its smallest crop to cover scale_m reads mostly background around
+    a small object, and its low relevancy would drown the nearer views that resolve it: a 10 cm table sphere
+    seen by 27 views from 1 to 6 m, mean 0.29, near views 0.9; a view too near for its largest crop, a part
+    of the object). Where fewer resolve it, all count alike (one close view's cone alone does not pin a
+    place). A point scores only when at least
     ``max(min_views, half the best-covered point's)`` keyframes reach it (else -inf: a point under a surface
     that few views reach, or at the edge of what they saw). None when no point is reached by enough views
     or none scores above 0.5 (no view favours the query there)."""
@@ -1050,9 +1052,8 @@ def view_scores(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid
     lo, hi = _tile_range(pyramid)
 
     def fn(pts: np.ndarray, scale_m: float, keep=None) -> np.ndarray | None:
-        total = np.zeros(pts.shape[0])
-        weight = np.zeros(pts.shape[0])
-        count = np.zeros(pts.shape[0])
+        total, weight = np.zeros(pts.shape[0]), np.zeros(pts.shape[0])  # weighted
+        plain, count, resolved = np.zeros(pts.shape[0]), np.zeros(pts.shape[0]), np.zeros(pts.shape[0])
         ids, kfs, pos, idx, uv, dist = _reaching(pts, cset, by_id, pyramid, cfg, keep=keep)
         cells.prefetch([ids[p] for p in np.unique(pos)])
         for p in np.unique(pos).tolist():
@@ -1060,28 +1061,41 @@ def view_scores(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid
             k = kfs[p].intrinsics
             frac = scale_m * k.fy / (k.height * dist[rows])
             r = cells.sample(ids[p], uv[rows], frac).double().cpu().numpy()
-            w = np.where((frac >= lo) & (frac <= hi), 1.0, _OUT_OF_RANGE_WEIGHT)
+            inside = (frac >= lo) & (frac <= hi)
+            w = np.where(inside, 1.0, _OUT_OF_RANGE_WEIGHT)
             total[idx[rows]] += w * r
             weight[idx[rows]] += w
+            plain[idx[rows]] += r
             count[idx[rows]] += 1
+            resolved[idx[rows]] += inside
         if count.size == 0 or count.max() < min_views:
             return None
         enough = count >= max(min_views, 0.5 * count.max())
-        score = np.where(enough, total / np.maximum(weight, 1e-12), -np.inf)
+        mean = np.where(resolved >= min_views, total / np.maximum(weight, 1e-12),
+                        plain / np.maximum(count, 1))
+        score = np.where(enough, mean, -np.inf)
         return score if score.max() > 0.5 else None
 
     return fn
 
 
 def _may_see(kf: Frame, centre: np.ndarray, reach: float) -> bool:
-    """Whether any point within ``reach`` metres of ``centre`` can project into ``kf`` (a cheap bound)."""
+    """Whether any point within ``reach`` metres of ``centre`` can project into ``kf`` (a cheap bound: the
+    ball's bounding box in the camera frame, whose image spans x / z from its corners; never False for a
+    ball that shows in the image)."""
     R, t = kf.T_world_cam[:3, :3], kf.T_world_cam[:3, 3]
     x, y, z = (np.asarray(centre, dtype=np.float64) - t) @ R
     if z + reach <= 1e-6:
         return False
-    if z <= reach:
+    if z - reach <= 1e-6:
         return True
     k = kf.intrinsics
-    mu, mv = k.fx * reach / (z - reach), k.fy * reach / (z - reach)
-    u, v = k.fx * x / z + k.cx, k.fy * y / z + k.cy
-    return -mu <= u <= k.width + mu and -mv <= v <= k.height + mv
+
+    def span(a: float) -> tuple[float, float]:  # the range of a' / z' over a' in a +- reach, z' in z +- reach
+        lo, hi = a - reach, a + reach
+        return (lo / (z - reach) if lo < 0 else lo / (z + reach),
+                hi / (z - reach) if hi > 0 else hi / (z + reach))
+
+    (xl, xh), (yl, yh) = span(x), span(y)
+    return (k.fx * xh + k.cx >= 0 and k.fx * xl + k.cx <= k.width
+            and k.fy * yh + k.cy >= 0 and k.fy * yl + k.cy <= k.height)

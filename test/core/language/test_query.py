@@ -393,6 +393,20 @@ def test_one_object_larger_than_the_growth_radius_gives_one_target_and_its_halo_
                 torch.full((pts2.shape[0],), 5), field, RED, NEGS, cfg, max_results=5)
     assert len(r2.targets) == 2
     assert sorted(round(float(t.location_world[1]), 1) for t in r2.targets) == [0.0, 0.9]
+    # refine_fn is asked once per found target with that target's own cluster points
+    calls = []
+
+    def refine(location, scale_m, points):
+        calls.append((location.copy(), points.copy()))
+
+    r3 = locate(pts2, torch.full((pts2.shape[0], 3), 100, dtype=torch.uint8), torch.full((pts2.shape[0],), 5),
+                field, RED, NEGS, cfg, max_results=5, refine_fn=refine)
+    assert len(calls) == len(r3.targets) == 2
+    for (location, points), t in zip(calls, r3.targets, strict=True):
+        np.testing.assert_allclose(location, t.location_world)
+        np.testing.assert_allclose([points.min(axis=0), points.max(axis=0)], [t.box_min, t.box_max],
+                                   atol=1e-6)
+        assert points.shape == (t.point_count, 3)
 
 
 def test_refine_fn_moves_found_targets_and_their_boxes_but_not_rejected_ones():

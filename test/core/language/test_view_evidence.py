@@ -378,23 +378,44 @@ def test_a_measured_cluster_is_not_moved_farther_than_its_own_size(monkeypatch):
     wall = start + patch @ rotation.T
     assert view_evidence.measured_reach(wall, 0.05) == np.inf
     np.testing.assert_allclose(refine(measured, 0.3, points=wall), along(0.3))
-    # most of the views that hold it without depth: no bound; most with depth: the bound
-    mixed = measured[:2] + rgb_only[2:]
-    np.testing.assert_allclose(refine(mixed, 0.3), along(0.3))
+    # most of the views that hold it without depth, or just half: no bound; most with depth: the bound
+    np.testing.assert_allclose(refine(measured[:2] + rgb_only[2:], 0.3), along(0.3))
+    np.testing.assert_allclose(refine(measured[:3] + rgb_only[3:], 0.3), along(0.3))
     assert refine(rgb_only[:2] + measured[2:], 0.3) is None
+    # a place no keyframe's image holds: nothing says it was measured, no bound
+    start = obj.center + np.array([0.0, 0.0, 30.0])
+    np.testing.assert_allclose(refine(measured, 0.3, points=blob - blob.mean(axis=0) + start), along(0.3))
+
+
+def test_the_reach_of_a_few_measured_points_is_their_size_at_least_twice_the_scale():
+    """`measured_reach` of clusters too small to say whether they are flat (any three points lie in a
+    plane): their diagonal, at least twice the scale, never unbounded; four points in a plane are flat."""
+    p = np.array([1.0, 2.0, 0.5])
+    x, y, z = np.eye(3) * 0.3
+    assert view_evidence.measured_reach(p[None], 0.05) == pytest.approx(0.1)
+    assert view_evidence.measured_reach(np.stack([p, p + x]), 0.05) == pytest.approx(0.3)
+    three = np.stack([p, p + x, p + 2.0 / 3.0 * y])
+    assert view_evidence.measured_reach(three, 0.05) < 0.5
+    assert view_evidence.measured_reach(np.stack([p] * 5), 0.05) == pytest.approx(0.1)  # none apart
+    square = np.stack([p, p + x, p + y, p + x + y])
+    assert view_evidence.measured_reach(square, 0.05) == np.inf
+    cube = np.concatenate([square, square + z])
+    assert view_evidence.measured_reach(cube, 0.05) == pytest.approx(0.3 * np.sqrt(3.0))
 
 
 def test_views_that_resolve_a_small_object_are_not_drowned_by_far_views_of_it():
     """`view_scores` of a 10 cm cube seen by three views from 0.8 m (the scale within their crops' range)
     and three from 6 m (beyond it: their smallest crop is mostly floor around the cube): the far views weigh
-    1e-3, so the score is the near views' own; counted alike, the far views' low relevancy pulls it down."""
+    1e-3, so the score is the near views' own; counted alike, the far views' low relevancy pulls it down.
+    With fewer resolving views than ``min_views``, all count alike."""
     near, far = (0.8,) * 3, (6.0,) * 3
-    _, obj, _, frames, enc, pyr, cset = _looking_at_the_red_box(near + far, (150, 180, 210, 120, 240, 270),
+    _, obj, _, frames, enc, pyr, cset = _looking_at_the_red_box(near + far, (150, 180, 210, 160, 190, 220),
                                                                 size_m=0.1)
     emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
     cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
     kfs = list(enumerate(frames))
     centre = obj.center[None]
+    assert view_evidence._reaching(centre, cset, dict(kfs), pyr, CFG.candidates)[2].tolist() == list(range(6))
 
     def score(views, min_views=1):
         s = view_evidence.view_scores(cset, views, pyr, CFG.candidates, cells, min_views)(centre, 0.1)
@@ -405,9 +426,80 @@ def test_views_that_resolve_a_small_object_are_not_drowned_by_far_views_of_it():
     far_mean = float(np.mean([float(cells.sample(i, *_pixel_and_frac(kf, obj.center, 0.1))[0])
                               for i, kf in kfs[3:]]))
     assert far_mean < near_only - 0.2, (far_mean, near_only)  # the far views see mostly floor there
-    assert both == pytest.approx(near_only, abs=0.01)
+    values = [float(cells.sample(i, *_pixel_and_frac(kf, obj.center, 0.1))[0]) for i, kf in kfs]
+    near_mean = float(np.mean(values[:3]))
+    assert near_only == pytest.approx(near_mean, abs=1e-6)
+    want = (sum(values[:3]) + 1e-3 * sum(values[3:])) / (3 + 3e-3)
+    assert both == pytest.approx(want, abs=1e-6)
     assert both > 0.5 * (near_only + far_mean) + 0.1  # not the plain mean of all six
-    assert score(kfs[3:]) is None or score(kfs[3:]) == pytest.approx(far_mean, abs=1e-6)  # alone: alike
+    # fewer views that resolve the scale than min_views (one near view's cone does not pin a place):
+    # all count alike
+    plain = float(np.mean(values[:2] + values[3:4]))
+    assert plain > 0.5
+    assert score(kfs[:2] + kfs[3:4], min_views=3) == pytest.approx(plain, abs=1e-6)
+
+
+def test_may_see_never_leaves_out_a_keyframe_that_sees_part_of_the_ball(scene):
+    """`_may_see` is a bound: balls around random centres, far off the optical axis and near the camera
+    included, are never refused when a point sampled inside them projects into the image."""
+    _, _, _, _, _, _, kfs = scene
+    kf = kfs[0][1]
+    k = kf.intrinsics
+    rng = np.random.default_rng(4)
+    eye, rot = kf.T_world_cam[:3, 3], kf.T_world_cam[:3, :3]
+    checked = 0
+    for _ in range(3000):
+        centre_cam = rng.uniform([-4.0, -4.0, -1.0], [4.0, 4.0, 5.0])
+        reach = float(rng.uniform(0.05, 1.5))
+        offsets = rng.normal(size=(200, 3))
+        offsets *= reach * rng.uniform(0, 1, (200, 1)) ** (1 / 3) / np.linalg.norm(offsets, axis=1,
+                                                                                  keepdims=True)
+        cam = centre_cam + offsets
+        front = cam[:, 2] > 1e-6
+        u = k.fx * cam[front, 0] / cam[front, 2] + k.cx
+        v = k.fy * cam[front, 1] / cam[front, 2] + k.cy
+        if np.any((u >= 0) & (u <= k.width) & (v >= 0) & (v <= k.height)):
+            checked += 1
+            assert view_evidence._may_see(kf, eye + rot @ centre_cam, reach), (centre_cam, reach)
+    assert checked > 300
+    behind = eye + rot @ np.array([0.0, 0.0, -3.0])
+    assert not view_evidence._may_see(kf, behind, 1.0)
+
+
+def test_a_sweep_scores_its_points_against_every_keyframe_that_sees_any_of_them(scene, monkeypatch):
+    """The sweep looks only at keyframes that may see its segment (`_may_see`): some views of a segment
+    from the box 3 m sideways see only part of it, and they are kept; the scores are those every keyframe
+    gives, and the best point is on the box."""
+    _, obj, eyes, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    across = np.cross(obj.center - eyes[0], [0.0, 0.0, 1.0])
+    across /= np.linalg.norm(across)
+    real = view_evidence.view_scores
+    asked = []
+
+    def watched(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def score(pts, scale_m, keep=None):
+            asked.append((pts, scale_m, keep))
+            return fn(pts, scale_m, keep)
+
+        score.unfiltered = fn
+        return score
+
+    monkeypatch.setattr(view_evidence, "view_scores", watched)
+    out = view_evidence.sweep_fn(cset, kfs, pyr, CFG.candidates, cells, 0.03)(obj.center, across, 3.0, 0.1)
+    (pts, scale_m, keep), = asked
+    kept = [i for i, kf in kfs if keep(kf)]
+    sees = [i for i, kf in kfs if view_evidence._reaching(pts, cset, {i: kf}, pyr, CFG.candidates)[2].size]
+    sees_middle = [i for i, kf in kfs
+                   if view_evidence._may_see(kf, 0.5 * (pts[0] + pts[-1]), 1e-6)]
+    assert set(sees) <= set(kept) and not set(sees) <= set(sees_middle), (sees, kept, sees_middle)
+    full = real(cset, kfs, pyr, CFG.candidates, cells)(pts, scale_m)
+    np.testing.assert_allclose(real(cset, kfs, pyr, CFG.candidates, cells)(pts, scale_m, keep), full)
+    assert out is not None and _inside(obj, out)
+    np.testing.assert_allclose(out, pts[int(np.argmax(full))])
 
 
 def _pixel_and_frac(kf, point, scale_m):
