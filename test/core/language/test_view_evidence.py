@@ -824,6 +824,17 @@ def test_a_sweep_along_a_line_through_the_object_finds_it_where_the_other_views_
     assert view_evidence.sweep_fn(cset, kfs, pyr, CFG.candidates, cells, 0.03)(eye, d, length, 0.1) is None
 
 
+def _one_side_and_two_sides_rgb_only():
+    """RGB-only keyframes of the red box: three from within 4 degrees of one direction and two from the
+    sides; the "red box" cell relevancy; the middle one-side view's unit direction through the box."""
+    _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.4, (176, 180, 184, 90, 270))
+    kfs = [(i, dataclasses.replace(f, depth_m=None)) for i, f in enumerate(frames)]
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
+    view = (obj.center - eyes[1]) / np.linalg.norm(obj.center - eyes[1])
+    return obj, eyes, kfs, pyr, cset, cells, view
+
+
 def test_a_loose_first_triangulation_past_the_object_is_replaced_by_the_views_triangulation_along_its_rays(
         monkeypatch):
     """RGB-only views: three from within 4 degrees of one direction, two from the sides. A first pass that
@@ -832,11 +843,7 @@ def test_a_loose_first_triangulation_past_the_object_is_replaced_by_the_views_tr
     on the box only at its place, the windows there triangulate tightly on it, and that stands. Without the
     sweep the loose point is kept; with every triangulation loose, the swept place is not trusted and the
     answer is the one without it; a tight first pass is not swept."""
-    _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.4, (176, 180, 184, 90, 270))
-    kfs = [(i, dataclasses.replace(f, depth_m=None)) for i, f in enumerate(frames)]
-    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
-    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
-    view = (obj.center - eyes[1]) / np.linalg.norm(obj.center - eyes[1])
+    obj, _, kfs, pyr, cset, cells, view = _one_side_and_two_sides_rgb_only()
     past = obj.center + 1.0 * view
     assert past[2] < 0.0
     real = view_evidence.closest_point
@@ -901,11 +908,7 @@ def test_the_sweep_runs_from_behind_the_cameras_to_past_the_loose_meeting_point_
     place's re-triangulation stands only when it pins its depth and lies within ``window_m`` of that line
     (a tight point 0.5 m to the side came from windows on something else: the answer is then the one
     without the sweep)."""
-    _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.4, (176, 180, 184, 90, 270))
-    kfs = [(i, dataclasses.replace(f, depth_m=None)) for i, f in enumerate(frames)]
-    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
-    cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
-    view = (obj.center - eyes[1]) / np.linalg.norm(obj.center - eyes[1])
+    obj, eyes, kfs, pyr, cset, cells, view = _one_side_and_two_sides_rgb_only()
     past = obj.center + 0.5 * view
     side = np.cross(view, [0.0, 0.0, 1.0])
     side /= np.linalg.norm(side)
