@@ -382,6 +382,12 @@ def test_a_measured_cluster_is_not_moved_farther_than_its_own_size(monkeypatch):
     np.testing.assert_allclose(refine(measured[:2] + rgb_only[2:], 0.3), along(0.3))
     np.testing.assert_allclose(refine(measured[:3] + rgb_only[3:], 0.3), along(0.3))
     assert refine(rgb_only[:2] + measured[2:], 0.3) is None
+    # the bound judges the placement after it is lifted onto the ground plane: 0.5 m under it, lifted to
+    # 0.11 m from the cluster (within the bound), it stands
+    placed[:] = [start + np.array([0.1, 0.0, -0.5])]
+    lifted = view_evidence.refine_fn(cset, measured, pyr, CFG.candidates, emb[0], emb[1:],
+                                     CFG.query.temperature, 0.4, 0.03, ground_z=float(start[2]) - 0.05)
+    np.testing.assert_allclose(lifted(start, 0.05, blob), start + np.array([0.1, 0.0, -0.05]))
     # a place no keyframe's image holds: nothing says it was measured, no bound
     start = obj.center + np.array([0.0, 0.0, 30.0])
     np.testing.assert_allclose(refine(measured, 0.3, points=blob - blob.mean(axis=0) + start), along(0.3))
