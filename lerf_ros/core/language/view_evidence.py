@@ -635,14 +635,14 @@ def measured_reach(points: np.ndarray, scale_m: float) -> float:
     wall, floor or table top around an object in front of or on it: the object may stand anywhere in front
     of the patch). Fewer points (any three lie in a plane) or none apart say nothing of flatness."""
     p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    c = p - p.mean(axis=0) if p.shape[0] else p
-    axes = np.linalg.svd(c, full_matrices=True)[2] if p.shape[0] else np.eye(3)
-    along = c @ axes.T
-    span = along.max(axis=0) - along.min(axis=0) if p.shape[0] else np.zeros(3)  # longest axis first
-    bound = max(float(np.linalg.norm(span)), 2.0 * float(scale_m))
+    if p.shape[0] == 0:
+        return 2.0 * float(scale_m)
+    c = p - p.mean(axis=0)
+    along = c @ np.linalg.svd(c, full_matrices=True)[2].T
+    span = along.max(axis=0) - along.min(axis=0)  # longest axis first
     if p.shape[0] >= 4 and span[0] > 1e-9 and span[-1] < FLAT_RATIO * span[0]:
         return math.inf
-    return bound
+    return max(float(np.linalg.norm(span)), 2.0 * float(scale_m))
 
 
 def _measured_at(location: np.ndarray, cset: CandidateSet, frames: dict[int, Frame], pyramid: ClipPyramid,
@@ -1052,8 +1052,9 @@ def view_scores(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid
     lo, hi = _tile_range(pyramid)
 
     def fn(pts: np.ndarray, scale_m: float, keep=None) -> np.ndarray | None:
-        total, weight = np.zeros(pts.shape[0]), np.zeros(pts.shape[0])  # weighted
-        plain, count, resolved = np.zeros(pts.shape[0]), np.zeros(pts.shape[0]), np.zeros(pts.shape[0])
+        # per point: relevancy summed over the views that resolve scale_m and over the others; their counts
+        sum_in, sum_out = np.zeros(pts.shape[0]), np.zeros(pts.shape[0])
+        resolved, count = np.zeros(pts.shape[0]), np.zeros(pts.shape[0])
         ids, kfs, pos, idx, uv, dist = _reaching(pts, cset, by_id, pyramid, cfg, keep=keep)
         cells.prefetch([ids[p] for p in np.unique(pos)])
         for p in np.unique(pos).tolist():
@@ -1062,17 +1063,16 @@ def view_scores(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid
             frac = scale_m * k.fy / (k.height * dist[rows])
             r = cells.sample(ids[p], uv[rows], frac).double().cpu().numpy()
             inside = (frac >= lo) & (frac <= hi)
-            w = np.where(inside, 1.0, _OUT_OF_RANGE_WEIGHT)
-            total[idx[rows]] += w * r
-            weight[idx[rows]] += w
-            plain[idx[rows]] += r
-            count[idx[rows]] += 1
+            sum_in[idx[rows]] += np.where(inside, r, 0.0)
+            sum_out[idx[rows]] += np.where(inside, 0.0, r)
             resolved[idx[rows]] += inside
+            count[idx[rows]] += 1
         if count.size == 0 or count.max() < min_views:
             return None
         enough = count >= max(min_views, 0.5 * count.max())
-        mean = np.where(resolved >= min_views, total / np.maximum(weight, 1e-12),
-                        plain / np.maximum(count, 1))
+        w = _OUT_OF_RANGE_WEIGHT  # the others' weight where enough views resolve scale_m; else all alike
+        weighted = (sum_in + w * sum_out) / np.maximum(resolved + w * (count - resolved), 1e-12)
+        mean = np.where(resolved >= min_views, weighted, (sum_in + sum_out) / np.maximum(count, 1))
         score = np.where(enough, mean, -np.inf)
         return score if score.max() > 0.5 else None
 
