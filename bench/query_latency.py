@@ -12,6 +12,9 @@ timed apart) and queried idle. Prints one table and writes JSON (bench/out/query
     .venv/bin/python bench/query_latency.py --seed 44 --map W/map_room44_rgbd_cliplike
 
 times a saved map of room 44 idle instead (a `bench/quality.py --workdir W` map, RGB-D or RGB-only).
+torch gets the threads the nodes would give it (``--threads 0``): one less than the cores while a trainer
+runs, all of them for ``--map`` (the query node alone on a map); ``--threads 1`` is lerf_node idle on a
+2-core machine.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from lerf_ros.core.engine import LERFEngine  # noqa: E402
 from lerf_ros.core.frames.frame import Frame  # noqa: E402
 from lerf_ros.core.language.candidates import render_calls  # noqa: E402
 from lerf_ros.core.presets import make_preset  # noqa: E402
-from lerf_ros.core.training.worker import TrainingWorker  # noqa: E402
+from lerf_ros.core.training.worker import TrainingWorker, set_torch_threads  # noqa: E402
 from lerf_ros.sim.drive import drive_through  # noqa: E402
 from lerf_ros.sim.rooms import random_room  # noqa: E402
 
@@ -69,12 +72,13 @@ def main(argv=None) -> int:
     # shorter run would save and time a map of fresh fields.
     p.add_argument("--train-s", type=float, default=90.0, help="seconds of training with queries")
     p.add_argument("--queries-every-s", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 = as the nodes choose (torch_threads 0): one less than the "
+                        "cores while training, all of them for --map (the query node alone on a map)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    import torch
 
-    torch.set_num_threads(args.threads)
+    args.threads = set_torch_threads(args.threads, print, trains=args.map is None)
     room = random_room(args.seed)
     if args.map is not None:
         sys.path.insert(0, str(ROOT / "test" / "doubles"))

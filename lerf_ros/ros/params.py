@@ -124,9 +124,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "not a drop).",
               nodes=frozenset({TRAINER})),
     ParamSpec("torch_threads", int, 0,
-              "CPU threads for torch (training, queries); 0 = one less than the CPU cores (at least 1), so "
-              "the executor and the ingest thread keep a core.",
-              nodes=frozenset({TRAINER}), range=(0, 1024)),
+              "CPU threads for torch (training, queries); 0 = one less than the CPU cores (at least 1) "
+              "where a trainer runs, so the executor and the ingest thread keep a core, and all cores for "
+              "the query node alone on a map (nothing trains there).",
+              nodes=BOTH, range=(0, 1024)),
     ParamSpec("min_keyframes", int, PRESET, "Keyframes (with language targets) before training starts.",
               nodes=frozenset({TRAINER}), range=(1, 10000), preset_field="ingest.min_keyframes"),
     ParamSpec("max_image_side", int, PRESET, "Keyframes larger than this (px) are downsized; 0 = off.",

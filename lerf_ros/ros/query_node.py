@@ -56,6 +56,7 @@ from visualization_msgs.msg import MarkerArray
 
 from lerf_ros.compat import diagnostics as compat_diagnostics
 from lerf_ros.core.language.query import MAX_RESULTS_LIMIT
+from lerf_ros.core.training.worker import set_torch_threads
 from lerf_ros.ros import diagnostics, lifecycle, map_io
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.locate import LocateLoop, Progress
@@ -222,6 +223,8 @@ class QueryNode(LifecycleNode):
         and every query is answered RESULT_ERROR with the reason (as before the node was managed), which
         tells a client more than an unconfigured node would."""
         map_path = self.settings.map_path
+        if self._shared_slot is None:  # the query node alone: nothing trains in this process
+            set_torch_threads(self.params.values["torch_threads"], self.get_logger().info, trains=False)
         if map_path:
             engine, error = load_map(map_path, self.params.device)
             frame, warning = map_io.answer_frame(map_io.read_world_frame(map_path), self.settings.world_frame)

@@ -70,7 +70,7 @@ from lerf_ros.compat import image as image_conv
 from lerf_ros.compat import tf as compat_tf
 from lerf_ros.core.frames import scene_region
 from lerf_ros.core.frames.frame import Frame
-from lerf_ros.core.training.worker import TrainingWorker, set_gil_switch_interval
+from lerf_ros.core.training.worker import TrainingWorker, set_gil_switch_interval, set_torch_threads
 from lerf_ros.ros import cameras, diagnostics, ingest, lifecycle, lock_meter, map_io
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_to_ns, training_status_msg
@@ -105,28 +105,6 @@ def make_engine(resolved):
         raise ValueError(f"cannot build the engine (preset {v['preset']!r}, clip_encoder "
                          f"{resolved.engine.clip_encoder.target!r}, dino_encoder "
                          f"{resolved.engine.dino_encoder.target!r}, device {v['device']!r}): {exc}") from exc
-
-
-def torch_threads_for(requested: int, cpu_count: int | None) -> int:
-    """The torch CPU thread count for ``torch_threads`` (0 = one less than the cores, at least 1).
-
-    Two OpenMP threads fighting over two busy cores made one training step hold the engine lock for
-    seconds (issue 10: up to 5.5 s, median 37 ms); a core left to the executor and the ingest thread
-    keeps the lock holds short and the image callbacks on time."""
-    return int(requested) if requested > 0 else max(1, (cpu_count or 2) - 1)
-
-
-def set_torch_threads(requested: int, logger) -> int:
-    """Set torch's intra-op threads for this process (training worker and queries alike) and log it."""
-    import os
-
-    import torch
-
-    threads = torch_threads_for(requested, os.cpu_count())
-    torch.set_num_threads(threads)
-    logger.info(f"torch CPU threads: {threads} ({'torch_threads' if requested > 0 else 'cores - 1'}, "
-                f"{os.cpu_count()} cores)")
-    return threads
 
 
 class TrainerNode(LifecycleNode):
@@ -234,7 +212,7 @@ class TrainerNode(LifecycleNode):
         built = False
         try:
             if self.slot.get() is None:
-                set_torch_threads(self.settings.torch_threads, self.get_logger())
+                set_torch_threads(self.settings.torch_threads, self.get_logger().info)
                 set_gil_switch_interval(self.get_logger().info)
                 self.slot.set(make_engine(self.params))
                 built = True

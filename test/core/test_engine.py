@@ -23,7 +23,12 @@ from lerf_ros.core.language.relevancy import closest_negative
 from lerf_ros.core.model import LanguagePointQueries, LanguageSnapshot
 from lerf_ros.core.presets import PRESETS, EngineConfig, IngestConfig, make_preset
 from lerf_ros.core.training.engine_lock import PriorityLock
-from lerf_ros.core.training.worker import GIL_SWITCH_INTERVAL_S, TrainingWorker, set_gil_switch_interval
+from lerf_ros.core.training.worker import (
+    GIL_SWITCH_INTERVAL_S,
+    TrainingWorker,
+    set_gil_switch_interval,
+    torch_threads_for,
+)
 from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
 
 # --------------------------------------------------------------------------- broken encoders
@@ -403,6 +408,14 @@ def test_gil_switch_interval_is_shortened_once_for_training_beside_python_thread
         assert sys.getswitchinterval() == pytest.approx(0.0001)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_torch_threads_leave_a_core_to_the_executor_where_training_runs():
+    assert torch_threads_for(0, 2) == 1 and torch_threads_for(0, 16) == 15 and torch_threads_for(0, 1) == 1
+    assert torch_threads_for(3, 2) == 3 and torch_threads_for(0, None) == 1
+    # nothing trains (the query node alone on a map): all the cores, or what was asked for
+    assert torch_threads_for(0, 2, trains=False) == 2 and torch_threads_for(0, 1, trains=False) == 1
+    assert torch_threads_for(3, 16, trains=False) == 3 and torch_threads_for(0, None, trains=False) == 2
 
 
 def test_worker_catches_errors_and_recovers():

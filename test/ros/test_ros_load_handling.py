@@ -15,7 +15,7 @@ from lerf_ros.core.frames.transforms import make_transform
 from lerf_ros.ros import diagnostics, ingest, lock_meter
 from lerf_ros.ros.engine_slot import EngineSlot
 from lerf_ros.ros.messages import stamp_from_ns
-from lerf_ros.ros.trainer_node import TrainerNode, torch_threads_for
+from lerf_ros.ros.trainer_node import TrainerNode
 
 NS = 1_000_000_000
 MS = 1_000_000
@@ -134,11 +134,6 @@ def test_engines_in_a_slot_get_a_metered_lock_once():
     d = diagnostics.training_diagnostic(engine.status(), "waiting", lock=lock_meter.stats_of(engine))
     assert float(d.value("longest engine-lock hold, queries/frames/status (s)")) >= 0.0
     assert d.value("longest engine-lock hold, queries/frames/status, taken in").startswith("engine.status (")
-
-
-def test_torch_threads_leave_a_core_to_the_executor():
-    assert torch_threads_for(0, 2) == 1 and torch_threads_for(0, 16) == 15 and torch_threads_for(0, 1) == 1
-    assert torch_threads_for(3, 2) == 3 and torch_threads_for(0, None) == 1
 
 
 class _Engine:

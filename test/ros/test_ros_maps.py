@@ -159,6 +159,30 @@ def test_a_standalone_query_node_answers_in_the_maps_frame(engine, tmp_path, ros
     assert reply.location.header.frame_id == reply.cloud.header.frame_id == "odom"
 
 
+@pytest.mark.parametrize("requested", [0, 1])
+def test_the_query_node_alone_uses_every_core_unless_told(engine, tmp_path, ros, monkeypatch, requested):
+    """Nothing trains beside a query node on a map: torch_threads 0 gives the queries all the cores (a
+    trainer keeps one for its executor); a query node sharing a trainer's engine leaves them as they are."""
+    import os
+
+    from lerf_ros.ros.engine_slot import EngineSlot
+    from lerf_ros.ros.query_node import QueryNode
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # the process's threads stay as they are
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    map_io.save_map_dir(engine, tmp_path / "m", "odom")
+    alone = QueryNode(node_name=f"threads_query_{requested}", parameter_overrides=[
+        Parameter("map_path", value=str(tmp_path / "m")), Parameter("device", value="cpu"),
+        Parameter("torch_threads", value=requested)])
+    ros.append(alone)
+    assert calls == [requested or 6]
+    shared = QueryNode(EngineSlot(engine), node_name=f"threads_shared_{requested}", parameter_overrides=[
+        Parameter("device", value="cpu"), Parameter("torch_threads", value=requested)])
+    ros.append(shared)
+    assert calls == [requested or 6]
+
+
 def test_the_trainer_uses_a_loaded_maps_frame_until_reset(engine, tmp_path, ros):
     from lerf_ros.srv import MapPath
     from std_srvs.srv import SetBool, Trigger

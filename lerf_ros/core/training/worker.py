@@ -19,6 +19,7 @@ than ``GIL_SWITCH_INTERVAL_S``: beside any thread running Python, a training ste
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -47,6 +48,33 @@ def set_gil_switch_interval(info: Callable[[str], None] | None = None,
     (info or _log.info)(f"GIL switch interval: {sys.getswitchinterval() * 1e3:.2f} ms (training steps wait "
                         f"less for the GIL behind Python threads)")
     return sys.getswitchinterval()
+
+
+def torch_threads_for(requested: int, cpu_count: int | None, trains: bool = True) -> int:
+    """The torch CPU thread count for ``torch_threads``: ``requested`` when above 0; otherwise one less
+    than the cores (at least 1) in a process that trains (``trains``), all of them in one that only
+    answers queries (the query node alone, on a saved map).
+
+    Two OpenMP threads fighting over two busy cores made one training step hold the engine lock for
+    seconds (issue 10: up to 5.5 s, median 37 ms); a core left to the executor and the ingest thread
+    keeps the lock holds short and the image callbacks on time. Without training a query is the only
+    work, and its sparse products and field reads use every core given (idle latency, bench/RESULTS.md)."""
+    if requested > 0:
+        return int(requested)
+    cores = cpu_count or 2
+    return max(1, cores - 1) if trains else cores
+
+
+def set_torch_threads(requested: int, info: Callable[[str], None] | None = None, trains: bool = True) -> int:
+    """Set torch's intra-op threads for this process (`torch_threads_for`; training and queries alike);
+    ``info`` gets one line saying how many and why. Returns the count."""
+    import torch
+
+    threads = torch_threads_for(requested, os.cpu_count(), trains)
+    torch.set_num_threads(threads)
+    why = "torch_threads" if requested > 0 else ("cores - 1" if trains else "all cores: nothing trains here")
+    (info or _log.info)(f"torch CPU threads: {threads} ({why}, {os.cpu_count()} cores)")
+    return threads
 
 
 class SteppableEngine(Protocol):
