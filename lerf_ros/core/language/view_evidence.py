@@ -22,8 +22,9 @@ poorly (a few degrees apart) give way to where they meet the measured surface. W
 surface points disagree), such rays are followed instead: along the line they pin least, the place the
 other keyframes' views agree on (`sweep_fn`) is triangulated again, and stands when its rays pin it (an
 RGB-only cluster on floaters behind an object, or under the floor, gets rays only from the views along that
-line). The hull serves when none can (fewer than two views, or all from nearly one direction, without
-depth).
+line). With triangulation switched off the hull places the answer; with it on, where the rays give nothing
+(fewer than two views, or all from nearly one direction, without depth) the answer stays where it was found:
+over the quality benchmark's 138 maps the hull never moved such an answer into its object's box.
 """
 
 from __future__ import annotations
@@ -590,10 +591,10 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
     place the target found at ``location`` (module docstring): `triangulate_fn` (window half-size
     ``window_m``; 0 = off; its loose first passes followed along their rays by `sweep_fn`) when its first
     pass meets within the hull's search cube's reach (``radius_m`` x sqrt 3) of ``location``, or pins a
-    point in front of it (and the answer lies inside ``box``), else the views' hull (`hull_fn`). With a
-    ground plane (world z ``ground_z``) a placement under it is lifted onto it: cameras above the floor see
-    nothing below it, and rays from a robot's camera that meet at a grazing angle put a floor object's
-    answer under the floor as easily as above it.
+    point in front of it (and the answer lies inside ``box``), else None; with ``window_m`` 0 the views'
+    hull (`hull_fn`) instead. With a ground plane (world z ``ground_z``) a placement under it is lifted onto
+    it: cameras above the floor see nothing below it, and rays from a robot's camera that meet at a grazing
+    angle put a floor object's answer under the floor as easily as above it.
 
     ``points`` (M, 3): the found cluster's own. Where most keyframes whose images hold ``location`` have a
     depth sensor, a cluster with depth in every direction is the measured surface of one object, whose
@@ -604,18 +605,19 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
     nor without depth, where clusters often lie on floaters a metre off their object."""
     reach = radius_m * math.sqrt(3.0)
     cells = _CellRelevancy(pyramid, text, canon, temperature)
-    hull = hull_fn(cset, frames, pyramid, cfg, cells, radius_m, step_m, min_views, box)
-    sweep = sweep_fn(cset, frames, pyramid, cfg, cells, step_m, min_views, box, ground_z)
-    rays = (triangulate_fn(cset, frames, pyramid, cfg, cells, window_m, reach_m=reach, sweep=sweep)
-            if window_m > 0 else None)
+    if window_m > 0:
+        sweep = sweep_fn(cset, frames, pyramid, cfg, cells, step_m, min_views, box, ground_z)
+        hull = None
+        rays = triangulate_fn(cset, frames, pyramid, cfg, cells, window_m, reach_m=reach, sweep=sweep)
+    else:
+        rays, hull = None, hull_fn(cset, frames, pyramid, cfg, cells, radius_m, step_m, min_views, box)
 
     by_id = dict(frames)
 
     def fn(location: np.ndarray, scale_m: float, points: np.ndarray | None = None) -> np.ndarray | None:
-        where = None if rays is None else rays(location, scale_m)
+        where = hull(location, scale_m) if rays is None else rays(location, scale_m)
         if where is not None and box is not None and not np.all((where >= box[0]) & (where <= box[1])):
             where = None
-        where = hull(location, scale_m) if where is None else where
         if where is not None and ground_z is not None and where[2] < ground_z:
             where = np.array([where[0], where[1], ground_z])
         if where is not None and points is not None and \

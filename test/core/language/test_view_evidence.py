@@ -82,6 +82,34 @@ def test_an_answer_placed_too_deep_along_a_ray_moves_back_into_the_object(scene)
     assert np.linalg.norm(out - obj.center) < 0.5 * np.linalg.norm(start - obj.center)
 
 
+def test_with_triangulation_off_the_hull_moves_a_deep_answer_back_into_the_object(scene):
+    _, obj, eyes, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    ray = obj.center - eyes[2]
+    start = obj.center + 0.3 * ray / np.linalg.norm(ray)
+    hull_only = view_evidence.refine_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:],
+                                        CFG.query.temperature, 0.4, 0.03, window_m=0.0)
+    out = hull_only(start, 0.1)
+    assert out is not None and _inside(obj, out), (out, obj.center)
+
+
+def test_where_the_rays_give_nothing_the_hull_is_not_asked(scene):
+    """One view: no triangulation (it needs two rays). The hull alone would place the answer from that view
+    (min_views 1); with triangulation on, the cluster's centre stands (None): over the quality benchmark's
+    138 maps the hull fallback never moved an answer into its object's box and moved one out."""
+    _, obj, _, enc, pyr, cset, kfs = scene
+    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    one = kfs[2:3]
+    start = obj.center + np.array([0.0, 0.0, 0.25])
+
+    def fn(window_m):
+        return view_evidence.refine_fn(cset, one, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
+                                       0.4, 0.03, min_views=1, window_m=window_m)
+
+    assert fn(0.0)(start, 0.1) is not None
+    assert fn(0.3)(start, 0.1) is None
+
+
 def test_a_concept_no_view_supports_is_not_moved(scene):
     _, obj, *_ = scene
     assert _fn(scene, "purple torus")(obj.center + 0.2, 0.1) is None
