@@ -347,7 +347,7 @@ def save_engine(engine, path: str | os.PathLike) -> None:
                                                      engine.model.state_dict().items()},
         trainer_state=None if engine.trainer is None else engine.trainer.state_dict(),
         keyframes=arrays,
-        features={"hashes": hashes, "caches": {"clip": engine.pyramid.state_dict(),
+        features={"hashes": hashes, "caches": {"clip": engine.pyramid.state_dict(engine.store.ids()),
                                                "dino": engine.dense.state_dict()}},
         candidates=cands,
         backends=None if engine.model is None else module_backends(engine.model),

@@ -510,6 +510,33 @@ def test_evicted_keyframes_leave_every_cache(room_frames):
     assert sorted(engine._keyframe_tensors(engine._ready_ids()).kf_ids.tolist()) == ids
 
 
+def test_a_map_saved_while_a_query_reads_an_evicted_keyframe_holds_only_stored_ones(room_frames, tmp_path):
+    """A keyframe evicted while a query scores outside the lock keeps its pyramid entry until the query ends
+    (`_evict`); a map saved meanwhile must not hold that entry (the loader refuses features of unknown
+    keyframes: a saved map that would not load, seen in the ROS integration test)."""
+    cfg = _tiny(min_keyframes=2)
+    cfg = dataclasses.replace(cfg, keyframes=dataclasses.replace(cfg.keyframes, max_keyframes=3))
+    engine = LERFEngine(cfg, "cpu")
+    _train_a_little(engine, room_frames[:3])
+    while engine.status().keyframes_pending:
+        engine.step(1)
+    assert engine.pyramid.keyframe_ids() == engine.store.ids() == [0, 1, 2]
+    with engine._readers_lock:  # a query in flight, as `query` counts it while it scores
+        engine._readers += 1
+    for f in room_frames[3:5]:
+        engine.add_frame(f)
+    while engine.status().keyframes_pending:
+        engine.step(1)
+    ids = engine.store.ids()
+    assert len(ids) == 3 and set(engine.pyramid.keyframe_ids()) > set(ids)  # the evicted entries wait
+    engine.save(tmp_path / "map")
+    loaded = LERFEngine.load(tmp_path / "map", "cpu")
+    assert loaded.store.ids() == ids and loaded.pyramid.keyframe_ids() == [
+        i for i in engine.pyramid.keyframe_ids() if i in ids]
+    with engine._readers_lock:
+        engine._readers -= 1
+
+
 def _train_a_little(engine, frames, steps=2):
     for f in frames:
         engine.add_frame(f)

@@ -65,6 +65,33 @@ def test_the_snapshot_writes_the_map_that_engine_save_writes(engine, tmp_path):
     assert LERFEngine.load(tmp_path / "ros", "cpu").train_step == engine.train_step
 
 
+def test_a_snapshot_while_a_query_reads_an_evicted_keyframe_holds_only_the_stored_ones(tmp_path):
+    """`LERFEngine._evict` keeps an evicted keyframe's pyramid entry while a query reads the crops; the
+    node's snapshot must leave it out as `engine.save` does, or the map does not load."""
+    cfg = make_preset("tiny")
+    cfg = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, min_keyframes=2),
+                              keyframes=dataclasses.replace(cfg.keyframes, max_keyframes=2))
+    engine = LERFEngine(cfg, "cpu")
+    room = SyntheticRoom(0)
+    frames = make_frames(room, orbit_trajectory(room, 8), default_intrinsics(48, 36))
+    for frame in frames[:2]:
+        engine.add_frame(frame)
+    while engine.train_step < 1 or engine.status().keyframes_pending:
+        engine.step(1)
+    with engine._readers_lock:  # a query scoring outside the lock
+        engine._readers += 1
+    engine.add_frame(frames[2])
+    while engine.status().keyframes_pending:
+        engine.step(1)
+    assert len(engine.pyramid.keyframe_ids()) > len(engine.store.ids())
+    map_io.save_map_dir(engine, tmp_path / "ros", "odom")
+    engine.save(tmp_path / "core")
+    ours, core = checkpoint.load_map(tmp_path / "ros"), checkpoint.load_map(tmp_path / "core")
+    assert sorted(ours.features["caches"]["clip"]["keyframes"]) == engine.store.ids()
+    _assert_same(core.features, ours.features, "features")
+    assert LERFEngine.load(tmp_path / "ros", "cpu").store.ids() == engine.store.ids()
+
+
 def test_the_write_runs_off_the_engine_lock_on_a_copy_training_cannot_change(engine, tmp_path,
                                                                               monkeypatch):
     writing, release = threading.Event(), threading.Event()

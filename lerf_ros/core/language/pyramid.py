@@ -454,8 +454,11 @@ class ClipPyramid:
             "config": json.loads(json.dumps(asdict(self.config))),
         }
 
-    def state_dict(self) -> dict:
-        """Plain values + CPU tensors: {format, encoder_name, dim, input_size, config, keyframes}."""
+    def state_dict(self, ids=None) -> dict:
+        """Plain values + CPU tensors: {format, encoder_name, dim, input_size, config, keyframes}.
+        ``ids``: only these keyframes' entries (a map's keyframes: the engine keeps an evicted keyframe's
+        entry until the queries reading it end, and a map must not hold it)."""
+        keep = None if ids is None else {int(i) for i in ids}
         with self.store.lock:
             kfs = {
                 k: {
@@ -463,7 +466,7 @@ class ClipPyramid:
                     "key": self._keys.get(k, ""),
                     "grid": self.store.grid(k).cpu(),
                 }
-                for k in self.store.ids()
+                for k in self.store.ids() if keep is None or k in keep
             }
         return {**self._meta(), "keyframes": kfs}
 
