@@ -418,6 +418,19 @@ def test_torch_threads_leave_a_core_to_the_executor_where_training_runs():
     assert torch_threads_for(3, 16, trains=False) == 3 and torch_threads_for(0, None, trains=False) == 2
 
 
+def test_available_cpus_follow_the_affinity(monkeypatch):
+    """A container's cpuset (or taskset) limits the CPUs, not the machine's count."""
+    import os
+
+    from lerf_ros.core.training import worker
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert worker.available_cpus() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert worker.available_cpus() == 32
+
+
 def test_worker_catches_errors_and_recovers():
     eng = _FakeEngine(fail_at=10)
     eng.add()

@@ -17,3 +17,14 @@ def ros():
             getattr(node, "shutdown", lambda: None)()
             node.destroy_node()
         rclpy.try_shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """The nodes set torch's intra-op threads for the whole process (`torch_threads`): each test gets back
+    the count it started with, so a query node's 'all cores' does not carry into later tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -190,14 +190,13 @@ def test_a_standalone_query_node_answers_in_the_maps_frame(engine, tmp_path, ros
 def test_the_query_node_alone_uses_every_core_unless_told(engine, tmp_path, ros, monkeypatch, requested):
     """Nothing trains beside a query node on a map: torch_threads 0 gives the queries all the cores (a
     trainer keeps one for its executor); a query node sharing a trainer's engine leaves them as they are."""
-    import os
-
+    from lerf_ros.core.training import worker
     from lerf_ros.ros.engine_slot import EngineSlot
     from lerf_ros.ros.query_node import QueryNode
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)  # the process's threads stay as they are
-    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(worker, "available_cpus", lambda: 6)
     map_io.save_map_dir(engine, tmp_path / "m", "odom")
     alone = QueryNode(node_name=f"threads_query_{requested}", parameter_overrides=[
         Parameter("map_path", value=str(tmp_path / "m")), Parameter("device", value="cpu"),

@@ -106,12 +106,15 @@ class QueryConfig:
                         so a cluster of fewer than top_k points (an isolated noisy voxel) scores low
     scales_m:           language scales searched, metres
     scale_slack:        a point is read at scales within [lo / slack, hi * slack] of its trained range
-    refine_radius_m:    a found target is moved to where the keyframes' views agree within this distance of
-                        its cluster's centre (`view_evidence.refine_fn`; 0 = off), metres
-    refine_step_m:      grid step of that search, metres
-    triangulate_window_m: before that search, the target is triangulated from the rays through each view's
-                        relevancy peak within this distance of it (`view_evidence.triangulate_fn`; 0 = hull
-                        only), metres
+    refine_radius_m:    a found target is moved to where the keyframes' views agree
+                        (`view_evidence.refine_fn`; 0 = off): the rays' meeting point must lie within this
+                        distance x sqrt 3 of its cluster's centre; with triangulation off, the views' hull is
+                        searched this far around it, metres
+    refine_step_m:      grid step of the hull's search and of the sweep along loosely pinned rays, metres
+    triangulate_window_m: the target is triangulated from the rays through each view's relevancy peak
+                        within this distance of it (`view_evidence.triangulate_fn`); where the rays give
+                        nothing it stays where it was found. 0 = no triangulation: the views' hull places
+                        it, metres
     views_fallback:     when the language field finds nothing, the engine searches the keyframes' own crop
                         embeddings (`view_evidence`) with the same existence tests (answer source "views")
     max_cloud_points:   the returned cloud keeps at most this many points (the most relevant)

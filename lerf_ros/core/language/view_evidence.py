@@ -590,7 +590,7 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
     """``fn(location (3,), scale_m, points=None) -> (3,) | None`` for `locate`: where the keyframes' views
     place the target found at ``location`` (module docstring): `triangulate_fn` (window half-size
     ``window_m``; 0 = off; its loose first passes followed along their rays by `sweep_fn`) when its first
-    pass meets within the hull's search cube's reach (``radius_m`` x sqrt 3) of ``location``, or pins a
+    pass meets within ``radius_m`` x sqrt 3 of ``location``, or pins a
     point in front of it (and the answer lies inside ``box``), else None; with ``window_m`` 0 the views'
     hull (`hull_fn`) instead. With a ground plane (world z ``ground_z``) a placement under it is lifted onto
     it: cameras above the floor see nothing below it, and rays from a robot's camera that meet at a grazing

@@ -67,15 +67,25 @@ def torch_threads_for(requested: int, cpu_count: int | None, trains: bool = True
     return max(1, cores - 1) if trains else cores
 
 
+def available_cpus() -> int | None:
+    """The CPUs this process may run on (its affinity: a container's cpuset, ``taskset``), else the
+    machine's count (None when unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on every platform
+        return os.cpu_count()
+
+
 def set_torch_threads(requested: int, info: Callable[[str], None] | None = None, trains: bool = True) -> int:
-    """Set torch's intra-op threads for this process (`torch_threads_for`; training and queries alike);
-    ``info`` gets one line saying how many and why. Returns the count."""
+    """Set torch's intra-op threads for this process (`torch_threads_for` over `available_cpus`; training
+    and queries alike); ``info`` gets one line saying how many and why. Returns the count."""
     import torch
 
-    threads = torch_threads_for(requested, os.cpu_count(), trains)
+    cpus = available_cpus()
+    threads = torch_threads_for(requested, cpus, trains)
     torch.set_num_threads(threads)
     why = "torch_threads" if requested > 0 else ("cores - 1" if trains else "all cores: nothing trains here")
-    (info or _log.info)(f"torch CPU threads: {threads} ({why}, {os.cpu_count()} cores)")
+    (info or _log.info)(f"torch CPU threads: {threads} ({why}, {cpus} cores available)")
     return threads
 
 

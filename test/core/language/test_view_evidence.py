@@ -60,11 +60,13 @@ def scene():
     return room, obj, eyes, enc, pyr, cset, rgb_only
 
 
-def _fn(scene, text, radius=0.4):
-    _, _, _, enc, pyr, cset, kfs = scene
+def _fn(scene, text, radius=0.4, window_m=0.3, min_views=3, kfs=None, box=None):
+    """`refine_fn` on the scene's RGB-only keyframes (or ``kfs``); ``window_m`` 0: the hull alone."""
+    _, _, _, enc, pyr, cset, scene_kfs = scene
     emb = enc.encode_texts([text, *CANONICAL_NEGATIVES]).float()
-    return view_evidence.refine_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
-                                   radius, 0.03)
+    return view_evidence.refine_fn(cset, scene_kfs if kfs is None else kfs, pyr, CFG.candidates, emb[0],
+                                   emb[1:], CFG.query.temperature, radius, 0.03, min_views=min_views, box=box,
+                                   window_m=window_m)
 
 
 def _inside(obj, p):
@@ -83,52 +85,47 @@ def test_an_answer_placed_too_deep_along_a_ray_moves_back_into_the_object(scene)
 
 
 def test_with_triangulation_off_the_hull_moves_a_deep_answer_back_into_the_object(scene):
-    _, obj, eyes, enc, pyr, cset, kfs = scene
-    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
+    _, obj, eyes, *_ = scene
     ray = obj.center - eyes[2]
     start = obj.center + 0.3 * ray / np.linalg.norm(ray)
-    hull_only = view_evidence.refine_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:],
-                                        CFG.query.temperature, 0.4, 0.03, window_m=0.0)
-    out = hull_only(start, 0.1)
+    out = _fn(scene, "red box", window_m=0.0)(start, 0.1)
     assert out is not None and _inside(obj, out), (out, obj.center)
 
 
 def test_where_the_rays_give_nothing_the_hull_is_not_asked(scene):
     """One view: no triangulation (it needs two rays). The hull alone would place the answer from that view
     (min_views 1); with triangulation on, the cluster's centre stands (None): over the quality benchmark's
-    138 maps the hull fallback never moved an answer into its object's box and moved one out."""
-    _, obj, _, enc, pyr, cset, kfs = scene
-    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
-    one = kfs[2:3]
+    138 maps the hull fallback never moved an answer into its object's box, and moved one object out (in
+    two conditions)."""
+    _, obj, *_, kfs = scene
     start = obj.center + np.array([0.0, 0.0, 0.25])
-
-    def fn(window_m):
-        return view_evidence.refine_fn(cset, one, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
-                                       0.4, 0.03, min_views=1, window_m=window_m)
-
-    assert fn(0.0)(start, 0.1) is not None
-    assert fn(0.3)(start, 0.1) is None
+    assert _fn(scene, "red box", window_m=0.0, min_views=1, kfs=kfs[2:3])(start, 0.1) is not None
+    assert _fn(scene, "red box", window_m=0.3, min_views=1, kfs=kfs[2:3])(start, 0.1) is None
 
 
-def test_a_concept_no_view_supports_is_not_moved(scene):
+@pytest.mark.parametrize("window_m", [0.3, 0.0])  # triangulation, the hull alone
+def test_a_concept_no_view_supports_is_not_moved(scene, window_m):
     _, obj, *_ = scene
-    assert _fn(scene, "purple torus")(obj.center + 0.2, 0.1) is None
+    assert _fn(scene, "purple torus", window_m=window_m)(obj.center + 0.2, 0.1) is None
 
 
-def test_no_views_reach_the_region(scene):
+@pytest.mark.parametrize("window_m", [0.3, 0.0])
+def test_no_views_reach_the_region(scene, window_m):
     _, obj, *_ = scene
     far = obj.center + np.array([0.0, 0.0, 30.0])  # far above every camera's field of view
-    assert _fn(scene, "red box")(far, 0.1) is None
+    assert _fn(scene, "red box", window_m=window_m)(far, 0.1) is None
 
 
 def test_the_box_clips_the_search(scene):
-    _, obj, _, enc, pyr, cset, kfs = scene
-    emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
-    lo = obj.box_max + 0.1  # a box that holds none of the object
-    fn = view_evidence.refine_fn(cset, kfs, pyr, CFG.candidates, emb[0], emb[1:], CFG.query.temperature,
-                                 0.4, 0.03, box=(lo, lo + 1.0))
-    out = fn(obj.center + 0.2, 0.1)
-    assert out is None or np.all(out >= lo - 1e-9)
+    _, obj, *_ = scene
+    start = obj.center + 0.2
+    # the hull searches only inside the box: with the object's far half (+x) in it, the answer lies there
+    lo = np.array([obj.center[0] + 0.1, obj.box_min[1] - 0.5, obj.box_min[2] - 0.5])
+    out = _fn(scene, "red box", window_m=0.0, box=(lo, obj.box_max + 0.5))(start, 0.1)
+    assert out is not None and np.all(out >= lo - 1e-9), out
+    # the rays meet at the object's centre, outside that box: refused
+    assert _fn(scene, "red box", box=(lo, obj.box_max + 0.5))(start, 0.1) is None
+    assert _inside(obj, _fn(scene, "red box")(start, 0.1))
 
 
 def test_pyramid_cell_relevancy_matches_the_relevancy_of_sampled_embeddings_at_crop_centres(scene):
@@ -758,7 +755,7 @@ def test_near_parallel_views_with_measured_depth_place_the_answer_where_their_ra
         near_parallel):
     """Views from nearly one direction (rays within TRI_MIN_SPREAD_DEG: depth along them undetermined)
     cannot be triangulated; with a depth sensor, each ray's point on the measured surface places the
-    answer on the object; without depth the views give nothing (the hull's turn)."""
+    answer on the object; without depth the views give nothing (the answer stays where it was found)."""
     obj, _, frames, pyr, cset, cells = near_parallel
     start = obj.center + np.array([0.0, 0.15, 0.0])
     out = view_evidence.triangulate_fn(cset, frames, pyr, CFG.candidates, cells, 0.3)(start, 0.1)
@@ -920,7 +917,7 @@ def test_near_parallel_rgb_only_rays_through_the_object_are_followed_to_where_th
     """Three RGB-only views within 4 degrees of one direction give the only rays around a start 1 m past
     the box along them (the side views' windows there do not hold it): their depth is undetermined, so no
     point is triangulated; followed along their line, the side views agree on the box, and the windows there
-    (all five views) pin it. Without the sweep: no answer (the hull's turn)."""
+    (all five views) pin it. Without the sweep: no answer (the answer stays where it was found)."""
     _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.6, (178, 180, 182, 90, 270))
     kfs = [(i, dataclasses.replace(f, depth_m=None)) for i, f in enumerate(frames)]
     emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
@@ -977,8 +974,8 @@ def test_the_sweep_runs_from_behind_the_cameras_to_past_the_loose_meeting_point_
 def test_near_parallel_rays_are_swept_only_while_they_stay_within_a_few_degrees(monkeypatch):
     """Rays that meet nowhere (`closest_point` None) with no agreeing measured surface are swept along their
     line only when the rays kept around their point nearest the start lie within TRI_MIN_SPREAD_DEG of one
-    direction; rays farther apart that still meet nowhere give nothing (the hull's turn). Keyframes with a
-    depth sensor whose surface points disagree are swept the same way."""
+    direction; rays farther apart that still meet nowhere give nothing (the answer stays where it was
+    found). Keyframes with a depth sensor whose surface points disagree are swept the same way."""
     _, obj, eyes, frames, enc, pyr, cset = _looking_at_the_red_box(1.6, (178, 180, 182, 90, 270))
     emb = enc.encode_texts(["red box", *CANONICAL_NEGATIVES]).float()
     cells = view_evidence._CellRelevancy(pyr, emb[0], emb[1:], CFG.query.temperature)
