@@ -407,8 +407,11 @@ def fill_engine(engine, data: MapData, files: dict) -> None:
         except ValueError as exc:
             raise ValueError(f"{files['features']}: {exc}") from exc
         stray = sorted(set(cache.store.ids()) - set(store.ids()))
+        for kf_id in stray:  # maps saved while a query read an evicted keyframe's crops hold its features
+            cache.remove(kf_id)
         if stray:
-            raise ValueError(f"{files['features']}: {key} features for unknown keyframes {stray[:5]}")
+            _LOG.warning(f"{files['features']}: dropped the {key} features of {len(stray)} keyframe(s) the "
+                         f"map does not hold {stray[:5]} (saved while a query read an evicted keyframe)")
     if data.model_state:
         if data.scene_box is None:
             raise ValueError(f"{files['manifest']}: weights present but no scene_box")
