@@ -324,6 +324,14 @@ def detached_copy(obj):
     return obj  # numbers, strings, None: immutable
 
 
+def feature_caches(engine) -> dict:
+    """The map's feature caches of ``engine`` (caller holds ``engine.lock``): {"clip", "dino"} states of
+    the stored keyframes only (the engine keeps an evicted keyframe's pyramid entry until the queries
+    reading it end, `LERFEngine._evict`, and a map must not hold it). Both save paths use it
+    (`save_engine`, ``ros/map_io.snapshot_map``)."""
+    return {"clip": engine.pyramid.state_dict(engine.store.ids()), "dino": engine.dense.state_dict()}
+
+
 def save_engine(engine, path: str | os.PathLike) -> None:
     """Snapshot an `LERFEngine` (caller holds ``engine.lock``) into a map directory.
 
@@ -347,8 +355,7 @@ def save_engine(engine, path: str | os.PathLike) -> None:
                                                      engine.model.state_dict().items()},
         trainer_state=None if engine.trainer is None else engine.trainer.state_dict(),
         keyframes=arrays,
-        features={"hashes": hashes, "caches": {"clip": engine.pyramid.state_dict(engine.store.ids()),
-                                               "dino": engine.dense.state_dict()}},
+        features={"hashes": hashes, "caches": feature_caches(engine)},
         candidates=cands,
         backends=None if engine.model is None else module_backends(engine.model),
     ))

@@ -66,8 +66,7 @@ def snapshot_map(engine) -> checkpoint.MapData:
             trainer_state=None if engine.trainer is None else _copy(engine.trainer.state_dict()),
             backends=None if engine.model is None else checkpoint.module_backends(engine.model),
             keyframes=keyframes,
-            features={"hashes": {}, "caches": {"clip": _copy(engine.pyramid.state_dict(engine.store.ids())),
-                                               "dino": _copy(engine.dense.state_dict())}},
+            features={"hashes": {}, "caches": _copy(checkpoint.feature_caches(engine))},
             candidates=candidates,
         )
     ids = keyframes["ids"].tolist()

@@ -607,15 +607,14 @@ def refine_fn(cset: CandidateSet, frames: Sequence[tuple[int, Frame]], pyramid: 
     cells = _CellRelevancy(pyramid, text, canon, temperature)
     if window_m > 0:
         sweep = sweep_fn(cset, frames, pyramid, cfg, cells, step_m, min_views, box, ground_z)
-        hull = None
-        rays = triangulate_fn(cset, frames, pyramid, cfg, cells, window_m, reach_m=reach, sweep=sweep)
+        place = triangulate_fn(cset, frames, pyramid, cfg, cells, window_m, reach_m=reach, sweep=sweep)
     else:
-        rays, hull = None, hull_fn(cset, frames, pyramid, cfg, cells, radius_m, step_m, min_views, box)
+        place = hull_fn(cset, frames, pyramid, cfg, cells, radius_m, step_m, min_views, box)
 
     by_id = dict(frames)
 
     def fn(location: np.ndarray, scale_m: float, points: np.ndarray | None = None) -> np.ndarray | None:
-        where = hull(location, scale_m) if rays is None else rays(location, scale_m)
+        where = place(location, scale_m)
         if where is not None and box is not None and not np.all((where >= box[0]) & (where <= box[1])):
             where = None
         if where is not None and ground_z is not None and where[2] < ground_z:
