@@ -564,7 +564,7 @@ def locate(
                           0.0, scale_m, cloud)
 
     # 5. best first; the found ones up to max_results.
-    targets.sort(key=lambda t: (t.confidence, t.relevancy), reverse=True)
+    targets.sort(key=rank, reverse=True)
     found = tuple(t for t in targets if t.confidence >= thr)[: int(max_results)]
     if refine_fn is not None:
         found = tuple(_refined(t, refine_fn, cluster_points[t]) for t in found)
@@ -727,10 +727,10 @@ def _may_matter(bound: float, targets: list[Target], thr: float, k: int,
     """Whether a cluster whose confidence is at most ``bound`` could still be among the k found targets or,
     when nothing is found and ``report_rejected``, be the best rejected one (ties count: relevancy breaks
     them)."""
-    found = sorted((t.confidence for t in targets if t.confidence >= thr), reverse=True)
+    found = sorted((rank(t)[0] for t in targets if t.confidence >= thr), reverse=True)
     if bound >= thr:
-        return len(found) < k or bound >= found[k - 1]
-    return report_rejected and not found and bound >= max(t.confidence for t in targets)
+        return len(found) < k or _published(bound) >= found[k - 1]
+    return report_rejected and not found and _published(bound) >= max(rank(t)[0] for t in targets)
 
 
 def _checked_relevancy(r, n: int) -> Tensor:
@@ -738,6 +738,17 @@ def _checked_relevancy(r, n: int) -> Tensor:
         shape = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
         raise ValueError(f"relevancy_fn returned {shape} (or non-finite values), expected ({n},)")
     return r.float()
+
+
+def rank(t: Target) -> tuple[float, float]:
+    """The order of targets, best first when sorted in reverse: confidence, then relevancy, both as the
+    float32 that messages carry, so that a caller reading the numbers sees them in this order (a
+    confidence of 1 - 1e-9 is published as 1.0 and ties with 1.0: relevancy decides)."""
+    return _published(t.confidence), _published(t.relevancy)
+
+
+def _published(x: float) -> float:
+    return float(np.float32(x))
 
 
 def _refined(t: Target, refine_fn, points: Tensor) -> Target:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lerf_ros.core.language import query as query_module
 from lerf_ros.core.language.query import MAX_RESULTS_LIMIT, QueryConfig, cluster_labels, locate
 
 # Embedding axes of the toy field: 0 "red", 1 "blue", 2 "green" (absent), 3 generic.
@@ -282,19 +283,28 @@ def test_scales_a_point_was_never_trained_at_are_not_searched():
     assert right.scale_m <= 0.4 * CFG.scale_slack
 
 
-def test_several_instances_best_first():
+TWIN_C = torch.tensor([0.0, -0.8, 0.2])
+
+
+def _two_reds_scene():
+    """The toy scene with a second, weaker red sphere at TWIN_C: (points, rgb, views, field)."""
     pts, rgb, views = _scene()
-    twin_c = torch.tensor([0.0, -0.8, 0.2])
-    twin = _sphere(twin_c, 0.1, 400, 5)
+    twin = _sphere(TWIN_C, 0.1, 400, 5)
     pts2 = torch.cat([pts, twin])
     rgb2 = torch.cat([rgb, torch.full((400, 3), 200, dtype=torch.uint8)])
     views2 = torch.cat([views, torch.full((400,), 5)])
 
     def two_reds(p, s):
         e = toy_field(p, s)
-        in_twin = ((p - twin_c).norm(dim=1) < 0.12).unsqueeze(1)
+        in_twin = ((p - TWIN_C).norm(dim=1) < 0.12).unsqueeze(1)
         return torch.where(in_twin, F.normalize(GENERIC + 1.5 * RED, dim=0).expand_as(e), e)
 
+    return pts2, rgb2, views2, two_reds
+
+
+def test_several_instances_best_first():
+    pts2, rgb2, views2, two_reds = _two_reds_scene()
+    twin_c = TWIN_C
     one = locate(pts2, rgb2, views2, two_reds, RED, NEGS, CFG)
     both = locate(pts2, rgb2, views2, two_reds, RED, NEGS, CFG, max_results=2)
     assert len(one.targets) == 1 and len(both.targets) == 2
@@ -303,6 +313,27 @@ def test_several_instances_best_first():
     assert np.linalg.norm(second.location_world - twin_c.numpy()) < 0.03
     assert first.relevancy > second.relevancy and second.point_count == 400
     assert np.allclose(one.location_world, first.location_world)
+
+
+def test_confidences_that_publish_equal_are_ordered_by_relevancy(monkeypatch):
+    """Messages carry float32: a confidence of 1 - 1e-9 is published as 1.0. Targets whose published
+    confidences tie come in relevancy order, as a caller reading the numbers expects (the stronger red's
+    confidence is lowered by 1e-9; ordered by the float64 value, the weaker one would come first)."""
+    pts2, rgb2, views2, two_reds = _two_reds_scene()
+    bound = query_module._bound
+
+    def nearly_one_for_the_stronger(score, med, spread, ex):
+        b, z = bound(score, med, spread, ex)
+        return (b - 1e-9 if score > 0.97 and b > 1 - 1e-6 else b), z  # red 0.99, twin 0.94
+
+    monkeypatch.setattr(query_module, "_bound", nearly_one_for_the_stronger)
+    both = locate(pts2, rgb2, views2, two_reds, RED, NEGS, CFG, max_results=2)
+    assert [t.confidence < 1.0 for t in both.targets] == [True, False]  # the patch reached the stronger
+    assert [np.float32(t.confidence) for t in both.targets] == [1.0, 1.0]
+    assert both.targets[0].relevancy > both.targets[1].relevancy
+    assert np.linalg.norm(both.targets[0].location_world - RED_C.numpy()) < 0.03
+    one = locate(pts2, rgb2, views2, two_reds, RED, NEGS, CFG)  # the tie is weighed for one result too
+    assert np.allclose(one.location_world, both.targets[0].location_world)
 
 
 def test_evidence_is_weighed_only_for_clusters_that_can_change_the_answer():
