@@ -235,6 +235,7 @@ class QuerySettings:
     map_path: str
     threshold: float
     max_query_chars: int
+    torch_threads: int
 
 
 @dataclass(frozen=True)
@@ -419,7 +420,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> ResolvedParams:
     )
     trainer = TrainerSettings(**{f.name: values[f.name] for f in dataclasses.fields(TrainerSettings)})
     query = QuerySettings(values["world_frame"], values["map_path"], values["query_threshold"],
-                          values["max_query_chars"])
+                          values["max_query_chars"], values["torch_threads"])
     journal = None
     if values["journal_dir"]:
         from lerf_ros.core.journal import JournalConfig

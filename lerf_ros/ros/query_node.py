@@ -224,7 +224,7 @@ class QueryNode(LifecycleNode):
         tells a client more than an unconfigured node would."""
         map_path = self.settings.map_path
         if self._shared_slot is None:  # the query node alone: nothing trains in this process
-            set_torch_threads(self.params.values["torch_threads"], self.get_logger().info, trains=False)
+            set_torch_threads(self.settings.torch_threads, self.get_logger().info, trains=False)
         if map_path:
             engine, error = load_map(map_path, self.params.device)
             frame, warning = map_io.answer_frame(map_io.read_world_frame(map_path), self.settings.world_frame)
