@@ -126,7 +126,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("torch_threads", int, 0,
               "CPU threads for torch (training, queries); 0 = one less than the CPU cores (at least 1) "
               "where a trainer runs, so the executor and the ingest thread keep a core, and all cores for "
-              "the query node alone on a map (nothing trains there).",
+              "the query node alone on a map (nothing trains there); with 0, a positive OMP_NUM_THREADS in "
+              "the environment caps that choice.",
               nodes=BOTH, range=(0, 1024)),
     ParamSpec("min_keyframes", int, PRESET, "Keyframes (with language targets) before training starts.",
               nodes=frozenset({TRAINER}), range=(1, 10000), preset_field="ingest.min_keyframes"),

@@ -418,6 +418,31 @@ def test_torch_threads_leave_a_core_to_the_executor_where_training_runs():
     assert torch_threads_for(3, 16, trains=False) == 3 and torch_threads_for(0, None, trains=False) == 2
 
 
+def test_an_omp_num_threads_the_user_set_caps_the_automatic_choice(monkeypatch):
+    """OMP_NUM_THREADS set to share the CPU is an upper bound for torch_threads 0, never for an explicit
+    torch_threads; unset, empty or not a positive integer: no bound."""
+    from lerf_ros.core.training import worker
+
+    assert torch_threads_for(0, 16, omp_limit=4) == 4 and torch_threads_for(0, 16, False, 4) == 4
+    assert torch_threads_for(0, 2, omp_limit=8) == 1 and torch_threads_for(6, 16, omp_limit=4) == 6
+    assert worker.omp_thread_limit({"OMP_NUM_THREADS": "3"}) == 3
+    assert worker.omp_thread_limit({"OMP_NUM_THREADS": "4,2"}) == 4  # one entry per nesting level
+    for bad in ({}, {"OMP_NUM_THREADS": ""}, {"OMP_NUM_THREADS": "0"}, {"OMP_NUM_THREADS": "x"}):
+        assert worker.omp_thread_limit(bad) is None
+    lines = []
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(worker, "available_cpus", lambda: 16)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert worker.set_torch_threads(0, lines.append) == 3 == torch.get_num_threads()
+        assert "at most OMP_NUM_THREADS=3" in lines[-1], lines
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert worker.set_torch_threads(0, lines.append, trains=False) == 16
+        assert "OMP_NUM_THREADS" not in lines[-1], lines
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_available_cpus_follow_the_affinity(monkeypatch):
     """A container's cpuset (or taskset) limits the CPUs, not the machine's count."""
     import os

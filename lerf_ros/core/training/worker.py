@@ -50,10 +50,12 @@ def set_gil_switch_interval(info: Callable[[str], None] | None = None,
     return sys.getswitchinterval()
 
 
-def torch_threads_for(requested: int, cpu_count: int | None, trains: bool = True) -> int:
+def torch_threads_for(requested: int, cpu_count: int | None, trains: bool = True,
+                      omp_limit: int | None = None) -> int:
     """The torch CPU thread count for ``torch_threads``: ``requested`` when above 0; otherwise one less
     than the cores (at least 1) in a process that trains (``trains``), all of them in one that only
-    answers queries (the query node alone, on a saved map).
+    answers queries (the query node alone, on a saved map), and never more than ``omp_limit`` (a positive
+    ``OMP_NUM_THREADS`` the user set to share the CPU: `omp_thread_limit`).
 
     Two OpenMP threads fighting over two busy cores made one training step hold the engine lock for
     seconds (issue 10: up to 5.5 s, median 37 ms); a core left to the executor and the ingest thread
@@ -64,7 +66,15 @@ def torch_threads_for(requested: int, cpu_count: int | None, trains: bool = True
     if requested > 0:
         return int(requested)
     cores = cpu_count or 2
-    return max(1, cores - 1) if trains else cores
+    auto = max(1, cores - 1) if trains else cores
+    return min(auto, omp_limit) if omp_limit is not None and omp_limit > 0 else auto
+
+
+def omp_thread_limit(environ=None) -> int | None:
+    """``OMP_NUM_THREADS`` as a positive integer (its first entry: OpenMP allows a list per nesting level),
+    None when unset or not one."""
+    value = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def available_cpus() -> int | None:
@@ -81,10 +91,12 @@ def set_torch_threads(requested: int, info: Callable[[str], None] | None = None,
     and queries alike); ``info`` gets one line saying how many and why. Returns the count."""
     import torch
 
-    cpus = available_cpus()
-    threads = torch_threads_for(requested, cpus, trains)
+    cpus, omp = available_cpus(), omp_thread_limit()
+    threads = torch_threads_for(requested, cpus, trains, omp)
     torch.set_num_threads(threads)
     why = "torch_threads" if requested > 0 else ("cores - 1" if trains else "all cores: nothing trains here")
+    if requested <= 0 and omp is not None and threads == omp and omp < torch_threads_for(0, cpus, trains):
+        why += f", at most OMP_NUM_THREADS={omp}"
     (info or _log.info)(f"torch CPU threads: {threads} ({why}, {cpus} cores available)")
     return threads
 
