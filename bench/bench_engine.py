@@ -40,6 +40,7 @@ from lerf_ros.core.encoders import (
 from lerf_ros.core.engine import LERFEngine, resolve_device
 from lerf_ros.core.language.pyramid import ClipPyramid
 from lerf_ros.core.presets import make_preset
+from lerf_ros.core.training.worker import set_torch_threads
 from lerf_ros.sim.scene import SyntheticRoom, default_intrinsics, make_frames, orbit_trajectory
 
 GROW_M = 0.05
@@ -132,9 +133,9 @@ def localised(engine: LERFEngine, room: SyntheticRoom) -> int:
 
 def run(args) -> dict:
     device = resolve_device(args.device)
-    if args.threads:
-        # On a loaded 2-core machine 2 OpenMP threads spin against each other: 1 thread was ~10x faster.
-        torch.set_num_threads(args.threads)
+    # As the trainer node chooses (0: one core less than the machine; --threads 1 on a loaded 2-core machine,
+    # where 2 OpenMP threads spun against each other and 1 thread was ~10x faster).
+    set_torch_threads(args.threads, print)
     torch.manual_seed(0)
     encoders = args.encoders or ("demo" if args.preset == "tiny" else "random")
     cfg = engine_config(args.preset, encoders)
@@ -208,7 +209,8 @@ def main() -> None:
     p.add_argument("--encoders", choices=("demo", "random", "preset"), default=None,
                    help="demo colour encoders, randomly initialised OpenCLIP/DINO, or the preset's own")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = as the trainer node chooses: torch_threads 0)")
     p.add_argument("--localise-every", type=int, default=50)
     p.add_argument("--max-localise-steps", type=int, default=2000)
     p.add_argument("--out", default=str(Path(__file__).parent / "out"))
