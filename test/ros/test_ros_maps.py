@@ -197,6 +197,7 @@ def test_the_query_node_alone_uses_every_core_unless_told(engine, tmp_path, ros,
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)  # the process's threads stay as they are
     monkeypatch.setattr(worker, "available_cpus", lambda: 6)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # a user's cap (test/conftest.py sets one)
     map_io.save_map_dir(engine, tmp_path / "m", "odom")
     alone = QueryNode(node_name=f"threads_query_{requested}", parameter_overrides=[
         Parameter("map_path", value=str(tmp_path / "m")), Parameter("device", value="cpu"),
