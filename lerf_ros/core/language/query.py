@@ -727,10 +727,12 @@ def _may_matter(bound: float, targets: list[Target], thr: float, k: int,
     """Whether a cluster whose confidence is at most ``bound`` could still be among the k found targets or,
     when nothing is found and ``report_rejected``, be the best rejected one (ties count: relevancy breaks
     them)."""
-    found = sorted((rank(t)[0] for t in targets if t.confidence >= thr), reverse=True)
+    found = sorted((_published(t.confidence) for t in targets if t.confidence >= thr), reverse=True)
     if bound >= thr:
         return len(found) < k or _published(bound) >= found[k - 1]
-    return report_rejected and not found and _published(bound) >= max(rank(t)[0] for t in targets)
+    if not report_rejected or found:
+        return False
+    return _published(bound) >= max(_published(t.confidence) for t in targets)
 
 
 def _checked_relevancy(r, n: int) -> Tensor:

@@ -95,7 +95,7 @@ def set_torch_threads(requested: int, info: Callable[[str], None] | None = None,
     threads = torch_threads_for(requested, cpus, trains, omp)
     torch.set_num_threads(threads)
     why = "torch_threads" if requested > 0 else ("cores - 1" if trains else "all cores: nothing trains here")
-    if requested <= 0 and omp is not None and threads == omp and omp < torch_threads_for(0, cpus, trains):
+    if threads < torch_threads_for(requested, cpus, trains):  # only a choice of 0 is capped
         why += f", at most OMP_NUM_THREADS={omp}"
     (info or _log.info)(f"torch CPU threads: {threads} ({why}, {cpus} cores available)")
     return threads
